@@ -109,4 +109,15 @@ struct pv_evtchn {
 
 static inline int pv_evtchn_notify(struct pv_evtchn *e) { return e->ops->notify(e); }
 
+/* Out-of-line dispatch (csrc/platform.c), for callers that cannot use the inline helpers (cffi). */
+int pv_gnt_do_copy(struct pv_gnt *g, struct pv_gcopy_seg *segs, uint32_t n);
+void *pv_gnt_do_map(struct pv_gnt *g, uint32_t domid, const uint32_t *refs, uint32_t n, int writable,
+                    int16_t *status);
+int pv_gnt_do_unmap(struct pv_gnt *g, void *addr, uint32_t n);
+void pv_gnt_close(struct pv_gnt *g);
+int pv_evtchn_do_notify(struct pv_evtchn *e);
+int pv_evtchn_do_pending(struct pv_evtchn *e);
+int pv_evtchn_do_unmask(struct pv_evtchn *e);
+void pv_evtchn_close(struct pv_evtchn *e);
+
 #endif

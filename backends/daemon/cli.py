@@ -1,0 +1,202 @@
+"""`pvback`: the command line.
+
+Every operator error ends in one line on stderr that says what is wrong and how to fix it, and a non-zero exit
+status; commands that create state undo what they did when they fail half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from backends.daemon.config import DEFAULT_SIM_DIR, Config, ConfigError, load_config
+
+
+class CliError(Exception):
+    """An operator-facing error: printed as one line, exit status 1."""
+
+
+def _add_platform_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (default /etc/pvback/pvback.toml if present)")
+    p.add_argument("--platform", choices=("auto", "xen", "emulated"), help="override [platform] kind")
+    p.add_argument("--sim-dir", help=f"emulated platform directory (default {DEFAULT_SIM_DIR})")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "platform", None):
+        cfg.platform.kind = args.platform
+    if getattr(args, "sim_dir", None):
+        cfg.platform.sim_dir = args.sim_dir
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pvback", description="Userspace Xen PV backends")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the backend daemon")
+    _add_platform_args(p)
+    p.add_argument("--metrics", help="HOST:PORT for the Prometheus endpoint ('' disables)")
+    p.add_argument("--types", help="comma-separated backend types to serve (default from config: qdisk)")
+
+    p = sub.add_parser("sim", help="run the emulated Xen platform (xenstored + grant/event broker)")
+    p.add_argument("--sim-dir", default=DEFAULT_SIM_DIR, help="directory for the sockets")
+    p.add_argument("--daemon", action="store_true", help="detach and return once the sockets are ready")
+
+    p = sub.add_parser("attach", help="create a device for a domain, as the toolstack does")
+    p.add_argument("kind", choices=("disk",))
+    p.add_argument("domid", type=int)
+    p.add_argument("target", help="image path, or a params string (aio:/path, qcow2:/path, nbd:unix:/sock, null:SIZE)")
+    p.add_argument("--vdev", default="xvda")
+    p.add_argument("--mode", choices=("r", "w"), default="w")
+    p.add_argument("--type", dest="backend_type", default="qdisk", help="backend directory type (qdisk or vbd)")
+    p.add_argument("--backend-domid", type=int, default=0)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the backend to reach InitWait")
+    _add_platform_args(p)
+
+    p = sub.add_parser("detach", help="remove a device (online=0, wait for Closed, remove the nodes)")
+    p.add_argument("kind", choices=("disk",))
+    p.add_argument("domid", type=int)
+    p.add_argument("vdev")
+    p.add_argument("--type", dest="backend_type", default="qdisk")
+    p.add_argument("--backend-domid", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=10.0)
+    _add_platform_args(p)
+
+    p = sub.add_parser("status", help="domains, devices, states, negotiated features and throughput")
+    p.add_argument("--metrics", default=None, help="HOST:PORT of a running daemon's metrics endpoint")
+    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
+    _add_platform_args(p)
+
+    p = sub.add_parser("guest", help="start an emulated guest with a blkfront and run a verified workload")
+    p.add_argument("--sim-dir", default=DEFAULT_SIM_DIR)
+    p.add_argument("--name", default="guest")
+    p.add_argument("--attach", metavar="TARGET", help="also attach this image as xvda (as `pvback attach`)")
+    p.add_argument("--vdev", default="xvda")
+    p.add_argument("--workload", default="verify", choices=("verify", "randrw", "idle"))
+    p.add_argument("--seconds", type=float, default=5.0)
+
+    p = sub.add_parser("demo", help="the emulated platform, a guest with a disk, pvback serving it, verified I/O")
+    p.add_argument("--dir", help="work directory (default: a new temporary one)")
+    p.add_argument("--size-mib", type=int, default=64)
+
+    p = sub.add_parser("bench", help="the benchmark matrix against fio, nbdkit and the null driver")
+    p.add_argument("--quick", action="store_true", help="one short run per cell")
+    p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (CliError, ConfigError) as exc:
+        print(f"pvback {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from backends.daemon.logs import setup_logging
+
+    if args.command == "serve":
+        cfg = _config(args)
+        if args.metrics is not None:
+            cfg.serve.metrics_listen = args.metrics
+        if args.types:
+            cfg.serve.backend_types = [t.strip() for t in args.types.split(",") if t.strip()]
+        setup_logging(cfg.serve.log_level, cfg.serve.log_format)
+        from backends.daemon.serve import run_daemon
+
+        return _platform_errors(lambda: run_daemon(cfg, args.config))
+    if args.command == "sim":
+        return _cmd_sim(args)
+    if args.command in ("attach", "detach", "status"):
+        from backends.daemon import toolstack_cmds
+
+        fn = getattr(toolstack_cmds, f"cmd_{args.command}")
+        return int(_platform_errors(lambda: fn(args, _config(args))))
+    if args.command == "guest":
+        from backends.daemon.guest_cmd import cmd_guest
+
+        return cmd_guest(args)
+    if args.command == "demo":
+        setup_logging("warning")
+        from backends.daemon.demo import cmd_demo
+
+        return cmd_demo(args)
+    if args.command == "bench":
+        from backends.daemon.bench_cmd import cmd_bench
+
+        return cmd_bench(args)
+    raise CliError(f"unknown command {args.command}")
+
+
+def _platform_errors(fn: Any) -> int:
+    from backends.platform.base import PlatformError
+
+    try:
+        return int(fn())
+    except PlatformError as exc:
+        raise CliError(str(exc)) from exc
+    except PermissionError as exc:
+        raise CliError(f"{exc.filename or exc}: permission denied (run as root)") from exc
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from backends.daemon.loop import run
+    from backends.emu.sim import SimAlreadyRunning, SimPaths, run_sim
+
+    if args.daemon:
+        return _daemonize_sim(args.sim_dir)
+    try:
+        run(run_sim(args.sim_dir))
+    except SimAlreadyRunning as exc:
+        raise CliError(f"{exc}; stop it first or use another --sim-dir") from exc
+    except OSError as exc:
+        where = SimPaths(Path(args.sim_dir)).directory
+        raise CliError(f"cannot start the emulated platform in {where}: {exc}") from exc
+    return 0
+
+
+def _daemonize_sim(sim_dir: str) -> int:
+    """Fork a detached `pvback sim` and return once its sockets answer."""
+    import subprocess
+    import time
+
+    from backends.emu.sim import SimPaths
+
+    paths = SimPaths(Path(sim_dir))
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    log_path = paths.directory / "sim.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backends.daemon.cli", "sim", "--sim-dir", str(paths.directory)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise CliError(f"the emulated platform exited: {tail[0]}")
+        if paths.xenstored.exists() and paths.broker.exists() and paths.pid_file.exists():
+            print(f"XENSTORED_PATH={paths.xenstored}")
+            print(f"PVBACK_SIM_BROKER={paths.broker}")
+            print(f"PVBACK_SIM_DIR={paths.directory}")
+            print(f"PVBACK_SIM_PID={proc.pid}")
+            return 0
+        time.sleep(0.05)
+    proc.kill()
+    raise CliError(f"the emulated platform did not come up within 10 s (log: {log_path})")
+
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

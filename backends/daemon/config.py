@@ -1,0 +1,146 @@
+"""pvback's TOML configuration, with every default documented here.
+
+The file is optional: `pvback serve` runs on the defaults.  Unknown keys and wrong types are errors (an
+operator's typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/pvback/pvback.toml")
+DEFAULT_SIM_DIR = "/run/pvback-sim"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class PlatformConfig:
+    # "auto": real Xen when /dev/xen/gntdev and a xenstore exist, else the emulated platform in sim_dir.
+    kind: str = "auto"
+    sim_dir: str = DEFAULT_SIM_DIR
+
+
+@dataclass
+class ServeConfig:
+    # Backend directory types served.  "qdisk" is what xl writes for backendtype=qdisk and what no dom0 kernel
+    # driver claims; "vbd" only when xen-blkback is not loaded (it would race us for the device).
+    backend_types: list[str] = field(default_factory=lambda: ["qdisk"])
+    # Prometheus text endpoint; empty disables it.
+    metrics_listen: str = "127.0.0.1:9477"
+    # "text" (key=value) or "json", one line per state change and per error.
+    log_format: str = "text"
+    log_level: str = "info"
+    # How long SIGTERM waits for in-flight I/O before giving up.
+    drain_timeout_s: float = 10.0
+
+
+@dataclass
+class BlkConfig:
+    # Largest ring the frontend may use: 2^order pages (Linux blkfront asks for up to 4 by default).
+    max_ring_page_order: int = 4
+    # Queues offered; one pump per queue.  More queues than cores only adds wakeups.
+    max_queues: int = 2
+    # Segments per indirect request: 256 = 1 MiB requests with 4 KiB pages (Linux blkback's value).
+    max_indirect_segments: int = 256
+    # Persistent grants mapped per queue (LRU).  Linux's 1056 bounds dom0 maptrack use per device.
+    max_persistent_grants: int = 1056
+    # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.
+    persistent_threshold_bytes: int = 16384
+    # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
+    poll_us: int = 0
+    # Worker threads for O_DIRECT files and block devices (page-cache images are served inline).
+    io_threads: int = 4
+
+
+@dataclass
+class Config:
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    blk: BlkConfig = field(default_factory=BlkConfig)
+    source: str = "<defaults>"
+
+
+_SECTIONS: dict[str, type[Any]] = {"platform": PlatformConfig, "serve": ServeConfig, "blk": BlkConfig}
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("platform", "kind"): ("auto", "xen", "emulated"),
+    ("serve", "log_format"): ("text", "json"),
+    ("serve", "log_level"): ("debug", "info", "warning", "error"),
+}
+_RANGES: dict[tuple[str, str], tuple[int, int]] = {
+    ("blk", "max_ring_page_order"): (0, 4),
+    ("blk", "max_queues"): (1, 64),
+    ("blk", "max_indirect_segments"): (0, 4096),
+    ("blk", "max_persistent_grants"): (0, 1 << 20),
+    ("blk", "persistent_threshold_bytes"): (0, 1 << 30),
+    ("blk", "poll_us"): (0, 1_000_000),
+    ("blk", "io_threads"): (1, 256),
+}
+
+
+def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"[{section}] {key}"
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(default, bool):
+            raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    elif isinstance(default, int):
+        if not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        lo, hi = _RANGES.get((section, key), (-(1 << 62), 1 << 62))
+        if not lo <= value <= hi:
+            raise ConfigError(f"{where}: {value} is outside {lo}..{hi}")
+    elif isinstance(default, float):
+        if not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        choices = _CHOICES.get((section, key))
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return value
+
+
+def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
+    cfg = Config(source=source)
+    for section, body in data.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        obj = getattr(cfg, section)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key [{section}] {key} (known: {', '.join(known)})")
+            setattr(obj, key, _check_value(section, key, value, getattr(obj, key)))
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load `path`, or the default path if it exists, or the built-in defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return parse_config(data, str(p))

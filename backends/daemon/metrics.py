@@ -1,0 +1,119 @@
+"""Prometheus text endpoint with per-device and per-queue counters.
+
+Devices report a plain dict (`BackendDevice.stats()`):
+    {"state": int, "queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
+                               "errors": {reason: n}, "ring_full": n, "latency_us_log2": [n0, n1, ...]}]}
+where latency bucket i counts requests that took < 2**i µs.  The exposition format is produced by
+prometheus_client; the HTTP side is a few lines of asyncio so the daemon stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("pvback.metrics")
+
+
+def _devices(bus: Any) -> list[Any]:
+    if bus is None:
+        return []
+    devs = getattr(bus, "devices", None)
+    if devs is None:
+        return []
+    return list(devs() if callable(devs) else devs)
+
+
+class BusCollector(Collector):
+    def __init__(self, get_bus: Callable[[], Any]) -> None:
+        self.get_bus = get_bus
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["type", "domid", "devid"]
+        qlabels = [*labels, "queue"]
+        state = GaugeMetricFamily("pvback_device_state", "XenbusState of the backend", labels=labels)
+        reqs = CounterMetricFamily("pvback_requests", "Requests completed", labels=[*qlabels, "op"])
+        nbytes = CounterMetricFamily("pvback_bytes", "Bytes transferred", labels=[*qlabels, "direction"])
+        errs = CounterMetricFamily("pvback_errors", "Requests failed", labels=[*qlabels, "reason"])
+        full = CounterMetricFamily("pvback_ring_full", "Times the request pool or ring was full", labels=qlabels)
+        lat = HistogramMetricFamily("pvback_request_latency_seconds", "Request latency", labels=qlabels)
+        for dev in _devices(self.get_bus()):
+            base = [str(dev.type_name), str(dev.frontend_id), str(dev.devid)]
+            try:
+                st = dev.stats()
+            except Exception:  # a device being torn down must not break the scrape
+                log.debug("stats unavailable", exc_info=True)
+                continue
+            state.add_metric(base, float(st.get("state", 0)))
+            for qi, q in enumerate(st.get("queues", [])):
+                ql = [*base, str(qi)]
+                for op, n in q.get("requests", {}).items():
+                    reqs.add_metric([*ql, str(op)], float(n))
+                for d, n in q.get("bytes", {}).items():
+                    nbytes.add_metric([*ql, str(d)], float(n))
+                for reason, n in q.get("errors", {}).items():
+                    errs.add_metric([*ql, str(reason)], float(n))
+                full.add_metric(ql, float(q.get("ring_full", 0)))
+                hist = list(q.get("latency_us_log2", []))
+                if hist:
+                    buckets: list[tuple[str, float]] = []
+                    acc = 0
+                    for i, n in enumerate(hist):
+                        acc += n
+                        buckets.append((repr((2**i) / 1e6), float(acc)))
+                    buckets.append(("+Inf", float(acc)))
+                    lat.add_metric(ql, buckets, sum_value=float(q.get("latency_us_sum", 0)) / 1e6)
+        yield from (state, reqs, nbytes, errs, full, lat)
+
+
+def render(get_bus: Callable[[], Any]) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(BusCollector(get_bus))
+    return bytes(generate_latest(registry))
+
+
+class MetricsServer:
+    def __init__(self, listen: str, get_bus: Callable[[], Any]) -> None:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"metrics_listen {listen!r} must be HOST:PORT")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.get_bus = get_bus
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+                body, status, ctype = render(self.get_bus), b"200 OK", b"text/plain; version=0.0.4"
+            else:
+                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
+                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None

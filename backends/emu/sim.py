@@ -1,0 +1,108 @@
+"""The emulated Xen platform as one process: a xenstored-compatible server plus the grant/event broker.
+
+`pvback sim` runs this.  The sim directory holds `xenstored.sock` (dom0's xenstore: XENSTORED_PATH for
+Debian's xenstore-utils), `broker.sock` (guests register memory and event channels there; backends fetch
+them) and `sim.pid`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+XENSTORED_SOCK = "xenstored.sock"
+BROKER_SOCK = "broker.sock"
+PID_FILE = "sim.pid"
+
+
+@dataclass(frozen=True)
+class SimPaths:
+    directory: Path
+
+    @property
+    def xenstored(self) -> Path:
+        return self.directory / XENSTORED_SOCK
+
+    @property
+    def broker(self) -> Path:
+        return self.directory / BROKER_SOCK
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / PID_FILE
+
+
+class SimAlreadyRunning(RuntimeError):
+    pass
+
+
+def _check_not_running(paths: SimPaths) -> None:
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    raise SimAlreadyRunning(f"an emulated platform (pid {pid}) already runs in {paths.directory}")
+
+
+class Sim:
+    """Owns the XenStoreServer and the Broker of one sim directory."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.paths = SimPaths(Path(directory))
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        from backends.emu.broker import Broker
+        from backends.xenstore.server import XenStoreServer
+
+        self.paths.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _check_not_running(self.paths)
+        for p in (self.paths.xenstored, self.paths.broker):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        self.xenstore = XenStoreServer()
+        await self.xenstore.listen(str(self.paths.xenstored))
+        self.broker = Broker(hooks=self.xenstore)
+        await self.broker.listen(str(self.paths.broker))
+        self.paths.pid_file.write_text(f"{os.getpid()}\n")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        await self.broker.close()
+        await self.xenstore.close()
+        for p in (self.paths.xenstored, self.paths.broker, self.paths.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+async def run_sim(directory: str | Path, ready: asyncio.Event | None = None, announce: bool = True) -> None:
+    sim = Sim(directory)
+    await sim.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sim.request_stop)
+    if announce:
+        print(f"XENSTORED_PATH={sim.paths.xenstored}", flush=True)
+        print(f"PVBACK_SIM_BROKER={sim.paths.broker}", flush=True)
+        print(f"PVBACK_SIM_DIR={sim.paths.directory}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await sim.wait()
+    finally:
+        await sim.close()

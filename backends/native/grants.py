@@ -1,0 +1,166 @@
+"""Typed wrappers over a `struct pv_gnt *` (csrc/platform.h): grant maps and copies.
+
+Shared by both platforms: the emulated one builds its handle with `pv_gnt_emu_open`, the Xen one with
+`pv_gnt_xen_open`; everything past construction goes through the ops table.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from backends.native import ffi, lib
+from backends.platform.base import CopySegment, GrantError, GrantMapping
+
+PAGE_SIZE = 4096
+
+
+def _local_pointer(buf: Any) -> tuple[Any, Any]:
+    """(char * pointer, keep-alive) for a writable buffer or cdata pointer."""
+    if isinstance(buf, ffi.CData):
+        return ffi.cast("char *", buf), buf
+    keep = ffi.from_buffer("char[]", buf, require_writable=True)
+    return keep, keep
+
+
+class NativeGrantMapping(GrantMapping):
+    """A contiguous range of foreign pages mapped by `pv_gnt_do_map`."""
+
+    def __init__(self, table: GrantTable, addr: Any, npages: int, writable: bool) -> None:
+        self._table = table
+        self._addr: Any = addr
+        self.npages = npages
+        self.writable = writable
+
+    @property
+    def address(self) -> Any:
+        if self._addr is None:
+            raise ValueError("grant mapping already unmapped")
+        return self._addr
+
+    def buffer(self) -> memoryview:
+        view = memoryview(ffi.buffer(self.address, self.npages * PAGE_SIZE))  # type: ignore[arg-type]
+        return view if self.writable else view.toreadonly()
+
+    @property
+    def mapped(self) -> bool:
+        return self._addr is not None
+
+    def unmap(self) -> None:
+        if self._addr is None:
+            return
+        addr, self._addr = self._addr, None
+        self._table._unmap(addr, self.npages)
+
+
+class GrantTable:
+    """Owns one `struct pv_gnt *`; closes it once."""
+
+    def __init__(self, c: Any) -> None:
+        if c == ffi.NULL:
+            raise OSError(ffi.errno or errno.ENOMEM, "cannot open grant handle")
+        self._c: Any = c
+
+    @property
+    def c(self) -> Any:
+        if self._c is None:
+            raise ValueError("grant handle closed")
+        return self._c
+
+    @property
+    def live_mappings(self) -> int:
+        return 0 if self._c is None else int(self._c.live_mappings)
+
+    def map(self, domid: int, refs: list[int], writable: bool) -> NativeGrantMapping:
+        """All or nothing; GrantError carries the GNTST status of the first failing ref."""
+        if not refs:
+            raise ValueError("no grant references to map")
+        crefs = ffi.new("uint32_t[]", refs)
+        status = ffi.new("int16_t *")
+        addr = lib.pv_gnt_do_map(self.c, domid, crefs, len(refs), 1 if writable else 0, status)
+        if addr == ffi.NULL:
+            raise GrantError(int(status[0]), f"map of d{domid} refs {refs[:8]}{'...' if len(refs) > 8 else ''}")
+        return NativeGrantMapping(self, addr, len(refs), writable)
+
+    def _unmap(self, addr: Any, npages: int) -> None:
+        rc = int(lib.pv_gnt_do_unmap(self.c, addr, npages))
+        if rc < 0:
+            raise OSError(-rc, f"grant unmap: {os.strerror(-rc)}")
+
+    def copy(self, segments: list[CopySegment]) -> list[int]:
+        """One GNTTABOP_copy batch; one GNTST status per segment."""
+        n = len(segments)
+        if n == 0:
+            return []
+        segs = ffi.new("struct pv_gcopy_seg[]", n)
+        keep: list[Any] = []
+        for i, s in enumerate(segments):
+            if not 0 <= s.length <= 0xFFFF or not 0 <= s.offset <= 0xFFFF:
+                raise ValueError(f"copy segment {i}: offset/length out of range")
+            ptr, k = _local_pointer(s.local)
+            keep.append(k)
+            local = ptr + s.local_offset
+            c = segs[i]
+            c.len = s.length
+            if s.to_guest:
+                c.source.virt = local
+                c.dest.foreign.ref = s.ref
+                c.dest.foreign.offset = s.offset
+                c.dest.foreign.domid = s.domid
+                c.flags = lib.PV_GCOPY_DEST_GREF
+            else:
+                c.source.foreign.ref = s.ref
+                c.source.foreign.offset = s.offset
+                c.source.foreign.domid = s.domid
+                c.dest.virt = local
+                c.flags = lib.PV_GCOPY_SOURCE_GREF
+        rc = int(lib.pv_gnt_do_copy(self.c, segs, n))
+        if rc < 0:
+            raise OSError(-rc, f"grant copy: {os.strerror(-rc)}")
+        return [int(segs[i].status) for i in range(n)]
+
+    def close(self) -> None:
+        if self._c is not None:
+            c, self._c = self._c, None
+            lib.pv_gnt_close(c)
+
+
+class EmulatedGrantTable(GrantTable):
+    """The emulated platform's backend handle: guests' memfds attached per domain (csrc/gnt_emu.h)."""
+
+    def __init__(self, self_domid: int) -> None:
+        super().__init__(lib.pv_gnt_emu_open(self_domid))
+        self.self_domid = self_domid
+
+    def attach(self, domid: int, mem_fd: int, mem_pages: int, gtab_fd: int, nr_entries: int) -> None:
+        """Duplicates the fds: the caller still closes its own."""
+        rc = int(lib.pv_gnt_emu_attach(self.c, domid, mem_fd, mem_pages, gtab_fd, nr_entries))
+        if rc < 0:
+            raise OSError(-rc, f"attach d{domid}: {os.strerror(-rc)}")
+
+    def detach(self, domid: int) -> None:
+        """OSError(EBUSY) while pages of `domid` are mapped or its grants pinned."""
+        rc = int(lib.pv_gnt_emu_detach(self.c, domid))
+        if rc < 0:
+            raise OSError(-rc, f"detach d{domid}: {os.strerror(-rc)}")
+
+    def pinned(self, domid: int) -> int:
+        """Grant pins of `domid` held through this handle (-1 if not attached)."""
+        return int(lib.pv_gnt_emu_pinned(self.c, domid))
+
+
+def guest_grant(gtab: Any, nr_entries: int, ref: int, domid: int, frame: int, readonly: bool) -> None:
+    """Guest side: fill entry `ref` of a v1 grant table the guest maps at `gtab` (buffer or pointer)."""
+    ptr, _keep = _local_pointer(gtab)
+    rc = int(lib.pv_gnt_emu_grant(ptr, nr_entries, ref, domid, frame, 1 if readonly else 0))
+    if rc < 0:
+        raise OSError(-rc, f"grant ref {ref}: {os.strerror(-rc)}")
+
+
+def guest_revoke(gtab: Any, nr_entries: int, ref: int) -> None:
+    """Guest side: end access; OSError(EBUSY) while the backend still has the grant mapped or mid-copy."""
+    ptr, _keep = _local_pointer(gtab)
+    rc = int(lib.pv_gnt_emu_revoke(ptr, nr_entries, ref))
+    if rc < 0:
+        raise OSError(-rc, f"revoke ref {ref}: {os.strerror(-rc)}")

@@ -1,0 +1,805 @@
+/* Block data path of one queue; see blkback.h for the contract, the ordering rules and the tunables. */
+#include "blkback.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MODE_NONE 0
+#define MODE_COPY 1
+#define MODE_PERSIST 2
+
+/* Grant-copy segments per hypercall.  A batch needing more issues several calls; 2048 covers a full 32-slot
+ * ring of 11-segment requests (352) and most indirect batches while keeping the array at 48 KiB. */
+#define GC_CAP 2048u
+
+struct pgnt {
+    uint32_t gref;
+    uint32_t in_use; /* segments of in-flight requests using this mapping */
+    uint64_t last_use;
+    void *addr;
+    struct pgnt *hnext; /* hash chain while mapped, free list otherwise */
+};
+
+struct blk_req {
+    struct pv_io io; /* first: a completed pv_io * is its blk_req * */
+    struct pv_blkif_req r;
+    struct pv_blkif_segment *segs; /* r.seg, or ind for indirect requests */
+    struct pv_blkif_segment *ind;  /* private copy of the indirect pages */
+    struct iovec *iov;
+    void **pages;     /* MODE_COPY: one bounce page per segment */
+    struct pgnt **pg; /* MODE_PERSIST: one mapping per segment */
+    uint32_t nseg;
+    uint32_t nres; /* pages/pg entries acquired */
+    uint8_t mode;
+    int reason;
+    uint64_t t_start;
+    struct blk_req *next; /* free list / parked list */
+};
+
+struct pv_blk_queue {
+    struct pv_back_ring ring;
+    struct pv_gnt *gnt;
+    struct pv_evtchn *evtchn;
+    struct pv_io_engine *eng;
+    struct pv_io_sink sink;
+    struct pv_blkif_disk disk;
+    struct pv_blk_queue_config cfg;
+    uint32_t slot_size, rsp_size, size, maxsegs;
+    int dead;
+
+    struct blk_req *reqs;
+    struct blk_req *free_reqs;
+    uint32_t nfree;
+    uint32_t inflight;
+    uint64_t consumed;
+
+    uint8_t *slots;
+    uint8_t *rsps;
+    uint32_t nrsp;
+
+    struct pv_gcopy_seg *gc;
+    struct blk_req **gc_owner;
+    uint32_t ngc;
+
+    struct blk_req **work;
+    struct blk_req **batch;
+    uint32_t nbatch;
+    struct pv_io **iobatch;
+
+    struct blk_req *fence;
+    int fence_started;
+    struct blk_req *parked_head, *parked_tail;
+
+    void **page_cache;
+    uint32_t npages_cached;
+
+    struct pgnt *pgs;
+    struct pgnt **pbuckets;
+    uint32_t pbucket_mask;
+    struct pgnt *pfree;
+    uint32_t pcount;
+    uint64_t ptick;
+
+    uint64_t now;
+    struct pv_blk_stats st;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* ---- bounce pages ------------------------------------------------------------------------------------ */
+
+static void *page_get(struct pv_blk_queue *q)
+{
+    if (q->npages_cached)
+        return q->page_cache[--q->npages_cached];
+    void *p = NULL;
+    if (posix_memalign(&p, PV_PAGE_SIZE, PV_PAGE_SIZE))
+        return NULL;
+    return p;
+}
+
+static void page_put(struct pv_blk_queue *q, void *p)
+{
+    if (q->npages_cached < q->cfg.max_buffer_pages)
+        q->page_cache[q->npages_cached++] = p;
+    else
+        free(p);
+}
+
+/* ---- persistent grants ------------------------------------------------------------------------------- */
+
+static inline uint32_t pg_hash(const struct pv_blk_queue *q, uint32_t gref)
+{
+    return (uint32_t)((gref * 2654435761u) >> 7) & q->pbucket_mask;
+}
+
+static struct pgnt *pg_lookup(struct pv_blk_queue *q, uint32_t gref)
+{
+    for (struct pgnt *e = q->pbuckets[pg_hash(q, gref)]; e; e = e->hnext)
+        if (e->gref == gref)
+            return e;
+    return NULL;
+}
+
+static void pg_unlink(struct pv_blk_queue *q, struct pgnt *e)
+{
+    struct pgnt **pp = &q->pbuckets[pg_hash(q, e->gref)];
+    while (*pp && *pp != e)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = e->hnext;
+    e->hnext = NULL;
+}
+
+static struct pgnt *pg_acquire(struct pv_blk_queue *q, uint32_t gref)
+{
+    struct pgnt *e = pg_lookup(q, gref);
+    if (e) {
+        e->in_use++;
+        e->last_use = ++q->ptick;
+        q->st.persistent_hits++;
+        return e;
+    }
+    if (q->pfree) {
+        e = q->pfree;
+        q->pfree = e->hnext;
+    } else {
+        /* Evict the least recently used idle mapping.  A linear scan: evictions only happen when the
+         * guest's working set exceeds the pool, and then the map/unmap dwarfs the scan. */
+        struct pgnt *victim = NULL;
+        for (uint32_t i = 0; i < q->cfg.max_persistent_grants; i++) {
+            struct pgnt *c = &q->pgs[i];
+            if (c->in_use == 0 && c->addr && (!victim || c->last_use < victim->last_use))
+                victim = c;
+        }
+        if (!victim)
+            return NULL;
+        pg_unlink(q, victim);
+        pv_gnt_unmap(q->gnt, victim->addr, 1);
+        victim->addr = NULL;
+        q->pcount--;
+        q->st.persistent_evictions++;
+        e = victim;
+    }
+    int16_t status = 0;
+    /* Writable even for guest->disk requests: the same page serves later reads (blkfront grants persistent
+     * pages read-write).  A read-only grant fails here and the request falls back to grant copy. */
+    void *addr = pv_gnt_map(q->gnt, q->cfg.frontend_domid, &gref, 1, 1, &status);
+    if (!addr) {
+        e->hnext = q->pfree;
+        q->pfree = e;
+        return NULL;
+    }
+    e->gref = gref;
+    e->addr = addr;
+    e->in_use = 1;
+    e->last_use = ++q->ptick;
+    uint32_t h = pg_hash(q, gref);
+    e->hnext = q->pbuckets[h];
+    q->pbuckets[h] = e;
+    q->pcount++;
+    q->st.persistent_maps++;
+    return e;
+}
+
+/* ---- grant copy batching ----------------------------------------------------------------------------- */
+
+static void gc_run(struct pv_blk_queue *q)
+{
+    if (!q->ngc)
+        return;
+    /* On a whole-call failure the ops contract sets every status to an error, so the loop below is enough. */
+    pv_gnt_copy(q->gnt, q->gc, q->ngc);
+    q->st.grant_copy_calls++;
+    q->st.grant_copy_segs += q->ngc;
+    for (uint32_t i = 0; i < q->ngc; i++)
+        if (q->gc[i].status != PV_GNTST_okay && q->gc_owner[i]->reason == PV_BLKIF_OK)
+            q->gc_owner[i]->reason = PV_BLKIF_E_GRANT;
+    q->ngc = 0;
+}
+
+/* Guest page (gref, offset) <-> local buffer; to_guest selects the direction. */
+static void gc_add(struct pv_blk_queue *q, struct blk_req *owner, uint32_t gref, uint32_t offset, void *local,
+                   uint32_t len, int to_guest)
+{
+    if (q->ngc == GC_CAP)
+        gc_run(q);
+    struct pv_gcopy_seg *s = &q->gc[q->ngc];
+    memset(s, 0, sizeof(*s));
+    union pv_gcopy_ptr *foreign = to_guest ? &s->dest : &s->source;
+    union pv_gcopy_ptr *mine = to_guest ? &s->source : &s->dest;
+    foreign->foreign.ref = gref;
+    foreign->foreign.offset = (uint16_t)offset;
+    foreign->foreign.domid = (uint16_t)q->cfg.frontend_domid;
+    mine->virt = local;
+    s->len = (uint16_t)len;
+    s->flags = to_guest ? PV_GCOPY_DEST_GREF : PV_GCOPY_SOURCE_GREF;
+    q->gc_owner[q->ngc++] = owner;
+}
+
+/* ---- requests and responses -------------------------------------------------------------------------- */
+
+static struct blk_req *req_alloc(struct pv_blk_queue *q)
+{
+    struct blk_req *r = q->free_reqs;
+    q->free_reqs = r->next;
+    q->nfree--;
+    r->next = NULL;
+    r->nseg = 0;
+    r->nres = 0;
+    r->mode = MODE_NONE;
+    r->reason = PV_BLKIF_OK;
+    return r;
+}
+
+static void req_release(struct pv_blk_queue *q, struct blk_req *r)
+{
+    if (r->mode == MODE_COPY)
+        for (uint32_t i = 0; i < r->nres; i++)
+            page_put(q, r->pages[i]);
+    else if (r->mode == MODE_PERSIST)
+        for (uint32_t i = 0; i < r->nres; i++)
+            r->pg[i]->in_use--;
+    r->nres = 0;
+    r->mode = MODE_NONE;
+}
+
+static void flush_responses(struct pv_blk_queue *q)
+{
+    if (!q->nrsp)
+        return;
+    int notify = pv_back_ring_respond(&q->ring, q->rsps, q->nrsp, q->rsp_size);
+    q->nrsp = 0;
+    if (notify) {
+        q->st.notifies++;
+        if (q->evtchn)
+            pv_evtchn_notify(q->evtchn);
+    }
+}
+
+/* Answer and recycle.  Only called once nothing touches the request's grants any more. */
+static void finish(struct pv_blk_queue *q, struct blk_req *r, int reason)
+{
+    int16_t status = pv_blkif_reason_status(reason);
+    if (reason != PV_BLKIF_OK) {
+        q->st.errors[reason < PV_BLKIF_NR_REASONS ? reason : PV_BLKIF_E_IO]++;
+    } else if (r->r.op == PV_BLKIF_OP_READ) {
+        q->st.bytes_read += r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
+    } else if (r->r.op != PV_BLKIF_OP_DISCARD) {
+        q->st.bytes_written += r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
+    }
+    req_release(q, r);
+    pv_blkif_make_response(q->cfg.abi, q->rsps + (size_t)q->nrsp * q->rsp_size, r->r.id, r->r.operation, status);
+    q->nrsp++;
+    q->st.responses++;
+    uint64_t us = q->now > r->t_start ? (q->now - r->t_start) / 1000u : 0;
+    uint32_t b = us ? 64u - (uint32_t)__builtin_clzll(us) : 0;
+    q->st.latency_us_log2[b < PV_BLK_LAT_BUCKETS ? b : PV_BLK_LAT_BUCKETS - 1]++;
+    if (r == q->fence) {
+        q->fence = NULL;
+        q->fence_started = 0;
+    }
+    r->next = q->free_reqs;
+    q->free_reqs = r;
+    q->nfree++;
+}
+
+static int is_fence(const struct blk_req *r)
+{
+    return r->r.operation == PV_BLKIF_OP_FLUSH_DISKCACHE || r->r.operation == PV_BLKIF_OP_WRITE_BARRIER;
+}
+
+/* Point the request's iovec at its data: persistent mappings when negotiated and worth it, else bounce pages
+ * (filled by the batch's grant copy for guest->disk requests). */
+static void setup_data(struct pv_blk_queue *q, struct blk_req *r, int to_disk)
+{
+    r->io.iov = r->iov;
+    r->io.iovcnt = r->nseg;
+    int want_persist = q->cfg.persistent && q->cfg.max_persistent_grants &&
+                       r->io.length >= q->cfg.persistent_min_bytes;
+    if (want_persist) {
+        uint32_t i;
+        for (i = 0; i < r->nseg; i++) {
+            r->pg[i] = pg_acquire(q, r->segs[i].gref);
+            if (!r->pg[i])
+                break;
+        }
+        if (i == r->nseg) {
+            r->mode = MODE_PERSIST;
+            r->nres = r->nseg;
+            for (i = 0; i < r->nseg; i++) {
+                const struct pv_blkif_segment *s = &r->segs[i];
+                r->iov[i].iov_base = (uint8_t *)r->pg[i]->addr + ((size_t)s->first_sect << PV_BLKIF_SECTOR_SHIFT);
+                r->iov[i].iov_len = (size_t)(s->last_sect - s->first_sect + 1) << PV_BLKIF_SECTOR_SHIFT;
+            }
+            return;
+        }
+        while (i--)
+            r->pg[i]->in_use--;
+        q->st.persistent_fallbacks++;
+    }
+    r->mode = MODE_COPY;
+    for (uint32_t i = 0; i < r->nseg; i++) {
+        const struct pv_blkif_segment *s = &r->segs[i];
+        void *p = page_get(q);
+        if (!p) {
+            r->reason = PV_BLKIF_E_NOMEM;
+            return;
+        }
+        r->pages[i] = p;
+        r->nres = i + 1;
+        uint32_t len = (uint32_t)(s->last_sect - s->first_sect + 1) << PV_BLKIF_SECTOR_SHIFT;
+        r->iov[i].iov_base = p;
+        r->iov[i].iov_len = len;
+        if (to_disk)
+            gc_add(q, r, s->gref, (uint32_t)s->first_sect << PV_BLKIF_SECTOR_SHIFT, p, len, 0);
+    }
+}
+
+static void setup_io(struct pv_blk_queue *q, struct blk_req *r)
+{
+    struct pv_io *io = &r->io;
+    io->sink = &q->sink;
+    io->result = 0;
+    io->next = NULL;
+    io->iov = NULL;
+    io->iovcnt = 0;
+    io->offset = r->r.sector_number << PV_BLKIF_SECTOR_SHIFT;
+    io->length = r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
+    switch (r->r.op) {
+    case PV_BLKIF_OP_READ:
+        io->op = PV_IO_READ;
+        setup_data(q, r, 0);
+        break;
+    case PV_BLKIF_OP_WRITE:
+        io->op = PV_IO_WRITE;
+        setup_data(q, r, 1);
+        break;
+    case PV_BLKIF_OP_FLUSH_DISKCACHE:
+    case PV_BLKIF_OP_WRITE_BARRIER:
+        if (r->nseg == 0) {
+            io->op = PV_IO_FLUSH;
+        } else {
+            io->op = PV_IO_WRITE_SYNC;
+            setup_data(q, r, 1);
+        }
+        break;
+    case PV_BLKIF_OP_DISCARD:
+        io->op = (r->r.flag & PV_BLKIF_DISCARD_SECURE) ? PV_IO_SECURE_DISCARD : PV_IO_DISCARD;
+        break;
+    default:
+        r->reason = PV_BLKIF_E_BAD_OP; /* unreachable: validation refused it */
+        break;
+    }
+}
+
+/* Prepare and hand the collected batch to the engine: one grant copy (guest -> bounce) for all its writes,
+ * one submit call. */
+static void submit_batch(struct pv_blk_queue *q)
+{
+    if (!q->nbatch)
+        return;
+    for (uint32_t i = 0; i < q->nbatch; i++)
+        setup_io(q, q->batch[i]);
+    gc_run(q);
+    uint32_t nio = 0;
+    for (uint32_t i = 0; i < q->nbatch; i++) {
+        struct blk_req *r = q->batch[i];
+        if (r->reason != PV_BLKIF_OK)
+            finish(q, r, r->reason);
+        else
+            q->iobatch[nio++] = &r->io;
+    }
+    q->nbatch = 0;
+    q->inflight += nio;
+    if (nio)
+        pv_io_engine_submit(q->eng, q->iobatch, nio);
+}
+
+static void park(struct pv_blk_queue *q, struct blk_req *r)
+{
+    r->next = NULL;
+    if (q->parked_tail)
+        q->parked_tail->next = r;
+    else
+        q->parked_head = r;
+    q->parked_tail = r;
+}
+
+static void dispatch(struct pv_blk_queue *q, struct blk_req *r)
+{
+    if (q->fence) {
+        park(q, r);
+        return;
+    }
+    if (is_fence(r)) {
+        submit_batch(q); /* what came before the fence goes first */
+        q->fence = r;
+        q->fence_started = 0;
+        q->st.fences++;
+        return;
+    }
+    q->batch[q->nbatch++] = r;
+}
+
+/* Copy-out, validate and dispatch `n` consumed slots. */
+static void process_slots(struct pv_blk_queue *q, uint32_t n)
+{
+    uint32_t nwork = 0, nind = 0;
+    q->now = now_ns();
+    for (uint32_t i = 0; i < n; i++) {
+        struct blk_req *r = req_alloc(q);
+        r->t_start = q->now;
+        pv_blkif_parse(q->cfg.abi, q->slots + (size_t)i * q->slot_size, &r->r);
+        q->st.req_by_op[r->r.operation < 7 ? r->r.operation : 7]++;
+        int rc = pv_blkif_validate(&q->disk, &r->r);
+        if (rc != PV_BLKIF_OK) {
+            finish(q, r, rc);
+            continue;
+        }
+        if (r->r.indirect) {
+            /* The segment list lives in guest pages: copy it into private memory once, then validate it. */
+            uint32_t left = r->r.nr_segments;
+            for (uint32_t p = 0; p < r->r.nr_indirect_pages; p++) {
+                uint32_t cnt = left < PV_BLKIF_SEGS_PER_INDIRECT_FRAME ? left : PV_BLKIF_SEGS_PER_INDIRECT_FRAME;
+                gc_add(q, r, r->r.indirect_grefs[p], 0, r->ind + (size_t)p * PV_BLKIF_SEGS_PER_INDIRECT_FRAME,
+                       cnt * (uint32_t)sizeof(struct pv_blkif_segment), 0);
+                left -= cnt;
+            }
+            nind++;
+        } else {
+            r->segs = r->r.seg;
+            r->nseg = r->r.nr_segments;
+        }
+        q->work[nwork++] = r;
+    }
+    if (nind)
+        gc_run(q);
+    for (uint32_t i = 0; i < nwork; i++) {
+        struct blk_req *r = q->work[i];
+        if (r->reason != PV_BLKIF_OK) {
+            finish(q, r, r->reason);
+            continue;
+        }
+        if (r->r.indirect) {
+            int rc = pv_blkif_validate_segments(&q->disk, &r->r, r->ind, r->r.nr_segments);
+            if (rc != PV_BLKIF_OK) {
+                finish(q, r, rc);
+                continue;
+            }
+            r->segs = r->ind;
+            r->nseg = r->r.nr_segments;
+        }
+        dispatch(q, r);
+    }
+    submit_batch(q);
+}
+
+/* Collect finished I/O: one grant copy (bounce -> guest) for every read, then the responses. */
+static uint32_t harvest(struct pv_blk_queue *q)
+{
+    struct pv_io *list = pv_io_sink_take(&q->sink);
+    if (!list)
+        return 0;
+    uint32_t n = 0;
+    for (struct pv_io *io = list; io; io = io->next) {
+        struct blk_req *r = (struct blk_req *)io;
+        q->inflight--;
+        n++;
+        if (io->result < 0) {
+            r->reason = io->result == -EOPNOTSUPP ? PV_BLKIF_E_UNSUPPORTED : PV_BLKIF_E_IO;
+        } else if (io->op == PV_IO_READ && r->mode == MODE_COPY) {
+            for (uint32_t i = 0; i < r->nseg; i++) {
+                const struct pv_blkif_segment *s = &r->segs[i];
+                gc_add(q, r, s->gref, (uint32_t)s->first_sect << PV_BLKIF_SECTOR_SHIFT, r->pages[i],
+                       (uint32_t)r->iov[i].iov_len, 1);
+            }
+        }
+    }
+    gc_run(q);
+    q->now = now_ns();
+    for (struct pv_io *io = list; io;) {
+        struct pv_io *next = io->next;
+        struct blk_req *r = (struct blk_req *)io;
+        finish(q, r, r->reason);
+        io = next;
+    }
+    return n;
+}
+
+static void mark_dead(struct pv_blk_queue *q)
+{
+    if (!q->dead)
+        q->st.ring_overflow++;
+    q->dead = 1;
+}
+
+static int32_t pump(struct pv_blk_queue *q)
+{
+    uint64_t before = q->st.responses;
+    uint64_t deadline = 0;
+    for (;;) {
+        harvest(q);
+        if (q->fence) {
+            if (!q->fence_started && q->inflight == 0) {
+                q->fence_started = 1;
+                q->batch[q->nbatch++] = q->fence;
+                submit_batch(q);
+                continue;
+            }
+            if (pv_io_sink_nonempty(&q->sink))
+                continue;
+            break; /* the completion fd brings us back */
+        }
+        if (q->parked_head) {
+            struct blk_req *r = q->parked_head;
+            q->parked_head = q->parked_tail = NULL;
+            while (r) {
+                struct blk_req *next = r->next;
+                dispatch(q, r);
+                r = next;
+            }
+            submit_batch(q);
+            continue;
+        }
+        if (q->dead)
+            break;
+        if (q->nfree == 0) {
+            int32_t p = pv_back_ring_pending(&q->ring);
+            if (p < 0)
+                mark_dead(q);
+            else if (p > 0)
+                q->st.out_of_requests++;
+            break;
+        }
+        int32_t n = pv_back_ring_consume(&q->ring, q->slots, q->nfree);
+        if (n < 0) {
+            mark_dead(q);
+            break;
+        }
+        if (n > 0) {
+            q->consumed += (uint32_t)n;
+            process_slots(q, (uint32_t)n);
+            continue;
+        }
+        flush_responses(q);
+        int32_t more = pv_back_ring_final_check(&q->ring);
+        if (more < 0) {
+            mark_dead(q);
+            break;
+        }
+        if (more > 0)
+            continue;
+        if (q->cfg.poll_us == 0)
+            break;
+        uint64_t t = now_ns();
+        if (!deadline)
+            deadline = t + (uint64_t)q->cfg.poll_us * 1000u;
+        int found = 0;
+        while (t < deadline) {
+            if (pv_back_ring_pending(&q->ring) != 0 || pv_io_sink_nonempty(&q->sink)) {
+                found = 1;
+                break;
+            }
+            cpu_relax();
+            t = now_ns();
+        }
+        if (!found)
+            break;
+        q->st.polls_hit++;
+    }
+    flush_responses(q);
+    if (q->dead)
+        return -PV_BLK_EDEAD;
+    return (int32_t)(q->st.responses - before);
+}
+
+int32_t pv_blk_queue_kick(struct pv_blk_queue *q)
+{
+    q->st.kicks++;
+    uint64_t c0 = q->consumed, r0 = q->st.responses;
+    int32_t rc = pump(q);
+    if (q->consumed == c0 && q->st.responses == r0)
+        q->st.spurious_kicks++;
+    return rc;
+}
+
+int32_t pv_blk_queue_complete(struct pv_blk_queue *q)
+{
+    q->st.completes++;
+    pv_io_sink_ack(&q->sink); /* the loop saw the fd readable: leave it unreadable */
+    return pump(q);
+}
+
+uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms)
+{
+    uint64_t deadline = timeout_ms >= 0 ? now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
+    harvest(q);
+    while (q->inflight) {
+        int wait = -1;
+        if (timeout_ms >= 0) {
+            uint64_t t = now_ns();
+            if (t >= deadline)
+                break;
+            wait = (int)((deadline - t) / 1000000u) + 1;
+        }
+        struct pollfd pfd = {.fd = q->sink.efd, .events = POLLIN};
+        /* Short slices: a completion posted between take and poll may have found `signaled` set already. */
+        poll(&pfd, 1, wait < 0 || wait > 10 ? 10 : wait);
+        pv_io_sink_ack(&q->sink);
+        harvest(q);
+    }
+    flush_responses(q);
+    return q->inflight;
+}
+
+/* ---- set-up ------------------------------------------------------------------------------------------ */
+
+static void queue_free(struct pv_blk_queue *q)
+{
+    if (q->reqs) {
+        for (uint32_t i = 0; i < q->size; i++) {
+            struct blk_req *r = &q->reqs[i];
+            free(r->ind);
+            free(r->iov);
+            free(r->pages);
+            free(r->pg);
+        }
+        free(q->reqs);
+    }
+    if (q->pgs) {
+        for (uint32_t i = 0; i < q->cfg.max_persistent_grants; i++)
+            if (q->pgs[i].addr)
+                pv_gnt_unmap(q->gnt, q->pgs[i].addr, 1);
+        free(q->pgs);
+    }
+    free(q->pbuckets);
+    if (q->page_cache) {
+        for (uint32_t i = 0; i < q->npages_cached; i++)
+            free(q->page_cache[i]);
+        free(q->page_cache);
+    }
+    free(q->slots);
+    free(q->rsps);
+    free(q->gc);
+    free(q->gc_owner);
+    free(q->work);
+    free(q->batch);
+    free(q->iobatch);
+    pv_io_sink_destroy(&q->sink);
+    free(q);
+}
+
+struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_config *cfg, struct pv_gnt *gnt,
+                                         struct pv_evtchn *evtchn, struct pv_io_engine *eng, char *err,
+                                         size_t errlen)
+{
+#define FAIL(...)                                                                                              \
+    do {                                                                                                       \
+        snprintf(err, errlen, __VA_ARGS__);                                                                    \
+        if (q)                                                                                                 \
+            queue_free(q);                                                                                     \
+        return NULL;                                                                                           \
+    } while (0)
+    struct pv_blk_queue *q = NULL;
+    uint32_t slot_size = pv_blkif_slot_size(cfg->abi);
+    if (!slot_size)
+        FAIL("unknown blkif ABI %u", cfg->abi);
+    if (!sring || !gnt || !eng)
+        FAIL("ring, grant handle and engine are required");
+    if (cfg->nr_ring_pages == 0 || cfg->nr_ring_pages > 1024 || (cfg->nr_ring_pages & (cfg->nr_ring_pages - 1)))
+        FAIL("bad ring page count %u", cfg->nr_ring_pages);
+    if (cfg->sector_size != 512 && cfg->sector_size != 1024 && cfg->sector_size != 2048 &&
+        cfg->sector_size != 4096)
+        FAIL("bad sector size %u", cfg->sector_size);
+    if (cfg->max_indirect_segments > PV_BLKIF_MAX_INDIRECT_SEGMENTS)
+        FAIL("max_indirect_segments %u > %u", cfg->max_indirect_segments, PV_BLKIF_MAX_INDIRECT_SEGMENTS);
+    if (cfg->max_persistent_grants > (1u << 20))
+        FAIL("max_persistent_grants %u too large", cfg->max_persistent_grants);
+
+    q = calloc(1, sizeof(*q));
+    if (!q)
+        FAIL("out of memory");
+    q->sink.efd = -1;
+    q->cfg = *cfg;
+    q->gnt = gnt;
+    q->evtchn = evtchn;
+    q->eng = eng;
+    q->slot_size = slot_size;
+    q->rsp_size = pv_blkif_rsp_size(cfg->abi);
+    int rc = pv_io_sink_init(&q->sink);
+    if (rc)
+        FAIL("eventfd: %s", strerror(-rc));
+    pv_back_ring_attach(&q->ring, sring, cfg->nr_ring_pages, slot_size, 0);
+    q->size = q->ring.size;
+    if (!q->size)
+        FAIL("ring does not fit");
+    q->disk = (struct pv_blkif_disk){
+        .sectors = cfg->sectors,
+        .sector_size = cfg->sector_size,
+        .max_indirect_segments = cfg->max_indirect_segments,
+        .readonly = cfg->readonly,
+        .can_flush = cfg->can_flush,
+        .can_barrier = cfg->can_barrier,
+        .can_discard = cfg->can_discard,
+        .can_secure_discard = cfg->can_secure_discard,
+    };
+    q->maxsegs = cfg->max_indirect_segments > PV_BLKIF_MAX_SEGMENTS_PER_REQUEST ? cfg->max_indirect_segments
+                                                                               : PV_BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    q->slots = malloc((size_t)q->size * slot_size);
+    q->rsps = calloc(q->size, q->rsp_size);
+    q->gc = calloc(GC_CAP, sizeof(*q->gc));
+    q->gc_owner = calloc(GC_CAP, sizeof(*q->gc_owner));
+    q->work = calloc(q->size, sizeof(*q->work));
+    q->batch = calloc(q->size, sizeof(*q->batch));
+    q->iobatch = calloc(q->size, sizeof(*q->iobatch));
+    q->page_cache = calloc(cfg->max_buffer_pages ? cfg->max_buffer_pages : 1, sizeof(void *));
+    q->reqs = calloc(q->size, sizeof(*q->reqs));
+    if (!q->slots || !q->rsps || !q->gc || !q->gc_owner || !q->work || !q->batch || !q->iobatch ||
+        !q->page_cache || !q->reqs)
+        FAIL("out of memory");
+    for (uint32_t i = 0; i < q->size; i++) {
+        struct blk_req *r = &q->reqs[i];
+        r->iov = calloc(q->maxsegs, sizeof(*r->iov));
+        r->pages = calloc(q->maxsegs, sizeof(*r->pages));
+        r->pg = calloc(q->maxsegs, sizeof(*r->pg));
+        if (cfg->max_indirect_segments)
+            r->ind = calloc(cfg->max_indirect_segments, sizeof(*r->ind));
+        if (!r->iov || !r->pages || !r->pg || (cfg->max_indirect_segments && !r->ind))
+            FAIL("out of memory");
+        r->next = q->free_reqs;
+        q->free_reqs = r;
+    }
+    q->nfree = q->size;
+    if (cfg->persistent && cfg->max_persistent_grants) {
+        uint32_t nb = 1;
+        while (nb < 2 * cfg->max_persistent_grants)
+            nb <<= 1;
+        q->pbucket_mask = nb - 1;
+        q->pbuckets = calloc(nb, sizeof(*q->pbuckets));
+        q->pgs = calloc(cfg->max_persistent_grants, sizeof(*q->pgs));
+        if (!q->pbuckets || !q->pgs)
+            FAIL("out of memory");
+        for (uint32_t i = cfg->max_persistent_grants; i-- > 0;) {
+            q->pgs[i].hnext = q->pfree;
+            q->pfree = &q->pgs[i];
+        }
+    } else {
+        q->cfg.persistent = 0;
+        q->cfg.max_persistent_grants = 0;
+    }
+    return q;
+#undef FAIL
+}
+
+void pv_blk_queue_destroy(struct pv_blk_queue *q)
+{
+    if (!q)
+        return;
+    pv_blk_queue_drain(q, -1);
+    queue_free(q);
+}
+
+int pv_blk_queue_completion_fd(const struct pv_blk_queue *q) { return q->sink.efd; }
+uint32_t pv_blk_queue_inflight(const struct pv_blk_queue *q) { return q->inflight; }
+int pv_blk_queue_dead(const struct pv_blk_queue *q) { return q->dead; }
+uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q) { return q->size; }
+uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q) { return q->pcount; }
+void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us) { q->cfg.poll_us = us; }
+void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out) { *out = q->st; }

@@ -1,0 +1,111 @@
+/* The block data path of one queue (one ring): consume -> copy-out + validate -> grant copy/map -> submit I/O
+ * -> respond.  Batch-shaped: Python calls pv_blk_queue_kick() once per event and pv_blk_queue_complete()
+ * once per completion wakeup; everything per request happens in here.
+ *
+ * Concurrency contract: a queue is driven by one thread (its event loop).  The only cross-thread state is the
+ * completion sink of ioengine.h; persistent grants, the request pool, bounce pages and stats are touched by
+ * the pumping thread only.
+ *
+ * Ordering rules kept here:
+ *  - a response is written only after every grant access of its request has ended (grant copies are
+ *    synchronous; persistently mapped pages stay mapped by protocol, but the I/O on them has completed);
+ *  - FLUSH_DISKCACHE and WRITE_BARRIER are fences: they start once every earlier request has completed,
+ *    write their data (if any), then fdatasync; later requests wait (parked, already validated) until the
+ *    fence has completed.  So an acknowledged flush means every acknowledged write is on stable storage.
+ *  - a bogus req_prod kills the queue for good: every later call returns -PV_BLK_EDEAD.
+ *
+ * Tunables (pv_blk_queue_config):
+ *  - max_persistent_grants (Linux default 1056): grefs kept mapped per queue when feature-persistent was
+ *    negotiated.  More saves map/unmap for guests that reuse many pages; each costs a mapping slot (Xen
+ *    maptrack) for as long as the queue lives.  Least recently used unused entries are evicted.
+ *  - persistent_min_bytes: requests smaller than this use grant copy even with persistent grants: a copy of
+ *    a few KiB is cheaper than the first map of a new gref, and copies never pin guest pages.
+ *  - poll_us: after the ring is drained, keep looking at it (and at the completion sink) this long before
+ *    returning.  Saves an event round trip (~20 us across vCPUs) per burst at the price of CPU.
+ *  - max_buffer_pages: bounce pages kept cached when idle; more are allocated on demand.
+ */
+#ifndef PVBACK_BLKBACK_H
+#define PVBACK_BLKBACK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blkif.h"
+#include "ioengine.h"
+#include "platform.h"
+#include "ring.h"
+
+#define PV_BLK_EDEAD 1     /* the ring is dead (hostile or broken frontend) */
+#define PV_BLK_LAT_BUCKETS 32
+
+struct pv_blk_queue_config {
+    uint32_t abi;           /* PV_BLKIF_ABI_* */
+    uint32_t frontend_domid;
+    uint32_t nr_ring_pages; /* 1 << ring-page-order */
+    uint32_t sector_size;   /* 512 or 4096 */
+    uint64_t sectors;       /* 512-byte units */
+    uint32_t max_indirect_segments; /* 0: no indirect */
+    uint8_t readonly;
+    uint8_t can_flush;
+    uint8_t can_barrier;
+    uint8_t can_discard;
+    uint8_t can_secure_discard;
+    uint8_t persistent; /* both ends said feature-persistent */
+    uint32_t max_persistent_grants;
+    uint32_t persistent_min_bytes;
+    uint32_t poll_us;
+    uint32_t max_buffer_pages;
+};
+
+struct pv_blk_stats {
+    uint64_t req_by_op[8]; /* by wire operation; [7] counts unknown codes */
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t errors[PV_BLKIF_NR_REASONS];
+    uint64_t ring_overflow;
+    uint64_t out_of_requests;
+    uint64_t kicks;
+    uint64_t spurious_kicks; /* kicks that found nothing to do */
+    uint64_t completes;
+    uint64_t responses;
+    uint64_t notifies;
+    uint64_t grant_copy_calls;
+    uint64_t grant_copy_segs;
+    uint64_t persistent_hits;
+    uint64_t persistent_maps;
+    uint64_t persistent_evictions;
+    uint64_t persistent_fallbacks; /* wanted a persistent map, used grant copy */
+    uint64_t fences;
+    uint64_t polls_hit; /* work found while polling */
+    uint64_t latency_us_log2[PV_BLK_LAT_BUCKETS]; /* [0]: < 1 us, [i]: [2^(i-1), 2^i) us */
+};
+
+struct pv_blk_queue;
+
+/* `sring` = the mapped ring pages (nr_ring_pages contiguous).  gnt and eng must outlive the queue; evtchn
+ * may be NULL (no notifications: tests).  On failure returns NULL with a message in err. */
+struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_config *cfg, struct pv_gnt *gnt,
+                                         struct pv_evtchn *evtchn, struct pv_io_engine *eng, char *err,
+                                         size_t errlen);
+/* Waits for in-flight I/O, unmaps persistent grants, frees.  The ring pages are the caller's. */
+void pv_blk_queue_destroy(struct pv_blk_queue *q);
+
+/* Drain the ring (with the final check), validate, copy, submit; with an inline engine also complete and
+ * respond.  Returns the number of responses written, or -PV_BLK_EDEAD. */
+int32_t pv_blk_queue_kick(struct pv_blk_queue *q);
+/* The completion fd fired: harvest, copy read data, respond, and resume consuming if a fence or a full pool
+ * had stopped it.  Returns responses written, or -PV_BLK_EDEAD. */
+int32_t pv_blk_queue_complete(struct pv_blk_queue *q);
+/* Block (up to timeout_ms, < 0 = forever) until nothing is in flight, answering what completes.  Returns
+ * the number still in flight. */
+uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms);
+
+int pv_blk_queue_completion_fd(const struct pv_blk_queue *q);
+uint32_t pv_blk_queue_inflight(const struct pv_blk_queue *q);
+int pv_blk_queue_dead(const struct pv_blk_queue *q);
+uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q);
+uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q);
+void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us);
+void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out);
+
+#endif

@@ -1,0 +1,347 @@
+/* I/O engines; see ioengine.h for the ownership and threading contract. */
+#include "ioengine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+/* ---- sink ------------------------------------------------------------------------------------------- */
+
+int pv_io_sink_init(struct pv_io_sink *s)
+{
+    memset(s, 0, sizeof(*s));
+    s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->efd < 0)
+        return -errno;
+    pthread_mutex_init(&s->lock, NULL);
+    return 0;
+}
+
+void pv_io_sink_destroy(struct pv_io_sink *s)
+{
+    if (s->efd >= 0) {
+        close(s->efd);
+        pthread_mutex_destroy(&s->lock);
+    }
+    s->efd = -1;
+}
+
+void pv_io_sink_ack(struct pv_io_sink *s)
+{
+    uint64_t v;
+    while (read(s->efd, &v, sizeof(v)) < 0 && errno == EINTR)
+        ;
+}
+
+struct pv_io *pv_io_sink_take(struct pv_io_sink *s)
+{
+    pthread_mutex_lock(&s->lock);
+    struct pv_io *list = s->head;
+    s->head = s->tail = NULL;
+    int was = s->signaled;
+    s->signaled = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (was)
+        pv_io_sink_ack(s);
+    return list;
+}
+
+int pv_io_sink_nonempty(struct pv_io_sink *s) { return __atomic_load_n(&s->head, __ATOMIC_ACQUIRE) != NULL; }
+
+void pv_io_complete(struct pv_io *io, int32_t result, int signal)
+{
+    struct pv_io_sink *s = io->sink;
+    io->result = result;
+    io->next = NULL;
+    int wake = 0;
+    pthread_mutex_lock(&s->lock);
+    if (s->tail)
+        s->tail->next = io;
+    else
+        __atomic_store_n(&s->head, io, __ATOMIC_RELEASE);
+    s->tail = io;
+    /* One eventfd write per batch of completions: the first poster after a take wakes the loop, the rest
+     * ride along. */
+    if (signal && !s->signaled) {
+        s->signaled = 1;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (wake) {
+        uint64_t one = 1;
+        while (write(s->efd, &one, sizeof(one)) < 0 && errno == EINTR)
+            ;
+    }
+}
+
+/* ---- synchronous execution ---------------------------------------------------------------------------- */
+
+/* preadv/pwritev the whole iovec, resuming after short transfers without modifying the caller's iovec. */
+static int32_t rw_all(int fd, int write_op, const struct iovec *iov, uint32_t cnt, uint64_t off)
+{
+    uint32_t idx = 0;
+    size_t skip = 0; /* bytes of iov[idx] already done */
+    while (idx < cnt) {
+        ssize_t n;
+        if (skip) {
+            char *base = (char *)iov[idx].iov_base + skip;
+            size_t len = iov[idx].iov_len - skip;
+            n = write_op ? pwrite(fd, base, len, (off_t)off) : pread(fd, base, len, (off_t)off);
+        } else {
+            int c = (int)((cnt - idx) > IOV_MAX ? IOV_MAX : (cnt - idx));
+            n = write_op ? pwritev(fd, iov + idx, c, (off_t)off) : preadv(fd, iov + idx, c, (off_t)off);
+        }
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO; /* the image shrank under us: never hand back a partial buffer as success */
+        off += (uint64_t)n;
+        size_t left = (size_t)n;
+        while (left && idx < cnt) {
+            size_t rest = iov[idx].iov_len - skip;
+            if (left >= rest) {
+                left -= rest;
+                idx++;
+                skip = 0;
+            } else {
+                skip += left;
+                left = 0;
+            }
+        }
+        while (idx < cnt && iov[idx].iov_len == 0)
+            idx++;
+    }
+    return 0;
+}
+
+static int32_t sync_fd(int fd)
+{
+    while (fdatasync(fd) < 0) {
+        if (errno != EINTR)
+            return -errno;
+    }
+    return 0;
+}
+
+static int32_t discard(int fd, int is_blockdev, int secure, uint64_t off, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    if (is_blockdev) {
+        uint64_t range[2] = {off, len};
+        if (ioctl(fd, secure ? BLKSECDISCARD : BLKDISCARD, range) < 0)
+            return errno == ENOTTY ? -EOPNOTSUPP : -errno;
+        return 0;
+    }
+    if (secure)
+        return -EOPNOTSUPP; /* a punched hole in a file is not an erase of the media below it */
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0)
+        return -errno;
+    return 0;
+}
+
+int32_t pv_io_execute(int fd, int is_blockdev, const struct pv_io *io)
+{
+    int32_t rc;
+    switch (io->op) {
+    case PV_IO_READ:
+        return rw_all(fd, 0, io->iov, io->iovcnt, io->offset);
+    case PV_IO_WRITE:
+        return rw_all(fd, 1, io->iov, io->iovcnt, io->offset);
+    case PV_IO_FLUSH:
+        return sync_fd(fd);
+    case PV_IO_WRITE_SYNC:
+        rc = rw_all(fd, 1, io->iov, io->iovcnt, io->offset);
+        return rc ? rc : sync_fd(fd);
+    case PV_IO_DISCARD:
+        return discard(fd, is_blockdev, 0, io->offset, io->length);
+    case PV_IO_SECURE_DISCARD:
+        return discard(fd, is_blockdev, 1, io->offset, io->length);
+    default:
+        return -EINVAL;
+    }
+}
+
+/* ---- NULL engine ------------------------------------------------------------------------------------- */
+
+static void null_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        pv_io_complete(ios[i], 0, 0);
+}
+
+static void null_close(struct pv_io_engine *e) { free(e); }
+
+static const struct pv_io_engine_ops null_ops = {.submit = null_submit, .close = null_close};
+
+struct pv_io_engine *pv_io_engine_null_open(void)
+{
+    struct pv_io_engine *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->ops = &null_ops;
+    e->kind = PV_IO_ENGINE_NULL;
+    e->inline_completion = 1;
+    return e;
+}
+
+/* ---- FILE engine ------------------------------------------------------------------------------------- */
+
+struct file_engine {
+    struct pv_io_engine base;
+    int fd;
+    int is_blockdev;
+    uint32_t nr_threads;
+    pthread_t *threads;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct pv_io *head, *tail; /* jobs not yet picked by a worker */
+    int stopping;
+};
+
+static void *file_worker(void *arg)
+{
+    struct file_engine *f = arg;
+    pthread_mutex_lock(&f->lock);
+    for (;;) {
+        while (!f->head && !f->stopping)
+            pthread_cond_wait(&f->cond, &f->lock);
+        struct pv_io *io = f->head;
+        if (!io)
+            break; /* stopping and nothing left */
+        f->head = io->next;
+        if (!f->head)
+            f->tail = NULL;
+        pthread_mutex_unlock(&f->lock);
+        pv_io_complete(io, pv_io_execute(f->fd, f->is_blockdev, io), 1);
+        pthread_mutex_lock(&f->lock);
+    }
+    pthread_mutex_unlock(&f->lock);
+    return NULL;
+}
+
+static void file_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n)
+{
+    struct file_engine *f = (struct file_engine *)e;
+    if (f->nr_threads == 0) {
+        for (uint32_t i = 0; i < n; i++)
+            pv_io_complete(ios[i], pv_io_execute(f->fd, f->is_blockdev, ios[i]), 0);
+        return;
+    }
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&f->lock);
+    for (uint32_t i = 0; i < n; i++) {
+        ios[i]->next = NULL;
+        if (f->tail)
+            f->tail->next = ios[i];
+        else
+            f->head = ios[i];
+        f->tail = ios[i];
+    }
+    /* Wake as many workers as there are new jobs, not all of them: each wakeup is a cross-CPU IPI. */
+    if (n >= f->nr_threads)
+        pthread_cond_broadcast(&f->cond);
+    else
+        for (uint32_t i = 0; i < n; i++)
+            pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+static void file_close(struct pv_io_engine *e)
+{
+    struct file_engine *f = (struct file_engine *)e;
+    if (f->nr_threads) {
+        pthread_mutex_lock(&f->lock);
+        f->stopping = 1;
+        pthread_cond_broadcast(&f->cond);
+        pthread_mutex_unlock(&f->lock);
+        for (uint32_t i = 0; i < f->nr_threads; i++)
+            pthread_join(f->threads[i], NULL);
+        free(f->threads);
+    }
+    pthread_cond_destroy(&f->cond);
+    pthread_mutex_destroy(&f->lock);
+    close(f->fd);
+    free(f);
+}
+
+static const struct pv_io_engine_ops file_ops = {.submit = file_submit, .close = file_close};
+
+struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *err, size_t errlen)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        snprintf(err, errlen, "fstat: %s", strerror(errno));
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        snprintf(err, errlen, "not a regular file or block device");
+        return NULL;
+    }
+    if (nr_threads > 256) {
+        snprintf(err, errlen, "nr_threads %u > 256", nr_threads);
+        return NULL;
+    }
+    struct file_engine *f = calloc(1, sizeof(*f));
+    if (!f) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    f->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (f->fd < 0) {
+        snprintf(err, errlen, "dup: %s", strerror(errno));
+        free(f);
+        return NULL;
+    }
+    f->is_blockdev = S_ISBLK(st.st_mode);
+    f->base.ops = &file_ops;
+    f->base.kind = PV_IO_ENGINE_FILE;
+    f->base.inline_completion = nr_threads == 0;
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->cond, NULL);
+    if (nr_threads) {
+        f->threads = calloc(nr_threads, sizeof(pthread_t));
+        if (!f->threads) {
+            snprintf(err, errlen, "out of memory");
+            file_close(&f->base);
+            return NULL;
+        }
+        for (uint32_t i = 0; i < nr_threads; i++) {
+            int rc = pthread_create(&f->threads[i], NULL, file_worker, f);
+            if (rc) {
+                snprintf(err, errlen, "pthread_create: %s", strerror(rc));
+                f->nr_threads = i; /* join the ones that started */
+                file_close(&f->base);
+                return NULL;
+            }
+            f->nr_threads = i + 1;
+        }
+    }
+    return &f->base;
+}
+
+void pv_io_engine_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n) { e->ops->submit(e, ios, n); }
+void pv_io_engine_close(struct pv_io_engine *e)
+{
+    if (e)
+        e->ops->close(e);
+}
+uint32_t pv_io_engine_kind(const struct pv_io_engine *e) { return e->kind; }
+uint32_t pv_io_engine_inline(const struct pv_io_engine *e) { return e->inline_completion; }

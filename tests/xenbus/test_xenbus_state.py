@@ -1,0 +1,196 @@
+"""The pure backend state machine, driven with plain observations (no xenstore, no asyncio)."""
+
+from __future__ import annotations
+
+from backends.xenbus.state import (
+    Action,
+    BackendMachine,
+    Connect,
+    Disconnect,
+    Observation,
+    Phase,
+    Realize,
+    ReportError,
+    SetState,
+    Unrealize,
+    XenbusState,
+)
+
+S = XenbusState
+BLK = frozenset({S.INITIALISED, S.CONNECTED})
+NET = frozenset({S.CONNECTED})
+
+
+class Harness:
+    """Feeds observations like the bus does: the backend key reflects what the machine last wrote."""
+
+    def __init__(self, connect_states: frozenset[XenbusState] = BLK) -> None:
+        self.m = BackendMachine(connect_states)
+        self.backend = S.INITIALISING
+        self.online = True
+
+    def _apply(self, actions: list[Action]) -> list[Action]:
+        for a in actions:
+            if isinstance(a, SetState):
+                self.backend = a.state
+        return actions
+
+    def see(self, fe: XenbusState) -> list[Action]:
+        return self._apply(self.m.observe(Observation(fe, self.backend, self.online)))
+
+    def fail(self, msg: str, action: Action | None = None) -> list[Action]:
+        return self._apply(self.m.failed_with(msg, action))
+
+
+def test_normal_connect_and_close() -> None:
+    h = Harness()
+    assert h.see(S.INITIALISING) == [Realize(), SetState(S.INIT_WAIT)]
+    assert h.see(S.INITIALISING) == []  # spurious watch: nothing twice
+    assert h.see(S.INITIALISED) == [Connect(), SetState(S.CONNECTED)]
+    assert h.see(S.CONNECTED) == []  # Initialised then Connected is one connection, not two
+    assert h.see(S.CLOSING) == [SetState(S.CLOSING)]
+    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED)]
+    assert h.see(S.CLOSED) == []
+    assert h.m.phase is Phase.LIVE
+
+
+def test_net_waits_for_connected() -> None:
+    h = Harness(NET)
+    h.see(S.INITIALISING)
+    assert h.see(S.INITIALISED) == []
+    assert h.see(S.CONNECTED) == [Connect(), SetState(S.CONNECTED)]
+
+
+def test_frontend_skips_initwait() -> None:
+    h = Harness()
+    assert h.see(S.INITIALISED) == [Realize(), Connect(), SetState(S.CONNECTED)]
+
+
+def test_reboot_reconnect_from_closed() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.see(S.CLOSED)
+    assert h.see(S.INITIALISING) == [SetState(S.INIT_WAIT)]
+    assert h.see(S.INITIALISED) == [Connect(), SetState(S.CONNECTED)]
+
+
+def test_coalesced_reconnect_disconnects_first() -> None:
+    # Closing/Closed/Initialising were missed: the frontend is seen Initialised again while we are Closing.
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.see(S.CLOSING)
+    assert h.see(S.INITIALISED) == [Disconnect(), Connect(), SetState(S.CONNECTED)]
+
+
+def test_frontend_reset_without_closing() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    assert h.see(S.INITIALISING) == [Disconnect(), SetState(S.INIT_WAIT)]
+
+
+def test_unknown_counts_as_closed() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    assert h.see(S.UNKNOWN) == [Disconnect(), SetState(S.CLOSED)]
+
+
+def test_restart_recovery_reconnects_connected_frontend() -> None:
+    h = Harness()
+    h.backend = S.CONNECTED  # left by the previous bus
+    assert h.see(S.CONNECTED) == [Realize(), Connect(), SetState(S.CONNECTED)]
+
+
+def test_unplug_connected_waits_for_frontend() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.online = False
+    assert h.see(S.CONNECTED) == [SetState(S.CLOSING)]
+    assert h.see(S.CLOSING) == []
+    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+    assert h.m.finished
+    assert h.see(S.INITIALISING) == []  # finished: the toolstack removes the dir next
+
+
+def test_unplug_libxl_style_state_written_by_toolstack() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.online, h.backend = False, S.CLOSING  # libxl writes online=0 and state=5 itself
+    assert h.see(S.CONNECTED) == []
+    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+
+
+def test_unplug_idle_frontend_closes_at_once() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.online = False
+    assert h.see(S.INITIALISING) == [SetState(S.CLOSED), Unrealize()]
+
+
+def test_offline_before_realize() -> None:
+    h = Harness()
+    h.online = False
+    assert h.see(S.INITIALISING) == [SetState(S.CLOSED)]
+    assert h.m.finished
+
+
+def test_connect_failure_closes_and_does_not_retry() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.INITIALISED)
+    assert h.fail("bad ring-ref", Connect()) == [ReportError("bad ring-ref"), Disconnect(), SetState(S.CLOSING)]
+    assert h.see(S.INITIALISED) == []  # still the same frontend: no second try
+    assert h.see(S.CONNECTED) == []
+    assert h.see(S.CLOSED) == [SetState(S.CLOSED)]
+    # The frontend restarts: the failure is forgiven, it may try again.
+    assert h.see(S.INITIALISING) == [SetState(S.INIT_WAIT)]
+    assert h.see(S.INITIALISED) == [Connect(), SetState(S.CONNECTED)]
+
+
+def test_realize_failure_is_final() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    assert h.fail("no such file", Realize()) == [ReportError("no such file"), Unrealize(), SetState(S.CLOSING)]
+    assert h.see(S.INITIALISED) == []
+    assert h.see(S.CLOSED) == [SetState(S.CLOSED)]
+    assert h.see(S.INITIALISING) == []
+    assert h.m.removed() == []  # unrealize already ran
+
+
+def test_failed_disconnect_is_not_retried() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.see(S.CLOSED)  # [Disconnect, Closed]; say the Disconnect raised
+    assert h.fail("stuck", Disconnect()) == [ReportError("stuck"), SetState(S.CLOSING)]
+    assert h.see(S.CLOSED) == [SetState(S.CLOSED)]
+
+
+def test_removed_and_stop() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    assert h.m.removed() == [Disconnect(), Unrealize()]
+    assert h.m.removed() == []
+    h2 = Harness()
+    h2.see(S.INITIALISING)
+    h2.see(S.CONNECTED)
+    assert h2.m.stop(close=False) == [Disconnect(), Unrealize()]  # xenstore untouched for a restart
+    h3 = Harness()
+    h3.see(S.INITIALISING)
+    h3.see(S.CONNECTED)
+    assert h3.m.closing_for_stop() == [SetState(S.CLOSING)]
+    assert h3.m.stop(close=True) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+
+
+def test_reconfiguring_is_ignored() -> None:
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    assert h.see(S.RECONFIGURING) == []
+    assert h.m.connected
