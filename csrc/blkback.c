@@ -111,6 +111,9 @@ static void *page_get(struct pv_blk_queue *q)
     void *p = NULL;
     if (posix_memalign(&p, PV_PAGE_SIZE, PV_PAGE_SIZE))
         return NULL;
+    /* Fresh heap memory may hold anything this process freed, another guest's data included; a read that
+     * returns less than asked (null engine) must not hand that out. */
+    memset(p, 0, PV_PAGE_SIZE);
     return p;
 }
 

@@ -125,16 +125,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "guest":
         from backends.daemon.guest_cmd import cmd_guest
 
-        return cmd_guest(args)
+        return int(cmd_guest(args))
     if args.command == "demo":
         setup_logging("warning")
         from backends.daemon.demo import cmd_demo
 
-        return cmd_demo(args)
+        return int(cmd_demo(args))
     if args.command == "bench":
         from backends.daemon.bench_cmd import cmd_bench
 
-        return cmd_bench(args)
+        return int(cmd_bench(args))
     raise CliError(f"unknown command {args.command}")
 
 

@@ -1,7 +1,7 @@
 """Prometheus text endpoint with per-device and per-queue counters.
 
-Devices report a plain dict (`BackendDevice.stats()`):
-    {"state": int, "queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
+Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
+    {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
                                "errors": {reason: n}, "ring_full": n, "latency_us_log2": [n0, n1, ...]}]}
 where latency bucket i counts requests that took < 2**i µs.  The exposition format is produced by
 prometheus_client; the HTTP side is a few lines of asyncio so the daemon stays single-threaded.
@@ -27,7 +27,9 @@ def _devices(bus: Any) -> list[Any]:
     devs = getattr(bus, "devices", None)
     if devs is None:
         return []
-    return list(devs() if callable(devs) else devs)
+    if callable(devs):
+        devs = devs()
+    return list(devs.values() if isinstance(devs, dict) else devs)
 
 
 class BusCollector(Collector):
@@ -45,12 +47,13 @@ class BusCollector(Collector):
         lat = HistogramMetricFamily("pvback_request_latency_seconds", "Request latency", labels=qlabels)
         for dev in _devices(self.get_bus()):
             base = [str(dev.type_name), str(dev.frontend_id), str(dev.devid)]
+            state.add_metric(base, float(int(dev.state)))
+            data = getattr(dev, "data", None)
             try:
-                st = dev.stats()
+                st = data.stats() if data is not None and hasattr(data, "stats") else {}
             except Exception:  # a device being torn down must not break the scrape
                 log.debug("stats unavailable", exc_info=True)
                 continue
-            state.add_metric(base, float(st.get("state", 0)))
             for qi, q in enumerate(st.get("queues", [])):
                 ql = [*base, str(qi)]
                 for op, n in q.get("requests", {}).items():

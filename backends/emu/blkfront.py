@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from backends.emu.guest import Guest, GuestPort
@@ -125,14 +125,35 @@ class DiskInfo:
         return self.sectors * SECTOR
 
 
-@dataclass
-class _Slot:
-    """Per-request-id resources, kept across requests (pages granted once, like a persistent-grant frontend)."""
+class _GrantPool:
+    """Pages granted to the backend once and reused (a persistent-grant frontend's pool), grown on demand up to
+    `limit` pages; requests wait when it is exhausted instead of failing."""
 
-    pages: list[int] = field(default_factory=list)
-    refs: list[int] = field(default_factory=list)
-    ind_pages: list[int] = field(default_factory=list)
-    ind_refs: list[int] = field(default_factory=list)
+    def __init__(self, guest: Guest, backend_id: int, readonly: bool, limit: int) -> None:
+        self.guest = guest
+        self.backend_id = backend_id
+        self.readonly = readonly
+        self.limit = limit
+        self.free: list[tuple[int, int]] = []  # (page, ref)
+        self.total = 0
+        self.cond = asyncio.Condition()
+
+    async def take(self, n: int) -> list[tuple[int, int]]:
+        if n > self.limit:
+            raise ValueError(f"a request needs {n} pages, the pool holds at most {self.limit}")
+        async with self.cond:
+            while len(self.free) < n and self.total < self.limit:
+                page = self.guest.alloc_page()
+                self.free.append((page, self.guest.grant(page, self.backend_id, readonly=self.readonly)))
+                self.total += 1
+            await self.cond.wait_for(lambda: len(self.free) >= n)
+            out, self.free = self.free[-n:], self.free[:-n]
+            return out
+
+    async def give(self, items: list[tuple[int, int]]) -> None:
+        async with self.cond:
+            self.free.extend(items)
+            self.cond.notify_all()
 
 
 class _Queue:
@@ -143,7 +164,6 @@ class _Queue:
         self.ring_refs: list[int] = []
         self.port = port
         self.ring = ring
-        self.slots = [_Slot() for _ in range(ring.size)]
         self.free_ids = list(range(ring.size - 1, -1, -1))
         self.waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self.id_free = asyncio.Condition()
@@ -188,7 +208,7 @@ class BlkFront:
 
     def __init__(self, guest: Guest, xs: Any, devid: int, *, abi: str = "x86_64", ring_page_order: int = 0,
                  queues: int = 1, persistent: bool = True, write_protocol: bool = True,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, pool_pages: int = 1024) -> None:
         self.guest = guest
         self.xs = xs
         self.devid = devid
@@ -206,6 +226,9 @@ class BlkFront:
         self.spurious_responses = 0
         self._rr = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.pool_pages = pool_pages
+        self._data: _GrantPool | None = None
+        self._ind: _GrantPool | None = None
 
     # -- handshake ------------------------------------------------------------------------------------
 
@@ -248,6 +271,8 @@ class BlkFront:
         nq = max(1, min(self.want_queues, max_queues))
         persistent = self.want_persistent and await self._read_int(f"{be}/feature-persistent", 0) == 1
         self._loop = asyncio.get_running_loop()
+        self._data = _GrantPool(self.guest, self.backend_id, False, self.pool_pages)
+        self._ind = _GrantPool(self.guest, self.backend_id, True, max(MAX_INDIRECT_PAGES, self.pool_pages // 64))
         for qi in range(nq):
             self.queues.append(self._make_queue(qi, order))
         keys: dict[str, str] = {}
@@ -321,49 +346,35 @@ class BlkFront:
         self._rr += 1
         return q
 
-    def _ensure_pages(self, slot: _Slot, npages: int, nind: int) -> None:
-        while len(slot.pages) < npages:
-            p = self.guest.alloc_page()
-            slot.pages.append(p)
-            slot.refs.append(self.guest.grant(p, self.backend_id))
-        while len(slot.ind_pages) < nind:
-            p = self.guest.alloc_page()
-            slot.ind_pages.append(p)
-            slot.ind_refs.append(self.guest.grant(p, self.backend_id, readonly=True))
-
-    async def _rw(self, op: int, sector: int, nbytes: int, data: bytes | None,
-                  segs_override: Callable[[list[tuple[int, int, int]]], list[tuple[int, int, int]]] | None = None
-                  ) -> bytes:
+    async def _rw(self, op: int, sector: int, nbytes: int, data: bytes | None) -> bytes:
         if nbytes <= 0 or nbytes % SECTOR:
             raise ValueError("I/O size must be a positive multiple of 512")
         nseg = -(-nbytes // PAGE)
         indirect = nseg > MAX_SEGMENTS
         if indirect and (self.info is None or nseg > self.info.max_indirect_segments):
             raise ValueError(f"{nbytes} bytes need {nseg} segments: more than the backend accepts")
+        assert self._data is not None and self._ind is not None
+        nind = -(-nseg // SEGS_PER_INDIRECT_PAGE) if indirect else 0
+        pages = await self._data.take(nseg)
+        ind = await self._ind.take(nind) if nind else []
         q = self._queue()
         rid = await q.acquire_id()
         try:
-            slot = q.slots[rid]
-            nind = -(-nseg // SEGS_PER_INDIRECT_PAGE) if indirect else 0
-            self._ensure_pages(slot, nseg, nind)
             segs: list[tuple[int, int, int]] = []
             left = nbytes
-            for i in range(nseg):
+            for i, (page, ref) in enumerate(pages):
                 n = min(PAGE, left)
-                segs.append((slot.refs[i], 0, n // SECTOR - 1))
+                segs.append((ref, 0, n // SECTOR - 1))
                 if data is not None:
-                    off = i * PAGE
-                    self.guest.page_view(slot.pages[i])[:n] = data[off:off + n]
+                    self.guest.page_view(page)[:n] = data[i * PAGE:i * PAGE + n]
                 left -= n
-            if segs_override is not None:
-                segs = segs_override(segs)
             if indirect:
-                for pi in range(nind):
-                    page = self.guest.page_view(slot.ind_pages[pi])
+                for pi, (page, _ref) in enumerate(ind):
+                    view = self.guest.page_view(page)
                     chunk = segs[pi * SEGS_PER_INDIRECT_PAGE:(pi + 1) * SEGS_PER_INDIRECT_PAGE]
                     for j, (g, f, last) in enumerate(chunk):
-                        struct.pack_into("<IBBxx", page, 8 * j, g, f, last)
-                raw = self.abi.pack_indirect(op, len(segs), 0, rid, sector, slot.ind_refs[:nind])
+                        struct.pack_into("<IBBxx", view, 8 * j, g, f, last)
+                raw = self.abi.pack_indirect(op, len(segs), 0, rid, sector, [r for _p, r in ind])
             else:
                 raw = self.abi.pack_rw(op, len(segs), 0, rid, sector, segs)
             _rop, status = await q.submit(raw, rid)
@@ -373,13 +384,16 @@ class BlkFront:
                 return b""
             out = bytearray(nbytes)
             left = nbytes
-            for i in range(nseg):
+            for i, (page, _ref) in enumerate(pages):
                 n = min(PAGE, left)
-                out[i * PAGE:i * PAGE + n] = self.guest.page_view(slot.pages[i])[:n]
+                out[i * PAGE:i * PAGE + n] = self.guest.page_view(page)[:n]
                 left -= n
             return bytes(out)
         finally:
             await q.release_id(rid)
+            await self._data.give(pages)
+            if ind:
+                await self._ind.give(ind)
 
     async def read(self, sector: int, nbytes: int) -> bytes:
         return await self._rw(OP_READ, sector, nbytes, None)
@@ -406,11 +420,15 @@ class BlkFront:
         finally:
             await q.release_id(rid)
 
-    def slot_grants(self, queue: int = 0, rid: int = 0, npages: int = 1) -> list[int]:
-        """Grant refs of a request slot's data pages (for tests that craft requests by hand)."""
-        slot = self.queues[queue].slots[rid]
-        self._ensure_pages(slot, npages, 0)
-        return slot.refs[:npages]
+    async def take_pages(self, n: int) -> list[tuple[int, int]]:
+        """(page, ref) pairs from the data pool, for tests that craft requests by hand; give them back with
+        give_pages."""
+        assert self._data is not None
+        return await self._data.take(n)
+
+    async def give_pages(self, items: list[tuple[int, int]]) -> None:
+        assert self._data is not None
+        await self._data.give(items)
 
     # -- teardown -------------------------------------------------------------------------------------
 
@@ -433,14 +451,22 @@ class BlkFront:
             for fut in q.waiting.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError("frontend closed"))
-            refs = q.ring_refs + [r for s in q.slots for r in s.refs + s.ind_refs]
-            pages = q.ring_pages + [p for s in q.slots for p in s.pages + s.ind_pages]
-            for ref in refs:
+            for ref in q.ring_refs:
                 await self._revoke(ref)
-            for p in pages:
+            for p in q.ring_pages:
                 self.guest.free_page(p)
             q.port.close()
         self.queues = []
+        for pool in (self._data, self._ind):
+            if pool is None:
+                continue
+            if len(pool.free) != pool.total:
+                raise RuntimeError("pages still in use by requests in flight")
+            for page, ref in pool.free:
+                await self._revoke(ref)
+                self.guest.free_page(page)
+            pool.free.clear()
+            pool.total = 0
 
     async def _revoke(self, ref: int) -> None:
         # The backend may still be finishing a copy: Xen's rule is "retry until the grant is unused".

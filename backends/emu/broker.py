@@ -164,6 +164,9 @@ def _check_memfd(fd: int, need: int, what: str) -> None:
         raise _Refused("EPERM", f"{what}: memfd must be sealed with F_SEAL_SHRINK (backends would SIGBUS)")
 
 
+_OPS = frozenset({"register", "hello", "map_domain", "alloc_unbound", "bind_interdomain", "unbind"})
+
+
 class Broker:
     """Asyncio server for the broker protocol.  `hooks` integrates a xenstore server (optional)."""
 
@@ -275,6 +278,8 @@ class Broker:
 
     async def _handle(self, conn: _Conn, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         op = msg.get("op")
+        if op not in _OPS:
+            raise _Refused("EINVAL", f"unknown op {op!r}")
         if op != "register" and fds:
             raise _Refused("EINVAL", f"{op!r} takes no fds")
         if op == "register":

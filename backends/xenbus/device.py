@@ -194,8 +194,8 @@ class BackendDevice:
 
     async def notify_frontend(self, values: dict[str, str] | None = None) -> None:
         """Rewrite `values` and the current `state` in one transaction so the frontend's watch on our state
-        fires and it re-reads them (how a resize is announced: write `sectors`, rewrite Connected).
-        Not for use inside a class callback's own await chain of another device."""
+        fires and it re-reads them (how a resize is announced: write `sectors`, rewrite Connected).  Waits for
+        the device's runner to be idle, except when called from this device's own callbacks."""
         checked = {_check_key(k): v for k, v in (values or {}).items()}
 
         async def body(tx: Transaction) -> None:
@@ -257,7 +257,7 @@ class BackendDevice:
         raw = await self._read(f"{self.backend_path}/frontend")
         text = (raw or b"").decode("ascii", "replace")
         m = _FRONTEND_PATH.fullmatch(text)
-        if m is None or int(m.group(1)) != self.frontend_id or int(m.group(3)) != self.devid:
+        if m is None or m.group(1) != str(self.frontend_id) or m.group(3) != str(self.devid):
             shown = "missing" if raw is None else _show(raw)
             raise DeviceError(
                 f"frontend is {shown}, expected /local/domain/{self.frontend_id}/device/<type>/{self.devid}"
@@ -269,8 +269,9 @@ class BackendDevice:
         )
 
     async def _follow_frontend(self, watch: Any) -> None:
-        async for _path in watch:
-            self._wake.set()
+        with contextlib.suppress(Exception):  # a lost connection also ends the runner's own reads
+            async for _path in watch:
+                self._wake.set()
 
     async def _observe(self) -> Observation | None:
         """None when the backend dir is gone.  A garbage frontend state fails the device once and then counts
@@ -510,13 +511,19 @@ class XenBus:
 
     async def _follow_type(self, name: str, watch: Any) -> None:
         root = f"{self.home}/backend/{name}"
-        async for path in watch:
-            try:
-                await self._on_event(name, root, path)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("handling watch event %s", path)
+        try:
+            async for path in watch:
+                try:
+                    await self._on_event(name, root, path)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # One bad event (a racing toolstack, a device that vanished mid-read) must not end the watch.
+                    log.exception("handling watch event %s", path)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the watch on %s ended: no new %s devices will be served", root, name)
 
     async def _on_event(self, name: str, root: str, path: str) -> None:
         if path != root and not path.startswith(root + "/"):
@@ -560,9 +567,10 @@ class XenBus:
             log.warning("ignoring backend entry %s/%s/%s: not <frontend-domid>/<devid>", name, fe, devid)
             return
         path = f"{self.home}/backend/{name}/{fe}/{devid}"
-        # A toolstack that does not use a transaction may still be writing: wait for `frontend` to appear.
-        if not await self.xs.exists(f"{path}/frontend"):
-            return
+        # A toolstack that does not use a transaction may still be writing: wait for both keys to appear.
+        for key in ("frontend", "frontend-id"):
+            if not await self.xs.exists(f"{path}/{key}"):
+                return
         dev = BackendDevice(self, self.classes[name], name, int(fe), int(devid))
         if dev.backend_path != path:  # "007" and "7" must not make two devices
             log.warning("ignoring backend entry %s: non-canonical number", path)

@@ -180,9 +180,10 @@ class BackendMachine:
             # Ask the frontend to let go; it answers with Closing/Closed and we finish then.
             self._set(out, S.CLOSING)
             return out
-        self._disconnect(out)
-        self._set(out, S.CLOSED)
+        # Release the driver before announcing Closed: libxl destroys the device (and the admin may reuse the
+        # image) as soon as it sees Closed.
         self._unrealize(out, Phase.UNPLUGGED)
+        self._set(out, S.CLOSED)
         return out
 
     def failed_with(self, message: str, action: Action | None = None) -> list[Action]:
@@ -191,6 +192,8 @@ class BackendMachine:
         Carrying out the returned list must not feed failures back in (the bus logs them): a class whose
         disconnect keeps failing would otherwise loop."""
         out: list[Action] = [ReportError(message)]
+        if self.phase is Phase.UNPLUGGED:
+            out.append(SetState(S.CLOSED))  # a failed unrealize must not leave libxl waiting for Closed
         if self.finished:
             return out
         self.failed = True
@@ -219,10 +222,9 @@ class BackendMachine:
         if self.finished:
             self.phase = Phase.STOPPED
             return out
-        if close:
-            self._disconnect(out)
-            self._set(out, S.CLOSED)
         self._unrealize(out, Phase.STOPPED)
+        if close:
+            self._set(out, S.CLOSED)
         return out
 
     def closing_for_stop(self) -> list[Action]:

@@ -19,7 +19,7 @@ import random
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from backends.xenstore.wire import (
     HEADER_SIZE,
@@ -95,8 +95,8 @@ class _SocketProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.client._framer.feed(data)
@@ -443,7 +443,6 @@ class XenStoreClient(_Ops):
         self.where = path
         if stat.S_ISSOCK(st.st_mode):
             transport, _ = await self._loop.create_unix_connection(lambda: _SocketProtocol(self), path)
-            assert isinstance(transport, asyncio.Transport)
             self._transport = transport
         else:
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -458,7 +457,6 @@ class XenStoreClient(_Ops):
         self.where = f"fd {sock.fileno()}"
         sock.setblocking(False)
         transport, _ = await self._loop.connect_accepted_socket(lambda: _SocketProtocol(self), sock)
-        assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         return self
 
@@ -523,6 +521,7 @@ class XenStoreClient(_Ops):
         want, fut = entry
         if type_ != want and type_ != XsType.ERROR:
             # libxenstore closes the connection here too: request/reply pairing can no longer be trusted.
+            self._pending[req_id] = entry  # failed with the rest by _shutdown
             self._protocol_error(f"reply type {type_} to a request of type {want}")
             return
         if not fut.done():

@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable
+from typing import cast
 
 from backends.xenstore.tree import Caller, Change, Node, Perms, Quotas, Store, Transaction, XsError, perm_for
 from backends.xenstore.wire import (
@@ -120,13 +121,13 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self.domain.conns.add(self)
         self.server._conns.add(self)
         if self.server._closing:
-            transport.abort()
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -155,11 +156,7 @@ class _Connection(asyncio.Protocol):
     # --- input --------------------------------------------------------------------------------------------
 
     def _stalled(self) -> bool:
-        return (
-            not self.privileged
-            and self.write_paused
-            and self.out_replies >= self.server.quotas.outstanding
-        )
+        return not self.privileged and self.write_paused and self.out_replies >= self.server.quotas.outstanding
 
     def _process(self) -> None:
         buf = self.inbuf
@@ -213,7 +210,7 @@ class _Connection(asyncio.Protocol):
             # a guest that does not read its events loses new ones rather than growing our memory.
             if payload in self.out_events and not path.startswith("@"):
                 return
-            if len(self.out_events) >= self.server.quotas.pending_watch_events:
+            if self.write_paused and len(self.out_events) >= self.server.quotas.pending_watch_events:
                 self.events_dropped += 1
                 if self.events_dropped == 1 or self.events_dropped % 1000 == 0:
                     log.warning("%r: dropped %d watch events it did not read", self, self.events_dropped)
@@ -737,14 +734,14 @@ async def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    server = XenStoreServer()
-    await server.listen(args.socket)
-    for domid in args.introduce:
-        await server.introduce_domain(domid)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    server = XenStoreServer()
+    await server.listen(args.socket)
+    for domid in args.introduce:
+        await server.introduce_domain(domid)
     log.info("xenstored listening on %s", args.socket)
     await stop.wait()
     await server.close()

@@ -158,12 +158,32 @@ def _boot(qemu: str, work: Path, out: Path, serial: Path, run: E2ERun) -> None:
             run.failure = f"QEMU exited ({proc.returncode}) before dom0 finished; serial tail:\n{tail}"
 
 
+LOG_DIR = E2E / "build" / "last"  # survives pytest's tmp rotation; git-ignored
+
+
+class _Summary:
+    """A plugin registered by the fixture: prints the stage table in pytest's terminal summary (after the
+    progress dots, whatever the capture mode)."""
+
+    def __init__(self) -> None:
+        self.reports: list[str] = []
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        for report in self.reports:
+            terminalreporter.section("real-Xen e2e stages")
+            for line in report.splitlines():
+                terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
-def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ERun]:
+def e2e(request: pytest.FixtureRequest) -> Iterator[E2ERun]:
     qemu = _ensure_qemu()
-    keep = tmp_path_factory.mktemp("real-xen")
+    summary = _Summary()
+    request.config.pluginmanager.register(summary, "pvback-e2e-summary")
+    keep = LOG_DIR
+    shutil.rmtree(keep, ignore_errors=True)
     out = keep / "out"
-    out.mkdir()
+    out.mkdir(parents=True)
     reuse = os.environ.get("PVBACK_E2E_REUSE") == "1"
     if reuse:
         work = Path(os.environ.get("PVBACK_E2E_WORK", "/var/tmp/pvback-e2e-cache"))
@@ -177,16 +197,13 @@ def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         _boot(qemu, work, out, run.serial_log, run)
         yield run
     finally:
-        report = run.table()
-        (keep / "stages.txt").write_text(report + "\n")
-        tr = request.config.pluginmanager.getplugin("terminalreporter")
-        if tr is not None:
-            tr.write_line("")
-            tr.write_line(f"real-Xen e2e stages (serial log: {run.serial_log}):")
-            for ln in report.splitlines():
-                tr.write_line("  " + ln)
-            for name, (ok, detail) in run.results.items():
-                tr.write_line(f"  RESULT {name} {'PASS' if ok else 'FAIL'} {detail}")
+        lines = [f"real-Xen e2e stages (serial log: {run.serial_log}):"]
+        lines += ["  " + ln for ln in run.table().splitlines()]
+        lines += [f"  RESULT {n} {'PASS' if ok else 'FAIL'} {d}" for n, (ok, d) in run.results.items()]
+        if run.failure:
+            lines.append(f"  boot failure: {run.failure.splitlines()[0]}")
+        (keep / "stages.txt").write_text("\n".join(lines) + "\n")
+        summary.reports.append("\n".join(lines))
         if not reuse:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -170,14 +170,14 @@ async def test_bus_restart_reconnects_connected_frontend(tmp_path: Path) -> None
         assert initial.endswith("/state")
         cls2 = FakeClass()
         await env.bus(cls2)
-        await eventually(lambda: cls2.names() == ["realize", "connect"])
-        assert cls2.rings[fe.paths.backend] == (42, 5)  # frontend keys re-read
         # Connected is written again, so the frontend's watch fires (and it may re-read sectors).
         import asyncio
 
         fired = await asyncio.wait_for(anext(watch), 3)
         assert fired.endswith("/state")
         await watch.close()
+        assert cls2.names() == ["realize", "connect"]
+        assert cls2.rings[fe.paths.backend] == (42, 5)  # frontend keys re-read
         assert await fe.backend_state() is S.CONNECTED
 
 
@@ -423,7 +423,22 @@ async def test_watch_storm_coalesces(tmp_path: Path) -> None:
 
         await fe.xs.transaction(storm)
         await settle(bus)
-        # 200 watch events, a handful of re-reads; nothing else happened to the device.
-        assert 1 <= dev.stats["observations"] - before <= 5
+        # 200 watch events, a few re-reads (how many depends on how the events were split into reads of the
+        # socket, so only bound it loosely); nothing else happened to the device.
+        assert 1 <= dev.stats["observations"] - before <= 40
         assert cls.names() == ["realize", "connect"]
         assert await fe.backend_state() is S.CONNECTED
+
+
+async def test_backend_dir_removed_while_connected(tmp_path: Path) -> None:
+    async with xenbus_env(tmp_path) as env:
+        cls = FakeClass()
+        bus = await env.bus(cls)
+        fe = await env.add(1)
+        await connect(fe)
+        await env.dom0.rm("/local/domain/0/backend/fake/1")  # the whole frontend's subtree at once
+        await eventually(lambda: not bus.devices)
+        assert cls.names() == ["realize", "connect", "disconnect", "unrealize"]
+        await settle(bus)
+        # Nothing wrote into the removed directory (which would have recreated it).
+        assert not await env.dom0.exists(fe.paths.backend)

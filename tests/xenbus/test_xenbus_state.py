@@ -111,9 +111,11 @@ def test_unplug_connected_waits_for_frontend() -> None:
     h.online = False
     assert h.see(S.CONNECTED) == [SetState(S.CLOSING)]
     assert h.see(S.CLOSING) == []
-    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+    assert h.see(S.CLOSED) == [Disconnect(), Unrealize(), SetState(S.CLOSED)]
     assert h.m.finished
     assert h.see(S.INITIALISING) == []  # finished: the toolstack removes the dir next
+    # A failing unrealize is reported, and Closed is still announced so libxl does not time out.
+    assert h.fail("close failed", Unrealize()) == [ReportError("close failed"), SetState(S.CLOSED)]
 
 
 def test_unplug_libxl_style_state_written_by_toolstack() -> None:
@@ -122,14 +124,14 @@ def test_unplug_libxl_style_state_written_by_toolstack() -> None:
     h.see(S.CONNECTED)
     h.online, h.backend = False, S.CLOSING  # libxl writes online=0 and state=5 itself
     assert h.see(S.CONNECTED) == []
-    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+    assert h.see(S.CLOSED) == [Disconnect(), Unrealize(), SetState(S.CLOSED)]
 
 
 def test_unplug_idle_frontend_closes_at_once() -> None:
     h = Harness()
     h.see(S.INITIALISING)
     h.online = False
-    assert h.see(S.INITIALISING) == [SetState(S.CLOSED), Unrealize()]
+    assert h.see(S.INITIALISING) == [Unrealize(), SetState(S.CLOSED)]
 
 
 def test_offline_before_realize() -> None:
@@ -185,7 +187,7 @@ def test_removed_and_stop() -> None:
     h3.see(S.INITIALISING)
     h3.see(S.CONNECTED)
     assert h3.m.closing_for_stop() == [SetState(S.CLOSING)]
-    assert h3.m.stop(close=True) == [Disconnect(), SetState(S.CLOSED), Unrealize()]
+    assert h3.m.stop(close=True) == [Disconnect(), Unrealize(), SetState(S.CLOSED)]
 
 
 def test_reconfiguring_is_ignored() -> None:

@@ -8,7 +8,8 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 
 from backends.xenstore.client import Perm, XenStoreError
-from tests.xenstore.conftest import Env
+
+from .conftest import Env
 
 EnvFactory = Callable[..., AbstractAsyncContextManager[Env]]
 
@@ -140,5 +141,3 @@ async def test_wire_introduce_release(xs_env: EnvFactory) -> None:
         assert await _err(env.dom0.release_domain(12)) == "ENOENT"
         assert await _err(env.dom0.resume_domain(12)) == "ENOENT"
         assert await _err(env.dom0.get_domain_path(70000)) == "EINVAL"
-
-

@@ -273,7 +273,7 @@ def t_platform() -> str:
     if cp.returncode != 0:
         bad = [ln for ln in out if " FAIL " in ln] or (cp.stderr.strip().splitlines()[-3:])
         raise TestFailure(f"check_platform exited {cp.returncode}: {' | '.join(bad)}")
-    return "; ".join(ln.split(" ", 2)[-1] for ln in out if ln.startswith("CHECK summary"))
+    return "; ".join(ln.split(" ", 3)[-1] for ln in out if ln.startswith("CHECK summary"))
 
 
 def t_xl_boot() -> str:
@@ -286,6 +286,35 @@ def t_xl_boot() -> str:
     finally:
         destroy(name)
     return f"{detail}; create->poweroff {time.monotonic() - t0:.1f} s"
+
+
+def t_xl_qdisk_stub() -> str:
+    """libxl's qdisk route without a backend: xl create must get through dm-stub.py's QMP handshake, write
+    backend/qdisk nodes for us to serve, and kill the stub when the guest is gone."""
+    name = "t-stub"
+    img, _, _ = make_disk(name)
+    cfg = write_cfg(name, "boot", disks=[qdisk(img)])
+    t0 = time.monotonic()
+    domid = -1
+    try:
+        domid = xl_create(cfg)
+        t_create = time.monotonic() - t0
+        be = f"/local/domain/0/backend/qdisk/{domid}/{XVDA}"
+        params = run(["xenstore-read", f"{be}/params"]).stdout.strip()
+        if params != f"aio:{img}":
+            raise TestFailure(f"{be}/params is {params!r}")
+        state = run(["xenstore-read", f"/local/domain/0/device-model/{domid}/state"]).stdout.strip()
+        if state != "running":
+            raise TestFailure(f"device-model state {state!r}")
+        detail = wait_domu_verdict(name, "boot", 60)
+    finally:
+        destroy(name)
+    if domid < 0:
+        raise TestFailure("no domain")
+    left = run(["pgrep", "-f", f"{DM_STUB}.*-xen-domid {domid}"], check=False).stdout.split()
+    if left:
+        raise TestFailure(f"dm-stub still running after the guest went: pids {left}")
+    return f"xl create {t_create:.1f} s, backend params {params}; {detail}; stub reaped"
 
 
 def _disk_test(name: str, test: str, route: str, timeout: float = 90, access: str = "rw",
@@ -440,6 +469,7 @@ def t_blk_reboot() -> str:
 TESTS: dict[str, Callable[[], str]] = {
     "platform": t_platform,
     "xl-boot": t_xl_boot,
+    "xl-qdisk-stub": t_xl_qdisk_stub,
     "blk-rw-xs": t_blk_rw("xs"),
     "blk-rw-xl": t_blk_rw("xl"),
     "blk-fs": t_blk_fs,

@@ -9,6 +9,7 @@ pvback it needs is not there yet, so the dom0 driver reports the disk tests as f
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import sys
@@ -21,14 +22,14 @@ def unavailable(why: str) -> int:
 
 
 def device_class() -> Any:
-    from backends.blk.device import BlkDeviceClass
-
+    # Looked up by name: the blk device class is written in parallel and may not exist yet.
+    cls: Any = importlib.import_module("backends.blk.device").BlkDeviceClass
     try:
         from backends.daemon.config import BlkConfig
 
-        return BlkDeviceClass(BlkConfig(), type_names=("qdisk",))
+        return cls(BlkConfig(), type_names=("qdisk",))
     except (ImportError, TypeError):
-        return BlkDeviceClass()
+        return cls()
 
 
 async def serve() -> int:
@@ -55,15 +56,14 @@ async def serve() -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(message)s")
     try:
-        import backends.blk.device  # noqa: F401
+        for mod in ("backends.blk.device", "backends.xenbus.device", "backends.xenstore.client"):
+            importlib.import_module(mod)
         import backends.platform
-        import backends.xenbus.device  # noqa: F401
-        import backends.xenstore.client  # noqa: F401
 
         if not hasattr(backends.platform, "open_platform"):
             return unavailable("backends.platform.open_platform does not exist yet")
     except ImportError as exc:
-        return unavailable(f"blkback not available: {exc}")
+        return unavailable(str(exc))
     return asyncio.run(serve())
 
 

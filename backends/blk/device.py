@@ -1,0 +1,265 @@
+"""blkback's device class: the lifecycle callbacks the bus calls for each `backend/qdisk` (or `vbd`) device.
+
+realize: parse the toolstack's `params`/`type`/`mode`, open the storage driver, advertise ring limits.
+connect: parse the frontend's ring keys strictly, map the rings, bind the event channels, start one pump per
+queue, then write the disk's geometry and features.  disconnect: stop the pumps (in-flight I/O answered),
+unmap, unbind.  unrealize: close the driver.  Every error is a DeviceError for this device only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from backends.blk.dataplane import BlkDataplane, QueueConfig
+from backends.blk.proto import (
+    OP_NAMES,
+    BackendLimits,
+    DiskTarget,
+    FrontendConfig,
+    ProtocolError,
+    connect_keys,
+    disk_features,
+    frontend_queue_dirs,
+    parse_frontend,
+    parse_mode,
+    parse_params,
+    parse_uint,
+    probe_keys,
+)
+from backends.drivers.storage.base import StorageCaps, StorageDriver, StorageError
+from backends.xenbus.device import DeviceError
+from backends.xenbus.state import XenbusState
+
+if TYPE_CHECKING:
+    from backends.daemon.config import BlkConfig
+    from backends.xenbus.device import BackendDevice
+
+log = logging.getLogger("pvback.blk")
+
+# Frontend keys a blkfront writes; anything longer than this is garbage, not a number or protocol name.
+_FE_VALUE_MAX = 64
+
+
+def open_driver(target: DiskTarget, readonly: bool, cfg: BlkConfig) -> StorageDriver:
+    """The storage driver for a parsed `params` target (not yet opened)."""
+    if target.kind == "file":
+        from backends.drivers.storage.file import FileDriver
+
+        if not target.path:
+            raise DeviceError("file target without a path")
+        return FileDriver(target.path, readonly=readonly, threads=cfg.io_threads)
+    if target.kind == "null":
+        from backends.drivers.storage.null import NullDriver
+
+        return NullDriver(target.size, readonly=readonly)
+    if target.kind in ("nbd", "image"):
+        try:
+            from backends.drivers.storage import nbd as nbd_mod
+        except ImportError as exc:
+            raise DeviceError(f"{target.kind} targets need the NBD driver, which is not available: {exc}") from exc
+        factory = getattr(nbd_mod, "driver_for_target", None)
+        if factory is None:
+            raise DeviceError(f"the NBD driver cannot serve {target.kind!r} targets yet")
+        driver: StorageDriver = factory(target, readonly=readonly)
+        return driver
+    raise DeviceError(f"no storage driver for target kind {target.kind!r}")
+
+
+@dataclass
+class BlkDisk:
+    """Per-device state of blkback (BackendDevice.data)."""
+
+    driver: StorageDriver
+    caps: StorageCaps
+    limits: BackendLimits
+    cdrom: bool
+    removable: bool
+    queues: list[BlkDataplane] = field(default_factory=list)
+    frontend: FrontendConfig | None = None
+    domain_open: bool = False
+    failing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def stats(self) -> dict[str, Any]:
+        out = []
+        for dp in self.queues:
+            s = dp.stats()
+            if s:
+                out.append(_metrics_view(s, dp.queue.latency_histogram()))
+        return {"queues": out}
+
+
+def _metrics_view(s: dict[str, int], lat: list[int]) -> dict[str, Any]:
+    """The C counters in the shape backends.daemon.metrics expects."""
+    return {
+        "requests": {name: s.get(f"req_{name}", 0) for name in OP_NAMES.values()},
+        "bytes": {"read": s.get("bytes_read", 0), "write": s.get("bytes_written", 0)},
+        "errors": {k[4:]: v for k, v in s.items() if k.startswith("err_") and v},
+        "ring_full": s.get("out_of_requests", 0),
+        "latency_us_log2": lat if any(lat) else [],
+        "inflight": s.get("inflight", 0),
+    }
+
+
+class BlkDeviceClass:
+    connect_states = frozenset({XenbusState.INITIALISED, XenbusState.CONNECTED})
+
+    def __init__(self, cfg: BlkConfig, type_names: tuple[str, ...] = ("qdisk",)) -> None:
+        self.cfg = cfg
+        self.type_names = type_names
+
+    # -- realize / unrealize ----------------------------------------------------------------------------
+
+    async def realize(self, dev: BackendDevice) -> None:
+        params = await dev.read_backend("params")
+        try:
+            target = parse_params(params, await dev.read_backend("type"))
+            readonly = parse_mode(await dev.read_backend("mode"))
+        except ProtocolError as exc:
+            raise DeviceError(f"bad toolstack keys: {exc}") from exc
+        driver = open_driver(target, readonly, self.cfg)
+        try:
+            await asyncio.to_thread(driver.open)
+            caps = driver.capabilities()
+        except (StorageError, OSError) as exc:
+            driver.close()
+            raise DeviceError(f"cannot open {params}: {exc}") from exc
+        discard_enable = (await dev.read_backend("discard-enable")) != "0"
+        limits = BackendLimits(
+            max_ring_page_order=self.cfg.max_ring_page_order,
+            max_queues=self.cfg.max_queues,
+            max_indirect_segments=self.cfg.max_indirect_segments,
+            persistent=self.cfg.max_persistent_grants > 0,
+            discard_enable=discard_enable,
+        )
+        dev.data = BlkDisk(
+            driver=driver,
+            caps=caps,
+            limits=limits,
+            cdrom=(await dev.read_backend("device-type")) == "cdrom",
+            removable=(await dev.read_backend("removable")) == "1",
+        )
+        await dev.write_backend(probe_keys(limits))
+        dev.log.info("realized", extra={"params": params, "size": caps.size_bytes, "readonly": caps.readonly,
+                                        "threaded": caps.threaded, "direct_io": caps.direct_io})
+
+    async def unrealize(self, dev: BackendDevice) -> None:
+        disk: BlkDisk | None = dev.data
+        if disk is None:
+            return
+        await self.disconnect(dev)
+        await asyncio.to_thread(disk.driver.close)
+        dev.data = None
+
+    # -- connect / disconnect ---------------------------------------------------------------------------
+
+    async def _frontend_keys(self, dev: BackendDevice) -> dict[str, str]:
+        """Every key parse_frontend may look at, read once (a frontend can rewrite them at any moment)."""
+        keys: dict[str, str] = {}
+
+        async def get(key: str) -> str | None:
+            v = await dev.read_frontend(key, max_len=_FE_VALUE_MAX)
+            if v is not None:
+                keys[key] = v
+            return v
+
+        nq_text = await get("multi-queue-num-queues")
+        order_text = await get("ring-page-order")
+        for k in ("protocol", "feature-persistent", "feature-large-sector-size"):
+            await get(k)
+        disk: BlkDisk = dev.data
+        try:
+            nq = parse_uint(nq_text, "multi-queue-num-queues", 1, disk.limits.max_queues, 1)
+            order = parse_uint(order_text, "ring-page-order", 0, disk.limits.max_ring_page_order, 0)
+        except ProtocolError:
+            return keys  # parse_frontend reports it with the full rule
+        for prefix in frontend_queue_dirs(nq):
+            if order_text is None:
+                await get(prefix + "ring-ref")
+            else:
+                for i in range(1 << order):
+                    await get(f"{prefix}ring-ref{i}")
+            await get(prefix + "event-channel")
+        return keys
+
+    async def connect(self, dev: BackendDevice) -> None:
+        disk: BlkDisk = dev.data
+        keys = await self._frontend_keys(dev)
+        try:
+            fe = parse_frontend(keys, max_ring_page_order=disk.limits.max_ring_page_order,
+                                max_queues=disk.limits.max_queues, backend_persistent=disk.limits.persistent)
+        except ProtocolError as exc:
+            raise DeviceError(f"frontend keys: {exc}") from exc
+        if "protocol" not in keys:
+            dev.log.info("frontend wrote no protocol: assuming x86_32-abi like Linux blkback")
+        feats = disk_features(disk.caps, disk.limits)
+        qcfg = QueueConfig(
+            abi=fe.abi,
+            frontend_domid=dev.frontend_id,
+            nr_ring_pages=fe.nr_ring_pages,
+            sectors=disk.caps.size_bytes // 512,
+            sector_size=disk.caps.logical_sector_size,
+            readonly=disk.caps.readonly,
+            can_flush=feats["flush"],
+            can_barrier=feats["barrier"],
+            can_discard=feats["discard"],
+            can_secure_discard=feats["secure_discard"],
+            max_indirect_segments=disk.limits.max_indirect_segments,
+            persistent=fe.persistent,
+            max_persistent_grants=self.cfg.max_persistent_grants,
+            persistent_min_bytes=self.cfg.persistent_threshold_bytes,
+            poll_us=self.cfg.poll_us,
+        )
+        platform = dev.platform
+        loop = asyncio.get_running_loop()
+
+        def on_dead(message: str) -> None:
+            task = loop.create_task(dev.fail(f"frontend broke the ring protocol: {message}"))
+            disk.failing.add(task)
+            task.add_done_callback(disk.failing.discard)
+
+        try:
+            platform.open_domain(dev.frontend_id)
+            disk.domain_open = True
+            for qi, q in enumerate(fe.queues):
+                ring = platform.map_grants(dev.frontend_id, list(q.ring_refs), writable=True)
+                try:
+                    evtchn = platform.bind_interdomain(dev.frontend_id, q.event_channel)
+                except BaseException:
+                    ring.unmap()
+                    raise
+                try:
+                    dp = BlkDataplane(ring, evtchn, platform.gnt, disk.driver.engine(), qcfg, on_dead=on_dead,
+                                      name=f"{dev.backend_path} queue {qi}")
+                except BaseException:
+                    ring.unmap()
+                    evtchn.close()
+                    raise
+                disk.queues.append(dp)
+                dp.start(loop)
+        except (OSError, ValueError) as exc:
+            await self.disconnect(dev)
+            raise DeviceError(f"cannot connect the rings: {exc}") from exc
+        disk.frontend = fe
+        try:
+            values = connect_keys(disk.caps, disk.limits, cdrom=disk.cdrom, removable=disk.removable)
+        except ProtocolError as exc:
+            await self.disconnect(dev)
+            raise DeviceError(str(exc)) from exc
+        await dev.write_backend(values)
+        dev.log.info("connected", extra={"queues": len(fe.queues), "ring_pages": fe.nr_ring_pages,
+                                         "protocol": fe.abi.name, "persistent": fe.persistent})
+
+    async def disconnect(self, dev: BackendDevice) -> None:
+        disk: BlkDisk | None = dev.data
+        if disk is None:
+            return
+        queues, disk.queues = disk.queues, []
+        for dp in queues:
+            await dp.stop()
+        if disk.domain_open:
+            disk.domain_open = False
+            dev.platform.close_domain(dev.frontend_id)
+        disk.frontend = None
