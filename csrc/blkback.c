@@ -729,7 +729,12 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     int rc = pv_io_sink_init(&q->sink);
     if (rc)
         FAIL("eventfd: %s", strerror(-rc));
-    pv_back_ring_attach(&q->ring, sring, cfg->nr_ring_pages, slot_size, 0);
+    /* BACK_RING_ATTACH at the last published response: a fresh ring has rsp_prod == 0, and a ring picked up
+     * again after a daemon restart resumes right after the last answer the guest saw, so requests the dead
+     * daemon consumed but never answered are served again (block reads and writes are idempotent).  A
+     * frontend lying about rsp_prod only moves the window; the req_prod overflow check still bounds it. */
+    uint32_t start = __atomic_load_n(&((struct pv_sring *)sring)->rsp_prod, __ATOMIC_ACQUIRE);
+    pv_back_ring_attach(&q->ring, sring, cfg->nr_ring_pages, slot_size, start);
     q->size = q->ring.size;
     if (!q->size)
         FAIL("ring does not fit");

@@ -34,9 +34,10 @@ class BackRing:
     """Backend end of a shared ring: consumes requests, produces responses."""
 
     def __init__(self, shared: Any, nr_pages: int, slot_size: int, start_idx: int = 0) -> None:
-        self._keep = shared
+        # Holding the from_buffer object (not only the mmap) makes mmap.close() refuse while the ring lives.
+        self._keep = _pointer(shared)
         self._c = ffi.new("struct pv_back_ring *")
-        lib.pv_back_ring_attach(self._c, _pointer(shared), nr_pages, slot_size, start_idx)
+        lib.pv_back_ring_attach(self._c, self._keep, nr_pages, slot_size, start_idx)
         if self._c.size == 0:
             raise ValueError(f"{slot_size}-byte slots do not fit in {nr_pages} page(s)")
         self.size: int = int(self._c.size)
@@ -93,8 +94,7 @@ class FrontRing:
     def __init__(
         self, shared: Any, nr_pages: int, slot_size: int, *, init: bool = True, start_idx: int = 0
     ) -> None:
-        self._keep = shared
-        ptr = _pointer(shared)
+        self._keep = ptr = _pointer(shared)
         if init:
             lib.pv_sring_init_at(ptr, start_idx)
         self._c = ffi.new("struct pv_front_ring *")

@@ -107,14 +107,16 @@ async def _kill_mid_workload(workdir: Path) -> None:
         st = drv.stats()
         assert st["log_entries"] == len(acked_b)
 
-        # C: a batch in flight (plus a flush) when the server dies.
+        # C: a batch in flight when the server dies.  (No flush here: nbdkit would answer it at once, making
+        # B durable on a server whose "storage" this test cannot keep.)
         taken: list[tuple[int, int]] = []
-        in_flight = [*write_batch(rng, 12, taken), flush_op()]
+        in_flight = write_batch(rng, 12, taken)
         h.submit(in_flight)
         await asyncio.sleep(0.01)
         srv1.kill()
         h.harvest()
-        assert any(o.result is None for o in in_flight), "the kill was meant to catch writes in flight"
+        unanswered = sum(o.result is None for o in in_flight)
+        assert unanswered, "the kill was meant to catch writes in flight"
         for _ in range(200):
             if drv.stats()["state"] == STATE_DISCONNECTED:
                 break
@@ -129,7 +131,7 @@ async def _kill_mid_workload(workdir: Path) -> None:
             if disjoint(taken, off, ln):
                 taken.append((off, ln))
                 read_ranges.append(read_op(off, ln))
-        queued += read_ranges
+        queued += [*read_ranges, flush_op()]
         h.submit(queued)
         await asyncio.sleep(0.1)
         h.harvest()
@@ -154,7 +156,7 @@ async def _kill_mid_workload(workdir: Path) -> None:
         st = drv.stats()
         assert st["reconnects"] == 1 and drv.reconnects == 1
         assert st["replayed_writes"] >= len(acked_b)
-        assert st["resent_commands"] >= sum(o.result is not None for o in in_flight)
+        assert st["resent_commands"] >= unanswered + len(queued)
 
         # E: the workload continues on the new server.
         for _ in range(3):
