@@ -44,7 +44,7 @@ def fd_count() -> int:
 
 
 def wait_readable(fd: int, what: str) -> None:
-    if not select.select([fd], [], [], 5)[0]:
+    if not select.select([fd], [], [], 20)[0]:
         raise TimeoutError(f"no event for {what}")
 
 
@@ -95,8 +95,10 @@ def guest_main(sim_dir: str, total: int) -> dict[str, Any]:
             assert ring.put(batch, SLOT) == len(batch)
             if ring.push():
                 port.notify()
+        progress = bool(batch)
         while True:
             rsps = ring.consume(RSP.size)
+            progress = progress or bool(rsps)
             for raw in rsps:
                 rid, status = RSP.unpack(raw)
                 if rid == 1 << 63:
@@ -119,7 +121,7 @@ def guest_main(sim_dir: str, total: int) -> dict[str, Any]:
                 free_pages.append(page)
             if not ring.final_check():
                 break
-        if not stopped and (sent == total or not free_pages or not batch):
+        if not stopped and not progress:
             wait_readable(port.fileno(), "responses")
             port.pending()
     # The backend unmaps the ring after answering "stop"; until then revoking it must fail with EBUSY.

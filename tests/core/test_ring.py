@@ -7,6 +7,7 @@ final-check contract (no lost wake-ups), zeroed response slots.  Separate tests 
 
 from __future__ import annotations
 
+import gc
 import mmap
 import struct
 from collections import deque
@@ -183,6 +184,11 @@ class RingMachine(RuleBasedStateMachine):
         self.consume_responses(self.size)
         assert self.received == list(range(self.total_put))
         assert not self.front.final_check() and not self.back.final_check()
+        # The rings pin the mapping: it can only be closed once they are gone.
+        with pytest.raises(BufferError):
+            self.mm.close()
+        del self.front, self.back
+        gc.collect()
         self.mm.close()
 
 

@@ -4,6 +4,7 @@ drives a C I/O engine directly through cffi with a pv_io_sink as the completion 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import select
@@ -103,7 +104,7 @@ def split_iov(n: int, rng: random.Random) -> list[int]:
     """Cut n bytes into 1..8 segments of random sizes (sector multiples where possible)."""
     cuts = sorted({rng.randrange(1, n // 512) * 512 for _ in range(rng.randrange(0, 8))} if n >= 1024 else set())
     bounds = [0, *cuts, n]
-    return [b - a for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [b - a for a, b in itertools.pairwise(bounds) if b > a]
 
 
 class Harness:

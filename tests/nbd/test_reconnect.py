@@ -125,7 +125,7 @@ async def _kill_mid_workload(workdir: Path) -> None:
 
         # D: the workload goes on while the server is away: ops queue, nothing fails.
         queued = write_batch(rng, 6, taken)
-        read_ranges = []
+        read_ranges: list[Op] = []
         while len(read_ranges) < 4:
             off, ln = random_extent(rng, SIZE, 4096, 128 << 10)
             if disjoint(taken, off, ln):
@@ -149,7 +149,7 @@ async def _kill_mid_workload(workdir: Path) -> None:
         assert [o.result for o in in_flight + queued] == [0] * len(in_flight + queued)
         expected_reads = bytes(model)  # the reads touched nothing written since A/B
         for o in read_ranges:
-            assert o.buf == expected_reads[o.offset : o.offset + o.length]
+            assert bytes(o.buf or b"") == expected_reads[o.offset : o.offset + o.length]
         apply(model, in_flight)
         apply(model, queued)
         after_flush += in_flight + queued

@@ -248,9 +248,13 @@ def _go(sock: socket.socket, target: NbdTarget) -> NbdExport | None:
         if rtype == REP_ERR_UNSUP:
             return None
         if rtype == REP_ERR_UNKNOWN:
-            raise NbdError(errno.ENOENT, f"nbd: {target.describe()}: the server has no such export ({_reply_text(data)})")
+            raise NbdError(
+                errno.ENOENT, f"nbd: {target.describe()}: the server has no such export ({_reply_text(data)})"
+            )
         if rtype == REP_ERR_TLS_REQD:
-            raise NbdError(errno.EACCES, f"nbd: {target.describe()}: the server requires TLS, which pvback does not speak")
+            raise NbdError(
+                errno.EACCES, f"nbd: {target.describe()}: the server requires TLS, which pvback does not speak"
+            )
         if rtype in (REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_SHUTDOWN, REP_ERR_BLOCK_SIZE_REQD) or rtype & REP_ERR:
             raise NbdError(errno.EACCES, f"nbd: {target.describe()}: server refused the export: {_reply_text(data)}")
         raise NbdError(errno.EPROTO, f"nbd: {target.describe()}: unexpected reply type {rtype:#x} to OPT_GO")
@@ -262,7 +266,9 @@ def _export_name_opt(sock: socket.socket, target: NbdTarget, no_zeroes: bool) ->
         size, flags = struct.unpack(">QH", _recv_exact(sock, 10, "the export"))
     except ConnectionResetError as exc:
         # EXPORT_NAME has no error reply: a server that does not know the name just hangs up.
-        raise NbdError(errno.ENOENT, f"nbd: {target.describe()}: the server closed the connection (no such export?)") from exc
+        raise NbdError(
+            errno.ENOENT, f"nbd: {target.describe()}: the server closed the connection (no such export?)"
+        ) from exc
     if not no_zeroes:
         _recv_exact(sock, 124, "padding")
     return NbdExport(size, flags, negotiated_with="EXPORT_NAME")
@@ -299,7 +305,9 @@ def open_export(target: NbdTarget, *, readonly: bool, timeout: float) -> tuple[s
         try:
             info = handshake(sock, target)
         except TimeoutError as exc:
-            raise NbdError(errno.ETIMEDOUT, f"nbd: {target.describe()}: handshake timed out after {timeout:g}s") from exc
+            raise NbdError(
+                errno.ETIMEDOUT, f"nbd: {target.describe()}: handshake timed out after {timeout:g}s"
+            ) from exc
         except (ConnectionError, OSError) as exc:
             if isinstance(exc, NbdError):
                 raise
@@ -389,7 +397,9 @@ class NbdDriver(StorageDriver):
         self._export = info
         if self.log_limit is not None:
             lib.pv_io_engine_nbd_set_log_limit(c, self.log_limit)
-        log.info("nbd: %s: %d bytes, flags %#x (%s)", self.target.describe(), info.size, info.flags, info.negotiated_with)
+        log.info(
+            "nbd: %s: %d bytes, flags %#x (%s)", self.target.describe(), info.size, info.flags, info.negotiated_with
+        )
         with contextlib.suppress(RuntimeError):
             self.start_supervisor()
 
@@ -503,7 +513,9 @@ class NbdDriver(StorageDriver):
         try:
             old = self.export
             if info.size != old.size:
-                raise NbdError(errno.EIO, f"nbd: {self.target.describe()}: export size changed {old.size} -> {info.size}")
+                raise NbdError(
+                    errno.EIO, f"nbd: {self.target.describe()}: export size changed {old.size} -> {info.size}"
+                )
             lost = old.flags & _FLAGS_RELIED_ON & ~info.flags
             if lost:
                 raise NbdError(errno.EIO, f"nbd: {self.target.describe()}: server dropped flags {lost:#x} we rely on")

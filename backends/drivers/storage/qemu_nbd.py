@@ -37,7 +37,9 @@ Cache = Literal["auto", "none", "writeback"]
 def parse_image_target(target: str) -> tuple[str, str]:
     fmt, sep, path = target.partition(":")
     if not sep or fmt not in FORMATS or not path:
-        raise StorageError(errno.EINVAL, f"qemu-nbd: {target!r}: expected FORMAT:/path with FORMAT in {sorted(FORMATS)}")
+        raise StorageError(
+            errno.EINVAL, f"qemu-nbd: {target!r}: expected FORMAT:/path with FORMAT in {sorted(FORMATS)}"
+        )
     return fmt, path
 
 
