@@ -13,25 +13,53 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends.daemon.config import DEFAULT_SIM_DIR, Config, ConfigError, load_config
+from backends.daemon.config import (
+    DEFAULT_SIM_DIR,
+    Config,
+    ConfigError,
+    check_backend_types,
+    check_listen,
+    load_config,
+)
+from backends.daemon.errors import CliError
+
+__all__ = ["CliError", "build_parser", "main"]
 
 
-class CliError(Exception):
-    """An operator-facing error: printed as one line, exit status 1."""
+def _sim_dir_default() -> str:
+    return os.environ.get("PVBACK_SIM_DIR") or DEFAULT_SIM_DIR
 
 
 def _add_platform_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML configuration file (default /etc/pvback/pvback.toml if present)")
     p.add_argument("--platform", choices=("auto", "xen", "emulated"), help="override [platform] kind")
-    p.add_argument("--sim-dir", help=f"emulated platform directory (default {DEFAULT_SIM_DIR})")
+    p.add_argument("--sim-dir", help=f"emulated platform directory (default $PVBACK_SIM_DIR, the config's, or "
+                                     f"{DEFAULT_SIM_DIR})")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line settings, as "section.key" -> value; they win over the file, on reload too."""
+    out: dict[str, Any] = {}
+    if getattr(args, "platform", None):
+        out["platform.kind"] = args.platform
+    sim_dir = getattr(args, "sim_dir", None) or os.environ.get("PVBACK_SIM_DIR")
+    if sim_dir:
+        out["platform.sim_dir"] = sim_dir
+    if getattr(args, "metrics", None) is not None and args.command == "serve":
+        check_listen("--metrics", args.metrics)
+        out["serve.metrics_listen"] = args.metrics
+    if getattr(args, "types", None):
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        check_backend_types("--types", types)
+        out["serve.backend_types"] = types
+    return out
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from backends.daemon.serve import apply_overrides
+
     cfg = load_config(args.config)
-    if getattr(args, "platform", None):
-        cfg.platform.kind = args.platform
-    if getattr(args, "sim_dir", None):
-        cfg.platform.sim_dir = args.sim_dir
+    apply_overrides(cfg, _overrides(args))
     return cfg
 
 
@@ -45,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", help="comma-separated backend types to serve (default from config: qdisk)")
 
     p = sub.add_parser("sim", help="run the emulated Xen platform (xenstored + grant/event broker)")
-    p.add_argument("--sim-dir", default=DEFAULT_SIM_DIR, help="directory for the sockets")
+    p.add_argument("--sim-dir", default=None, help=f"directory for the sockets (default $PVBACK_SIM_DIR or "
+                                                  f"{DEFAULT_SIM_DIR})")
     p.add_argument("--daemon", action="store_true", help="detach and return once the sockets are ready")
 
     p = sub.add_parser("attach", help="create a device for a domain, as the toolstack does")
@@ -57,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", dest="backend_type", default="qdisk", help="backend directory type (qdisk or vbd)")
     p.add_argument("--backend-domid", type=int, default=0)
     p.add_argument("--no-wait", action="store_true", help="do not wait for the backend to reach InitWait")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for a backend to take the device (libxl waits 10)")
     _add_platform_args(p)
 
     p = sub.add_parser("detach", help="remove a device (online=0, wait for Closed, remove the nodes)")
@@ -70,16 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="domains, devices, states, negotiated features and throughput")
     p.add_argument("--metrics", default=None, help="HOST:PORT of a running daemon's metrics endpoint")
-    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
+    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="one-shot: seconds between the two metrics samples throughput is computed from (0: none)")
     _add_platform_args(p)
 
     p = sub.add_parser("guest", help="start an emulated guest with a blkfront and run a verified workload")
-    p.add_argument("--sim-dir", default=DEFAULT_SIM_DIR)
+    p.add_argument("--sim-dir", default=None, help="emulated platform directory (default $PVBACK_SIM_DIR or "
+                                                   f"{DEFAULT_SIM_DIR})")
     p.add_argument("--name", default="guest")
     p.add_argument("--attach", metavar="TARGET", help="also attach this image as xvda (as `pvback attach`)")
     p.add_argument("--vdev", default="xvda")
     p.add_argument("--workload", default="verify", choices=("verify", "randrw", "idle"))
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="seconds to wait for a disk to be attached (0: wait until interrupted)")
 
     p = sub.add_parser("demo", help="the emulated platform, a guest with a disk, pvback serving it, verified I/O")
     p.add_argument("--dir", help="work directory (default: a new temporary one)")
@@ -107,14 +143,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "serve":
         cfg = _config(args)
-        if args.metrics is not None:
-            cfg.serve.metrics_listen = args.metrics
-        if args.types:
-            cfg.serve.backend_types = [t.strip() for t in args.types.split(",") if t.strip()]
         setup_logging(cfg.serve.log_level, cfg.serve.log_format)
         from backends.daemon.serve import run_daemon
 
-        return _platform_errors(lambda: run_daemon(cfg, args.config))
+        return _platform_errors(lambda: run_daemon(cfg, args.config, _overrides(args)))
+    if args.sim_dir is None and args.command in ("sim", "guest"):
+        args.sim_dir = _sim_dir_default()
     if args.command == "sim":
         return _cmd_sim(args)
     if args.command in ("attach", "detach", "status"):
@@ -146,7 +180,7 @@ def _platform_errors(fn: Any) -> int:
     except PlatformError as exc:
         raise CliError(str(exc)) from exc
     except PermissionError as exc:
-        raise CliError(f"{exc.filename or exc}: permission denied (run as root)") from exc
+        raise CliError(f"{exc.filename or exc}: permission denied: run pvback as root") from exc
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_PATH = Path("/etc/pvback/pvback.toml")
 DEFAULT_SIM_DIR = "/run/pvback-sim"
+# Backend directory types blkback can serve ("vbd3" and friends belong to other backends).
+BLK_BACKEND_TYPES = ("qdisk", "vbd")
 
 
 class ConfigError(ValueError):
@@ -32,7 +35,7 @@ class ServeConfig:
     # Backend directory types served.  "qdisk" is what xl writes for backendtype=qdisk and what no dom0 kernel
     # driver claims; "vbd" only when xen-blkback is not loaded (it would race us for the device).
     backend_types: list[str] = field(default_factory=lambda: ["qdisk"])
-    # Prometheus text endpoint; empty disables it.
+    # Prometheus text endpoint, HOST:PORT (port 0 picks a free one and logs it); empty disables it.
     metrics_listen: str = "127.0.0.1:9477"
     # "text" (key=value) or "json", one line per state change and per error.
     log_format: str = "text"
@@ -108,7 +111,51 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    check = _CHECKS.get((section, key))
+    if check is not None:
+        check(where, value)
     return value
+
+
+def check_backend_types(where: str, types: list[str]) -> None:
+    if not types:
+        raise ConfigError(f"{where}: empty; serve at least one of {', '.join(BLK_BACKEND_TYPES)}")
+    for t in types:
+        if t not in BLK_BACKEND_TYPES:
+            raise ConfigError(f"{where}: unknown backend type {t!r} (pvback serves {', '.join(BLK_BACKEND_TYPES)})")
+    if len(set(types)) != len(types):
+        raise ConfigError(f"{where}: {types!r} names a type twice")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 hosts in brackets) -> (host, port); ValueError when it is not one."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9477, or '' to disable)")
+    return host, int(port)
+
+
+def check_listen(where: str, listen: str) -> None:
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_drain(where: str, value: float) -> None:
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{where}: {value} is outside (0, 3600] seconds")
+
+
+_CHECKS: dict[tuple[str, str], Callable[[str, Any], None]] = {
+    ("serve", "backend_types"): check_backend_types,
+    ("serve", "metrics_listen"): check_listen,
+    ("serve", "drain_timeout_s"): _check_drain,
+}
 
 
 def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:

@@ -1,106 +1,216 @@
 """`pvback serve`: the daemon.
 
 One process serves every configured backend directory of its domain.  A device's failure stays with that
-device (the bus turns class errors into an `error` node); the daemon only exits on SIGTERM/SIGINT, after
-draining in-flight I/O and leaving every device Connected in xenstore so a restarted daemon (or this one after
-SIGHUP) picks the rings up again and the frontend never notices more than a pause.
+device (the bus turns class errors into an `error` node).  SIGTERM/SIGINT drain in-flight I/O and leave every
+device Connected in xenstore, so a restarted daemon picks the rings up again and the frontend sees no more
+than a pause.  SIGHUP re-reads the configuration; a bad file is refused and the running one kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
 
 from backends.daemon.config import Config, ConfigError, load_config
+from backends.daemon.connect import (
+    check_xen_nodes,
+    connect_xenstore,
+    probe_broker,
+    resolve_kind,
+    sim_socket,
+)
+from backends.daemon.errors import CliError
 
 log = logging.getLogger("pvback.serve")
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: str | None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None, overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        # Command-line settings win over the file on every reload too (--metrics, --types, --platform...).
+        self.overrides = overrides or {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.platform: Any = None
+        self.xs: Any = None
         self.bus: Any = None
         self.metrics: Any = None
+        self.blk_class: Any = None
 
     def device_classes(self) -> list[Any]:
         from backends.blk.device import BlkDeviceClass
 
-        return [BlkDeviceClass(self.cfg.blk, type_names=tuple(self.cfg.serve.backend_types))]
+        self.blk_class = BlkDeviceClass(self.cfg.blk, type_names=tuple(self.cfg.serve.backend_types))
+        return [self.blk_class]
+
+    def _open_platform(self) -> None:
+        from backends.platform import open_platform
+        from backends.platform.base import PlatformError
+
+        kind = resolve_kind(self.cfg.platform.kind)
+        sim_dir = self.cfg.platform.sim_dir
+        if kind == "xen":
+            check_xen_nodes()
+        else:
+            probe_broker(sim_socket(sim_dir, "broker.sock"))
+            sim_socket(sim_dir, "xenstored.sock")
+        try:
+            self.platform = open_platform(kind, sim_dir=sim_dir)
+        except PlatformError as exc:
+            raise CliError(str(exc)) from exc
+        except PermissionError as exc:
+            raise CliError(f"{exc.filename or exc}: permission denied: run pvback as root") from exc
 
     async def _start_bus(self) -> None:
         from backends.xenbus.device import XenBus
 
-        xs = await self.platform.open_xenstore()
-        self.bus = XenBus(self.platform, xs, self.device_classes(), backend_domid=self.platform.backend_domid)
-        await self.bus.start()
+        xs = await connect_xenstore(self.platform.xenstore_path())
+        try:
+            bus = XenBus(self.platform, xs, self.device_classes(), backend_domid=self.platform.backend_domid)
+            await bus.start()
+        except BaseException:
+            await xs.close()
+            raise
+        self.xs, self.bus = xs, bus
+
+    async def _stop_bus(self) -> None:
+        """Let go of every device without touching xenstore (they stay Connected), then of the connection."""
+        bus, xs = self.bus, self.xs
+        self.bus = self.xs = None
+        try:
+            if bus is not None:
+                await bus.stop(close_devices=False)
+        finally:
+            if xs is not None:
+                await xs.close()
+
+    async def _start_metrics(self, listen: str) -> Any:
+        from backends.daemon.metrics import MetricsServer
+
+        server = MetricsServer(listen, lambda: self.bus)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise CliError(f"metrics endpoint {listen}: {exc.strerror or exc}: choose another with --metrics "
+                           "HOST:PORT or [serve] metrics_listen ('' disables it)") from exc
+        return server
 
     async def run(self) -> int:
-        from backends.platform import open_platform
-
-        self.platform = open_platform(self.cfg.platform.kind, sim_dir=self.cfg.platform.sim_dir)
-        log.info(
-            "starting",
-            extra={"platform": self.platform.name, "domid": self.platform.backend_domid,
-                   "types": ",".join(self.cfg.serve.backend_types), "config": self.cfg.source},
-        )
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        started = False
+        clean = True
         try:
+            self._open_platform()
+            log.info(
+                "starting",
+                extra={"platform": self.platform.name, "backend_domid": self.platform.backend_domid,
+                       "types": ",".join(self.cfg.serve.backend_types), "config": self.cfg.source,
+                       "loop": type(loop).__module__.split(".")[0]},
+            )
+            started = True
             await self._start_bus()
             if self.cfg.serve.metrics_listen:
-                from backends.daemon.metrics import MetricsServer
-
-                self.metrics = MetricsServer(self.cfg.serve.metrics_listen, lambda: self.bus)
-                await self.metrics.start()
-            log.info("serving", extra={"metrics": self.cfg.serve.metrics_listen or "off"})
+                self.metrics = await self._start_metrics(self.cfg.serve.metrics_listen)
+            log.info("serving", extra={"metrics": self._metrics_addr(), "devices": len(self.bus.devices)})
             while not self._stop.is_set():
                 stop = asyncio.ensure_future(self._stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 reload.cancel()
-                if self._reload.is_set():
+                if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     await self._do_reload()
         finally:
-            await self._shutdown()
-        return 0
+            clean = await self._shutdown(started)
+        return 0 if clean else 1
+
+    def _metrics_addr(self) -> str:
+        if self.metrics is None:
+            return "off"
+        return f"{self.metrics.host}:{self.metrics.port}"
 
     async def _do_reload(self) -> None:
         try:
             cfg = load_config(self.config_path)
+            apply_overrides(cfg, self.overrides)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration", extra={"error": str(exc)})
             return
-        # Devices keep the settings they connected with; new connections get the new ones.  The bus is
-        # restarted without touching xenstore state, exactly like a daemon restart.
-        self.cfg = cfg
-        await self.bus.stop(close_devices=False)
-        await self._start_bus()
-        log.info("reloaded", extra={"config": cfg.source})
+        old = self.cfg
+        changed = [s for s in ("platform", "serve", "blk") if getattr(old, s) != getattr(cfg, s)]
+        if cfg.platform != old.platform:
+            log.warning("platform settings change only on restart; keeping the running platform",
+                        extra={"running": old.platform.kind, "configured": cfg.platform.kind})
+            cfg.platform = old.platform
+        from backends.daemon.logs import setup_logging
 
-    async def _shutdown(self) -> None:
+        setup_logging(cfg.serve.log_level, cfg.serve.log_format)
+        self.cfg = cfg
+        # Connected devices keep the settings they connected with; new connections get the new ones.
+        if self.blk_class is not None:
+            self.blk_class.cfg = cfg.blk
+        if cfg.serve.backend_types != old.serve.backend_types:
+            # A restart of the bus alone, exactly like a daemon restart: xenstore is left as it is.
+            await self._stop_bus()
+            await self._start_bus()
+        if cfg.serve.metrics_listen != old.serve.metrics_listen:
+            await self._restart_metrics(old.serve.metrics_listen)
+        log.info("reloaded", extra={"config": cfg.source, "changed": ",".join(changed) or "nothing",
+                                    "types": ",".join(cfg.serve.backend_types), "metrics": self._metrics_addr()})
+
+    async def _restart_metrics(self, previous: str) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+        listen = self.cfg.serve.metrics_listen
+        if not listen:
+            return
+        try:
+            self.metrics = await self._start_metrics(listen)
+        except CliError as exc:
+            log.error("metrics endpoint not moved", extra={"error": str(exc)})
+            self.cfg.serve.metrics_listen = previous
+            if previous:
+                with contextlib.suppress(CliError):
+                    self.metrics = await self._start_metrics(previous)
+
+    async def _shutdown(self, started: bool) -> bool:
+        clean = True
         if self.metrics is not None:
             await self.metrics.stop()
         if self.bus is not None:
+            n = len(self.bus.devices)
             try:
-                await asyncio.wait_for(self.bus.stop(close_devices=False), self.cfg.serve.drain_timeout_s)
+                await asyncio.wait_for(self._stop_bus(), self.cfg.serve.drain_timeout_s)
+                log.info("drained", extra={"devices": n})
             except TimeoutError:
+                clean = False
                 log.error("in-flight I/O did not drain in time", extra={"timeout_s": self.cfg.serve.drain_timeout_s})
+        elif self.xs is not None:
+            await self.xs.close()
         if self.platform is not None:
             self.platform.close()
-        log.info("stopped")
+        if started:
+            log.info("stopped")
+        return clean
 
 
-def run_daemon(cfg: Config, config_path: str | None) -> int:
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Command-line values over the file's; "section.key" -> value."""
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        setattr(getattr(cfg, section), key, value)
+
+
+def run_daemon(cfg: Config, config_path: str | None, overrides: dict[str, Any] | None = None) -> int:
     from backends.daemon.loop import run
 
-    return run(Daemon(cfg, config_path).run())
+    return run(Daemon(cfg, config_path, overrides).run())

@@ -536,12 +536,14 @@ class BrokerClient:
             sock.close()
             raise OSError(exc.errno, f"cannot reach the emulated platform's broker at {path}: {exc.strerror}") from exc
         self._sock: socket.socket | None = sock
+        self._unread = 0
 
     def request(self, op: str, fds: list[int] | None = None, **args: Any) -> tuple[dict[str, Any], list[int]]:
         """Returns (reply, fds); the caller owns the fds.  Raises BrokerError for refusals."""
         with self._lock:
             if self._sock is None:
                 raise OSError(errno_mod.EBADF, "broker connection closed")
+            self._drain_unread()
             data = encode({"op": op, **args})
             if fds:
                 socket.send_fds(self._sock, [data], fds)
@@ -560,6 +562,31 @@ class BrokerClient:
             close_fds(rfds)
             raise BrokerError(str(reply["error"]), f"broker {op}: {reply.get('message', reply['error'])}")
         return reply, rfds
+
+    def send_nowait(self, op: str, **args: Any) -> None:
+        """Send a request whose reply nobody waits for (unbind on close paths, which may run on the
+        broker's own event loop); the reply is read and dropped before the next request."""
+        with self._lock:
+            if self._sock is None:
+                return
+            try:
+                self._sock.send(encode({"op": op, **args}))
+            except OSError:
+                return
+            self._unread += 1
+
+    def _drain_unread(self) -> None:
+        assert self._sock is not None
+        while self._unread:
+            raw, rfds = recv_packet(self._sock)
+            close_fds(rfds)
+            if not raw:
+                raise ConnectionError("broker closed the connection")
+            self._unread -= 1
+
+    async def arequest(self, op: str, fds: list[int] | None = None, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        """`request` on a worker thread, so the event loop stays free (even to run the broker itself)."""
+        return await asyncio.to_thread(self.request, op, fds, **args)
 
     def close(self) -> None:
         with self._lock:

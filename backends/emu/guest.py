@@ -6,13 +6,15 @@ broker, which gives it a domid (and a xenstore connection bound to that domid wh
 xenstore server).  Everything a backend may touch goes through `grant()`; `revoke()` follows Xen's rules
 and fails while the backend still uses the grant.
 
-Synchronous on purpose: each broker call is one local request/reply, so the model works the same from a
-benchmark process's plain loop and from asyncio code (as long as the broker runs in another thread or
-process).  GuestPort.fileno() can be added to an event loop as a reader.
+Synchronous at heart: each broker call is one local request/reply, so the model works the same from a
+benchmark process's plain loop and from asyncio code.  From a coroutine whose loop also runs the broker,
+use `await Guest.create(...)` and `alloc_unbound_async`; closing never waits for the broker.
+GuestPort.fileno() can be added to an event loop as a reader.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import mmap
@@ -120,6 +122,7 @@ class Guest:
         self._free_pages = list(range(mem_pages - 1, -1, -1))
         self._free_refs = list(range(gnt_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
         self.granted: dict[int, int] = {}  # ref -> page
+        self._reserved: set[int] = set()
         self.ports: dict[int, GuestPort] = {}
 
     @classmethod
@@ -152,16 +155,30 @@ class Guest:
 
     # -- grants ----------------------------------------------------------------------------------------
 
-    def grant(self, page: int, domid: int, readonly: bool = False) -> int:
-        """Grant `domid` access to `page`; returns the grant reference."""
-        self._check_page(page)
+    def reserve_ref(self) -> int:
+        """Take a ref out of the allocator without granting it (for frontends that manage their own refs,
+        and for tests that need a ref known to be invalid); `grant(..., ref=)` uses it, revoke keeps it."""
         if not self._free_refs:
             raise OSError(errno.ENOSPC, f"guest {self.name}: grant table full")
         ref = self._free_refs.pop()
+        self._reserved.add(ref)
+        return ref
+
+    def grant(self, page: int, domid: int, readonly: bool = False, *, ref: int | None = None) -> int:
+        """Grant `domid` access to `page`; returns the grant reference."""
+        self._check_page(page)
+        if ref is not None:
+            if ref not in self._reserved or ref in self.granted:
+                raise ValueError(f"ref {ref} is not a reserved, ungranted ref")
+        elif not self._free_refs:
+            raise OSError(errno.ENOSPC, f"guest {self.name}: grant table full")
+        else:
+            ref = self._free_refs.pop()
         try:
             guest_grant(self._gtab_ptr, self.gnt_entries, ref, domid, page, readonly)
         except OSError:
-            self._free_refs.append(ref)
+            if ref not in self._reserved:
+                self._free_refs.append(ref)
             raise
         self.granted[ref] = page
         return ref
@@ -172,7 +189,8 @@ class Guest:
             raise ValueError(f"ref {ref} is not granted")
         guest_revoke(self._gtab_ptr, self.gnt_entries, ref)
         del self.granted[ref]
-        self._free_refs.append(ref)
+        if ref not in self._reserved:
+            self._free_refs.append(ref)
 
     def grant_flags(self, ref: int) -> int:
         """The entry's flags word as the backend left it (GTF_reading/GTF_writing show use)."""
@@ -182,8 +200,19 @@ class Guest:
 
     # -- event channels --------------------------------------------------------------------------------
 
+    @classmethod
+    async def create(cls, broker_path: str, **kwargs: Any) -> Guest:
+        """Register from asyncio without blocking the loop (which may be the one running the broker)."""
+        return await asyncio.to_thread(cls, broker_path, **kwargs)
+
     def alloc_unbound(self, remote_domid: int) -> GuestPort:
-        reply, fds = self._broker.request("alloc_unbound", remote_domid=remote_domid)
+        return self._port_from(remote_domid, self._broker.request("alloc_unbound", remote_domid=remote_domid))
+
+    async def alloc_unbound_async(self, remote_domid: int) -> GuestPort:
+        return self._port_from(remote_domid, await self._broker.arequest("alloc_unbound", remote_domid=remote_domid))
+
+    def _port_from(self, remote_domid: int, answer: tuple[dict[str, Any], list[int]]) -> GuestPort:
+        reply, fds = answer
         if len(fds) != 2:
             close_fds(fds)
             raise OSError(errno.EPROTO, "broker sent no eventfds for alloc_unbound")
@@ -195,11 +224,7 @@ class Guest:
 
     def _port_closed(self, ch: NativeEventChannel) -> None:
         self.ports.pop(ch.local_port, None)
-        if not self._broker.closed:
-            try:
-                self._broker.request("unbind", port=ch.local_port)
-            except (OSError, ConnectionError):
-                pass  # the domain is going away anyway
+        self._broker.send_nowait("unbind", port=ch.local_port)
 
     # -- lifetime --------------------------------------------------------------------------------------
 

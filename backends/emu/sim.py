@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,18 +41,31 @@ class SimAlreadyRunning(RuntimeError):
     pass
 
 
-def _check_not_running(paths: SimPaths) -> None:
-    try:
-        pid = int(paths.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return
-    except PermissionError:
-        pass
-    raise SimAlreadyRunning(f"an emulated platform (pid {pid}) already runs in {paths.directory}")
+def _answers(path: Path, kind: int) -> bool:
+    """Something accepts connections on `path` (a live sim; a stale socket file refuses)."""
+    with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True  # present and not refusing (EPROTOTYPE, EACCES, timeout...): someone owns it
+        return True
+
+
+def check_not_running(paths: SimPaths) -> None:
+    """Raise SimAlreadyRunning if another process serves this sim directory.
+
+    The sockets are the truth, not the pid file: a killed sim leaves both behind (its sockets then refuse),
+    and a recycled pid must not block a new start.
+    """
+    if _answers(paths.xenstored, socket.SOCK_STREAM) or _answers(paths.broker, socket.SOCK_SEQPACKET):
+        try:
+            who = f" (pid {int(paths.pid_file.read_text().strip())})"
+        except (OSError, ValueError):
+            who = ""
+        raise SimAlreadyRunning(f"an emulated platform{who} already runs in {paths.directory}")
 
 
 class Sim:
@@ -66,7 +80,7 @@ class Sim:
         from backends.xenstore.server import XenStoreServer
 
         self.paths.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-        _check_not_running(self.paths)
+        check_not_running(self.paths)
         for p in (self.paths.xenstored, self.paths.broker):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
@@ -104,7 +105,7 @@ def test_map_domain_and_lifetime(platform: EmulatedPlatform, make_guest: Callabl
             time.sleep(0.01)
     finally:
         probe.close()
-    assert m.buffer()[:4] == b"live"
+    assert bytes(m.buffer()[:4]) == b"live"
     buf = bytearray(4)
     assert platform.grant_copy([CopySegment(domid, ref, 0, 4, buf)]) == [0] and buf == b"live"
     m.unmap()
@@ -165,3 +166,30 @@ def test_broker_keeps_no_fds_after_guests_leave(broker: BrokerThread, sim_dir: P
     while len(os.listdir("/proc/self/fd")) != base:
         assert time.monotonic() < deadline, "broker or guest leaked fds"
         time.sleep(0.01)
+
+
+def test_guest_on_the_brokers_own_event_loop(sim_dir: Path) -> None:
+    """A coroutine sharing the broker's loop must not deadlock: async set-up, closes that never wait."""
+    from backends.emu.broker import Broker
+
+    path = str(sim_dir / "broker.sock")
+
+    async def main() -> None:
+        b = Broker()
+        await b.listen(path)
+        try:
+            g = await Guest.create(path, name="same-loop", mem_pages=2)
+            first = await g.alloc_unbound_async(0)
+            first.close()  # unbind goes out without waiting for the reply
+            second = await g.alloc_unbound_async(0)  # the dropped reply is drained first
+            assert set(b.domains[g.domid].ports) == {second.port}
+            g.close()
+            for _ in range(500):
+                if not b.domains:
+                    break
+                await asyncio.sleep(0.01)
+            assert not b.domains
+        finally:
+            await b.close()
+
+    asyncio.run(main())

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,9 +99,9 @@ class Rig:
 
 
 @pytest.fixture
-def rig(leak_check: None) -> Rig:
+def rig(leak_check: None) -> Iterator[Rig]:
     r = Rig()
-    yield r  # type: ignore[misc]
+    yield r
     try:
         assert r.table.live_mappings == 0
         assert r.table.pinned(GUEST) in (0, -1)  # -1: the test detached the domain
@@ -181,7 +182,7 @@ def test_write_through_readonly_grant_refused(rig: Rig) -> None:
     assert rig.copy(seg(11, 0, 4, buf)) == [OK] and buf == b"ro!!"
     with rig.table.map(GUEST, [11], False) as m:
         view = m.buffer()
-        assert view.readonly and view[:4] == b"ro!!"
+        assert view.readonly and bytes(view[:4]) == b"ro!!"
         assert rig.entry(11)[0] == GTF_PERMIT | GTF_READONLY | GTF_READING
         view.release()
     assert rig.entry(11)[0] == GTF_PERMIT | GTF_READONLY
@@ -431,7 +432,7 @@ def test_platform_refusals_leave_backend_healthy(platform: EmulatedPlatform, mak
     with platform.map_grants(g.domid, [ok_ref], True) as m:
         with pytest.raises(OSError):
             g.revoke(ok_ref)
-        assert m.buffer()[:6] == b"secret"
+        assert bytes(m.buffer()[:6]) == b"secret"
     for ref in (ok_ref, ro_ref, other_ref):
         g.revoke(ref)
     platform.close_domain(g.domid)
@@ -567,8 +568,9 @@ class GrantMachine(RuleBasedStateMachine):
     def pick_ref(self, data: st.DataObject) -> int:
         """Mostly a ref that currently holds a grant (so pins stack up and revokes race uses), else any."""
         live = [r for r, e in enumerate(self.model.entries) if e.flags & GTF_TYPE_MASK]
-        if live and data.draw(MOSTLY):
-            return data.draw(st.sampled_from(live))
+        prefer_live: bool = data.draw(MOSTLY)
+        if live and prefer_live:
+            return int(data.draw(st.sampled_from(live)))
         return data.draw(REFS)
 
     @rule(ref=REFS, frame=FRAMES, to_backend=MOSTLY, readonly=st.booleans())
@@ -626,7 +628,7 @@ class GrantMachine(RuleBasedStateMachine):
             got = 0
         except GrantError as exc:
             m, got = None, exc.status
-        want = OK
+        want: int = OK
         taken: list[int] = []
         if not known_domain:
             want = BAD_DOMAIN
@@ -685,6 +687,7 @@ class GrantMachine(RuleBasedStateMachine):
         domid = GUEST if known_domain else UNKNOWN
         buf = bytearray([fill]) * length if to_guest else bytearray(length)
         (got,) = self.rig.copy(seg(ref, offset, length, buf, to_guest=to_guest, domid=domid))
+        want: int
         if length == 0:
             want = OK
         elif not known_domain:

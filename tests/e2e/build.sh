@@ -24,11 +24,14 @@ REUSE=${PVBACK_E2E_REUSE:-0}
 die() { echo "build.sh: $*" >&2; echo "build.sh: see $LOG" >&2; tail -n 30 "$LOG" >&2 || true; exit 1; }
 
 stage_t0=0
-stage_begin() { stage_t0=$(date +%s.%N); echo "== $1" >> "$LOG"; }
-stage_end() { printf 'STAGE %s %.1f\n' "$1" "$(echo "$(date +%s.%N) - $stage_t0" | bc)"; }
+stage_begin() { stage_t0=$(date +%s%N); echo "== $1" >> "$LOG"; }
+stage_end() {
+    local ms=$((($(date +%s%N) - stage_t0) / 1000000))
+    printf 'STAGE %s %d.%d\n' "$1" $((ms / 1000)) $((ms % 1000 / 100))
+}
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
-for tool in debootstrap mke2fs cpio gzip bc chroot; do
+for tool in debootstrap mke2fs cpio gzip chroot python3; do
     command -v "$tool" >/dev/null || die "missing host tool: $tool"
 done
 

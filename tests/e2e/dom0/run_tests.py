@@ -179,6 +179,18 @@ def domu_kv(name: str) -> dict[str, str]:
     return kv
 
 
+def diagnose(name: str) -> str:
+    """What a hung guest was doing, for the failure message: its xl state and the toolstack's log tails."""
+    parts = []
+    cp = run(["xl", "list", name], timeout=20, check=False)
+    parts.append("xl list: " + (cp.stdout.strip().splitlines()[-1] if cp.returncode == 0 else "gone"))
+    for log in (Path(f"/var/log/xen/qemu-dm-{name}.log"), Path(f"/var/log/xen/xl-{name}.log")):
+        if log.exists():
+            lines = log.read_text(errors="replace").strip().splitlines()[-3:]
+            parts.append(f"{log.name}: {' | '.join(lines)}")
+    return "; ".join(parts)
+
+
 def wait_domu_verdict(name: str, test: str, timeout: float) -> str:
     """Wait for the domU's verdict line and for the domain to be gone; return the detail or raise."""
     pat = re.compile(rf"DOMU {re.escape(test)} (PASS|FAIL) ?(.*)")
@@ -194,7 +206,8 @@ def wait_domu_verdict(name: str, test: str, timeout: float) -> str:
         wait_until(f"domU {name} to report (its console: {console_log(name)})", verdict, timeout)
     except TestFailure:
         tail = " | ".join(console_text(name).strip().splitlines()[-4:])
-        raise TestFailure(f"no verdict from {name} in {timeout:.0f} s; console tail: {tail or '(empty)'}") from None
+        raise TestFailure(f"no verdict from {name} in {timeout:.0f} s; console tail: {tail or '(empty)'}; "
+                          f"{diagnose(name)}") from None
     wait_until(f"{name} to power off", lambda: domid_of(name) is None, 30, 0.5)
     m = found[-1]
     if m.group(1) != "PASS":
@@ -285,6 +298,7 @@ def t_xl_boot() -> str:
         detail = wait_domu_verdict(name, "boot", 60)
     finally:
         destroy(name)
+        keep_console(name)
     return f"{detail}; create->poweroff {time.monotonic() - t0:.1f} s"
 
 
@@ -306,9 +320,10 @@ def t_xl_qdisk_stub() -> str:
         state = run(["xenstore-read", f"/local/domain/0/device-model/{domid}/state"]).stdout.strip()
         if state != "running":
             raise TestFailure(f"device-model state {state!r}")
-        detail = wait_domu_verdict(name, "boot", 60)
+        detail = wait_domu_verdict(name, "boot", 90)
     finally:
         destroy(name)
+        keep_console(name)
     if domid < 0:
         raise TestFailure("no domain")
     left = run(["pgrep", "-f", f"{DM_STUB}.*-xen-domid {domid}"], check=False).stdout.split()
@@ -374,9 +389,13 @@ def xs_detach(domid: int, timeout: float = 15) -> None:
 
 
 def keep_console(name: str) -> None:
-    if OUT.is_dir() and console_log(name).exists():
+    """Copy the guest's console and the toolstack's logs to the host (the writable out0 share)."""
+    if not OUT.is_dir():
+        return
+    for log in (console_log(name), Path(f"/var/log/xen/qemu-dm-{name}.log"), Path(f"/var/log/xen/xl-{name}.log")):
         try:
-            shutil.copy(console_log(name), OUT / console_log(name).name)
+            if log.exists():
+                shutil.copy(log, OUT / log.name)
         except OSError:
             pass
 
