@@ -811,3 +811,11 @@ uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q) { return q->size; 
 uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q) { return q->pcount; }
 void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us) { q->cfg.poll_us = us; }
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out) { *out = q->st; }
+
+void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors)
+{
+    /* Only the pumping thread validates requests against the size, and this is called from that same thread
+     * (the event loop), so no lock: requests already validated against the old size complete as they were. */
+    q->disk.sectors = sectors;
+    q->cfg.sectors = sectors;
+}

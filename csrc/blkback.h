@@ -107,5 +107,7 @@ uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q);
 uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q);
 void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us);
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out);
+/* Online resize: later requests are checked against the new size (512-byte units). */
+void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors);
 
 #endif

@@ -58,7 +58,10 @@ class QueueConfig:
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
     persistent_min_bytes: int = 0
     poll_us: int = 0
-    max_buffer_pages: int = 1024
+    # Bounce pages kept for reuse.  Must cover what the guest keeps in flight: with fewer, every batch of
+    # large requests frees pages and faults fresh zeroed ones in (measured: 1 MiB reads at QD8 ran at a
+    # third of the copy speed with 1024).  Only pages actually used are cached: 32 MiB is a bound.
+    max_buffer_pages: int = 8192
 
 
 class BlkQueue:
@@ -136,6 +139,9 @@ class BlkQueue:
     @property
     def persistent_grants(self) -> int:
         return int(lib.pv_blk_queue_persistent_count(self.c))
+
+    def set_sectors(self, sectors: int) -> None:
+        lib.pv_blk_queue_set_sectors(self.c, sectors)
 
     def set_poll_us(self, us: int) -> None:
         lib.pv_blk_queue_set_poll_us(self.c, us)

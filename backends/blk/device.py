@@ -9,6 +9,8 @@ unmap, unbind.  unrealize: close the driver.  Every error is a DeviceError for t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -81,6 +83,7 @@ class BlkDisk:
     frontend: FrontendConfig | None = None
     domain_open: bool = False
     failing: set[asyncio.Task[None]] = field(default_factory=set)
+    resize_task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
         out = []
@@ -105,6 +108,9 @@ def _metrics_view(s: dict[str, int], lat: list[int]) -> dict[str, Any]:
 
 class BlkDeviceClass:
     connect_states = frozenset({XenbusState.INITIALISED, XenbusState.CONNECTED})
+    # How often a connected disk's backing size is checked for an online resize (Linux blkback checks on
+    # every ring wakeup; a timer also catches an idle guest).  An fstat per disk per period: negligible.
+    RESIZE_POLL_S = 1.0
 
     def __init__(self, cfg: BlkConfig, type_names: tuple[str, ...] = ("qdisk",)) -> None:
         self.cfg = cfg
@@ -249,6 +255,7 @@ class BlkDeviceClass:
             await self.disconnect(dev)
             raise DeviceError(str(exc)) from exc
         await dev.write_backend(values)
+        disk.resize_task = loop.create_task(self._watch_size(dev, disk), name=f"resize {dev.backend_path}")
         dev.log.info("connected", extra={"queues": len(fe.queues), "ring_pages": fe.nr_ring_pages,
                                          "protocol": fe.abi.name, "persistent": fe.persistent})
 
@@ -256,6 +263,11 @@ class BlkDeviceClass:
         disk: BlkDisk | None = dev.data
         if disk is None:
             return
+        if disk.resize_task is not None:
+            disk.resize_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await disk.resize_task
+            disk.resize_task = None
         queues, disk.queues = disk.queues, []
         for dp in queues:
             await dp.stop()
@@ -263,3 +275,22 @@ class BlkDeviceClass:
             disk.domain_open = False
             dev.platform.close_domain(dev.frontend_id)
         disk.frontend = None
+
+    async def _watch_size(self, dev: BackendDevice, disk: BlkDisk) -> None:
+        """Online resize: when the image or device changes size, check later requests against the new size,
+        rewrite `sectors` and rewrite `state` so the frontend's watch fires (what Linux and QEMU do)."""
+        while True:
+            await asyncio.sleep(self.RESIZE_POLL_S)
+            try:
+                size = disk.driver.current_size()
+            except OSError as exc:
+                dev.log.warning("cannot check the disk size", extra={"error": str(exc)})
+                continue
+            if size is None or size == disk.caps.size_bytes or size <= 0:
+                continue
+            old = disk.caps.size_bytes
+            disk.caps = dataclasses.replace(disk.caps, size_bytes=size)
+            for dp in disk.queues:
+                dp.queue.set_sectors(size // 512)
+            await dev.notify_frontend({"sectors": str(size // 512)})
+            dev.log.info("resized", extra={"old_bytes": old, "new_bytes": size})

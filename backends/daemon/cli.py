@@ -200,14 +200,20 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _daemonize_sim(sim_dir: str) -> int:
-    """Fork a detached `pvback sim` and return once its sockets answer."""
+    """Start a detached `pvback sim` and return once it serves its sockets (its own pid in sim.pid)."""
     import subprocess
     import time
 
-    from backends.emu.sim import SimPaths
+    from backends.emu.sim import SimAlreadyRunning, SimPaths, check_not_running
 
-    paths = SimPaths(Path(sim_dir))
-    paths.directory.mkdir(parents=True, exist_ok=True)
+    paths = SimPaths(Path(sim_dir).absolute())
+    try:
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        check_not_running(paths)
+    except SimAlreadyRunning as exc:
+        raise CliError(f"{exc}; stop it first or use another --sim-dir") from exc
+    except OSError as exc:
+        raise CliError(f"cannot use {paths.directory} as the sim directory: {exc.strerror or exc}") from exc
     log_path = paths.directory / "sim.log"
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
@@ -217,9 +223,13 @@ def _daemonize_sim(sim_dir: str) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise CliError(f"the emulated platform exited: {tail[0]}")
-        if paths.xenstored.exists() and paths.broker.exists() and paths.pid_file.exists():
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            raise CliError(f"the emulated platform exited: {lines[-1] if lines else '(no output)'} (log {log_path})")
+        try:
+            ready = int(paths.pid_file.read_text().strip()) == proc.pid
+        except (OSError, ValueError):
+            ready = False
+        if ready:
             print(f"XENSTORED_PATH={paths.xenstored}")
             print(f"PVBACK_SIM_BROKER={paths.broker}")
             print(f"PVBACK_SIM_DIR={paths.directory}")
@@ -227,8 +237,8 @@ def _daemonize_sim(sim_dir: str) -> int:
             return 0
         time.sleep(0.05)
     proc.kill()
+    proc.wait()
     raise CliError(f"the emulated platform did not come up within 10 s (log: {log_path})")
-
 
 
 if __name__ == "__main__":

@@ -5,55 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
+import re
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from backends.daemon.cli import CliError
 from backends.daemon.config import Config
+from backends.daemon.connect import connect_xenstore, xenstore_path
+from backends.daemon.errors import CliError
 from backends.daemon.vdev import VdevError, vdev_to_devid
 
 STATE_NAMES = {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
                5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}
-INIT_TIMEOUT_S = 10.0  # libxl's LIBXL_INIT_TIMEOUT
-
-
-def xenstore_path(cfg: Config) -> str:
-    """The xenstore the toolstack commands talk to, chosen like open_platform() chooses the platform."""
-    kind = cfg.platform.kind
-    if kind == "auto":
-        kind = "xen" if Path("/dev/xen/gntdev").exists() else "emulated"
-    if kind == "emulated":
-        p = Path(cfg.platform.sim_dir) / "xenstored.sock"
-        if not p.exists():
-            raise CliError(f"no emulated platform in {cfg.platform.sim_dir} ({p} missing): start `pvback sim` first")
-        return str(p)
-    for cand in (os.environ.get("XENSTORED_PATH"), "/var/run/xenstored/socket", "/dev/xen/xenbus"):
-        if cand and Path(cand).exists():
-            return cand
-    raise CliError(
-        "no xenstore found (XENSTORED_PATH, /var/run/xenstored/socket, /dev/xen/xenbus): is xenstored running?"
-    )
-
-
-async def connect_xenstore(path: str) -> Any:
-    """Connect and prove the peer speaks the xenstore protocol, so a wrong socket fails with a clear line."""
-    from backends.xenstore.client import XenStoreClient, XenStoreError
-
-    try:
-        xs = await asyncio.wait_for(XenStoreClient.connect(path), 5)
-    except PermissionError as exc:
-        raise CliError(f"{path}: permission denied (run as root)") from exc
-    except (OSError, TimeoutError) as exc:
-        raise CliError(f"cannot connect to xenstore at {path}: {exc}") from exc
-    try:
-        await asyncio.wait_for(xs.get_domain_path(0), 5)
-    except (TimeoutError, XenStoreError, OSError, ValueError, EOFError) as exc:
-        await xs.close()
-        raise CliError(f"{path} is not a xenstored (no valid reply to GET_DOMAIN_PATH: {exc!r})") from exc
-    return xs
+NBD_PROBE_TIMEOUT_S = 3.0
 
 
 def params_for(target: str) -> tuple[str, str | None]:
@@ -72,40 +37,38 @@ def params_for(target: str) -> tuple[str, str | None]:
 
 
 def _check_target(params: str, path: str | None, mode: str) -> None:
+    """What the operator can be told before any xenstore node exists: the image, the NBD server."""
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise CliError(f"image {path} does not exist: create it (e.g. truncate -s 1G {path}) or fix the path")
+        if p.is_dir():
+            raise CliError(f"image {path} is a directory: give the path of an image file or block device")
         want = os.R_OK | (os.W_OK if mode == "w" else 0)
         if not os.access(p, want):
             what = "writable" if mode == "w" else "readable"
             raise CliError(f"image {path} is not {what}: fix its permissions or use --mode r")
-    if params.startswith("nbd:unix:"):
-        sock_path = params[len("nbd:unix:"):].split(":", 1)[0]
-        _probe_unix(sock_path)
-    elif params.startswith("nbd://"):
-        hostport = params[len("nbd://"):].split("/", 1)[0]
-        host, _, port = hostport.rpartition(":")
-        _probe_tcp(host or hostport, int(port) if port.isdigit() else 10809)
+    if params.startswith("nbd"):
+        _probe_nbd(params, readonly=mode == "r")
 
 
-def _probe_unix(path: str) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(3)
+def _probe_nbd(params: str, *, readonly: bool) -> None:
+    """Connect and negotiate like the backend will, so an unreachable or wrong server fails here."""
+    from backends.drivers.storage.base import StorageError
+    from backends.drivers.storage.nbd import open_export, parse_target
+
     try:
-        s.connect(path)
-    except OSError as exc:
-        why = exc.strerror or exc
-        raise CliError(f"NBD server at unix:{path} is unreachable ({why}): start it or fix the path") from exc
-    finally:
-        s.close()
-
-
-def _probe_tcp(host: str, port: int) -> None:
+        target = parse_target(params)
+    except StorageError as exc:
+        raise CliError(f"bad NBD target {params!r}: {exc}") from exc
+    where = f"unix:{target.socket_path}" if target.socket_path else f"{target.host}:{target.port}"
     try:
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError as exc:
-        raise CliError(f"NBD server at {host}:{port} is unreachable ({exc.strerror or exc})") from exc
+        sock, _info = open_export(target, readonly=readonly, timeout=NBD_PROBE_TIMEOUT_S)
+    except (StorageError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"NBD server at {where} is unreachable or unusable ({why}): start it or fix the "
+                       "target") from exc
+    sock.close()
 
 
 def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
@@ -113,38 +76,73 @@ def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
         devid = vdev_to_devid(args.vdev)
     except VdevError as exc:
         raise CliError(str(exc)) from exc
+    if not 0 <= args.domid < 0x7FF0:
+        raise CliError(f"domain id {args.domid} is out of range (0..32751)")
+    if args.timeout <= 0:
+        raise CliError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
     params, path = params_for(args.target)
     _check_target(params, path, args.mode)
     return asyncio.run(_attach(args, cfg, devid, params))
 
 
 async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
-    from backends.xenbus.state import XenbusState
-    from backends.xenbus.toolstack import add_device, remove_device, wait_for_state
+    from backends.xenbus.toolstack import add_device, device_paths, remove_device
 
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
         if not await xs.exists(f"/local/domain/{args.domid}"):
-            raise CliError(f"domain {args.domid} does not exist (no /local/domain/{args.domid})")
+            raise CliError(f"domain {args.domid} does not exist (no /local/domain/{args.domid}): start the guest "
+                           "first (`pvback guest`)")
+        paths = device_paths(backend_domid=args.backend_domid, frontend_domid=args.domid,
+                             type_name=args.backend_type, devid=devid, frontend_type="vbd")
+        for existing in (paths.backend, paths.frontend):
+            # add_device would replace it, pulling a live disk from under the guest.
+            if await xs.exists(existing):
+                raise CliError(f"{args.vdev} of domain {args.domid} already exists ({existing}): detach it first "
+                               f"(pvback detach disk {args.domid} {args.vdev}) or pick another --vdev")
         backend = {"params": params, "type": args.backend_type, "mode": args.mode, "dev": args.vdev,
                    "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1"}
         frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
-        paths = await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                                 type_name=args.backend_type, devid=devid, backend=backend, frontend=frontend,
-                                 frontend_type="vbd")
+        await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
+                         type_name=args.backend_type, devid=devid, backend=backend, frontend=frontend,
+                         frontend_type="vbd")
         if not args.no_wait:
-            try:
-                await wait_for_state(xs, paths.backend, {XenbusState.INIT_WAIT, XenbusState.CONNECTED},
-                                     timeout=INIT_TIMEOUT_S)
-            except TimeoutError as exc:
+            problem = await _wait_taken(xs, paths.backend, args.timeout)
+            if problem is not None:
+                # Like libxl: a device no backend took (or one it refused) is removed again.
                 await remove_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                                    type_name=args.backend_type, devid=devid, frontend_type="vbd", timeout=0.5)
-                raise CliError(f"no backend took {paths.backend} within {INIT_TIMEOUT_S:.0f} s: is `pvback "
-                               f"serve` running for type {args.backend_type}? (device removed again)") from exc
+                                    type_name=args.backend_type, devid=devid, frontend_type="vbd", timeout=2.0)
+                raise CliError(f"{problem} (device removed again)")
         print(paths.backend)
         return 0
     finally:
         await xs.close()
+
+
+async def _wait_taken(xs: Any, backend: str, timeout: float) -> str | None:
+    """None once a backend reached InitWait/Connected; else why not (its `error` node, or the timeout)."""
+    from backends.xenbus.toolstack import read_state
+    from backends.xenbus.state import XenbusState
+
+    ok = {XenbusState.INIT_WAIT, XenbusState.CONNECTED}
+    watch = await xs.watch(backend)
+    try:
+        async with asyncio.timeout(timeout):
+            async for _ in watch:
+                error = await xs.read_str(f"{backend}/error")
+                if error:
+                    return f"the backend refused {backend}: {error}"
+                state = await read_state(xs, backend)
+                if state in ok:
+                    return None
+                if state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                    return f"the backend closed {backend} at once (state {state.name})"
+    except TimeoutError:
+        return (f"no backend took {backend} within {timeout:g} s: is `pvback serve` running and serving type "
+                f"{backend.split('/')[5]}?")
+    finally:
+        await watch.close()
+    return f"lost the xenstore watch on {backend}"
 
 
 def cmd_detach(args: argparse.Namespace, cfg: Config) -> int:
@@ -162,7 +160,8 @@ async def _detach(args: argparse.Namespace, cfg: Config, devid: int) -> int:
     try:
         be = f"/local/domain/{args.backend_domid}/backend/{args.backend_type}/{args.domid}/{devid}"
         if not await xs.exists(be):
-            raise CliError(f"no such device: {be}")
+            raise CliError(f"domain {args.domid} has no {args.backend_type} disk {args.vdev} ({be} missing): see "
+                           "`pvback status`")
         clean = await remove_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
                                     type_name=args.backend_type, devid=devid, frontend_type="vbd",
                                     timeout=args.timeout)
@@ -224,41 +223,50 @@ def _state(v: str | None) -> str:
     return STATE_NAMES.get(int(v), v) if v.isdigit() else f"garbage({v[:8]!r})"
 
 
-def scrape_totals(metrics: str) -> dict[tuple[str, str, str], dict[str, float]]:
-    """Per-device request and byte totals from a daemon's metrics endpoint."""
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=3) as r:
-        text = r.read().decode()
-    out: dict[tuple[str, str, str], dict[str, float]] = {}
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+Totals = dict[tuple[str, str, str], dict[str, float]]
+_COUNTED = {"pvback_requests_total": "requests", "pvback_bytes_total": "bytes", "pvback_errors_total": "errors",
+            "pvback_ring_full_total": "ring_full"}
+
+
+def parse_metrics(text: str) -> Totals:
+    """Per-device totals (all queues and ops summed) from the Prometheus text a daemon serves."""
+    out: Totals = {}
     for line in text.splitlines():
-        if line.startswith("#") or "{" not in line:
+        m = _SAMPLE.match(line)
+        if m is None or m.group(1) not in _COUNTED:
             continue
-        name, rest = line.split("{", 1)
-        labels_s, value = rest.rsplit("}", 1)
-        labels = dict(kv.split("=", 1) for kv in labels_s.split(","))
-        labels = {k: v.strip('"') for k, v in labels.items()}
+        labels = dict(_LABEL.findall(m.group(2) or ""))
         key = (labels.get("type", ""), labels.get("domid", ""), labels.get("devid", ""))
-        slot = out.setdefault(key, {"requests": 0.0, "bytes": 0.0})
-        if name == "pvback_requests_total":
-            slot["requests"] += float(value)
-        elif name == "pvback_bytes_total":
-            slot["bytes"] += float(value)
+        slot = out.setdefault(key, dict.fromkeys(_COUNTED.values(), 0.0))
+        slot[_COUNTED[m.group(1)]] += float(m.group(3))
     return out
+
+
+def scrape_totals(metrics: str) -> Totals:
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=3) as r:
+        return parse_metrics(r.read().decode())
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     metrics = args.metrics if args.metrics is not None else cfg.serve.metrics_listen
-    prev: dict[tuple[str, str, str], dict[str, float]] = {}
+    if metrics.endswith(":0"):
+        metrics = ""  # a daemon told to pick a free port: the operator has to say which one it picked
+    prev: Totals | None = None
     prev_t = 0.0
     while True:
-        rows = asyncio.run(_status_rows(cfg))
-        totals: dict[tuple[str, str, str], dict[str, float]] = {}
-        if metrics:
-            try:
-                totals = scrape_totals(metrics)
-            except OSError:
-                totals = {}
+        domains, rows = asyncio.run(_status_rows(cfg))
+        totals, note = _scrape(metrics)
         now = time.monotonic()
-        print(_render(rows, totals, prev, now - prev_t if prev_t else 0.0))
+        if prev is None and args.watch <= 0 and args.interval > 0 and totals is not None and rows:
+            # One-shot: throughput needs two samples; take the second after --interval seconds.
+            prev, prev_t = totals, now
+            time.sleep(args.interval)
+            totals, note = _scrape(metrics)
+            now = time.monotonic()
+        print(render_status(domains, rows, totals or {}, prev or {}, now - prev_t if prev is not None else 0.0,
+                            note), flush=True)
         if args.watch <= 0:
             return 0
         prev, prev_t = totals, now
@@ -266,32 +274,66 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         print("\x1b[2J\x1b[H", end="")
 
 
-async def _status_rows(cfg: Config) -> list[dict[str, Any]]:
+def _scrape(metrics: str) -> tuple[Totals | None, str]:
+    if not metrics:
+        return None, "throughput: no metrics endpoint given (--metrics HOST:PORT of `pvback serve`)"
+    try:
+        return scrape_totals(metrics), ""
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        return None, f"throughput: metrics endpoint {metrics} unreachable ({why}): is `pvback serve` running?"
+
+
+async def _status_rows(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
-        return await collect_status(xs)
+        return await collect_domains(xs), await collect_status(xs)
     finally:
         await xs.close()
 
 
-def _render(rows: list[dict[str, Any]], totals: dict[tuple[str, str, str], dict[str, float]],
-            prev: dict[tuple[str, str, str], dict[str, float]], dt: float) -> str:
-    head = ["TYPE", "DOM", "DEVID", "DEV", "BACKEND", "FRONTEND", "REQS", "MB", "MB/s", "PARAMS / FEATURES"]
-    table = [head]
-    for r in rows:
-        key = (r["type"], r["domid"], r["devid"])
-        t = totals.get(key)
-        reqs = f"{t['requests']:.0f}" if t else "-"
-        mb = f"{t['bytes'] / 1e6:.1f}" if t else "-"
-        rate = "-"
-        if t and dt > 0 and key in prev:
-            rate = f"{(t['bytes'] - prev[key]['bytes']) / 1e6 / dt:.1f}"
-        extra = r["params"] + ("  " + r["features"] if r["features"] else "")
-        if r["error"]:
-            extra += f"  ERROR: {r['error']}"
-        table.append([r["type"], r["domid"], r["devid"], r["dev"], r["state"], r["fe_state"], reqs, mb, rate, extra])
-    if len(table) == 1:
-        return "no devices"
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head) - 1)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + str(row[-1])
-                     for row in table)
+async def collect_domains(xs: Any) -> list[dict[str, str]]:
+    out = []
+    for dom in await _ls(xs, "/local/domain"):
+        name = await xs.read_str(f"/local/domain/{dom}/name") or ("Domain-0" if dom == "0" else "")
+        vbds = await _ls(xs, f"/local/domain/{dom}/device/vbd")
+        out.append({"domid": dom, "name": name, "disks": str(len(vbds))})
+    return out
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+
+
+def render_status(domains: list[dict[str, str]], rows: list[dict[str, Any]], totals: Totals, prev: Totals,
+                  dt: float, note: str = "") -> str:
+    out = ["DOMAINS"]
+    out += _table([["DOMID", "NAME", "DISKS"]] + [[d["domid"], d["name"] or "-", d["disks"]] for d in domains])
+    out.append("")
+    out.append("DEVICES")
+    if not rows:
+        out.append("no devices")
+    else:
+        table = [["TYPE", "DOM", "DEVID", "DEV", "BACKEND", "FRONTEND", "REQS", "MB", "ERRS", "IOPS", "MB/s",
+                  "PARAMS / FEATURES"]]
+        for r in rows:
+            key = (r["type"], r["domid"], r["devid"])
+            t = totals.get(key)
+            p = prev.get(key)
+            reqs = f"{t['requests']:.0f}" if t else "-"
+            mb = f"{t['bytes'] / 1e6:.1f}" if t else "-"
+            errs = f"{t['errors']:.0f}" if t else "-"
+            iops = rate = "-"
+            if t and p and dt > 0:
+                iops = f"{(t['requests'] - p['requests']) / dt:.0f}"
+                rate = f"{(t['bytes'] - p['bytes']) / 1e6 / dt:.1f}"
+            extra = r["params"] + ("  " + r["features"] if r["features"] else "")
+            if r["error"]:
+                extra += f"  ERROR: {r['error']}"
+            table.append([r["type"], r["domid"], r["devid"], r["dev"], r["state"], r["fe_state"], reqs, mb, errs,
+                          iops, rate, extra])
+        out += _table(table)
+    if note:
+        out += ["", note]
+    return "\n".join(out)

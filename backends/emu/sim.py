@@ -14,6 +14,11 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backends.emu.broker import Broker
+    from backends.xenstore.server import XenStoreServer
 
 XENSTORED_SOCK = "xenstored.sock"
 BROKER_SOCK = "broker.sock"
@@ -74,6 +79,8 @@ class Sim:
     def __init__(self, directory: str | Path) -> None:
         self.paths = SimPaths(Path(directory))
         self._stop = asyncio.Event()
+        self.xenstore: XenStoreServer | None = None
+        self.broker: Broker | None = None
 
     async def start(self) -> None:
         from backends.emu.broker import Broker
@@ -85,10 +92,14 @@ class Sim:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         self.xenstore = XenStoreServer()
-        await self.xenstore.listen(str(self.paths.xenstored))
-        self.broker = Broker(hooks=self.xenstore)
-        await self.broker.listen(str(self.paths.broker))
-        self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            await self.xenstore.listen(str(self.paths.xenstored))
+            self.broker = Broker(hooks=self.xenstore)
+            await self.broker.listen(str(self.paths.broker))
+            self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        except BaseException:
+            await self.close()  # a half-started sim leaves no socket behind to confuse the next one
+            raise
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -97,8 +108,12 @@ class Sim:
         await self._stop.wait()
 
     async def close(self) -> None:
-        await self.broker.close()
-        await self.xenstore.close()
+        if self.broker is not None:
+            await self.broker.close()
+            self.broker = None
+        if self.xenstore is not None:
+            await self.xenstore.close()
+            self.xenstore = None
         for p in (self.paths.xenstored, self.paths.broker, self.paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -97,6 +97,10 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def current_size(self) -> int | None:
+        """The backing store's size now, for online resize; None if it cannot change under us."""
+        return None
+
     def __enter__(self) -> StorageDriver:
         self.open()
         return self

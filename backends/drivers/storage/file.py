@@ -175,6 +175,19 @@ class FileDriver(StorageDriver):
             raise StorageError("file driver not open")
         return self._caps
 
+    def current_size(self) -> int | None:
+        """Size of the open file or device now (an operator grew the image or the LV); the sector-size multiple
+        below it, so a partial last sector is never exposed."""
+        if self._fd < 0 or self._caps is None:
+            return None
+        st = os.fstat(self._fd)
+        if stat.S_ISBLK(st.st_mode):
+            size = int(struct.unpack("Q", fcntl.ioctl(self._fd, BLKGETSIZE64, b"\0" * 8))[0])
+        else:
+            size = st.st_size
+        logical = self._caps.logical_sector_size
+        return size - size % logical
+
     def engine(self) -> IoEngine:
         if self._engine is None:
             raise StorageError("file driver not open")
