@@ -51,11 +51,14 @@ struct pv_io *pv_io_sink_take(struct pv_io_sink *s)
     pthread_mutex_lock(&s->lock);
     struct pv_io *list = s->head;
     s->head = s->tail = NULL;
-    int was = s->signaled;
-    s->signaled = 0;
-    pthread_mutex_unlock(&s->lock);
-    if (was)
+    /* Drain the eventfd before dropping the lock: read after unlocking, it could swallow the write of a
+     * poster that completed in between (it saw signaled == 0), leaving that completion without a wakeup.
+     * A poster that set `signaled` but writes only after we read leaves a spurious wakeup: harmless. */
+    if (s->signaled) {
         pv_io_sink_ack(s);
+        s->signaled = 0;
+    }
+    pthread_mutex_unlock(&s->lock);
     return list;
 }
 

@@ -6,45 +6,64 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backends.daemon.cli import CliError
+from backends.daemon.errors import CliError
+from backends.daemon.vdev import VdevError, vdev_to_devid
+
+if TYPE_CHECKING:
+    from backends.xenstore.client import XenStoreClient
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
-    if not (Path(args.sim_dir) / "broker.sock").exists():
-        raise CliError(f"no emulated platform in {args.sim_dir}: start `pvback sim --sim-dir {args.sim_dir}` first")
-    return asyncio.run(_guest(args))
+    from backends.daemon.connect import probe_broker, sim_socket
+
+    probe_broker(sim_socket(args.sim_dir, "broker.sock"))
+    if args.seconds < 0 or args.timeout < 0:
+        raise CliError("--seconds and --timeout must not be negative")
+    try:
+        devid = vdev_to_devid(args.vdev)
+    except VdevError as exc:
+        raise CliError(str(exc)) from exc
+    params = path = None
+    if args.attach:
+        from backends.daemon.toolstack_cmds import _check_target, params_for
+
+        params, path = params_for(args.attach)
+        _check_target(params, path, "w")  # before the guest exists: a bad image creates nothing
+    return asyncio.run(_guest(args, devid, params))
 
 
-async def _guest(args: argparse.Namespace) -> int:
+async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> int:
     from backends.daemon.config import Config
-    from backends.daemon.vdev import vdev_to_devid
     from backends.emu.blkfront import BlkFront
     from backends.emu.guest import Guest
     from backends.emu.workload import Shadow, full_compare, random_verified
     from backends.xenstore.client import XenStoreClient
 
-    devid = vdev_to_devid(args.vdev)
     guest = Guest.in_sim(args.sim_dir, name=args.name, mem_pages=8192, gnt_entries=4096)
     assert guest.xenstore_sock is not None
     xs = await XenStoreClient.from_socket(guest.xenstore_sock)
     try:
         print(f"guest {args.name}: domain {guest.domid}", flush=True)
-        if args.attach:
-            from backends.daemon.toolstack_cmds import _attach, _check_target, params_for
+        if params is not None:
+            from backends.daemon.toolstack_cmds import _attach
 
             cfg = Config()
             cfg.platform.kind = "emulated"
             cfg.platform.sim_dir = args.sim_dir
-            params, path = params_for(args.attach)
-            _check_target(params, path, "w")
             ns = argparse.Namespace(domid=guest.domid, backend_type="qdisk", backend_domid=0, vdev=args.vdev,
-                                    mode="w", no_wait=False)
+                                    mode="w", no_wait=False, timeout=10.0)
             await _attach(ns, cfg, devid, params)
         else:
             print(f"waiting for a disk: pvback attach disk {guest.domid} IMAGE --vdev {args.vdev}", flush=True)
-            await _wait_for_device(xs, f"/local/domain/{guest.domid}/device/vbd/{devid}/backend")
+            path = f"/local/domain/{guest.domid}/device/vbd/{devid}/backend"
+            try:
+                async with asyncio.timeout(args.timeout or None):
+                    await _wait_for_device(xs, path)
+            except TimeoutError:
+                raise CliError(f"no disk {args.vdev} was attached to domain {guest.domid} within "
+                               f"{args.timeout:g} s") from None
         front = BlkFront(guest, xs, devid, ring_page_order=2, queues=2)
         info = await front.connect()
         print(f"connected: {info}", flush=True)
@@ -73,6 +92,8 @@ async def _guest(args: argparse.Namespace) -> int:
         guest.close()
 
 
-async def _wait_for_device(xs: object, path: str) -> None:
-    while await xs.read_str(path) is None:  # type: ignore[attr-defined]
-        await asyncio.sleep(0.2)
+async def _wait_for_device(xs: XenStoreClient, path: str) -> None:
+    async with await xs.watch(path) as watch:
+        async for _ in watch:
+            if await xs.read_str(path) is not None:
+                return

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# The xenbus layer tags a device's records with its backend path only (`device=`), and the data path names
+# its queues by that path in the message: both are turned into the fields operators grep for.
+_BACKEND_PATH = re.compile(r"/local/domain/\d+/backend/([a-z][a-z0-9_-]*)/(\d+)/(\d+)")
+
+
+def device_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """type/domid/devid of the device a record is about, when it names one and does not say them itself."""
+    if "domid" in vars(record) and "devid" in vars(record):
+        return {}
+    for text in (getattr(record, "device", None), record.getMessage()):
+        m = _BACKEND_PATH.search(text) if isinstance(text, str) else None
+        if m is not None:
+            return {"type": m.group(1), "domid": int(m.group(2)), "devid": int(m.group(3))}
+    return {}
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -23,6 +38,7 @@ class _KeyValueFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields.update(device_fields(record))
         for k, v in vars(record).items():
             if k not in _RESERVED and not k.startswith("_"):
                 fields[k] = v

@@ -3,7 +3,10 @@
 Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
     {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
                                "errors": {reason: n}, "ring_full": n, "latency_us_log2": [n0, n1, ...]}]}
-where latency bucket i counts requests that took < 2**i µs.  The exposition format is produced by
+where latency bucket 0 counts requests that took < 1 µs and bucket i those in [2**(i-1), 2**i) µs, so the
+cumulative count through bucket i is the Prometheus bucket le=2**i µs.  The C path keeps no latency sum;
+when a queue does not report `latency_us_sum`, the histogram's _sum is estimated from bucket midpoints
+(good to within a factor of 1.5 per request, enough for a mean in dashboards).  The exposition format is produced by
 prometheus_client; the HTTP side is a few lines of asyncio so the daemon stays single-threaded.
 """
 
@@ -17,6 +20,8 @@ from typing import Any
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+
+from backends.daemon.config import parse_listen
 
 log = logging.getLogger("pvback.metrics")
 
@@ -45,9 +50,15 @@ class BusCollector(Collector):
         errs = CounterMetricFamily("pvback_errors", "Requests failed", labels=[*qlabels, "reason"])
         full = CounterMetricFamily("pvback_ring_full", "Times the request pool or ring was full", labels=qlabels)
         lat = HistogramMetricFamily("pvback_request_latency_seconds", "Request latency", labels=qlabels)
+        connects = CounterMetricFamily("pvback_device_connects", "Times the device connected", labels=labels)
+        failures = CounterMetricFamily("pvback_device_failures", "Lifecycle steps that failed the device",
+                                       labels=labels)
         for dev in _devices(self.get_bus()):
             base = [str(dev.type_name), str(dev.frontend_id), str(dev.devid)]
             state.add_metric(base, float(int(dev.state)))
+            dstats = getattr(dev, "stats", None) or {}
+            connects.add_metric(base, float(dstats.get("connects", 0)))
+            failures.add_metric(base, float(dstats.get("errors", 0)))
             data = getattr(dev, "data", None)
             try:
                 st = data.stats() if data is not None and hasattr(data, "stats") else {}
@@ -71,8 +82,11 @@ class BusCollector(Collector):
                         acc += n
                         buckets.append((repr((2**i) / 1e6), float(acc)))
                     buckets.append(("+Inf", float(acc)))
-                    lat.add_metric(ql, buckets, sum_value=float(q.get("latency_us_sum", 0)) / 1e6)
-        yield from (state, reqs, nbytes, errs, full, lat)
+                    total_us = q.get("latency_us_sum")
+                    if total_us is None:
+                        total_us = sum(n * (0.5 if i == 0 else 1.5 * 2 ** (i - 1)) for i, n in enumerate(hist))
+                    lat.add_metric(ql, buckets, sum_value=float(total_us) / 1e6)
+        yield from (state, connects, failures, reqs, nbytes, errs, full, lat)
 
 
 def render(get_bus: Callable[[], Any]) -> bytes:
@@ -83,10 +97,7 @@ def render(get_bus: Callable[[], Any]) -> bytes:
 
 class MetricsServer:
     def __init__(self, listen: str, get_bus: Callable[[], Any]) -> None:
-        host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"metrics_listen {listen!r} must be HOST:PORT")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.host, self.port = parse_listen(listen)
         self.get_bus = get_bus
         self._server: asyncio.Server | None = None
 

@@ -118,7 +118,7 @@ class Daemon:
             await self._start_bus()
             if self.cfg.serve.metrics_listen:
                 self.metrics = await self._start_metrics(self.cfg.serve.metrics_listen)
-            log.info("serving", extra={"metrics": self._metrics_addr(), "devices": len(self.bus.devices)})
+            log.info("serving", extra={"metrics": self._metrics_addr()})
             while not self._stop.is_set():
                 stop = asyncio.ensure_future(self._stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())

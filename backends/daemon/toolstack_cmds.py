@@ -121,8 +121,8 @@ async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str
 
 async def _wait_taken(xs: Any, backend: str, timeout: float) -> str | None:
     """None once a backend reached InitWait/Connected; else why not (its `error` node, or the timeout)."""
-    from backends.xenbus.toolstack import read_state
     from backends.xenbus.state import XenbusState
+    from backends.xenbus.toolstack import read_state
 
     ok = {XenbusState.INIT_WAIT, XenbusState.CONNECTED}
     watch = await xs.watch(backend)

@@ -29,10 +29,6 @@ finish() {
 pass() { say "DOMU $TEST PASS $*"; finish; }
 fail() { say "DOMU $TEST FAIL $*"; finish; }
 
-# Modules in dependency order (build.sh wrote the list).
-while read -r m; do
-    [ -n "$m" ] && insmod "/lib/modules/$m" 2>/dev/null
-done < /lib/modules/order
 
 wait_for() { # wait_for EXPR SECONDS
     i=0
@@ -61,9 +57,16 @@ write_region() {
 
 say "DOMU-PHASE init $TEST $(uname -r)"
 if [ "$TEST" = boot ] || [ -z "$TEST" ]; then
+    # Before any module: loading xen-blkfront blocks (up to 5 min) while a vbd it knows is not connected.
     TEST=boot
     pass "kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vcpu"
 fi
+
+# Modules in dependency order (build.sh wrote the list).
+while read -r m; do
+    [ -n "$m" ] && insmod "/lib/modules/$m" 2>/dev/null
+done < /lib/modules/order
+say "DOMU-PHASE modules"
 
 wait_for "[ -b $DEV ]" 30 || fail "$DEV did not appear within 30 s (blkfront never connected)"
 say "DOMU-KV sectors $(cat /sys/block/xvda/size)"

@@ -47,6 +47,10 @@ class TestFailure(Exception):
     pass
 
 
+class GuestFatal(TestFailure):
+    """The guest reported an unrecoverable error: stop waiting for it."""
+
+
 def run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -179,6 +183,9 @@ def domu_kv(name: str) -> dict[str, str]:
     return kv
 
 
+FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
+
+
 def diagnose(name: str) -> str:
     """What a hung guest was doing, for the failure message: its xl state and the toolstack's log tails."""
     parts = []
@@ -197,13 +204,22 @@ def wait_domu_verdict(name: str, test: str, timeout: float) -> str:
     found: list[re.Match[str]] = []
 
     def verdict() -> bool:
-        m = pat.search(console_text(name))
+        text = console_text(name)
+        m = pat.search(text)
         if m:
             found.append(m)
-        return bool(m)
+            return True
+        # The frontend gave up on the disk: nothing more will come, do not sit out the timeout.
+        fatal = FATAL_GUEST.search(text)
+        if fatal:
+            raise GuestFatal(f"guest kernel: {fatal.group(0).strip()}; "
+                              f"console tail: {' | '.join(text.strip().splitlines()[-4:])}")
+        return False
 
     try:
         wait_until(f"domU {name} to report (its console: {console_log(name)})", verdict, timeout)
+    except GuestFatal:
+        raise
     except TestFailure:
         tail = " | ".join(console_text(name).strip().splitlines()[-4:])
         raise TestFailure(f"no verdict from {name} in {timeout:.0f} s; console tail: {tail or '(empty)'}; "
