@@ -57,17 +57,30 @@ def open_driver(target: DiskTarget, readonly: bool, cfg: BlkConfig) -> StorageDr
         from backends.drivers.storage.null import NullDriver
 
         return NullDriver(target.size, readonly=readonly)
-    if target.kind in ("nbd", "image"):
-        try:
-            from backends.drivers.storage import nbd as nbd_mod
-        except ImportError as exc:
-            raise DeviceError(f"{target.kind} targets need the NBD driver, which is not available: {exc}") from exc
-        factory = getattr(nbd_mod, "driver_for_target", None)
-        if factory is None:
-            raise DeviceError(f"the NBD driver cannot serve {target.kind!r} targets yet")
-        driver: StorageDriver = factory(target, readonly=readonly)
-        return driver
+    if target.kind == "nbd":
+        from backends.drivers.storage.nbd import NbdDriver
+
+        if target.socket:
+            spec = f"nbd:unix:{target.socket}" + (f":exportname={target.export}" if target.export else "")
+        else:
+            spec = f"nbd://{target.host}:{target.port}/{target.export}"
+        return NbdDriver(spec, readonly=readonly)
+    if target.kind == "image":
+        from backends.drivers.storage.qemu_nbd import QemuNbdDriver
+
+        return QemuNbdDriver(f"{target.format}:{target.path}", readonly=readonly)
     raise DeviceError(f"no storage driver for target kind {target.kind!r}")
+
+
+def _start_supervisor(driver: StorageDriver) -> None:
+    """Network drivers reconnect from a task on the event loop; open() ran in a worker thread without one."""
+    from backends.drivers.storage.nbd import NbdDriver
+    from backends.drivers.storage.qemu_nbd import QemuNbdDriver
+
+    if isinstance(driver, QemuNbdDriver):
+        driver.nbd.start_supervisor()
+    elif isinstance(driver, NbdDriver):
+        driver.start_supervisor()
 
 
 @dataclass
@@ -132,6 +145,7 @@ class BlkDeviceClass:
         except (StorageError, OSError) as exc:
             driver.close()
             raise DeviceError(f"cannot open {params}: {exc}") from exc
+        _start_supervisor(driver)
         discard_enable = (await dev.read_backend("discard-enable")) != "0"
         limits = BackendLimits(
             max_ring_page_order=self.cfg.max_ring_page_order,

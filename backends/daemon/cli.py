@@ -147,6 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from backends.daemon.serve import run_daemon
 
         return _platform_errors(lambda: run_daemon(cfg, args.config, _overrides(args)))
+    # The one-line error is the operator's message; library warnings on the way there would only repeat it.
+    setup_logging(os.environ.get("PVBACK_LOG_LEVEL", "critical"))
     if args.sim_dir is None and args.command in ("sim", "guest"):
         args.sim_dir = _sim_dir_default()
     if args.command == "sim":

@@ -88,7 +88,8 @@ async def connect_xenstore(path: str, timeout: float = PROBE_TIMEOUT_S) -> XenSt
         raise CliError(f"{path} is not a xenstored: no reply within {timeout:g} s (check the socket path)") from exc
     except (XenStoreError, OSError, ValueError, EOFError) as exc:
         await xs.close()
-        raise CliError(f"{path} is not a xenstored: bad reply ({exc}); check the socket path") from exc
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"{path} is not a xenstored: bad reply ({why}); check the socket path") from exc
     return xs
 
 

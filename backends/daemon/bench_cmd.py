@@ -1,0 +1,26 @@
+"""`pvback bench`: the benchmark matrix (perf/matrix.py) against fio, nbdkit and the null driver.
+
+The benchmark code lives in the source tree's perf/ directory (it builds small C programs and drives fio and
+nbdkit); this command finds it next to the `backends` package and runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not (ROOT / "perf" / "matrix.py").exists():
+        print(f"pvback bench: the perf/ directory is not next to the backends package ({ROOT}): run it from a "
+              "source checkout (./dev bench)", file=sys.stderr)
+        return 1
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from perf import matrix
+
+    argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
+    return matrix.main(bool(args.quick), str(args.out), disk_dir=getattr(args, "disk_dir", None), argv=argv)
