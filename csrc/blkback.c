@@ -36,6 +36,7 @@ struct blk_req {
     uint32_t nres; /* pages/pg entries acquired */
     uint8_t mode;
     int reason;
+    uint32_t pos; /* ring index of the request's slot */
     uint64_t t_start;
     struct blk_req *next; /* free list / parked list */
 };
@@ -60,6 +61,11 @@ struct pv_blk_queue {
     uint8_t *slots;
     uint8_t *rsps;
     uint32_t nrsp;
+    /* Responses are published in ring order (see finish); those that overtook an earlier request wait here,
+     * by ring index modulo the ring size. */
+    uint8_t *held;
+    uint8_t *held_ok;
+    uint32_t next_rsp; /* ring index of the next response to publish */
 
     struct pv_gcopy_seg *gc;
     struct blk_req **gc_owner;
@@ -87,6 +93,10 @@ struct pv_blk_queue {
     uint64_t now;
     struct pv_blk_stats st;
 };
+
+/* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
+ * blkfront checks ("response has wrong operation"); the wire code for everything else. */
+static inline uint8_t rsp_op(const struct blk_req *r) { return r->r.indirect ? r->r.op : r->r.operation; }
 
 static uint64_t now_ns(void)
 {
@@ -288,8 +298,27 @@ static void finish(struct pv_blk_queue *q, struct blk_req *r, int reason)
         q->st.bytes_written += r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
     }
     req_release(q, r);
-    pv_blkif_make_response(q->cfg.abi, q->rsps + (size_t)q->nrsp * q->rsp_size, r->r.id, r->r.operation, status);
-    q->nrsp++;
+    /* Published in ring order, so that after a crash "rsp_prod" still splits answered from unanswered
+     * requests: a restarted daemon re-attaches there (pv_blk_queue_create), and with out-of-order
+     * publication an unanswered request whose slot an overtaking response had reused would be lost and the
+     * overtaking one answered twice.  The price: a response waits for every earlier request's. */
+    uint32_t mask = q->size - 1;
+    if (r->pos == q->next_rsp) {
+        pv_blkif_make_response(q->cfg.abi, q->rsps + (size_t)q->nrsp * q->rsp_size, r->r.id, rsp_op(r), status);
+        q->nrsp++;
+        q->next_rsp++;
+        while (q->held_ok[q->next_rsp & mask]) {
+            uint32_t h = q->next_rsp & mask;
+            memcpy(q->rsps + (size_t)q->nrsp * q->rsp_size, q->held + (size_t)h * q->rsp_size, q->rsp_size);
+            q->held_ok[h] = 0;
+            q->nrsp++;
+            q->next_rsp++;
+        }
+    } else {
+        uint32_t h = r->pos & mask;
+        pv_blkif_make_response(q->cfg.abi, q->held + (size_t)h * q->rsp_size, r->r.id, rsp_op(r), status);
+        q->held_ok[h] = 1;
+    }
     q->st.responses++;
     uint64_t us = q->now > r->t_start ? (q->now - r->t_start) / 1000u : 0;
     uint32_t b = us ? 64u - (uint32_t)__builtin_clzll(us) : 0;
@@ -445,10 +474,12 @@ static void dispatch(struct pv_blk_queue *q, struct blk_req *r)
 static void process_slots(struct pv_blk_queue *q, uint32_t n)
 {
     uint32_t nwork = 0, nind = 0;
+    uint32_t base = q->ring.req_cons - n;
     q->now = now_ns();
     for (uint32_t i = 0; i < n; i++) {
         struct blk_req *r = req_alloc(q);
         r->t_start = q->now;
+        r->pos = base + i;
         pv_blkif_parse(q->cfg.abi, q->slots + (size_t)i * q->slot_size, &r->r);
         q->st.req_by_op[r->r.operation < 7 ? r->r.operation : 7]++;
         int rc = pv_blkif_validate(&q->disk, &r->r);
@@ -680,6 +711,8 @@ static void queue_free(struct pv_blk_queue *q)
     }
     free(q->slots);
     free(q->rsps);
+    free(q->held);
+    free(q->held_ok);
     free(q->gc);
     free(q->gc_owner);
     free(q->work);
@@ -752,6 +785,9 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
                                                                                : PV_BLKIF_MAX_SEGMENTS_PER_REQUEST;
     q->slots = malloc((size_t)q->size * slot_size);
     q->rsps = calloc(q->size, q->rsp_size);
+    q->held = calloc(q->size, q->rsp_size);
+    q->held_ok = calloc(q->size, 1);
+    q->next_rsp = start;
     q->gc = calloc(GC_CAP, sizeof(*q->gc));
     q->gc_owner = calloc(GC_CAP, sizeof(*q->gc_owner));
     q->work = calloc(q->size, sizeof(*q->work));
@@ -759,7 +795,7 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     q->iobatch = calloc(q->size, sizeof(*q->iobatch));
     q->page_cache = calloc(cfg->max_buffer_pages ? cfg->max_buffer_pages : 1, sizeof(void *));
     q->reqs = calloc(q->size, sizeof(*q->reqs));
-    if (!q->slots || !q->rsps || !q->gc || !q->gc_owner || !q->work || !q->batch || !q->iobatch ||
+    if (!q->slots || !q->rsps || !q->held || !q->held_ok || !q->gc || !q->gc_owner || !q->work || !q->batch || !q->iobatch ||
         !q->page_cache || !q->reqs)
         FAIL("out of memory");
     for (uint32_t i = 0; i < q->size; i++) {

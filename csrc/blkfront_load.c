@@ -225,8 +225,8 @@ static int check_config(const struct pv_load_config *cfg, const struct pv_load_q
         BAD("unknown ABI %u", cfg->abi);
     if (cfg->nqueues == 0 || cfg->nqueues > MAX_QUEUES)
         BAD("nqueues %u not in 1..%u", cfg->nqueues, MAX_QUEUES);
-    if (cfg->qd < cfg->nqueues)
-        BAD("qd %u is less than the %u queues", cfg->qd, cfg->nqueues);
+    if (cfg->qd == 0)
+        BAD("qd 0"); /* qd < nqueues is fine: the queues past qd stay idle (QD1 on a 2-queue disk) */
     if (cfg->bs == 0 || cfg->bs % 512)
         BAD("bs %u is not a positive multiple of 512", cfg->bs);
     uint32_t nseg = (cfg->bs + PV_PAGE_SIZE - 1) / PV_PAGE_SIZE;

@@ -14,6 +14,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#ifdef PVBACK_HAVE_URING
+#include <liburing.h>
+#endif
+
 #ifndef IOV_MAX
 #define IOV_MAX 1024
 #endif
@@ -216,6 +220,15 @@ struct file_engine {
     pthread_cond_t cond;
     struct pv_io *head, *tail; /* jobs not yet picked by a worker */
     int stopping;
+#ifdef PVBACK_HAVE_URING
+    /* O_DIRECT reads and writes go through io_uring: the submitter queues them without a thread hand-off
+     * and one reaper thread posts completions in batches.  A pool thread per request cost ~30 us of CPU
+     * per 4 KiB op on 2 vCPUs (futex wakeups and context switches); io_uring needs no wakeup to submit. */
+    struct io_uring ring;
+    int have_ring;
+    pthread_t reaper;
+    pthread_mutex_t sq_lock; /* queues of one device may submit from different threads */
+#endif
 };
 
 static void *file_worker(void *arg)
@@ -239,6 +252,76 @@ static void *file_worker(void *arg)
     return NULL;
 }
 
+#ifdef PVBACK_HAVE_URING
+static void *uring_reaper(void *arg)
+{
+    struct file_engine *f = arg;
+    for (;;) {
+        struct io_uring_cqe *cqe;
+        int rc = io_uring_wait_cqe(&f->ring, &cqe);
+        if (rc == -EINTR || rc == -EAGAIN)
+            continue;
+        if (rc < 0)
+            return NULL; /* cannot happen with a live ring; close() would then hang, so say it loudly */
+        unsigned head, seen = 0;
+        int stop = 0;
+        io_uring_for_each_cqe(&f->ring, head, cqe)
+        {
+            struct pv_io *io = io_uring_cqe_get_data(cqe);
+            seen++;
+            if (!io) {
+                stop = 1; /* the NOP close() sends after the last op */
+                continue;
+            }
+            int32_t res = cqe->res;
+            if (res >= 0 && (uint64_t)res != io->length)
+                res = pv_io_execute(f->fd, f->is_blockdev, io); /* short transfer (EOF, signal): redo it whole */
+            pv_io_complete(io, res < 0 ? res : 0, 1);
+        }
+        io_uring_cq_advance(&f->ring, seen);
+        if (stop)
+            return NULL;
+    }
+}
+
+/* Queue what io_uring can take; the rest goes to the pool.  Returns how many ops were left in `ios` (moved
+ * to the front). */
+static uint32_t uring_submit(struct file_engine *f, struct pv_io **ios, uint32_t n)
+{
+    uint32_t left = 0, queued = 0;
+    pthread_mutex_lock(&f->sq_lock);
+    for (uint32_t i = 0; i < n; i++) {
+        struct pv_io *io = ios[i];
+        if ((io->op != PV_IO_READ && io->op != PV_IO_WRITE) || io->iovcnt > IOV_MAX) {
+            ios[left++] = io;
+            continue;
+        }
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&f->ring);
+        if (!sqe) {
+            io_uring_submit(&f->ring);
+            sqe = io_uring_get_sqe(&f->ring);
+            if (!sqe) {
+                ios[left++] = io;
+                continue;
+            }
+        }
+        if (io->op == PV_IO_READ)
+            io_uring_prep_readv(sqe, f->fd, io->iov, io->iovcnt, io->offset);
+        else
+            io_uring_prep_writev(sqe, f->fd, io->iov, io->iovcnt, io->offset);
+        io_uring_sqe_set_data(sqe, io);
+        queued++;
+    }
+    if (queued) {
+        int rc;
+        while ((rc = io_uring_submit(&f->ring)) == -EINTR || rc == -EAGAIN)
+            ;
+    }
+    pthread_mutex_unlock(&f->sq_lock);
+    return left;
+}
+#endif
+
 static void file_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n)
 {
     struct file_engine *f = (struct file_engine *)e;
@@ -247,6 +330,10 @@ static void file_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n)
             pv_io_complete(ios[i], pv_io_execute(f->fd, f->is_blockdev, ios[i]), 0);
         return;
     }
+#ifdef PVBACK_HAVE_URING
+    if (f->have_ring)
+        n = uring_submit(f, ios, n);
+#endif
     if (n == 0)
         return;
     pthread_mutex_lock(&f->lock);
@@ -279,6 +366,23 @@ static void file_close(struct pv_io_engine *e)
             pthread_join(f->threads[i], NULL);
         free(f->threads);
     }
+#ifdef PVBACK_HAVE_URING
+    if (f->have_ring) {
+        pthread_mutex_lock(&f->sq_lock);
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&f->ring);
+        if (!sqe) {
+            io_uring_submit(&f->ring);
+            sqe = io_uring_get_sqe(&f->ring);
+        }
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data(sqe, NULL);
+        io_uring_submit(&f->ring);
+        pthread_mutex_unlock(&f->sq_lock);
+        pthread_join(f->reaper, NULL);
+        io_uring_queue_exit(&f->ring);
+        pthread_mutex_destroy(&f->sq_lock);
+    }
+#endif
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->lock);
     close(f->fd);
@@ -336,6 +440,19 @@ struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *e
             }
             f->nr_threads = i + 1;
         }
+#ifdef PVBACK_HAVE_URING
+        int fl = fcntl(f->fd, F_GETFL);
+        /* Buffered files would be punted to io-wq workers (tmpfs refuses RWF_NOWAIT): the pool is as good. */
+        if (fl >= 0 && (fl & O_DIRECT) && io_uring_queue_init(256, &f->ring, 0) == 0) {
+            pthread_mutex_init(&f->sq_lock, NULL);
+            if (pthread_create(&f->reaper, NULL, uring_reaper, f) == 0)
+                f->have_ring = 1;
+            else {
+                io_uring_queue_exit(&f->ring);
+                pthread_mutex_destroy(&f->sq_lock);
+            }
+        }
+#endif
     }
     return &f->base;
 }

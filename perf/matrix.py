@@ -92,7 +92,7 @@ class Plan:
             return cls(quick=True, reps=1, seconds=1.0, warmup=0.3, image_mib=256, stores=["tmpfs", "disk"],
                        workloads=wls, variants=[(1, 0), (1, 1)], null_variants=[(1, 0)], nbd=True,
                        disk_workloads=[WL_BY_NAME["rr4k_qd32"]], pingpong_rounds=20_000, latency_seconds=1.0)
-        return cls(quick=False, reps=5, seconds=3.0, warmup=1.0, image_mib=1024, stores=["tmpfs", "disk"],
+        return cls(quick=False, reps=5, seconds=2.0, warmup=0.5, image_mib=1024, stores=["tmpfs", "disk"],
                    workloads=list(WORKLOADS), variants=list(VARIANTS), null_variants=[(1, 0), (1, 1)], nbd=True,
                    disk_workloads=list(WORKLOADS), pingpong_rounds=100_000, latency_seconds=3.0)
 
@@ -274,7 +274,8 @@ def _children_cpu_s() -> float:
 
 class Nbdkit:
     def __init__(self, image: Path, work: Path) -> None:
-        self.sock = work / f"nbd-{image.stem}.sock"
+        # A fresh name each time: a socket file left by an earlier nbdkit would look ready before this one is.
+        self.sock = work / f"nbd-{time.monotonic_ns()}.sock"
         self.log = work / "nbdkit.log"
         self.proc = spawn(["nbdkit", "-f", "--unix", str(self.sock), "file", str(image)], self.log)
         wait_path(self.sock, self.proc, "nbdkit", self.log)
@@ -537,6 +538,7 @@ def aggregate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "cpu_s_per_gb": _med([c / g for c, g in zip(cpu, gb, strict=True) if g]),
             "backend_cpu_us_per_op": _med([b / o * 1e6 for b, o in zip(be, ops, strict=False) if o]) if be else None,
             "iops_per_backend_core": _med(be_core) if be_core else None,
+            "iops_per_cpu_s": _med([s["iops"] * s["seconds"] / s["cpu_s"] for s in ss if s["cpu_s"]]),
             "errors": sum(s.get("errors", 0) for s in ss),
             "seconds": _med(secs),
         })
@@ -548,6 +550,9 @@ def aggregate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             best = max(refs, key=lambda r: r["iops"])
             c["ref_system"] = best["system"]
             c["ratio_to_fio"] = c["iops"] / best["iops"] if best["iops"] else None
+            # The same comparison per CPU-second: how far each side is from its own core budget.
+            c["per_cpu_ratio_to_fio"] = (c["iops_per_cpu_s"] / best["iops_per_cpu_s"]
+                                         if best["iops_per_cpu_s"] else None)
         nbd = by.get((c["store"], c["workload"], "nbd"))
         if nbd and nbd["iops"]:
             c["ratio_to_nbd"] = c["iops"] / nbd["iops"]
@@ -561,25 +566,28 @@ def best_blk(cells: list[dict[str, Any]], store: str, wl: str) -> dict[str, Any]
     return max(cand, key=lambda c: c["iops"]) if cand else None
 
 
-def evaluate_targets(cells: list[dict[str, Any]], latency: dict[str, Any], ring: dict[str, Any]) -> list[dict[str, Any]]:
+def evaluate_targets(cells: list[dict[str, Any]], latency: dict[str, Any],
+                     ring: dict[str, Any]) -> list[dict[str, Any]]:
+    """The brief's targets, for the cells this plan measured."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, goal: float, detail: str, higher: bool = True) -> None:
         held = None if value is None else (value >= goal if higher else value <= goal)
         out.append({"target": name, "value": value, "goal": goal, "held": held, "detail": detail})
 
-    for store, wls, goal_rr, goal_seq in (("disk", None, 0.90, 0.95), ("tmpfs", None, 0.50, 0.80)):
-        del wls
+    for store, goal_rr, goal_seq in (("disk", 0.90, 0.95), ("tmpfs", 0.50, 0.80)):
         c = best_blk(cells, store, "rr4k_qd32")
-        add(f"{store} 4k randread QD32 vs best fio", c.get("ratio_to_fio") if c else None, goal_rr,
-            f"{c['system']}: {c['iops']:.0f} IOPS vs {c.get('ref_system')}; {c['cpu_us_per_op']:.2f} us CPU/req"
-            if c else "not measured")
+        if c is not None:
+            add(f"{store} 4k randread QD32 vs best fio", c.get("ratio_to_fio"), goal_rr,
+                f"{c['system']}: {c['iops']:.0f} IOPS vs {c.get('ref_system')}; {c['cpu_us_per_op']:.2f} us CPU/req;"
+                f" per CPU-second {c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio")
         for wl in ("sr64k_qd8", "sw64k_qd8", "sr1m_qd8", "sw1m_qd8"):
             c = best_blk(cells, store, wl)
             if c is None:
                 continue
             add(f"{store} {wl} vs best fio", c.get("ratio_to_fio"), goal_seq,
-                f"{c['system']}: {c['mb_s']:.0f} MB/s vs {c.get('ref_system')}")
+                f"{c['system']}: {c['mb_s']:.0f} MB/s vs {c.get('ref_system')}; per CPU-second "
+                f"{c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio")
     for store in ("tmpfs", "disk"):
         for wl in ("rr4k_qd32", "rw4k_qd32"):
             c = best_blk(cells, store, wl)
@@ -637,7 +645,8 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(wls))], wls, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{store}: IOPS / best fio engine")
         ax.set_ylabel("ratio")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     p = out_dir / "ratios.png"
     fig.savefig(p, dpi=110)
@@ -662,7 +671,8 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
         ax[k].set_xlabel("latency (us)")
         ax[k].set_ylabel("CDF")
         ax[k].set_title(f"{wl}: latency distribution (unpinned)")
-        ax[k].legend(fontsize=6)
+        if ax[k].get_legend_handles_labels()[0]:
+            ax[k].legend(fontsize=6)
     fig.tight_layout()
     p = out_dir / "latency.png"
     fig.savefig(p, dpi=110)
@@ -746,3 +756,68 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"(work directory kept: {work})", file=sys.stderr)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """perf/RESULTS.md's tables from a bench.json."""
+    h = result["host"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}  ",
+        f"Host: {h['cpu_model']}, {h['cpus_online']} vCPUs ({h['virtualization']}), {h['mem_gib']} GiB, "
+        f"kernel {h['kernel']}, {h['os']}; {h['fio']}, {h['nbdkit']}; stores: "
+        + ", ".join(f"{k} = {v['dir']} ({v['fs']})" for k, v in h["stores"].items()) + "  ",
+        f"Plan: {result['plan']['reps']} repetitions x {result['plan']['seconds']:g} s "
+        f"(+{result['plan']['warmup']:g} s warm-up) per cell, {result['plan']['image_mib']} MiB images of random "
+        "data; cells are medians (IOPS min-max over the repetitions).",
+        "",
+        "| store | workload | system | IOPS (min-max) | MB/s | p50 us | p99 us | CPU us/op | CPU s/GB | vs fio | "
+        "vs fio per CPU-s | vs nbd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f2(x: float | None) -> str:
+        return "" if x is None else f"{x:.2f}"
+
+    for c in result["cells"]:
+        lines.append(
+            f"| {c['store']} | {c['workload']} | {c['system']} | {c['iops']:.0f} ({c['iops_min']:.0f}-"
+            f"{c['iops_max']:.0f}) | {c['mb_s']:.1f} | {c['p50_us']:.1f} | {c['p99_us']:.1f} | "
+            f"{c['cpu_us_per_op']:.2f} | {c['cpu_s_per_gb']:.2f} | {f2(c.get('ratio_to_fio'))} | "
+            f"{f2(c.get('per_cpu_ratio_to_fio'))} | {f2(c.get('ratio_to_nbd'))} |")
+    lines += ["", "Null driver (backend CPU only): IOPS per backend core", "",
+              "| workload | system | IOPS | backend CPU us/op | IOPS per backend core |", "|---|---|---|---|---|"]
+    for c in result["cells"]:
+        if c["store"] == "null":
+            lines.append(f"| {c['workload']} | {c['system']} | {c['iops']:.0f} | {f2(c['backend_cpu_us_per_op'])} | "
+                         f"{c['iops_per_backend_core'] or 0:.0f} |")
+    lat = result.get("latency", {})
+    lines += ["", "QD1 4 KiB random read on tmpfs, by CPU placement (eventfd ping-pong measured in the same run)", "",
+              "| placement | wait | backend poll_us | frontend spin_us | IOPS | p50 us | p99 us | ping-pong p50 us | "
+              "ratio p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in lat.get("blk", []):
+        lines.append(f"| {r['placement']} (be cpu{r['backend_cpu']}, fe cpu{r['frontend_cpu']}) | {r['wait']} | "
+                     f"{r['backend_poll_us']} | {r['frontend_spin_us']} | {r['iops']:.0f} | {r['p50_us']:.2f} | "
+                     f"{r['p99_us']:.2f} | {r['pingpong_p50_us']:.2f} | {r['ratio_p50_to_pingpong']:.2f} |")
+    ring = result.get("ring") or {}
+    if ring:
+        lines += ["", f"Ring: pure C loop {ring['c_slots_per_s'] / 1e6:.2f} M slots/s, cffi batch of 32 "
+                      f"{ring['cffi_slots_per_s'] / 1e6:.2f} M slots/s, ratio {ring['ratio']:.2f}."]
+    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        op = "<=" if "ping-pong" in t["target"] else ">="
+        lines.append(f"| {t['target']} | {f2(t['value'])} | {op} {t['goal']} | "
+                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="print perf/RESULTS.md tables from a bench.json")
+    ap.add_argument("bench_json")
+    data = json.loads(Path(ap.parse_args().bench_json).read_text())
+    # Recomputed from the raw samples, so a file written by an older aggregation gets today's columns.
+    data["cells"] = aggregate(data["samples"])
+    data["targets"] = evaluate_targets(data["cells"], data.get("latency", {}), data.get("ring", {}))
+    print(markdown(data), end="")

@@ -259,6 +259,9 @@ class BlkDeviceClass:
                     raise
                 disk.queues.append(dp)
                 dp.start(loop)
+                # A daemon killed between publishing responses and notifying left the guest waiting for an
+                # event nobody would send (restart recovery); a spurious event costs a frontend nothing.
+                evtchn.notify()
         except (OSError, ValueError) as exc:
             await self.disconnect(dev)
             raise DeviceError(f"cannot connect the rings: {exc}") from exc

@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="guest")
     p.add_argument("--attach", metavar="TARGET", help="also attach this image as xvda (as `pvback attach`)")
     p.add_argument("--vdev", default="xvda")
-    p.add_argument("--workload", default="verify", choices=("verify", "randrw", "idle"))
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--workload", default="verify", choices=("verify", "randrw", "idle", "hold"),
+                   help="verify/randrw: random verified I/O; idle: connect only; hold: the domain alone, no "
+                        "frontend (for toolstack work)")
+    p.add_argument("--seconds", type=float, default=5.0, help="how long the workload runs (hold: 0 = forever)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds to wait for a disk to be attached (0: wait until interrupted)")
 
@@ -136,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `pvback status --watch | head`: the reader left; say nothing more (and not at exit either).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -149,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _platform_errors(lambda: run_daemon(cfg, args.config, _overrides(args)))
     # The one-line error is the operator's message; library warnings on the way there would only repeat it.
     setup_logging(os.environ.get("PVBACK_LOG_LEVEL", "critical"))
-    if args.sim_dir is None and args.command in ("sim", "guest"):
+    if args.command in ("sim", "guest") and args.sim_dir is None:
         args.sim_dir = _sim_dir_default()
     if args.command == "sim":
         return _cmd_sim(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,7 @@ async def connect_xenstore(path: str, timeout: float = PROBE_TIMEOUT_S) -> XenSt
     from backends.xenstore.client import XenStoreClient, XenStoreError
 
     try:
+        _open_probe(path, timeout)
         xs = await asyncio.wait_for(XenStoreClient.connect(path), timeout)
     except PermissionError as exc:
         raise CliError(f"{path}: permission denied: run pvback as root (or give its user access)") from exc
@@ -91,6 +93,18 @@ async def connect_xenstore(path: str, timeout: float = PROBE_TIMEOUT_S) -> XenSt
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CliError(f"{path} is not a xenstored: bad reply ({why}); check the socket path") from exc
     return xs
+
+
+def _open_probe(path: str, timeout: float) -> None:
+    """Open and close `path` once: the client folds every failure into ENOENT, an operator needs to know
+    whether it is missing, refused or forbidden."""
+    st = os.stat(path)
+    if stat.S_ISSOCK(st.st_mode):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+    else:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY))
 
 
 def probe_broker(path: Path, timeout: float = PROBE_TIMEOUT_S) -> None:

@@ -120,6 +120,9 @@ async def _guest_part(sim_dir: Path, image: Path, port: int, step: Step) -> int:
     xs = await XenStoreClient.from_socket(guest.xenstore_sock)
     front: BlkFront | None = None
     try:
+        from backends.daemon.guest_cmd import name_domain
+
+        await name_domain(str(sim_dir), guest.domid, "demo-guest")
         step.say(f"guest domain {guest.domid} created ({guest.mem_pages * 4 // 1024} MiB memory, grant table)")
         attach = await asyncio.to_thread(
             subprocess.run, [*PY, "attach", "disk", str(guest.domid), str(image), "--vdev", "xvda",
@@ -146,7 +149,7 @@ async def _guest_part(sim_dir: Path, image: Path, port: int, step: Step) -> int:
         step.say(f"image file compared byte for byte with what the guest wrote: {'OK' if file_ok else 'DIFFERS'}")
         status = await asyncio.to_thread(
             subprocess.run, [*PY, "status", "--platform", "emulated", "--sim-dir", str(sim_dir),
-                             "--metrics", f"127.0.0.1:{port}"], capture_output=True, text=True)
+                             "--metrics", f"127.0.0.1:{port}", "--interval", "0"], capture_output=True, text=True)
         print(status.stdout.rstrip() or status.stderr.rstrip())
         await front.close()
         front = None

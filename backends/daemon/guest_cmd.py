@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backends.daemon.errors import CliError
@@ -45,7 +46,12 @@ async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> in
     assert guest.xenstore_sock is not None
     xs = await XenStoreClient.from_socket(guest.xenstore_sock)
     try:
+        await name_domain(args.sim_dir, guest.domid, args.name)
         print(f"guest {args.name}: domain {guest.domid}", flush=True)
+        if args.workload == "hold":
+            # The domain exists while this process does (the broker releases it when we go).
+            await asyncio.sleep(args.seconds if args.seconds > 0 else float("inf"))
+            return 0
         if params is not None:
             from backends.daemon.toolstack_cmds import _attach
 
@@ -90,6 +96,17 @@ async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> in
     finally:
         await xs.close()
         guest.close()
+
+
+async def name_domain(sim_dir: str, domid: int, name: str) -> None:
+    """Write `name` as the toolstack does when it creates a domain (the broker introduces it unnamed)."""
+    from backends.xenstore.client import XenStoreClient
+
+    xs = await XenStoreClient.connect(str(Path(sim_dir) / "xenstored.sock"))
+    try:
+        await xs.write(f"/local/domain/{domid}/name", name)
+    finally:
+        await xs.close()
 
 
 async def _wait_for_device(xs: XenStoreClient, path: str) -> None:

@@ -25,9 +25,13 @@ from backends.daemon.connect import (
 from backends.daemon.errors import CliError
 
 log = logging.getLogger("pvback.serve")
+XS_CHECK_S = 1.0  # how often the main loop checks that xenstore is still there
 
 
 class Daemon:
+    """One XenBus per served backend type, all on one xenstore connection: a reload that adds or drops a type
+    starts or stops that type's bus alone, and devices of the other types are not touched."""
+
     def __init__(self, cfg: Config, config_path: str | None, overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
@@ -37,15 +41,17 @@ class Daemon:
         self._reload = asyncio.Event()
         self.platform: Any = None
         self.xs: Any = None
-        self.bus: Any = None
+        self.buses: dict[str, Any] = {}
+        self.classes: dict[str, Any] = {}
         self.metrics: Any = None
-        self.blk_class: Any = None
 
-    def device_classes(self) -> list[Any]:
-        from backends.blk.device import BlkDeviceClass
-
-        self.blk_class = BlkDeviceClass(self.cfg.blk, type_names=tuple(self.cfg.serve.backend_types))
-        return [self.blk_class]
+    @property
+    def devices(self) -> dict[str, Any]:
+        """Every device of every bus, by backend path (what the metrics endpoint walks)."""
+        out: dict[str, Any] = {}
+        for bus in list(self.buses.values()):
+            out.update(bus.devices)
+        return out
 
     def _open_platform(self) -> None:
         from backends.platform import open_platform
@@ -65,33 +71,26 @@ class Daemon:
         except PermissionError as exc:
             raise CliError(f"{exc.filename or exc}: permission denied: run pvback as root") from exc
 
-    async def _start_bus(self) -> None:
+    async def _start_type(self, type_name: str) -> None:
+        from backends.blk.device import BlkDeviceClass
         from backends.xenbus.device import XenBus
 
-        xs = await connect_xenstore(self.platform.xenstore_path())
-        try:
-            bus = XenBus(self.platform, xs, self.device_classes(), backend_domid=self.platform.backend_domid)
-            await bus.start()
-        except BaseException:
-            await xs.close()
-            raise
-        self.xs, self.bus = xs, bus
+        cls = BlkDeviceClass(self.cfg.blk, type_names=(type_name,))
+        bus = XenBus(self.platform, self.xs, [cls], backend_domid=self.platform.backend_domid)
+        await bus.start()  # the initial watch event serves the devices that already exist (restart recovery)
+        self.classes[type_name], self.buses[type_name] = cls, bus
 
-    async def _stop_bus(self) -> None:
-        """Let go of every device without touching xenstore (they stay Connected), then of the connection."""
-        bus, xs = self.bus, self.xs
-        self.bus = self.xs = None
-        try:
-            if bus is not None:
-                await bus.stop(close_devices=False)
-        finally:
-            if xs is not None:
-                await xs.close()
+    async def _stop_type(self, type_name: str) -> None:
+        """Let go of the type's devices without touching xenstore: they stay Connected for whoever serves
+        them next."""
+        bus = self.buses.pop(type_name)
+        self.classes.pop(type_name, None)
+        await bus.stop(close_devices=False)
 
     async def _start_metrics(self, listen: str) -> Any:
         from backends.daemon.metrics import MetricsServer
 
-        server = MetricsServer(listen, lambda: self.bus)
+        server = MetricsServer(listen, lambda: self)
         try:
             await server.start()
         except OSError as exc:
@@ -106,6 +105,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         started = False
         clean = True
+        lost = False
         try:
             self._open_platform()
             log.info(
@@ -115,22 +115,29 @@ class Daemon:
                        "loop": type(loop).__module__.split(".")[0]},
             )
             started = True
-            await self._start_bus()
+            self.xs = await connect_xenstore(self.platform.xenstore_path())
+            for type_name in self.cfg.serve.backend_types:
+                await self._start_type(type_name)
             if self.cfg.serve.metrics_listen:
                 self.metrics = await self._start_metrics(self.cfg.serve.metrics_listen)
             log.info("serving", extra={"metrics": self._metrics_addr()})
             while not self._stop.is_set():
                 stop = asyncio.ensure_future(self._stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())
-                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stop, reload}, timeout=XS_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 reload.cancel()
+                if self.xs.closed:
+                    # Nothing can be served without xenstore; exiting lets systemd restart us once it is back.
+                    log.error("lost the xenstore connection", extra={"xenstore": self.platform.xenstore_path()})
+                    lost = True
+                    break
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     await self._do_reload()
         finally:
             clean = await self._shutdown(started)
-        return 0 if clean else 1
+        return 0 if clean and not lost else 1
 
     def _metrics_addr(self) -> str:
         if self.metrics is None:
@@ -155,12 +162,13 @@ class Daemon:
         setup_logging(cfg.serve.log_level, cfg.serve.log_format)
         self.cfg = cfg
         # Connected devices keep the settings they connected with; new connections get the new ones.
-        if self.blk_class is not None:
-            self.blk_class.cfg = cfg.blk
-        if cfg.serve.backend_types != old.serve.backend_types:
-            # A restart of the bus alone, exactly like a daemon restart: xenstore is left as it is.
-            await self._stop_bus()
-            await self._start_bus()
+        for cls in self.classes.values():
+            cls.cfg = cfg.blk
+        for type_name in [t for t in self.buses if t not in cfg.serve.backend_types]:
+            await self._stop_type(type_name)
+        for type_name in cfg.serve.backend_types:
+            if type_name not in self.buses:
+                await self._start_type(type_name)
         if cfg.serve.metrics_listen != old.serve.metrics_listen:
             await self._restart_metrics(old.serve.metrics_listen)
         log.info("reloaded", extra={"config": cfg.source, "changed": ",".join(changed) or "nothing",
@@ -186,21 +194,26 @@ class Daemon:
         clean = True
         if self.metrics is not None:
             await self.metrics.stop()
-        if self.bus is not None:
-            n = len(self.bus.devices)
-            try:
-                await asyncio.wait_for(self._stop_bus(), self.cfg.serve.drain_timeout_s)
+        n = len(self.devices)
+        try:
+            # In-flight requests are answered before each ring is let go; xenstore keeps every device Connected.
+            await asyncio.wait_for(self._stop_all(), self.cfg.serve.drain_timeout_s)
+            if started:
                 log.info("drained", extra={"devices": n})
-            except TimeoutError:
-                clean = False
-                log.error("in-flight I/O did not drain in time", extra={"timeout_s": self.cfg.serve.drain_timeout_s})
-        elif self.xs is not None:
+        except TimeoutError:
+            clean = False
+            log.error("in-flight I/O did not drain in time", extra={"timeout_s": self.cfg.serve.drain_timeout_s})
+        if self.xs is not None:
             await self.xs.close()
+            self.xs = None
         if self.platform is not None:
             self.platform.close()
         if started:
             log.info("stopped")
         return clean
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(self._stop_type(t) for t in list(self.buses)))
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:

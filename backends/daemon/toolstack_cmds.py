@@ -100,6 +100,8 @@ async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str
             if await xs.exists(existing):
                 raise CliError(f"{args.vdev} of domain {args.domid} already exists ({existing}): detach it first "
                                f"(pvback detach disk {args.domid} {args.vdev}) or pick another --vdev")
+        parents = _parents(paths.backend, 3) + _parents(paths.frontend, 2)
+        fresh = [p for p in parents if not await xs.exists(p)]
         backend = {"params": params, "type": args.backend_type, "mode": args.mode, "dev": args.vdev,
                    "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1"}
         frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
@@ -110,13 +112,37 @@ async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str
             problem = await _wait_taken(xs, paths.backend, args.timeout)
             if problem is not None:
                 # Like libxl: a device no backend took (or one it refused) is removed again.
+                from backends.xenbus.state import XenbusState
+                from backends.xenbus.toolstack import read_state
+
+                # A backend that took the device gets a moment to let go of the image; nobody else needs one.
+                untouched = await read_state(xs, paths.backend) in (XenbusState.UNKNOWN, XenbusState.INITIALISING)
                 await remove_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                                    type_name=args.backend_type, devid=devid, frontend_type="vbd", timeout=2.0)
+                                    type_name=args.backend_type, devid=devid, frontend_type="vbd",
+                                    timeout=0.0 if untouched else 2.0)
+                await _remove_if_empty(xs, fresh)
                 raise CliError(f"{problem} (device removed again)")
         print(paths.backend)
         return 0
     finally:
         await xs.close()
+
+
+def _parents(path: str, n: int) -> list[str]:
+    """The `n` directories above `path`, nearest first."""
+    parts = path.split("/")
+    return ["/".join(parts[:-i]) for i in range(1, n + 1)]
+
+
+async def _remove_if_empty(xs: Any, dirs: list[str]) -> None:
+    """Remove the directories this attach created, nearest first, unless something else now lives there."""
+
+    async def body(tx: Any) -> None:
+        for d in dirs:
+            if await tx.exists(d) and not await tx.directory(d):
+                await tx.rm(d)
+
+    await xs.transaction(body)
 
 
 async def _wait_taken(xs: Any, backend: str, timeout: float) -> str | None:
@@ -281,6 +307,7 @@ def _scrape(metrics: str) -> tuple[Totals | None, str]:
         return scrape_totals(metrics), ""
     except (OSError, ValueError) as exc:
         why = getattr(exc, "reason", None) or exc
+        why = getattr(why, "strerror", None) or why
         return None, f"throughput: metrics endpoint {metrics} unreachable ({why}): is `pvback serve` running?"
 
 

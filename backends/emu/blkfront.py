@@ -94,6 +94,10 @@ X86_32 = Abi("x86_32-abi", 108, 4, 12, 20, 4, 12, 20, 24, 4, 12, 20, 12)
 ABIS = {"x86_64": X86_64, "x86_32": X86_32}
 
 
+class BlkProtocolError(ConnectionError):
+    """The backend broke the blkif protocol (a frontend like Linux's would disable the disk)."""
+
+
 class BlkIOError(OSError):
     """The backend answered a request with an error status."""
 
@@ -165,7 +169,7 @@ class _Queue:
         self.port = port
         self.ring = ring
         self.free_ids = list(range(ring.size - 1, -1, -1))
-        self.waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self.waiting: dict[int, tuple[asyncio.Future[tuple[int, int]], int]] = {}
         self.id_free = asyncio.Condition()
 
     def on_event(self) -> None:
@@ -173,11 +177,18 @@ class _Queue:
         while True:
             for raw in self.ring.consume(self.front.abi.rsp_size):
                 rid, op, status = self.front.abi.unpack_rsp(raw)
-                fut = self.waiting.pop(rid, None)
-                if fut is None:
+                entry = self.waiting.pop(rid, None)
+                if entry is None:
                     self.front.spurious_responses += 1
                     continue
-                if not fut.done():
+                fut, want_op = entry
+                if fut.done():
+                    continue
+                if op != want_op:
+                    # Linux blkfront's check: it disables the disk on a mismatch ("response has wrong
+                    # operation"), so the backend must answer INDIRECT with the inner operation.
+                    fut.set_exception(BlkProtocolError(f"response has wrong operation ({op} instead of {want_op})"))
+                else:
                     fut.set_result((op, status))
             if not self.ring.final_check():
                 break
@@ -194,7 +205,7 @@ class _Queue:
 
     def submit(self, slot_bytes: bytes, rid: int) -> asyncio.Future[tuple[int, int]]:
         fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self.waiting[rid] = fut
+        self.waiting[rid] = (fut, slot_bytes[1] if slot_bytes[0] == OP_INDIRECT else slot_bytes[0])
         if self.ring.put([slot_bytes], self.ring.slot_size) != 1:
             del self.waiting[rid]
             raise RuntimeError("ring full although an id was free")
@@ -448,7 +459,7 @@ class BlkFront:
         for q in self.queues:
             if self._loop is not None:
                 self._loop.remove_reader(q.port.fileno())
-            for fut in q.waiting.values():
+            for fut, _op in q.waiting.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError("frontend closed"))
             for ref in q.ring_refs:

@@ -94,12 +94,24 @@ class Sim:
         self.xenstore = XenStoreServer()
         try:
             await self.xenstore.listen(str(self.paths.xenstored))
+            await self._init_dom0()
             self.broker = Broker(hooks=self.xenstore)
             await self.broker.listen(str(self.paths.broker))
             self.paths.pid_file.write_text(f"{os.getpid()}\n")
         except BaseException:
             await self.close()  # a half-started sim leaves no socket behind to confuse the next one
             raise
+
+    async def _init_dom0(self) -> None:
+        """What xen-init-dom0 writes on a real host, so tools find dom0 like they do there."""
+        from backends.xenstore.client import XenStoreClient
+
+        xs = await XenStoreClient.connect(str(self.paths.xenstored))
+        try:
+            await xs.write("/local/domain/0/name", "Domain-0")
+            await xs.write("/local/domain/0/domid", "0")
+        finally:
+            await xs.close()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -128,8 +128,16 @@ def _op(code: int) -> Build:
     return build
 
 
-def _indirect(iop: int, nseg: int, grefs: Callable[[list[tuple[int, int]]], list[int]]) -> Build:
-    return lambda f, rid, pages: f.abi.pack_indirect(iop, nseg, 0, rid, 0, grefs(pages))
+def _indirect(iop: int, nseg: int, grefs: Callable[[list[tuple[int, int]]], list[int]], sector: int = 0) -> Build:
+    return lambda f, rid, pages: f.abi.pack_indirect(iop, nseg, 0, rid, sector, grefs(pages))
+
+
+def _one_seg(ref: int) -> Callable[[list[tuple[int, int]]], list[tuple[int, int, int]]]:
+    return lambda pages: [(ref, 0, 7)]
+
+
+def _bind(build: Build, f: BlkFront, pages: list[tuple[int, int]]) -> Callable[[int], bytes]:
+    return lambda rid: build(f, rid, pages)
 
 
 END = IMAGE_SIZE // SECTOR
@@ -184,8 +192,7 @@ async def test_malformed_requests(shared_bed: Bed, tmp_path: Path) -> None:
         for i, bad in enumerate(BAD):
             pages = await f.take_pages(bad.pages) if bad.pages else []
             try:
-                status = await f.submit_raw_op(lambda rid, bad=bad, pages=pages: bad.build(f, rid, pages),
-                                               check=False)
+                status = await f.submit_raw_op(_bind(bad.build, f, pages), check=False)
             finally:
                 await f.give_pages(pages)
             assert status == bad.status, f"{bad.name}: status {status}, want {bad.status}"
@@ -194,14 +201,14 @@ async def test_malformed_requests(shared_bed: Bed, tmp_path: Path) -> None:
         # Grants the guest took back, or never gave to us.
         g = a.guest
         page = g.alloc_page()
-        for name, ref_of in (
+        grant_cases: list[tuple[str, Callable[[], int]]] = [
             ("revoked", lambda: _revoked(g, page)),
             ("foreign-domain", lambda: g.grant(page, 7)),
             ("readonly-grant-for-read", lambda: g.grant(page, 0, readonly=True)),
-        ):
+        ]
+        for name, ref_of in grant_cases:
             ref = ref_of()
-            status = await f.submit_raw_op(lambda rid, ref=ref: f.abi.pack_rw(OP_READ, 1, 0, rid, 0,
-                                                                             [(ref, 0, 7)]), check=False)
+            status = await f.submit_raw_op(_bind(_rw(OP_READ, 1, 0, _one_seg(ref)), f, []), check=False)
             assert status == RSP_ERROR, f"{name}: status {status}"
             expected["grant"] += 1
             if ref in g.granted:
@@ -213,9 +220,8 @@ async def test_malformed_requests(shared_bed: Bed, tmp_path: Path) -> None:
         rng = random.Random(7)
         for trial in range(8):
             g.page_view(ind)[:] = rng.randbytes(PAGE)
-            status = await f.submit_raw_op(
-                lambda rid: f.abi.pack_indirect(OP_READ if trial % 2 else OP_WRITE, 64, 0, rid, 0, [ind_ref]),
-                check=False)
+            iop = OP_READ if trial % 2 else OP_WRITE
+            status = await f.submit_raw_op(_bind(_indirect(iop, 64, lambda p: [ind_ref]), f, []), check=False)
             assert status == RSP_ERROR, f"garbage indirect page {trial}: status {status}"
             await a_works(a, 41)
         data_pages = await f.take_pages(2)
@@ -226,9 +232,8 @@ async def test_malformed_requests(shared_bed: Bed, tmp_path: Path) -> None:
                 ([(data_pages[0][1], 0, 7), (0xFFFFFFF, 0, 7)], "grant"),
             ):
                 _fill_indirect(f, ind, segs)
-                status = await f.submit_raw_op(
-                    lambda rid, n=len(segs): f.abi.pack_indirect(OP_WRITE, n, 0, rid, END - 16, [ind_ref]),
-                    check=False)
+                status = await f.submit_raw_op(_bind(_indirect(OP_WRITE, len(segs), lambda p: [ind_ref], END - 16),
+                                                     f, []), check=False)
                 assert status == RSP_ERROR, f"indirect {reason}: status {status}"
                 expected[reason] += 1
                 await a_works(a, 42)
@@ -335,10 +340,11 @@ async def test_responses_leak_nothing(abi: str, shared_bed: Bed, tmp_path: Path)
         for k, (build, want) in enumerate(builds * 3):
             idx = q.ring.c.req_prod_pvt % q.ring.size
             sent = b""
+            sent_id = -1
 
             def keep(rid: int, build: Callable[[int], bytes] = build) -> bytes:
-                nonlocal sent
-                sent = build(rid)
+                nonlocal sent, sent_id
+                sent, sent_id = build(rid), rid
                 return sent
 
             status = await f.submit_raw_op(keep, check=False)
@@ -346,7 +352,7 @@ async def test_responses_leak_nothing(abi: str, shared_bed: Bed, tmp_path: Path)
             off = RING_HEADER + idx * f.abi.slot
             slot = bytes(ring_mem[off:off + f.abi.slot])
             rid, op, st = struct.unpack_from("<QBxh", slot, 0)
-            assert (op, st) == (sent[0], want)
+            assert (rid, op, st) == (sent_id, sent[0], want)
             assert slot[9] == 0, "response padding after operation"
             assert slot[12:] == bytes(f.abi.slot - 12), \
                 f"slot {idx} bytes past the response are not zero: {slot[12:].hex()}"

@@ -198,6 +198,17 @@ def diagnose(name: str) -> str:
     return "; ".join(parts)
 
 
+def wait_console(name: str, marker: str, what: str, timeout: float) -> None:
+    def seen() -> bool:
+        text = console_text(name)
+        fatal = FATAL_GUEST.search(text)
+        if fatal:
+            raise GuestFatal(f"guest kernel: {fatal.group(0).strip()} (while waiting for {what})")
+        return marker in text
+
+    wait_until(f"{what} ({marker})", seen, timeout)
+
+
 def wait_domu_verdict(name: str, test: str, timeout: float) -> str:
     """Wait for the domU's verdict line and for the domain to be gone; return the detail or raise."""
     pat = re.compile(rf"DOMU {re.escape(test)} (PASS|FAIL) ?(.*)")
@@ -478,10 +489,9 @@ def t_blk_hotplug() -> str:
         domid = xl_create(cfg, paused=True)
         xs_attach(domid, img)
         run(["xl", "unpause", name], timeout=20)
-        wait_until("the domU to read the disk (DOMU-PHASE attached)",
-                   lambda: "DOMU-PHASE attached" in console_text(name), 60)
+        wait_console(name, "DOMU-PHASE attached", "the domU to read the disk", 60)
         xs_detach(domid)
-        wait_until("the domU to see the disk go", lambda: "DOMU-PHASE detached" in console_text(name), 60)
+        wait_console(name, "DOMU-PHASE detached", "the domU to see the disk go", 60)
         xs_attach(domid, img)
         detail = wait_domu_verdict(name, "hotplug", 60)
     finally:
