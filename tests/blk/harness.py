@@ -84,8 +84,9 @@ class MiniGuest:
 @dataclass
 class Pending:
     rid: int
-    op: int
+    op: int  # the operation the response must carry: the inner one for INDIRECT (Linux blkfront checks it)
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (page, offset, length) in order
+    indirect: bool = False
 
 
 class Rig:
@@ -178,7 +179,7 @@ class Rig:
             return slot, Pending(rid, op, pieces)
         ind_pages = self._indirect_pages(segs)
         slot = wire.indirect(self.abi, op, rid, sector, len(segs), ind_pages)
-        return slot, Pending(rid, 6, pieces)
+        return slot, Pending(rid, op, pieces, indirect=True)
 
     def _indirect_pages(self, segs: list[tuple[int, int, int]]) -> list[int]:
         refs = []
