@@ -126,10 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the benchmark matrix against fio, nbdkit and the null driver")
     p.add_argument("--quick", action="store_true", help="one short run per cell")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
+
+    # Takes QEMU's arguments verbatim (xl's device_model_override): main() hands them over before argparse.
+    sub.add_parser("dm-stub", help="stand in for QEMU as xl's device model of PV guests with qdisk disks",
+                   add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["dm-stub"]:
+        from backends.daemon.dm_stub import main as dm_stub_main
+
+        return dm_stub_main(raw[1:])
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)

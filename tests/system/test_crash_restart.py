@@ -349,6 +349,43 @@ async def test_restart_after_out_of_order_completions(bed: Bed, tmp_path: Path) 
     assert outstanding(d) == 0
 
 
+async def test_restart_after_kill_mid_publication(bed: Bed, tmp_path: Path) -> None:
+    """A daemon killed while writing a batch of responses (slots overwritten, rsp_prod not yet moved): the
+    overwritten slots no longer hold requests, so a new daemon must publish them rather than parse them as
+    requests.  The ring is left exactly as csrc/blkback.c's put_logged leaves it at that moment: the first
+    slot holds its response, the log in the ring header's padding names the second slot and holds its
+    response, the second slot still holds its request."""
+    d = await bed.disk(make_image(tmp_path / "m.img", IMAGE_SIZE))
+    f = d.front
+    await f.read(0, 4096)
+    bed.serve.kill(signal.SIGKILL)
+    q = f.queues[0]
+    ring = f.guest.page_view(q.ring_pages[0])
+    futs = []
+    ids = []
+    first = q.ring.c.req_prod_pvt
+    for _ in range(2):
+        rid = await q.acquire_id()
+        ids.append(rid)
+        futs.append(q.submit(f.abi.pack_rw(3, 0, 0, rid, 8, []), rid))  # flushes, "consumed" by the dead daemon
+    slot0 = 64 + (first % q.ring.size) * f.abi.slot
+    ring[slot0:slot0 + f.abi.slot] = bytes(f.abi.slot)
+    struct.pack_into("<QBxh", ring, slot0, ids[0], 3, 0)
+    log = bytearray(40)
+    struct.pack_into("<II", log, 0, 0x70764C47, first + 1)
+    struct.pack_into("<QBxh", log, 8 + 16 * ((first + 1) & 1), ids[1], 3, 0)
+    ring[20:60] = bytes(log)
+    await asyncio.to_thread(bed.serve.start)
+    async with asyncio.timeout(5):
+        results = [await fu for fu in futs]
+    for rid in ids:
+        await q.release_id(rid)
+    assert results == [(3, 0), (3, 0)]
+    assert f.spurious_responses == 0
+    assert struct.unpack_from("<I", ring, 20)[0] == 0, "the log was not cleared"
+    await f.read(0, 4096)
+
+
 @pytest.mark.xfail(strict=True, reason="emulated platform: grants a SIGKILLed backend had mapped or was copying "
                    "keep GTF_reading/GTF_writing for ever (on Xen the kernel unmaps them when the process dies), "
                    "so the guest can never revoke them")
