@@ -158,7 +158,10 @@ class QmpSession:
                 break
             self._buf = self._buf[end:]
             reply = self.handle(cmd)
-            names.append(str(cmd.get("execute")) if isinstance(cmd, dict) else repr(cmd)[:40])
+            name = str(cmd.get("execute")) if isinstance(cmd, dict) else repr(cmd)[:40]
+            if "error" in reply:
+                name += f" -> error {reply['error']['class']}"
+            names.append(name)
             replies.append(_line(reply))
         return replies, names
 

@@ -72,6 +72,7 @@ cleanup() {
     for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTED[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT HUP # so the EXIT trap unmounts when the test kills the build
 mount_chroot() {
     local d
     for d in proc sys dev dev/pts; do
@@ -103,7 +104,12 @@ else
 fi
 
 # ---- 2. dom0 packages ----
-if [ "$REUSE" = 1 ] && [ -e "$ROOTFS/.pvback-packages" ]; then
+# Installed after sources.list gained updates+security: hypervisor, tools and kernel from one suite.
+# gcc/python3-dev: pvback's C module is built in here against dom0's own python (see stage native).
+# python3-uvloop/python3-prometheus-client: what `pvback serve` runs on (uvloop is optional, metrics are not).
+DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
+python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux"
+if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else
     stage_begin packages
@@ -123,14 +129,11 @@ EOF
         || die "installing initramfs-tools failed"
     echo "MODULES=list" > "$ROOTFS/etc/initramfs-tools/conf.d/pvback-e2e"
     printf 'virtio_pci\nvirtio_blk\next4\n' > "$ROOTFS/etc/initramfs-tools/modules"
-    # Installed after sources.list gained updates+security: hypervisor, tools and kernel from one suite.
-    # gcc/python3-dev: pvback's C module is built in here against dom0's own python (see stage native).
-    in_chroot apt-get install -y -q --no-install-recommends \
-        xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 \
-        gcc libc6-dev python3-dev python3-distutils python3-cffi e2fsprogs util-linux >> "$LOG" 2>&1 \
+    # shellcheck disable=SC2086
+    in_chroot apt-get install -y -q --no-install-recommends $DOM0_PACKAGES >> "$LOG" 2>&1 \
         || die "installing the dom0 packages failed"
     in_chroot apt-get clean >> "$LOG" 2>&1
-    touch "$ROOTFS/.pvback-packages"
+    echo "$DOM0_PACKAGES" > "$ROOTFS/.pvback-packages"
     stage_end packages
 fi
 
@@ -170,6 +173,13 @@ gunzip -c "$XENGZ" > "$WORK/xen" # multiboot needs the plain ELF
 cp "$ROOTFS/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 cp "$ROOTFS/boot/initrd.img-$KVER" "$WORK/initrd"
 install -m 0755 "$HERE/dom0-init.sh" "$ROOTFS/sbin/dom0-init"
+# pvback in dom0 is the project tree on the 9p share (dom0-init mounts it at /mnt/host), run by dom0's python3.
+mkdir -p "$ROOTFS/usr/local/bin" "$ROOTFS/usr/local/lib/pvback"
+printf '#!/bin/sh\nPYTHONPATH=/mnt/host${PYTHONPATH:+:$PYTHONPATH} exec python3 -m backends.daemon.cli "$@"\n' \
+    > "$ROOTFS/usr/local/bin/pvback"
+# xl's device_model_override: libxl runs it with QEMU's arguments.
+printf '#!/bin/sh\nexec /usr/local/bin/pvback dm-stub "$@"\n' > "$ROOTFS/usr/local/lib/pvback/dm-stub"
+chmod 0755 "$ROOTFS/usr/local/bin/pvback" "$ROOTFS/usr/local/lib/pvback/dm-stub"
 # A persistent rootfs keeps old guest logs: start clean.
 rm -rf "$ROOTFS/var/log/xen" "$ROOTFS/var/lib/xen"/* "$ROOTFS/run"/* 2>/dev/null || true
 mkdir -p "$ROOTFS/var/log/xen/console" "$ROOTFS/mnt/host" "$ROOTFS/mnt/out"

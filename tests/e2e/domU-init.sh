@@ -1,12 +1,18 @@
 #!/bin/busybox sh
-# /init of the test domU (busybox initramfs).  The kernel command line picks one test:
-#   pvtest=NAME   boot | rw | fs | big | discard | ro | hotplug | reboot
-#   pvexpect=SHA  sha256 dom0 expects for the region the test reads first
-# Results go to the console (hvc0, logged by xenconsoled in dom0), one per line:
-#   DOMU <test> PASS|FAIL <detail>      the domU's own verdict
-#   DOMU-KV <key> <value>               facts dom0 checks against the image file
-#   DOMU-PHASE <name>                   progress dom0 synchronises on (hotplug, reboot)
-#   DOMU-DONE                           last line before poweroff
+# /init of the test domU (busybox initramfs).  One guest runs every disk check in turn, so the suite pays for
+# one domU boot (plus the reboot it tests) instead of one per check.  Disks, as tests/e2e/dom0/run_tests.py
+# attaches them:
+#   xvda  rw, created by `xl create` (qdisk):  rw [1,2) MiB read / [2,3) written, discard [8,12),
+#         big [64,128) read / [128,192) written, boot marker at 200 MiB
+#   xvdb  ro, created by `xl create` (qdisk):  [1,2) read, writes must fail
+#   xvdc  hot-plugged while running: `pvback attach` (rw-attach [100,101) read / [101,102) written; an ext4
+#         of 96 MiB at the start), `pvback detach`, `xl block-attach` (the files are still there), `xl block-detach`
+# Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote.
+# Console lines (hvc0, logged by xenconsoled in dom0):
+#   DOMU-RESULT <check> PASS|FAIL <detail>   the domU's verdict on one check
+#   DOMU-KV <key> <value>                     facts dom0 checks against the image files
+#   DOMU-PHASE <name>                         where dom0 has to act (attach, detach...) or synchronises
+#   DOMU-DONE                                 last line before poweroff
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
 mount -t proc proc /proc
@@ -14,22 +20,24 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /tmp
 
-TEST=$(sed -n 's/.*pvtest=\([^ ]*\).*/\1/p' /proc/cmdline)
-EXPECT=$(sed -n 's/.*pvexpect=\([^ ]*\).*/\1/p' /proc/cmdline)
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
+STEPS=$(arg pvsteps)
 MiB=1048576
-DEV=/dev/xvda
+A=/dev/xvda
+B=/dev/xvdb
+C=/dev/xvdc
+# Each wait for dom0 is bounded; dom0's own waits are longer, so the guest is the one that gives up first.
+HOTPLUG_WAIT=90
 
 say() { echo "$*"; }
+want() { [ -z "$STEPS" ] || [ "$STEPS" = all ] || case "+$STEPS+" in *"+$1+"*) true ;; *) false ;; esac; }
+result() { say "DOMU-RESULT $*"; }
 finish() {
     sync
     say "DOMU-DONE"
     poweroff -f
     sleep 60
 }
-pass() { say "DOMU $TEST PASS $*"; finish; }
-fail() { say "DOMU $TEST FAIL $*"; finish; }
-
-
 wait_for() { # wait_for EXPR SECONDS
     i=0
     while ! eval "$1"; do
@@ -39,28 +47,48 @@ wait_for() { # wait_for EXPR SECONDS
     done
     return 0
 }
-dropcache() { blockdev --flushbufs $DEV 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; }
-region_sha() { # region_sha OFFSET_MIB COUNT_MIB
-    dd if=$DEV bs=$MiB skip="$1" count="$2" 2>/dev/null | sha256sum | cut -d' ' -f1
+dropcache() { blockdev --flushbufs "$1" 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; }
+region_sha() { # region_sha DEV OFFSET_MIB COUNT_MIB
+    dd if="$1" bs=$MiB skip="$2" count="$3" 2>/dev/null | sha256sum | cut -d' ' -f1
 }
-# Write COUNT_MIB of fresh random data at OFFSET_MIB, read it back uncached; prints the sha on success.
-write_region() {
-    dd if=/dev/urandom of=/tmp/w bs=$MiB count="$2" 2>/dev/null
+# Write COUNT_MIB of fresh random data at OFFSET_MIB of DEV and read it back uncached; prints the sha on success.
+write_region() { # write_region DEV OFFSET_MIB COUNT_MIB
+    dd if=/dev/urandom of=/tmp/w bs=$MiB count="$3" 2>/dev/null
     want=$(sha256sum /tmp/w | cut -d' ' -f1)
-    dd if=/tmp/w of=$DEV bs=$MiB seek="$1" conv=fsync 2>/tmp/dd.err || { cat /tmp/dd.err; return 1; }
+    dd if=/tmp/w of="$1" bs=$MiB seek="$2" conv=fsync 2>/tmp/dd.err || { head -n 1 /tmp/dd.err; rm -f /tmp/w; return 1; }
     rm -f /tmp/w
-    dropcache
-    got=$(region_sha "$1" "$2")
+    dropcache "$1"
+    got=$(region_sha "$1" "$2" "$3")
     [ "$got" = "$want" ] || { echo "readback $got != written $want"; return 1; }
     echo "$want"
 }
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-say "DOMU-PHASE init $TEST $(uname -r)"
-if [ "$TEST" = boot ] || [ -z "$TEST" ]; then
-    # Before any module: loading xen-blkfront blocks (up to 5 min) while a vbd it knows is not connected.
-    TEST=boot
-    pass "kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vcpu"
-fi
+# mkfs.ext4 on the first 96 MiB of xvdc, files, umount, remount, fsck; prints why on failure.
+fs_check() {
+    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $C 96M > /tmp/mkfs.log 2>&1 \
+        || { echo "mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"; return 1; }
+    mount -t ext4 $C /mnt || { echo "mount after mkfs failed"; return 1; }
+    mkdir -p /mnt/d
+    i=0
+    while [ $i -lt 100 ]; do echo "file $i" > /mnt/d/f$i; i=$((i + 1)); done
+    dd if=/dev/urandom of=/mnt/big bs=$MiB count=8 2>/dev/null
+    sha256sum /mnt/big | cut -d' ' -f1 > /tmp/bigsha
+    sync
+    umount /mnt || { echo "umount failed"; return 1; }
+    dropcache $C
+    mount -t ext4 -o ro $C /mnt || { echo "remount failed"; return 1; }
+    got=$(sha256sum /mnt/big | cut -d' ' -f1)
+    n=$(ls /mnt/d | wc -l)
+    umount /mnt
+    [ "$got" = "$(cat /tmp/bigsha)" ] || { echo "8 MiB file changed across umount/mount: $got"; return 1; }
+    [ "$n" = 100 ] || { echo "expected 100 files, found $n"; return 1; }
+    e2fsck -fn $C > /tmp/fsck.log 2>&1 || { echo "e2fsck -fn: $(tail -n 3 /tmp/fsck.log | tr '\n' ' ')"; return 1; }
+}
+
+say "DOMU-PHASE init $(uname -r)"
+result boot PASS "kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vcpu, /init at $(now) s"
 
 # Modules in dependency order (build.sh wrote the list).
 while read -r m; do
@@ -68,95 +96,161 @@ while read -r m; do
 done < /lib/modules/order
 say "DOMU-PHASE modules"
 
-wait_for "[ -b $DEV ]" 30 || fail "$DEV did not appear within 30 s (blkfront never connected)"
-say "DOMU-KV sectors $(cat /sys/block/xvda/size)"
-say "DOMU-KV ro $(cat /sys/block/xvda/ro)"
+if ! wait_for "[ -b $A ] && [ -b $B ]" 60; then
+    why="xvda/xvdb did not appear within 60 s of loading xen-blkfront (present: $(ls /sys/block | tr '\n' ' '))"
+    for c in rw big discard ro rw-attach fs hotplug reboot; do result $c FAIL "$why"; done
+    finish
+fi
+say "DOMU-KV sectors-a $(cat /sys/block/xvda/size)"
+say "DOMU-KV ro-b $(cat /sys/block/xvdb/ro)"
 
-case $TEST in
-rw)
-    got=$(region_sha 1 1)
-    [ "$got" = "$EXPECT" ] || fail "read of dom0's data: sha $got, dom0 wrote $EXPECT"
-    w=$(write_region 2 1) || fail "write/readback: $w"
-    say "DOMU-KV wsha $w"
-    pass "read dom0's 1 MiB, wrote+reread 1 MiB"
-    ;;
-big)
-    t0=$(date +%s)
-    got=$(region_sha 64 64)
-    t1=$(date +%s)
-    [ "$got" = "$EXPECT" ] || fail "64 MiB read: sha $got, dom0 wrote $EXPECT"
-    w=$(write_region 128 64) || fail "64 MiB write/readback: $w"
-    t2=$(date +%s)
-    say "DOMU-KV wsha $w"
-    pass "64 MiB read in $((t1 - t0)) s, 64 MiB write+reread in $((t2 - t1)) s"
-    ;;
-fs)
-    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $DEV > /tmp/mkfs.log 2>&1 \
-        || fail "mkfs.ext4: $(tail -n 2 /tmp/mkfs.log)"
-    mount -t ext4 $DEV /mnt || fail "mount after mkfs failed"
-    mkdir -p /mnt/d
-    i=0
-    while [ $i -lt 100 ]; do echo "file $i $(date)" > /mnt/d/f$i; i=$((i + 1)); done
-    dd if=/dev/urandom of=/mnt/big bs=$MiB count=8 2>/dev/null
-    want=$(sha256sum /mnt/big | cut -d' ' -f1)
-    sync
-    umount /mnt || fail "umount failed"
-    dropcache
-    mount -t ext4 -o ro $DEV /mnt || fail "remount failed"
-    got=$(sha256sum /mnt/big | cut -d' ' -f1)
-    n=$(ls /mnt/d | wc -l)
-    umount /mnt
-    [ "$got" = "$want" ] || fail "8 MiB file changed across umount/mount: $got != $want"
-    [ "$n" = 100 ] || fail "expected 100 files, found $n"
-    e2fsck -fn $DEV > /tmp/fsck.log 2>&1 || fail "e2fsck -fn: $(tail -n 3 /tmp/fsck.log | tr '\n' ' ')"
-    say "DOMU-KV bigsha $want"
-    pass "mkfs.ext4, 100 files + 8 MiB, umount/mount, e2fsck -fn clean"
-    ;;
-discard)
-    w=$(write_region 8 4) || fail "write before discard: $w"
-    cat /sys/block/xvda/queue/discard_max_bytes > /tmp/dmax
-    blkdiscard -o $((8 * MiB)) -l $((4 * MiB)) $DEV 2>/tmp/bd.err \
-        || fail "blkdiscard: $(cat /tmp/bd.err) (discard_max_bytes=$(cat /tmp/dmax))"
-    dropcache
-    z=$(dd if=/dev/zero bs=$MiB count=4 2>/dev/null | sha256sum | cut -d' ' -f1)
-    got=$(region_sha 8 4)
-    [ "$got" = "$z" ] && say "DOMU-KV discard-zeroed yes" || say "DOMU-KV discard-zeroed no"
-    pass "blkdiscard of 4 MiB accepted"
-    ;;
-ro)
-    [ "$(cat /sys/block/xvda/ro)" = 1 ] || fail "disk attached read-only but /sys/block/xvda/ro is not 1"
-    got=$(region_sha 1 1)
-    [ "$got" = "$EXPECT" ] || fail "read: sha $got, dom0 wrote $EXPECT"
-    if dd if=/dev/zero of=$DEV bs=4096 count=1 seek=256 conv=fsync 2>/tmp/dd.err; then
-        fail "a write to the read-only disk succeeded"
+# ---- second boot: the reboot check ----
+mark=$(dd if=$A bs=512 skip=$((200 * 2048)) count=1 2>/dev/null | tr -d '\0' | head -c 80)
+case $mark in
+BOOT1*)
+    say "DOMU-PHASE second-boot"
+    want_sha=${mark#BOOT1 }
+    got=$(region_sha $A 2 1)
+    if [ "$got" != "$want_sha" ]; then
+        result reboot FAIL "after reboot xvda [2,3) MiB has sha $got, before the reboot it was $want_sha"
+    elif [ "$(region_sha $B 1 1)" != "$(arg pvb)" ]; then
+        result reboot FAIL "after reboot the read-only xvdb no longer reads what dom0 wrote"
+    else
+        result reboot PASS "both disks reconnected after reboot, data written before it is there"
     fi
-    pass "reads work, write refused: $(head -n 1 /tmp/dd.err)"
+    finish
     ;;
-hotplug)
-    got=$(region_sha 1 1)
-    [ "$got" = "$EXPECT" ] || fail "first attach: sha $got, dom0 wrote $EXPECT"
-    say "DOMU-PHASE attached"
-    wait_for "[ ! -b $DEV ]" 60 || fail "$DEV still present 60 s after dom0 started detaching"
-    say "DOMU-PHASE detached"
-    wait_for "[ -b $DEV ]" 60 || fail "$DEV did not come back within 60 s of detaching"
-    got=$(region_sha 1 1)
-    [ "$got" = "$EXPECT" ] || fail "after re-attach: sha $got, dom0 wrote $EXPECT"
-    pass "detached and re-attached while running, data intact"
+BOOT0*) ;;
+*)
+    for c in rw big discard ro rw-attach fs hotplug reboot; do result $c FAIL "unexpected boot marker '$mark'"; done
+    finish
     ;;
-reboot)
-    mark=$(dd if=$DEV bs=512 skip=$((200 * 2048)) count=1 2>/dev/null | head -c 5)
-    case $mark in
-    BOOT0)
-        printf 'BOOT1' | dd of=$DEV bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
-            || fail "cannot write the boot marker"
-        say "DOMU-PHASE rebooting"
-        sync
-        reboot -f
-        sleep 60
-        ;;
-    BOOT1) pass "reconnected after reboot, marker written before reboot is there" ;;
-    *) fail "unexpected boot marker '$mark'" ;;
-    esac
-    ;;
-*) fail "unknown test '$TEST'" ;;
 esac
+
+# ---- xvda: read/write, 64 MiB, discard ----
+if want rw; then
+    t0=$(now)
+    got=$(region_sha $A 1 1)
+    if [ "$got" != "$(arg pva)" ]; then
+        result rw FAIL "read of dom0's 1 MiB: sha $got, dom0 wrote $(arg pva)"
+    elif w=$(write_region $A 2 1); then
+        say "DOMU-KV rw-wsha $w"
+        result rw PASS "read dom0's 1 MiB, wrote+reread 1 MiB ($(since "$t0") s)"
+    else
+        result rw FAIL "write/readback: $w"
+    fi
+fi
+
+if want big; then
+    t0=$(now)
+    got=$(region_sha $A 64 64)
+    t1=$(now)
+    if [ "$got" != "$(arg pvbig)" ]; then
+        result big FAIL "64 MiB read: sha $got, dom0 wrote $(arg pvbig)"
+    elif w=$(write_region $A 128 64); then
+        say "DOMU-KV big-wsha $w"
+        result big PASS "64 MiB read in $(since "$t0") s, 64 MiB write+reread in $(since "$t1") s"
+    else
+        result big FAIL "64 MiB write/readback: $w"
+    fi
+fi
+
+if want discard; then
+    if ! w=$(write_region $A 8 4); then
+        result discard FAIL "write before discard: $w"
+    elif ! blkdiscard -o $((8 * MiB)) -l $((4 * MiB)) $A 2>/tmp/bd.err; then
+        result discard FAIL "blkdiscard: $(head -n 1 /tmp/bd.err) (discard_max_bytes=$(cat /sys/block/xvda/queue/discard_max_bytes))"
+    else
+        dropcache $A
+        z=$(dd if=/dev/zero bs=$MiB count=4 2>/dev/null | sha256sum | cut -d' ' -f1)
+        [ "$(region_sha $A 8 4)" = "$z" ] && say "DOMU-KV discard-zeroed yes" || say "DOMU-KV discard-zeroed no"
+        result discard PASS "blkdiscard of 4 MiB accepted (discard_max_bytes=$(cat /sys/block/xvda/queue/discard_max_bytes))"
+    fi
+fi
+
+# ---- xvdb: read-only ----
+if want ro; then
+    if [ "$(cat /sys/block/xvdb/ro)" != 1 ]; then
+        result ro FAIL "disk attached read-only but /sys/block/xvdb/ro is not 1"
+    elif [ "$(region_sha $B 1 1)" != "$(arg pvb)" ]; then
+        result ro FAIL "read: sha $(region_sha $B 1 1), dom0 wrote $(arg pvb)"
+    elif dd if=/dev/zero of=$B bs=4096 count=1 seek=256 conv=fsync 2>/tmp/dd.err; then
+        result ro FAIL "a write to the read-only disk succeeded"
+    else
+        result ro PASS "reads work, write refused: $(head -n 1 /tmp/dd.err)"
+    fi
+fi
+
+# ---- xvdc: attached while running, filesystem, detached and re-attached ----
+if want rw-attach || want fs || want hotplug; then
+    say "DOMU-PHASE want-xvdc"
+    t0=$(now)
+    if ! wait_for "[ -b $C ]" $HOTPLUG_WAIT; then
+        for c in rw-attach fs hotplug; do result $c FAIL "xvdc did not appear within $HOTPLUG_WAIT s of asking dom0 to attach it"; done
+    else
+        say "DOMU-KV attach-s $(since "$t0")"
+        got=$(region_sha $C 100 1)
+        if [ "$got" != "$(arg pvc)" ]; then
+            result rw-attach FAIL "read of dom0's 1 MiB: sha $got, dom0 wrote $(arg pvc)"
+        elif w=$(write_region $C 101 1); then
+            say "DOMU-KV attach-wsha $w"
+            result rw-attach PASS "xvdc appeared $(since "$t0") s after asking; read dom0's 1 MiB, wrote+reread 1 MiB"
+        else
+            result rw-attach FAIL "write/readback: $w"
+        fi
+
+        fs_ok=0
+        t0=$(now)
+        if why=$(fs_check); then
+            fs_ok=1
+            bigsha=$(cat /tmp/bigsha)
+            say "DOMU-KV fs-bigsha $bigsha"
+            result fs PASS "mkfs.ext4, 100 files + 8 MiB, umount/mount, e2fsck -fn clean ($(since "$t0") s)"
+        else
+            result fs FAIL "$why"
+        fi
+
+        # dom0 detaches (pvback detach), checks the filesystem in the image, re-attaches (xl block-attach).
+        say "DOMU-PHASE release-xvdc"
+        if ! wait_for "[ ! -b $C ]" $HOTPLUG_WAIT; then
+            result hotplug FAIL "xvdc still present $HOTPLUG_WAIT s after asking dom0 to detach it"
+        else
+            say "DOMU-PHASE xvdc-gone"
+            if ! wait_for "[ -b $C ]" $HOTPLUG_WAIT; then
+                result hotplug FAIL "xvdc did not come back within $HOTPLUG_WAIT s of being detached"
+            else
+                ok=1
+                if [ $fs_ok = 1 ]; then
+                    if mount -t ext4 -o ro $C /mnt; then
+                        [ "$(sha256sum /mnt/big | cut -d' ' -f1)" = "$bigsha" ] || ok="the 8 MiB file differs after re-attach"
+                        [ "$(ls /mnt/d | wc -l)" = 100 ] || ok="files missing after re-attach"
+                        umount /mnt
+                    else
+                        ok="the filesystem does not mount after re-attach"
+                    fi
+                fi
+                [ "$(region_sha $C 100 1)" = "$(arg pvc)" ] || ok="dom0's 1 MiB reads differently after re-attach"
+                say "DOMU-PHASE xvdc-checked"
+                if [ "$ok" != 1 ]; then
+                    result hotplug FAIL "$ok"
+                elif ! wait_for "[ ! -b $C ]" $HOTPLUG_WAIT; then
+                    result hotplug FAIL "xvdc still present $HOTPLUG_WAIT s after the second detach (xl block-detach)"
+                else
+                    result hotplug PASS "pvback attach/detach, xl block-attach/detach while running, data intact"
+                fi
+            fi
+        fi
+    fi
+fi
+
+# ---- reboot: the marker carries the sha of xvda [2,3) MiB to the next boot ----
+if want reboot; then
+    w=$(region_sha $A 2 1)
+    printf 'BOOT1 %s' "$w" | dd of=$A bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
+        || { result reboot FAIL "cannot write the boot marker"; finish; }
+    say "DOMU-PHASE rebooting"
+    sync
+    reboot -f
+    sleep 60
+fi
+finish

@@ -2,12 +2,16 @@
 """The dom0 side of the real-Xen end-to-end test.  Runs inside the test dom0 (Debian's python3.11), started by
 dom0-init from the read-only 9p share; prints for the host test, on the console:
 
-    STAGE test:<name>                       when a test starts (the host times the stages)
-    RESULT <name> PASS|FAIL <detail>        one line per test
+    STAGE <name>                            when a stage starts (the host times the stages)
+    RESULT <check> PASS|FAIL <detail>       one line per check
 
-Every wait is bounded.  Guests are PV domUs with the busybox initramfs of tests/e2e/domU-init.sh; their
-verdicts come back through their consoles (xenconsoled's guest logs) and are cross-checked here against
-the disk image files.
+Everything goes through the product, as an operator would use it: `pvback serve` serves the disks,
+`pvback dm-stub` is xl's device model for the guest's qdisk disks, `pvback attach/detach` and
+`xl create/block-attach/block-detach` create and remove them, `pvback status` shows them.
+
+One PV guest (tests/e2e/domU-init.sh) runs every disk check in turn: two disks from `xl create` (rw and
+ro), a third hot-plugged while it runs, then a reboot.  Its verdicts come back through its console
+(xenconsoled's log) and are cross-checked here against the image files.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -21,22 +25,34 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-E2E = HERE.parent
-SHARE = E2E.parent.parent  # the project tree
 CONSOLE_DIR = Path("/var/log/xen/console")
 WORK = Path("/var/lib/pvback-e2e")  # ext4, so O_DIRECT and hole punching behave as on a real dom0
 OUT = Path("/mnt/out")
 DOMU_KERNEL = "/opt/pvback-e2e/vmlinuz"
 DOMU_RAMDISK = "/opt/pvback-e2e/domU.cpio.gz"
-DM_STUB = E2E / "dm-stub.py"
-SERVE_BLK = HERE / "serve_blk.py"
+PVBACK = "/usr/local/bin/pvback"  # build.sh: runs backends.daemon.cli from the share with dom0's python3
+DM_STUB = "/usr/local/lib/pvback/dm-stub"  # build.sh: exec pvback dm-stub "$@"
+METRICS = "127.0.0.1:9477"
+SERVE_LOG = Path("/tmp/pvback-serve.log")
+GUEST = "pvguest"
 MiB = 1 << 20
-DISK_SIZE = 256 * MiB
-XVDA = 51712  # (202 << 8) | (0 << 4)
+XVDA, XVDB = 51712, 51728
+GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
+HOTPLUG_ACTION_TIMEOUT_S = 60
+
+# Checks, in the order they are reported; the host test makes one pytest test of each.
+CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
+          "blk-ro", "pvback-status", "blk-rw-attach", "blk-fs", "blk-hotplug", "blk-reboot"]
+# The guest's step name for each check it takes part in (domU-init.sh's `want`).
+GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
+              "blk-rw-attach": "rw-attach", "blk-fs": "fs", "blk-hotplug": "hotplug", "blk-reboot": "reboot"}
+STEP_CHECK = {v: k for k, v in GUEST_STEP.items()}
+NEEDS_GUEST = set(GUEST_STEP) | {"xl-qdisk-stub", "pvback-status"}
 
 
 def say(line: str) -> None:
@@ -47,18 +63,14 @@ class TestFailure(Exception):
     pass
 
 
-class GuestFatal(TestFailure):
-    """The guest reported an unrecoverable error: stop waiting for it."""
-
-
 def run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise TestFailure(f"{' '.join(cmd)} did not finish within {timeout:.0f} s") from exc
+        raise TestFailure(f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s") from exc
     if check and cp.returncode != 0:
         err = (cp.stderr or cp.stdout).strip().splitlines()
-        raise TestFailure(f"{' '.join(cmd)} exited {cp.returncode}: {' | '.join(err[-3:])}")
+        raise TestFailure(f"`{' '.join(cmd)}` exited {cp.returncode}: {' | '.join(err[-3:])}")
     return cp
 
 
@@ -69,6 +81,28 @@ def wait_until(what: str, cond: Callable[[], bool], timeout: float, interval: fl
             return
         time.sleep(interval)
     raise TestFailure(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Report:
+    """One RESULT line per selected check, the first verdict wins; checks never reported fail at the end."""
+
+    def __init__(self, selected: list[str]) -> None:
+        self.selected = selected
+        self.done: dict[str, bool] = {}
+
+    def __call__(self, check: str, ok: bool, detail: str) -> None:
+        if check in self.done or check not in self.selected:
+            return
+        self.done[check] = ok
+        say(f"RESULT {check} {'PASS' if ok else 'FAIL'} {detail}")
+
+    def fail_rest(self, why: str) -> None:
+        for check in self.selected:
+            self(check, False, why)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for ok in self.done.values() if not ok)
 
 
 # ---- disks ----
@@ -82,32 +116,42 @@ def sha_region(path: Path, off_mib: int, n_mib: int) -> str:
     return h.hexdigest()
 
 
-def make_disk(name: str) -> tuple[Path, str, str]:
-    """A 256 MiB sparse image: random 1 MiB at 1 MiB, random 64 MiB at 64 MiB, boot marker at 200 MiB.
-    Returns (path, sha of [1,2) MiB, sha of [64,128) MiB)."""
+def make_disk(name: str, size_mib: int, random_at: list[tuple[int, int]],
+              marker: bytes = b"") -> tuple[Path, list[str]]:
+    """A sparse image with random data at each (offset MiB, length MiB); returns the path and their shas."""
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / f"{name}.img"
     path.unlink(missing_ok=True)
-    small = os.urandom(MiB)
-    big_h = hashlib.sha256()
+    shas = []
     with path.open("wb") as f:
-        f.truncate(DISK_SIZE)
+        f.truncate(size_mib * MiB)
         f.write(b"PVBACK-E2E-DISK\n")
-        f.seek(MiB)
-        f.write(small)
-        f.seek(64 * MiB)
-        for _ in range(64):
-            chunk = os.urandom(MiB)
-            big_h.update(chunk)
-            f.write(chunk)
-        f.seek(200 * MiB)
-        f.write(b"BOOT0")
+        for off, n in random_at:
+            f.seek(off * MiB)
+            h = hashlib.sha256()
+            for _ in range(n):
+                chunk = os.urandom(MiB)
+                h.update(chunk)
+                f.write(chunk)
+            shas.append(h.hexdigest())
+        if marker:
+            f.seek(200 * MiB)
+            f.write(marker)
         f.flush()
         os.fsync(f.fileno())
-    return path, hashlib.sha256(small).hexdigest(), big_h.hexdigest()
+    return path, shas
 
 
-# ---- guests ----
+def qdisk(path: Path, vdev: str, access: str = "rw") -> str:
+    return f"backendtype=qdisk,format=raw,vdev={vdev},access={access},target={path}"
+
+
+# ---- xl and the guest ----
+
+def domid_of(name: str) -> int | None:
+    cp = run(["xl", "domid", name], timeout=30, check=False)
+    return int(cp.stdout.strip()) if cp.returncode == 0 and cp.stdout.strip().isdigit() else None
+
 
 def console_log(name: str) -> Path:
     return CONSOLE_DIR / f"guest-{name}.log"
@@ -120,306 +164,21 @@ def console_text(name: str) -> str:
         return ""
 
 
-def domid_of(name: str) -> int | None:
-    cp = run(["xl", "domid", name], timeout=20, check=False)
-    return int(cp.stdout.strip()) if cp.returncode == 0 and cp.stdout.strip().isdigit() else None
+def xs_read(path: str) -> str | None:
+    cp = run(["xenstore-read", path], timeout=20, check=False)
+    return cp.stdout.strip() if cp.returncode == 0 else None
 
 
-def write_cfg(name: str, test: str, expect: str = "", disks: list[str] | None = None, memory: int = 256,
-              on_reboot: str = "destroy") -> Path:
-    extra = f"console=hvc0 rdinit=/init quiet pvtest={test}" + (f" pvexpect={expect}" if expect else "")
-    lines = [
-        f'name = "{name}"',
-        'type = "pv"',
-        f'kernel = "{DOMU_KERNEL}"',
-        f'ramdisk = "{DOMU_RAMDISK}"',
-        f'extra = "{extra}"',
-        f"memory = {memory}",
-        "vcpus = 1",
-        'on_poweroff = "destroy"',
-        f'on_reboot = "{on_reboot}"',
-        'on_crash = "destroy"',
-    ]
-    if disks:
-        lines.append("disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]")
-        # The qdisk route: libxl spawns a "device model" for the PV guest; ours only answers libxl's QMP and
-        # the userspace backend already watching backend/qdisk serves the disk.
-        lines.append(f'device_model_override = "{DM_STUB}"')
-        lines.append('device_model_version = "qemu-xen"')
-    cfg = Path("/tmp") / f"{name}.cfg"
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
+def dm_stub_pids(domid: int) -> list[str]:
+    cp = run(["pgrep", "-f", f"dm-stub .*-xen-domid {domid}( |$)"], check=False)
+    return [p for p in cp.stdout.split() if p != str(os.getpid())]
 
 
-def qdisk(path: Path, access: str = "rw") -> str:
-    return f"backendtype=qdisk,format=raw,vdev=xvda,access={access},target={path}"
-
-
-def xl_create(cfg: Path, paused: bool = False) -> int:
-    name = re.search(r'name = "([^"]+)"', cfg.read_text())
-    assert name
-    console_log(name.group(1)).unlink(missing_ok=True)
-    run(["xl", "create", *(["-p"] if paused else []), str(cfg)], timeout=90)
-    domid = domid_of(name.group(1))
-    if domid is None:
-        raise TestFailure(f"xl create {cfg.name} succeeded but the domain is not listed")
-    return domid
-
-
-def destroy(name: str) -> None:
-    if domid_of(name) is not None:
-        run(["xl", "destroy", name], timeout=30, check=False)
-
-
-def domu_lines(name: str, prefix: str) -> list[str]:
-    return [ln.split(prefix, 1)[1].strip() for ln in console_text(name).splitlines() if prefix in ln]
-
-
-def domu_kv(name: str) -> dict[str, str]:
-    kv = {}
-    for rest in domu_lines(name, "DOMU-KV "):
-        k, _, v = rest.partition(" ")
-        kv[k] = v
-    return kv
-
-
-FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
-
-
-def diagnose(name: str) -> str:
-    """What a hung guest was doing, for the failure message: its xl state and the toolstack's log tails."""
-    parts = []
-    cp = run(["xl", "list", name], timeout=20, check=False)
-    parts.append("xl list: " + (cp.stdout.strip().splitlines()[-1] if cp.returncode == 0 else "gone"))
-    for log in (Path(f"/var/log/xen/qemu-dm-{name}.log"), Path(f"/var/log/xen/xl-{name}.log")):
-        if log.exists():
-            lines = log.read_text(errors="replace").strip().splitlines()[-3:]
-            parts.append(f"{log.name}: {' | '.join(lines)}")
-    return "; ".join(parts)
-
-
-def wait_console(name: str, marker: str, what: str, timeout: float) -> None:
-    def seen() -> bool:
-        text = console_text(name)
-        fatal = FATAL_GUEST.search(text)
-        if fatal:
-            raise GuestFatal(f"guest kernel: {fatal.group(0).strip()} (while waiting for {what})")
-        return marker in text
-
-    wait_until(f"{what} ({marker})", seen, timeout)
-
-
-def wait_domu_verdict(name: str, test: str, timeout: float) -> str:
-    """Wait for the domU's verdict line and for the domain to be gone; return the detail or raise."""
-    pat = re.compile(rf"DOMU {re.escape(test)} (PASS|FAIL) ?(.*)")
-    found: list[re.Match[str]] = []
-
-    def verdict() -> bool:
-        text = console_text(name)
-        m = pat.search(text)
-        if m:
-            found.append(m)
-            return True
-        # The frontend gave up on the disk: nothing more will come, do not sit out the timeout.
-        fatal = FATAL_GUEST.search(text)
-        if fatal:
-            raise GuestFatal(f"guest kernel: {fatal.group(0).strip()}; "
-                              f"console tail: {' | '.join(text.strip().splitlines()[-4:])}")
-        return False
-
-    try:
-        wait_until(f"domU {name} to report (its console: {console_log(name)})", verdict, timeout)
-    except GuestFatal:
-        raise
-    except TestFailure:
-        tail = " | ".join(console_text(name).strip().splitlines()[-4:])
-        raise TestFailure(f"no verdict from {name} in {timeout:.0f} s; console tail: {tail or '(empty)'}; "
-                          f"{diagnose(name)}") from None
-    wait_until(f"{name} to power off", lambda: domid_of(name) is None, 30, 0.5)
-    m = found[-1]
-    if m.group(1) != "PASS":
-        raise TestFailure(f"domU: {m.group(2)}")
-    return m.group(2)
-
-
-# ---- the backend ----
-
-class Server:
-    """serve_blk.py, running for all disk tests; stopped by PID."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = Path("/tmp/serve_blk.log")
-        self.unavailable: str | None = None
-
-    def start(self) -> None:
-        self.log.unlink(missing_ok=True)
-        with self.log.open("wb") as f:
-            self.proc = subprocess.Popen([sys.executable, str(SERVE_BLK)], stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        try:
-            wait_until("serve_blk.py to report readiness", self._ready, 30)
-        except TestFailure as exc:
-            self.unavailable = f"{exc}; log: {self.tail()}"
-        if self.unavailable:
-            self.stop()
-
-    def _ready(self) -> bool:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        m = re.search(r"SERVE-UNAVAILABLE (.*)", text)
-        if m:
-            self.unavailable = m.group(1)
-            return True
-        if "SERVE-READY" in text:
-            return True
-        if self.proc is not None and self.proc.poll() is not None:
-            self.unavailable = f"serve_blk.py exited {self.proc.returncode}: {self.tail()}"
-            return True
-        return False
-
-    def tail(self) -> str:
-        if not self.log.exists():
-            return "(no log)"
-        return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
-
-    def check(self) -> None:
-        if self.unavailable:
-            raise TestFailure(f"blkback not available: {self.unavailable}")
-        if self.proc is None or self.proc.poll() is not None:
-            raise TestFailure(f"serve_blk.py is not running: {self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-SERVER = Server()
-
-
-# ---- tests ----
-
-def t_platform() -> str:
-    """XenPlatform in dom0: the C module loads, gntdev/evtchn open, grant copy probed, self-grant map/copy,
-    a loopback event channel; in a child process so a crash in C cannot take the driver down."""
-    cp = run([sys.executable, str(HERE / "check_platform.py")], timeout=60, check=False)
-    out = cp.stdout.strip().splitlines()
-    for ln in out:
-        say(f"  {ln}")
-    if cp.returncode != 0:
-        bad = [ln for ln in out if " FAIL " in ln] or (cp.stderr.strip().splitlines()[-3:])
-        raise TestFailure(f"check_platform exited {cp.returncode}: {' | '.join(bad)}")
-    return "; ".join(ln.split(" ", 3)[-1] for ln in out if ln.startswith("CHECK summary"))
-
-
-def t_xl_boot() -> str:
-    name = "t-boot"
-    cfg = write_cfg(name, "boot")
-    t0 = time.monotonic()
-    try:
-        xl_create(cfg)
-        detail = wait_domu_verdict(name, "boot", 60)
-    finally:
-        destroy(name)
-        keep_console(name)
-    return f"{detail}; create->poweroff {time.monotonic() - t0:.1f} s"
-
-
-def t_xl_qdisk_stub() -> str:
-    """libxl's qdisk route without a backend: xl create must get through dm-stub.py's QMP handshake, write
-    backend/qdisk nodes for us to serve, and kill the stub when the guest is gone."""
-    name = "t-stub"
-    img, _, _ = make_disk(name)
-    cfg = write_cfg(name, "boot", disks=[qdisk(img)])
-    t0 = time.monotonic()
-    domid = -1
-    try:
-        domid = xl_create(cfg)
-        t_create = time.monotonic() - t0
-        be = f"/local/domain/0/backend/qdisk/{domid}/{XVDA}"
-        params = run(["xenstore-read", f"{be}/params"]).stdout.strip()
-        if params != f"aio:{img}":
-            raise TestFailure(f"{be}/params is {params!r}")
-        state = run(["xenstore-read", f"/local/domain/0/device-model/{domid}/state"]).stdout.strip()
-        if state != "running":
-            raise TestFailure(f"device-model state {state!r}")
-        detail = wait_domu_verdict(name, "boot", 90)
-    finally:
-        destroy(name)
-        keep_console(name)
-    if domid < 0:
-        raise TestFailure("no domain")
-    left = run(["pgrep", "-f", f"{DM_STUB}.*-xen-domid {domid}"], check=False).stdout.split()
-    if left:
-        raise TestFailure(f"dm-stub still running after the guest went: pids {left}")
-    return f"xl create {t_create:.1f} s, backend params {params}; {detail}; stub reaped"
-
-
-def _disk_test(name: str, test: str, route: str, timeout: float = 90, access: str = "rw",
-               memory: int = 256, on_reboot: str = "destroy") -> tuple[Path, str, dict[str, str], str]:
-    """Create a guest with one disk served by pvback, wait for its verdict; returns (image, detail, kv, sha
-    of [1,2) MiB as dom0 wrote it)."""
-    SERVER.check()
-    img, small_sha, big_sha = make_disk(name)
-    expect = big_sha if test == "big" else small_sha
-    t0 = time.monotonic()
-    try:
-        if route == "xl":
-            cfg = write_cfg(name, test, expect, [qdisk(img, access)], memory, on_reboot)
-            xl_create(cfg)
-        else:
-            cfg = write_cfg(name, test, expect, None, memory, on_reboot)
-            domid = xl_create(cfg, paused=True)
-            xs_attach(domid, img, access)
-            run(["xl", "unpause", name], timeout=20)
-        detail = wait_domu_verdict(name, test, timeout)
-    finally:
-        destroy(name)
-        keep_console(name)
-    return img, f"{detail} ({time.monotonic() - t0:.1f} s)", domu_kv(name), small_sha
-
-
-def xs_attach(domid: int, img: Path, access: str = "rw") -> None:
-    """The nodes `pvback attach` writes (libxl's layout), by hand with xenstore-write.  backend/qdisk: the
-    dom0 kernel has no driver for that type, so it cannot race us."""
-    be = f"/local/domain/0/backend/qdisk/{domid}/{XVDA}"
-    fe = f"/local/domain/{domid}/device/vbd/{XVDA}"
-    mode = "w" if access == "rw" else "r"
-    run(["xenstore-write", f"{be}/frontend", fe, f"{be}/frontend-id", str(domid), f"{be}/online", "1",
-         f"{be}/removable", "0", f"{be}/dev", "xvda", f"{be}/type", "qdisk", f"{be}/mode", mode,
-         f"{be}/params", f"aio:{img}", f"{be}/device-type", "disk", f"{be}/state", "1"])
-    run(["xenstore-chmod", "-r", f"/local/domain/0/backend/qdisk/{domid}", "n0", f"r{domid}"])
-    run(["xenstore-write", f"{fe}/backend", be, f"{fe}/backend-id", "0", f"{fe}/virtual-device", str(XVDA),
-         f"{fe}/device-type", "disk"])
-    # Last: xenbus in the guest probes the frontend when state=1 appears.
-    run(["xenstore-write", f"{fe}/state", "1"])
-    run(["xenstore-chmod", "-r", fe, f"n{domid}", "r0"])
-
-
-def xs_detach(domid: int, timeout: float = 15) -> None:
-    """What libxl does to unplug: online=0, state=5, wait for Closed, remove both directories."""
-    be = f"/local/domain/0/backend/qdisk/{domid}/{XVDA}"
-    fe = f"/local/domain/{domid}/device/vbd/{XVDA}"
-    run(["xenstore-write", f"{be}/online", "0", f"{be}/state", "5"])
-
-    def closed() -> bool:
-        cp = run(["xenstore-read", f"{be}/state"], check=False)
-        return cp.stdout.strip() == "6"
-
-    wait_until("the backend to reach Closed (6) after unplug", closed, timeout)
-    run(["xenstore-rm", fe], check=False)
-    run(["xenstore-rm", be], check=False)
-
-
-def keep_console(name: str) -> None:
-    """Copy the guest's console and the toolstack's logs to the host (the writable out0 share)."""
+def keep_logs(*paths: Path) -> None:
+    """Copy logs to the host (the writable out0 share): guest consoles, libxl's, the daemon's."""
     if not OUT.is_dir():
         return
-    for log in (console_log(name), Path(f"/var/log/xen/qemu-dm-{name}.log"), Path(f"/var/log/xen/xl-{name}.log")):
+    for log in paths:
         try:
             if log.exists():
                 shutil.copy(log, OUT / log.name)
@@ -427,139 +186,463 @@ def keep_console(name: str) -> None:
             pass
 
 
-def t_blk_rw(route: str) -> Callable[[], str]:
-    def test() -> str:
-        name = f"t-rw-{route}"
-        img, detail, kv, _ = _disk_test(name, "rw", route)
-        got = sha_region(img, 2, 1)
-        if kv.get("wsha") != got:
-            raise TestFailure(f"dom0 reads {got[:16]} where the domU wrote {kv.get('wsha', '?')[:16]}")
-        return f"{detail}; dom0 verified the domU's write"
-    return test
+FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
 
 
-def t_blk_big() -> str:
-    img, detail, kv, _ = _disk_test("t-big", "big", "xl", timeout=150, memory=384)
-    got = sha_region(img, 128, 64)
-    if kv.get("wsha") != got:
-        raise TestFailure(f"dom0 reads {got[:16]} where the domU wrote {kv.get('wsha', '?')[:16]}")
-    return f"{detail}; dom0 verified 64 MiB written by the domU"
+# ---- the daemon ----
 
+class Daemon:
+    """`pvback serve`, for the whole run; stopped by PID."""
 
-def t_blk_fs() -> str:
-    img, detail, kv, _ = _disk_test("t-fs", "fs", "xl", timeout=120)
-    run(["e2fsck", "-fn", str(img)], timeout=60)
-    dump = Path("/tmp/t-fs-big")
-    dump.unlink(missing_ok=True)
-    run(["debugfs", "-R", f"dump /big {dump}", str(img)], timeout=30)
-    got = hashlib.sha256(dump.read_bytes()).hexdigest()
-    if got != kv.get("bigsha"):
-        raise TestFailure(f"/big read by dom0's debugfs has sha {got[:16]}, the domU wrote {kv.get('bigsha')}")
-    return f"{detail}; dom0 e2fsck -fn clean and /big matches"
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.problem: str | None = None
+        self.t_ready = 0.0
 
-
-def t_blk_discard() -> str:
-    img, detail, _kv, _ = _disk_test("t-discard", "discard", "xl")
-    with img.open("rb") as f:
-        f.seek(8 * MiB)
-        zero = f.read(4 * MiB) == bytes(4 * MiB)
+    def start(self) -> None:
+        SERVE_LOG.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        with SERVE_LOG.open("wb") as f:
+            self.proc = subprocess.Popen(
+                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk", "--metrics", METRICS],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            hole = os.lseek(f.fileno(), 8 * MiB, os.SEEK_DATA) >= 12 * MiB
+            wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
+            self.t_ready = time.monotonic() - t0
+        except TestFailure as exc:
+            self.problem = f"{exc}; log: {self.tail()}"
+            self.stop()
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise TestFailure(f"`pvback serve` exited {self.proc.returncode}")
+        try:
+            self.metrics()
+            return True
         except OSError:
-            hole = True
-    if not zero:
-        raise TestFailure("the discarded 4 MiB still hold the data in the image file")
-    return f"{detail}; image range {'is a hole' if hole else 'reads zeros'}"
+            return False
+
+    @staticmethod
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def tail(self, n: int = 3) -> str:
+        if not SERVE_LOG.exists():
+            return "(no log)"
+        return " | ".join(SERVE_LOG.read_text(errors="replace").strip().splitlines()[-n:])
+
+    def check(self) -> None:
+        if self.problem:
+            raise TestFailure(f"pvback serve is not available: {self.problem}")
+        if self.proc is None or self.proc.poll() is not None:
+            raise TestFailure(f"pvback serve is not running: {self.tail()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                return None
+        return self.proc.returncode
 
 
-def t_blk_ro() -> str:
-    img, detail, _kv, before = _disk_test("t-ro", "ro", "xl", access="ro")
-    if sha_region(img, 1, 1) != before:
-        raise TestFailure("the read-only disk's image changed")
-    return f"{detail}; image unchanged"
+def requests_of(metrics: str, domid: int, devid: int) -> float:
+    total = 0.0
+    for m in re.finditer(r'^pvback_requests_total\{([^}]*)\} (\S+)$', metrics, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("domid") == str(domid) and labels.get("devid") == str(devid):
+            total += float(m.group(2))
+    return total
 
 
-def t_blk_hotplug() -> str:
-    SERVER.check()
-    name = "t-hotplug"
-    img, small_sha, _ = make_disk(name)
-    cfg = write_cfg(name, "hotplug", small_sha)
+# ---- checks ----
+
+def t_platform(report: Report) -> None:
+    """XenPlatform in dom0: the C module loads, gntdev/evtchn open, grant copy probed, self-grant map/copy,
+    a loopback event channel; in a child process so a crash in C cannot take the driver down."""
     t0 = time.monotonic()
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent.parent))
     try:
-        domid = xl_create(cfg, paused=True)
-        xs_attach(domid, img)
-        run(["xl", "unpause", name], timeout=20)
-        wait_console(name, "DOMU-PHASE attached", "the domU to read the disk", 60)
-        xs_detach(domid)
-        wait_console(name, "DOMU-PHASE detached", "the domU to see the disk go", 60)
-        xs_attach(domid, img)
-        detail = wait_domu_verdict(name, "hotplug", 60)
-    finally:
-        destroy(name)
-        keep_console(name)
-    return f"{detail} ({time.monotonic() - t0:.1f} s)"
+        cp = subprocess.run([sys.executable, str(HERE / "check_platform.py")], capture_output=True, text=True,
+                            timeout=90, env=env)
+    except subprocess.TimeoutExpired:
+        report("platform", False, "check_platform.py did not finish within 90 s")
+        return
+    out = cp.stdout.strip().splitlines()
+    for ln in out:
+        say(f"  {ln}")
+    if cp.returncode != 0:
+        bad = [ln for ln in out if " FAIL " in ln] or (cp.stderr.strip().splitlines()[-3:])
+        report("platform", False, f"check_platform exited {cp.returncode}: {' | '.join(bad)}")
+        return
+    summary = "; ".join(ln.split(" ", 3)[-1] for ln in out if ln.startswith("CHECK summary"))
+    report("platform", True, f"{summary} [{time.monotonic() - t0:.1f} s]")
 
 
-def t_blk_reboot() -> str:
-    img, detail, _kv, _ = _disk_test("t-reboot", "reboot", "xl", timeout=150, on_reboot="restart")
-    if "DOMU-PHASE rebooting" not in console_text("t-reboot"):
-        raise TestFailure("the domU passed without having rebooted")
-    with img.open("rb") as f:
-        f.seek(200 * MiB)
-        if f.read(5) != b"BOOT1":
-            raise TestFailure("boot marker not updated in the image")
-    return detail
+class Scenario:
+    """The one guest and everything dom0 does around it."""
 
+    def __init__(self, report: Report, daemon: Daemon, steps: list[str]) -> None:
+        self.report = report
+        self.daemon = daemon
+        self.steps = steps
+        self.t0 = time.monotonic()
+        self.domids: list[int] = []
+        self.handled: set[str] = set()
+        self.seen_steps: set[str] = set()
+        self.actions: dict[str, str] = {}  # dom0 action -> "ok ..." or the failure
+        self.stub_notes: list[str] = []
+        self.pending_fs: tuple[bool, str] | None = None
+        self.kv: dict[str, str] = {}
 
-TESTS: dict[str, Callable[[], str]] = {
-    "platform": t_platform,
-    "xl-boot": t_xl_boot,
-    "xl-qdisk-stub": t_xl_qdisk_stub,
-    "blk-rw-xs": t_blk_rw("xs"),
-    "blk-rw-xl": t_blk_rw("xl"),
-    "blk-fs": t_blk_fs,
-    "blk-big": t_blk_big,
-    "blk-discard": t_blk_discard,
-    "blk-ro": t_blk_ro,
-    "blk-hotplug": t_blk_hotplug,
-    "blk-reboot": t_blk_reboot,
-}
+    def stamp(self) -> str:
+        return f"[{time.monotonic() - self.t0:.1f} s]"
+
+    # -- setup --
+
+    def make_disks(self) -> None:
+        self.img_a, (self.sha_a1, self.sha_a64) = make_disk("a", 256, [(1, 1), (64, 64)], marker=b"BOOT0")
+        self.img_b, (self.sha_b1,) = make_disk("b", 16, [(1, 1)])
+        self.sha_b_file = hashlib.sha256(self.img_b.read_bytes()).hexdigest()
+        self.img_c, (self.sha_c100,) = make_disk("c", 128, [(100, 1)])
+
+    def write_cfg(self) -> Path:
+        extra = (f"console=hvc0 rdinit=/init quiet pvsteps={'+'.join(self.steps) or 'none'} pva={self.sha_a1} "
+                 f"pvbig={self.sha_a64} pvb={self.sha_b1} pvc={self.sha_c100}")
+        disks = [qdisk(self.img_a, "xvda"), qdisk(self.img_b, "xvdb", "ro")]
+        cfg = Path("/tmp") / f"{GUEST}.cfg"
+        cfg.write_text("\n".join([
+            f'name = "{GUEST}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"', f'ramdisk = "{DOMU_RAMDISK}"',
+            f'extra = "{extra}"', "memory = 384", "vcpus = 1",
+            'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
+            "disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]",
+            # libxl starts a "device model" for a PV guest's qdisk disks: pvback's stand-in answers its QMP,
+            # the disks themselves are served by `pvback serve` watching backend/qdisk.
+            f'device_model_override = "{DM_STUB}"', 'device_model_version = "qemu-xen"',
+        ]) + "\n")
+        return cfg
+
+    def create(self) -> None:
+        cfg = self.write_cfg()
+        console_log(GUEST).unlink(missing_ok=True)
+        t0 = time.monotonic()
+        run(["xl", "create", str(cfg)], timeout=180)
+        self.t_create = time.monotonic() - t0
+        domid = domid_of(GUEST)
+        if domid is None:
+            raise TestFailure("xl create succeeded but the domain is not listed")
+        self.domids.append(domid)
+        self.check_stub(domid)
+
+    def check_stub(self, domid: int) -> None:
+        """What libxl and the stub left in xenstore for this domain's qdisk disks."""
+        problems = []
+        for devid, img in ((XVDA, self.img_a), (XVDB, self.img_b)):
+            params = xs_read(f"/local/domain/0/backend/qdisk/{domid}/{devid}/params")
+            if params != f"raw:{img}" and params != f"aio:{img}":
+                problems.append(f"backend/qdisk/{domid}/{devid}/params is {params!r}")
+        state = xs_read(f"/local/domain/0/device-model/{domid}/state")
+        if state != "running":
+            problems.append(f"device-model/{domid}/state is {state!r}")
+        if not dm_stub_pids(domid) and domid_of(GUEST) == domid:
+            problems.append(f"no `pvback dm-stub` process for domain {domid}")
+        self.stub_notes.append(f"domain {domid}: " + ("; ".join(problems) if problems else "ok"))
+        if problems:
+            self.stub_failed = True
+
+    stub_failed = False
+
+    # -- the guest's reports --
+
+    def on_step(self, step: str, ok: bool, detail: str) -> None:
+        check = STEP_CHECK.get(step)
+        if check is None:
+            return
+        if not ok:
+            self.report(check, False, f"domU: {detail} {self.stamp()}")
+            return
+        try:
+            extra = self.verify(step, detail)
+        except TestFailure as exc:
+            self.report(check, False, f"domU passed ({detail}) but dom0: {exc} {self.stamp()}")
+            return
+        except OSError as exc:
+            self.report(check, False, f"domU passed ({detail}) but dom0 could not check: {exc} {self.stamp()}")
+            return
+        if extra is not None:
+            self.report(check, True, f"{detail}; {extra} {self.stamp()}")
+
+    def verify(self, step: str, detail: str) -> str | None:
+        """dom0's side of a check the guest passed; None when the verdict has to wait for later events."""
+        kv = self.kv
+        if step == "boot":
+            return f"xl create {self.t_create:.1f} s"
+        if step == "rw":
+            got = sha_region(self.img_a, 2, 1)
+            if kv.get("rw-wsha") != got:
+                raise TestFailure(f"image [2,3) MiB has sha {got[:16]}, the domU wrote {kv.get('rw-wsha', '?')[:16]}")
+            return "dom0 read the domU's write in the image"
+        if step == "big":
+            got = sha_region(self.img_a, 128, 64)
+            if kv.get("big-wsha") != got:
+                raise TestFailure(f"image [128,192) MiB has sha {got[:16]}, the domU wrote "
+                                  f"{kv.get('big-wsha', '?')[:16]}")
+            return "dom0 verified the 64 MiB the domU wrote"
+        if step == "discard":
+            with self.img_a.open("rb") as f:
+                f.seek(8 * MiB)
+                if f.read(4 * MiB) != bytes(4 * MiB):
+                    raise TestFailure("the discarded 4 MiB still hold data in the image file")
+                try:
+                    hole = os.lseek(f.fileno(), 8 * MiB, os.SEEK_DATA) >= 12 * MiB
+                except OSError:
+                    hole = True
+            return f"image range {'is a hole' if hole else 'reads zeros'}"
+        if step == "ro":
+            if hashlib.sha256(self.img_b.read_bytes()).hexdigest() != self.sha_b_file:
+                raise TestFailure("the read-only disk's image changed")
+            return "image unchanged"
+        if step == "rw-attach":
+            got = sha_region(self.img_c, 101, 1)
+            if kv.get("attach-wsha") != got:
+                raise TestFailure(f"image [101,102) MiB has sha {got[:16]}, the domU wrote "
+                                  f"{kv.get('attach-wsha', '?')[:16]}")
+            return f"created by `pvback attach` ({self.actions.get('pvback attach', '?')}); dom0 read the domU's write"
+        if step == "fs":
+            self.pending_fs = (True, detail)  # judged once dom0 can fsck the detached image
+            return None
+        if step == "hotplug":
+            bad = [f"{k}: {v}" for k, v in self.actions.items() if not v.startswith("ok")]
+            if bad:
+                raise TestFailure("; ".join(bad))
+            return ", ".join(f"{k} {v[3:]}" for k, v in self.actions.items())
+        if step == "reboot":
+            if "DOMU-PHASE rebooting" not in console_text(GUEST):
+                raise TestFailure("the domU passed without having rebooted")
+            with self.img_a.open("rb") as f:
+                f.seek(200 * MiB)
+                if not f.read(5) == b"BOOT1":
+                    raise TestFailure("boot marker not updated in the image")
+            if len(self.domids) < 2:
+                raise TestFailure("no second domain id seen after the reboot")
+            return f"domain {self.domids[0]} -> {self.domids[1]}"
+        return "ok"
+
+    # -- dom0's actions, when the guest asks --
+
+    def act(self, name: str, cmd: list[str], timeout: float = HOTPLUG_ACTION_TIMEOUT_S) -> None:
+        t0 = time.monotonic()
+        try:
+            run(cmd, timeout=timeout)
+            self.actions[name] = f"ok {time.monotonic() - t0:.1f} s"
+        except TestFailure as exc:
+            self.actions[name] = str(exc)
+            say(f"  dom0 action {name} failed: {exc}")
+
+    def on_phase(self, phase: str) -> None:
+        domid = self.domids[-1]
+        if phase == "want-xvdc":
+            self.check_status(domid)
+            say("STAGE guest:hotplug")
+            self.act("pvback attach", [PVBACK, "attach", "disk", str(domid), str(self.img_c), "--vdev", "xvdc",
+                                       "--platform", "xen", "--timeout", "60"], 90)
+        elif phase == "release-xvdc":
+            self.act("pvback detach", [PVBACK, "detach", "disk", str(domid), "xvdc", "--platform", "xen",
+                                       "--timeout", "60"], 90)
+        elif phase == "xvdc-gone":
+            self.check_fs()
+            self.act("xl block-attach", ["xl", "block-attach", GUEST, qdisk(self.img_c, "xvdc")])
+        elif phase == "xvdc-checked":
+            self.act("xl block-detach", ["xl", "block-detach", GUEST, "xvdc"])
+        elif phase == "rebooting":
+            say("STAGE guest:reboot")
+        elif phase == "second-boot":
+            self.check_stub(domid)
+
+    def check_status(self, domid: int) -> None:
+        """`pvback status` while both disks are Connected and xvda has served the guest's I/O."""
+        t0 = time.monotonic()
+        try:
+            out = run([PVBACK, "status", "--platform", "xen", "--metrics", METRICS, "--interval", "0"],
+                      timeout=60).stdout
+            rows = {}
+            for ln in out.splitlines():
+                cols = ln.split()
+                if len(cols) >= 7 and cols[0] == "qdisk" and cols[1] == str(domid):
+                    rows[int(cols[2])] = cols
+            for devid in (XVDA, XVDB):
+                if devid not in rows:
+                    raise TestFailure(f"`pvback status` does not list qdisk {domid}/{devid}:\n{out}")
+                if rows[devid][4:6] != ["Connected", "Connected"]:
+                    raise TestFailure(f"`pvback status` shows {domid}/{devid} as {rows[devid][4:6]}")
+            reqs = rows[XVDA][6]
+            if not reqs.isdigit() or int(reqs) == 0:
+                raise TestFailure(f"`pvback status` shows {reqs!r} requests for xvda after the guest's I/O")
+            metered = requests_of(self.daemon.metrics(), domid, XVDA)
+            self.report("pvback-status", True, f"xvda and xvdb Connected, xvda {reqs} requests (metrics endpoint: "
+                                               f"{metered:.0f}) [{time.monotonic() - t0:.1f} s]")
+        except (TestFailure, OSError) as exc:
+            self.report("pvback-status", False, str(exc))
+
+    def check_fs(self) -> None:
+        """The guest's filesystem, read by dom0's own e2fsprogs while xvdc is detached."""
+        if self.pending_fs is None:
+            return
+        _, detail = self.pending_fs
+        try:
+            run(["e2fsck", "-fn", str(self.img_c)], timeout=120)
+            dump = Path("/tmp/pvback-fs-big")
+            dump.unlink(missing_ok=True)
+            run(["debugfs", "-R", f"dump /big {dump}", str(self.img_c)], timeout=60)
+            got = hashlib.sha256(dump.read_bytes()).hexdigest()
+            if got != self.kv.get("fs-bigsha"):
+                raise TestFailure(f"/big read by dom0's debugfs has sha {got[:16]}, the domU wrote "
+                                  f"{self.kv.get('fs-bigsha')}")
+            self.report("blk-fs", True, f"{detail}; dom0 e2fsck -fn of the detached image clean, /big matches "
+                                        f"{self.stamp()}")
+        except (TestFailure, OSError) as exc:
+            self.report("blk-fs", False, f"domU passed ({detail}) but dom0: {exc}")
+
+    # -- the loop --
+
+    def run(self) -> None:
+        self.daemon.check()
+        say("STAGE guest:create")
+        self.make_disks()
+        self.create()
+        say("STAGE guest:disks")
+        results = re.compile(r"DOMU-RESULT (\S+) (PASS|FAIL) ?(.*)")
+        deadline = self.t0 + GUEST_TIMEOUT_S
+        gone_since: float | None = None
+        next_poll_dom = 0.0
+        while True:
+            text = console_text(GUEST)
+            for k, v in re.findall(r"DOMU-KV (\S+) (\S+)", text):
+                self.kv.setdefault(k, v)
+            for m in results.finditer(text):
+                if m.group(1) not in self.seen_steps:
+                    self.seen_steps.add(m.group(1))
+                    self.on_step(m.group(1), m.group(2) == "PASS", m.group(3).strip())
+            for phase in re.findall(r"DOMU-PHASE (\S+)", text):
+                if phase not in self.handled:
+                    self.handled.add(phase)
+                    self.on_phase(phase)
+            fatal = FATAL_GUEST.search(text)
+            if fatal:
+                raise TestFailure(f"guest kernel: {fatal.group(0).strip()}")
+            now = time.monotonic()
+            if now >= next_poll_dom:
+                next_poll_dom = now + 2
+                domid = domid_of(GUEST)
+                if domid is not None and domid not in self.domids:
+                    self.domids.append(domid)  # the reboot's new domain
+                if domid is None:
+                    gone_since = gone_since or now
+                    # A reboot leaves a gap between the old domain and the new one.
+                    if "reboot" not in self.steps or "reboot" in self.seen_steps or now - gone_since > 60:
+                        break
+                else:
+                    gone_since = None
+            if now > deadline:
+                tail = " | ".join(text.strip().splitlines()[-4:])
+                raise TestFailure(f"the guest did not finish within {GUEST_TIMEOUT_S} s; console tail: {tail}")
+            time.sleep(0.25)
+        say("STAGE guest:teardown")
+        missing = [s for s in self.steps if s not in self.seen_steps]
+        if missing:
+            tail = " | ".join(console_text(GUEST).strip().splitlines()[-4:])
+            for s in missing:
+                self.report(STEP_CHECK[s], False, f"the guest never reported '{s}'; console tail: {tail}")
+
+    def finish_stub_check(self) -> None:
+        """After the guest: every stub answered libxl's QMP with commands it knows and went with its domain."""
+        if "xl-qdisk-stub" not in self.report.selected:
+            return
+        # libxl rotates the device model's log when the domain restarts (the reboot): .log.1 is the first one.
+        logs = sorted(Path("/var/log/xen").glob(f"qemu-dm-{GUEST}.log*"))
+        keep_logs(*logs)
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        sent = sorted(set(re.findall(r"dm-stub: domid=\d+ qmp (\S+)", text)))
+        unknown = sorted(set(re.findall(r"dm-stub: domid=\d+ qmp (\S+) -> error", text)))
+        left = {d: dm_stub_pids(d) for d in self.domids}
+        problems = [n for n in self.stub_notes if not n.endswith(": ok")]
+        if "qmp_capabilities" not in sent:
+            problems.append(f"libxl never completed the QMP handshake (device model log: {text.strip()[-200:]!r})")
+        if unknown:
+            problems.append(f"libxl sent QMP commands the stub answered with an error: {unknown}")
+        problems += [f"dm-stub of domain {d} still running: pids {p}" for d, p in left.items() if p]
+        if problems:
+            self.report("xl-qdisk-stub", False, "; ".join(problems))
+        else:
+            self.report("xl-qdisk-stub", True, f"{len(self.domids)} stubs (domains {self.domids}) answered QMP "
+                                               f"{', '.join(sent)}; backend/qdisk params + device-model state "
+                                               f"right; all reaped")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tests", default="all", help="'all' or names joined with '+'")
+    ap.add_argument("--tests", default="all", help="'all' or check names joined with '+'")
     args = ap.parse_args()
-    os.environ["PYTHONPATH"] = str(SHARE)
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    names = list(TESTS) if args.tests == "all" else [t for t in args.tests.split("+") if t]
-    failed = 0
-    server_started = False
+    selected = list(CHECKS) if args.tests == "all" else [t for t in args.tests.split("+") if t]
+    report = Report(selected)
+    for name in selected:
+        if name not in CHECKS:
+            say(f"RESULT {name} FAIL unknown check (known: {', '.join(CHECKS)})")
+    if "platform" in selected:
+        say("STAGE platform")
+        t_platform(report)
+    need_guest = any(c in NEEDS_GUEST for c in selected)
+    daemon = Daemon()
+    scenario: Scenario | None = None
+    if need_guest or "pvback-serve" in selected:
+        say("STAGE pvback-serve-start")
+        daemon.start()
     try:
-        for name in names:
-            fn = TESTS.get(name)
-            say(f"STAGE test:{name}")
-            if fn is None:
-                say(f"RESULT {name} FAIL unknown test (known: {', '.join(TESTS)})")
-                failed += 1
-                continue
-            if name.startswith("blk-") and not server_started:
-                SERVER.start()
-                server_started = True
-            t0 = time.monotonic()
+        if need_guest:
+            steps = [GUEST_STEP[c] for c in CHECKS if c in GUEST_STEP and c in selected]
+            scenario = Scenario(report, daemon, steps)
             try:
-                detail = fn()
-                say(f"RESULT {name} PASS {detail} [{time.monotonic() - t0:.1f} s]")
-            except Exception as exc:  # one test's failure must not stop the others
-                failed += 1
-                say(f"RESULT {name} FAIL {type(exc).__name__ if not isinstance(exc, TestFailure) else ''}"
-                    f"{': ' if not isinstance(exc, TestFailure) else ''}{exc} [{time.monotonic() - t0:.1f} s]")
+                scenario.run()
+            except TestFailure as exc:
+                say(f"  guest scenario failed: {exc}")
+                for c in selected:
+                    if c in NEEDS_GUEST:
+                        report(c, False, str(exc))
+            finally:
+                if domid_of(GUEST) is not None:
+                    run(["xl", "destroy", GUEST], timeout=60, check=False)
+                wait_until_gone = time.monotonic() + 20
+                while scenario.domids and any(dm_stub_pids(d) for d in scenario.domids) \
+                        and time.monotonic() < wait_until_gone:
+                    time.sleep(0.5)  # libxl reaps the stub right after the domain; give it a moment
+                scenario.finish_stub_check()
     finally:
-        SERVER.stop()
-        if OUT.is_dir() and SERVER.log.exists():
-            shutil.copy(SERVER.log, OUT / "serve_blk.log")
+        say("STAGE pvback-serve-stop")
+        rc = daemon.stop()
+        if "pvback-serve" in selected:
+            text = SERVE_LOG.read_text(errors="replace") if SERVE_LOG.exists() else ""
+            errors = [ln for ln in text.splitlines() if "level=error" in ln or "Traceback" in ln]
+            if daemon.problem:
+                report("pvback-serve", False, daemon.problem)
+            elif rc != 0:
+                report("pvback-serve", False, f"`pvback serve` exited {rc} on SIGTERM; log: {daemon.tail(5)}")
+            elif errors:
+                report("pvback-serve", False, f"{len(errors)} errors in its log, first: {errors[0][:300]}")
+            else:
+                loop = re.search(r"loop=(\w+)", text)
+                report("pvback-serve", True, f"up in {daemon.t_ready:.1f} s (loop {loop.group(1) if loop else '?'}),"
+                                             f" served the run, clean exit on SIGTERM")
+        keep_logs(console_log(GUEST), Path(f"/var/log/xen/qemu-dm-{GUEST}.log"),
+                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG)
+    report.fail_rest("not reported by the dom0 driver (see the serial log)")
     say("STAGE tests-done")
-    return 1 if failed else 0
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
