@@ -245,10 +245,16 @@ class DmStub:
         for path in self.args.qmp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a socket left by a previous device model of a reused domid
-            self.servers.append(await asyncio.start_unix_server(self._client, path=path))
+            try:
+                self.servers.append(await asyncio.start_unix_server(self._client, path=path))
+            except OSError as exc:
+                raise DmStubError(f"cannot listen for QMP on {path}: {exc.strerror or exc}") from exc
         for fd in self.args.qmp_fds:
-            sock = socket.socket(fileno=fd)
-            self.servers.append(await asyncio.start_unix_server(self._client, sock=sock))
+            try:
+                sock = socket.socket(fileno=fd)
+                self.servers.append(await asyncio.start_unix_server(self._client, sock=sock))
+            except OSError as exc:
+                raise DmStubError(f"fd {fd} given for QMP is not a listening socket: {exc.strerror or exc}") from exc
 
     async def _announce(self, xs: Any) -> str:
         from backends.platform.xen import read_own_domid

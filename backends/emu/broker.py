@@ -6,12 +6,19 @@ fds passed with SCM_RIGHTS.  Every request gets exactly one reply, `{...}` or `{
   guest   register {name, mem_pages, gnt_entries} + [mem_fd, gtab_fd] -> {domid} (+ [xenstore fd] with hooks)
   guest   alloc_unbound {remote_domid}           -> {port} + [wake_fd, notify_fd]
   backend hello {domid}                          -> {}
-  backend map_domain {domid}                     -> {mem_pages, gnt_entries} + [mem_fd, gtab_fd]
+  backend map_domain {domid}                     -> {mem_pages, gnt_entries} + [mem_fd, gtab_fd, pin_fd]
   any     bind_interdomain {domid, remote_port}  -> {port} + [wake_fd, notify_fd]
   any     unbind {port}                          -> {}
 
 Closing a guest's connection destroys its domain (its ports become dead, @releaseDomain through the hooks).
 Backends that already attached its memory keep their mappings, like a dying domain's pages on Xen.
+
+`pin_fd` is the pin table of that backend connection and guest (one per pair, the same one on every
+map_domain): the backend keeps its grant pin counts there (csrc/gnt_emu.h), and the broker holds it too.
+When a backend's connection closes (it exited or died), the broker clears the GTF_reading/GTF_writing bits
+its pins still held in the guest's grant table, except where another live backend of that guest pins the
+same ref: what Xen does when the kernel unmaps a dead process's grants.  Without it a SIGKILLed backend
+would leave the guest unable to ever revoke those grants.
 
 The broker is trusted plumbing, not a security boundary between guests and backends: the checks that
 matter (grant rules) are enforced in the backend's grant handle (csrc/gnt_emu.c).  It still validates every
@@ -34,6 +41,8 @@ import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from backends.native.grants import pin_table_size, release_dead_pins
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +143,7 @@ class _Domain:
     conn: _Conn
     ports: dict[int, _Port] = field(default_factory=dict)
     next_port: int = 1
+    pin_tables: dict[_Conn, int] = field(default_factory=dict)  # backend connection -> its pin table memfd
 
 
 @dataclass(eq=False)
@@ -162,6 +172,18 @@ def _check_memfd(fd: int, need: int, what: str) -> None:
         seals = 0
     if not seals & fcntl.F_SEAL_SHRINK:
         raise _Refused("EPERM", f"{what}: memfd must be sealed with F_SEAL_SHRINK (backends would SIGBUS)")
+
+
+def _pin_table(d: _Domain) -> int:
+    """A zeroed pin table for one backend's grants of `d`, sealed so neither side can shrink it."""
+    fd = os.memfd_create(f"pvback-pins-d{d.domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, pin_table_size(d.gnt_entries))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 _OPS = frozenset({"register", "hello", "map_domain", "alloc_unbound", "bind_interdomain", "unbind"})
@@ -298,7 +320,10 @@ class Broker:
             if conn.guest is not None:
                 raise _Refused("EPERM", "guests cannot map other domains' memory")
             d = self._domain(_int(msg, "domid", 0, DOMID_FIRST_RESERVED - 1))
-            return {"mem_pages": d.mem_pages, "gnt_entries": d.gnt_entries}, [d.mem_fd, d.gtab_fd]
+            pin_fd = d.pin_tables.get(conn)
+            if pin_fd is None:
+                pin_fd = d.pin_tables[conn] = _pin_table(d)
+            return {"mem_pages": d.mem_pages, "gnt_entries": d.gnt_entries}, [d.mem_fd, d.gtab_fd, pin_fd]
         if op == "alloc_unbound":
             if conn.guest is None:
                 raise _Refused("EPERM", "alloc_unbound is for registered guests")
@@ -401,11 +426,28 @@ class Broker:
         # The guest's end goes back to unbound (reserved for the same domain), as on Xen.
         p.bound = None
 
+    def _release_pins(self, conn: _Conn) -> None:
+        """The backend on `conn` is gone: what its grant pins held in each guest's entries is let go."""
+        for d in self.domains.values():
+            fd = d.pin_tables.pop(conn, None)
+            if fd is None:
+                continue
+            try:
+                n = release_dead_pins(d.gtab_fd, d.gnt_entries, fd, list(d.pin_tables.values()))
+            except Exception:
+                log.exception("broker: releasing d%s's pins of d%d failed", conn.domid, d.domid)
+            else:
+                if n:
+                    log.info("broker: d%s went away holding %d grant(s) of d%d: released", conn.domid, n, d.domid)
+            finally:
+                close_fds([fd])
+
     async def _drop(self, conn: _Conn) -> None:
         self._conns.discard(conn)
         for p in list(conn.bound.values()):
             p.bound = None
         conn.bound.clear()
+        self._release_pins(conn)
         d = conn.guest
         conn.guest = None
         with contextlib.suppress(OSError):
@@ -415,7 +457,9 @@ class Broker:
         for p in d.ports.values():
             p.close()
         d.ports.clear()
-        close_fds([d.mem_fd, d.gtab_fd])
+        # Backends keep their own mappings of the pin tables (like the memory); nobody is left to revoke.
+        close_fds([d.mem_fd, d.gtab_fd, *d.pin_tables.values()])
+        d.pin_tables.clear()
         self.domains.pop(d.domid, None)
         log.info("broker: destroyed d%d %r", d.domid, d.name)
         if self.hooks is not None:

@@ -7,6 +7,7 @@ Shared by both platforms: the emulated one builds its handle with `pv_gnt_emu_op
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from typing import Any
 
@@ -133,9 +134,12 @@ class EmulatedGrantTable(GrantTable):
         super().__init__(lib.pv_gnt_emu_open(self_domid))
         self.self_domid = self_domid
 
-    def attach(self, domid: int, mem_fd: int, mem_pages: int, gtab_fd: int, nr_entries: int) -> None:
-        """Duplicates the fds: the caller still closes its own."""
-        rc = int(lib.pv_gnt_emu_attach(self.c, domid, mem_fd, mem_pages, gtab_fd, nr_entries))
+    def attach(self, domid: int, mem_fd: int, mem_pages: int, gtab_fd: int, nr_entries: int,
+               pin_fd: int = -1) -> None:
+        """Duplicates the fds: the caller still closes its own.  `pin_fd` is the broker's pin table for this
+        backend and guest (pin_table_size bytes); without one (-1) the pins are private, and grants this
+        process holds stay pinned for ever if it dies."""
+        rc = int(lib.pv_gnt_emu_attach(self.c, domid, mem_fd, mem_pages, gtab_fd, nr_entries, pin_fd))
         if rc < 0:
             raise OSError(-rc, f"attach d{domid}: {os.strerror(-rc)}")
 
@@ -148,6 +152,34 @@ class EmulatedGrantTable(GrantTable):
     def pinned(self, domid: int) -> int:
         """Grant pins of `domid` held through this handle (-1 if not attached)."""
         return int(lib.pv_gnt_emu_pinned(self.c, domid))
+
+
+def pin_table_size(nr_entries: int) -> int:
+    """Bytes of the pin table a backend keeps its grant pins of one guest in (csrc/gnt_emu.h)."""
+    return int(lib.pv_gnt_emu_pintab_size(nr_entries))
+
+
+def release_dead_pins(gtab_fd: int, nr_entries: int, dead_fd: int, other_fds: list[int]) -> int:
+    """Broker side: the backend owning pin table `dead_fd` is gone; clear the GTF_reading/GTF_writing bits
+    its pins held in the guest's grant table, except where a live backend's table (`other_fds`, same guest)
+    still pins the ref, then zero `dead_fd`.  Returns how many refs the dead backend had pinned."""
+    gtab_len = nr_entries * ffi.sizeof("struct pv_grant_entry_v1")
+    tab_len = pin_table_size(nr_entries)
+    maps: list[mmap.mmap] = []
+    ptrs: list[Any] = []
+    try:
+        for fd, length in [(gtab_fd, gtab_len), (dead_fd, tab_len)] + [(fd, tab_len) for fd in other_fds]:
+            if os.fstat(fd).st_size < length:
+                raise OSError(errno.EINVAL, f"release_dead_pins: fd {fd} is shorter than {length} bytes")
+            maps.append(mmap.mmap(fd, length))
+            ptrs.append(ffi.from_buffer(maps[-1]))
+        others = ffi.new("void *[]", ptrs[2:]) if other_fds else ffi.NULL
+        return int(lib.pv_gnt_emu_release_pins(ptrs[0], nr_entries, ptrs[1], others, len(other_fds)))
+    finally:
+        for ptr in ptrs:
+            ffi.release(ptr)
+        for m in maps:
+            m.close()
 
 
 def guest_grant(gtab: Any, nr_entries: int, ref: int, domid: int, frame: int, readonly: bool) -> None:

@@ -74,9 +74,10 @@ class EmulatedPlatform(Platform):
             return
         reply, fds = self._broker.request("map_domain", domid=domid)
         try:
-            if len(fds) != 2:
+            if len(fds) != 3:
                 raise OSError(errno.EPROTO, f"broker sent {len(fds)} fds for map_domain")
-            self.table.attach(domid, fds[0], int(reply["mem_pages"]), fds[1], int(reply["gnt_entries"]))
+            # fds[2]: the pin table the broker also holds, so it can release our grants if we die.
+            self.table.attach(domid, fds[0], int(reply["mem_pages"]), fds[1], int(reply["gnt_entries"]), fds[2])
         finally:
             close_fds(fds)
         self._domains[domid] = 1
@@ -138,4 +139,5 @@ class EmulatedPlatform(Platform):
             self._table.close()  # drops any mapping still held, then every attached domain
             self._table = None
         self._domains.clear()
+        # Last: the broker takes a closed connection for a dead backend and releases what its pins held.
         self._broker.close()

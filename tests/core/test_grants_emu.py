@@ -11,9 +11,12 @@ import errno
 import fcntl
 import mmap
 import os
+import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,9 +27,17 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
+from backends.emu.broker import BrokerClient, BrokerThread, close_fds
 from backends.emu.guest import Guest
 from backends.native import ffi
-from backends.native.grants import EmulatedGrantTable, NativeGrantMapping, guest_grant, guest_revoke
+from backends.native.grants import (
+    EmulatedGrantTable,
+    NativeGrantMapping,
+    guest_grant,
+    guest_revoke,
+    pin_table_size,
+    release_dead_pins,
+)
 from backends.platform.base import CopySegment, GrantError, GrantStatus
 from backends.platform.emulated import EmulatedPlatform
 
@@ -809,3 +820,295 @@ def test_every_short_sequence_on_one_ref_matches_model(leak_check: None) -> None
             r.set_raw(ref, 0, 0, 0)
     finally:
         r.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A dead backend's pins: the broker releases them (csrc/gnt_emu.h, pv_gnt_emu_release_pins), as Xen does when
+# the kernel unmaps a dead process's grants; bits another live backend still needs stay set.
+
+PINTAB_HEADER = 64
+PIN = struct.Struct("<III")  # pin, wpin, frame
+
+
+class PinRig(Rig):
+    """A Rig whose handle keeps its pins in a shared pin table (as behind the broker), plus a second table
+    for a backend that "died" holding pins: its counts are written by hand, as it left them."""
+
+    def __init__(self, mem_pages: int = 8, nr_entries: int = 16) -> None:
+        self.mem_pages, self.nr = mem_pages, nr_entries
+        self.mem_fd = sealed_memfd(mem_pages * PAGE)
+        self.gtab_fd = sealed_memfd(PAGE)
+        self.live_fd = sealed_memfd(pin_table_size(nr_entries))
+        self.dead_fd = sealed_memfd(pin_table_size(nr_entries))
+        self.mem = mmap.mmap(self.mem_fd, mem_pages * PAGE)
+        self.gtab = mmap.mmap(self.gtab_fd, PAGE)
+        self.gtab_ptr = ffi.from_buffer(self.gtab)
+        self.live_tab = mmap.mmap(self.live_fd, pin_table_size(nr_entries))
+        self.dead_tab = mmap.mmap(self.dead_fd, pin_table_size(nr_entries))
+        self.table = EmulatedGrantTable(BACKEND)
+        self.table.attach(GUEST, self.mem_fd, mem_pages, self.gtab_fd, nr_entries, self.live_fd)
+
+    @staticmethod
+    def pins(tab: mmap.mmap, ref: int) -> tuple[int, int]:
+        pin, wpin, _frame = PIN.unpack_from(tab, PINTAB_HEADER + ref * PIN.size)
+        return pin, wpin
+
+    def die_holding(self, ref: int, pin: int, wpin: int) -> None:
+        """What a backend that pinned `ref` left behind: its counts, and the bits its pins set."""
+        PIN.pack_into(self.dead_tab, PINTAB_HEADER + ref * PIN.size, pin, wpin, 0)
+        flags, domid, frame = self.entry(ref)
+        self.set_raw(ref, flags | GTF_READING | (GTF_WRITING if wpin else 0), domid, frame)
+
+    def release_dead(self, *live: int) -> int:
+        return release_dead_pins(self.gtab_fd, self.nr, self.dead_fd, list(live))
+
+    def set_reaping(self, value: int) -> None:
+        struct.pack_into("<I", self.live_tab, 0, value)
+
+    def close(self) -> None:
+        super().close()
+        self.live_tab.close()
+        self.dead_tab.close()
+        for fd in (self.mem_fd, self.gtab_fd, self.live_fd, self.dead_fd):
+            os.close(fd)
+
+
+@pytest.fixture
+def prig(leak_check: None) -> Iterator[PinRig]:
+    r = PinRig()
+    yield r
+    try:
+        assert r.table.live_mappings == 0
+        assert r.table.pinned(GUEST) in (0, -1)
+    finally:
+        r.close()
+
+
+def test_pins_are_counted_in_the_shared_table(prig: PinRig) -> None:
+    prig.grant(8, 0)
+    m1 = prig.table.map(GUEST, [8], True)
+    m2 = prig.table.map(GUEST, [8], False)
+    assert prig.pins(prig.live_tab, 8) == (2, 1)
+    m1.unmap()
+    assert prig.pins(prig.live_tab, 8) == (1, 0)
+    assert prig.entry(8)[0] == GTF_PERMIT | GTF_READING
+    m2.unmap()
+    assert prig.pins(prig.live_tab, 8) == (0, 0)
+    assert prig.copy(seg(8, 0, 16, bytearray(16))) == [OK]
+    assert prig.pins(prig.live_tab, 8) == (0, 0)  # a copy's pin is gone once the copy is
+    prig.revoke(8)
+
+
+def test_dead_backend_pins_released_unless_a_live_backend_holds_them(prig: PinRig) -> None:
+    for ref, frame in ((8, 0), (9, 1), (10, 2)):
+        prig.grant(ref, frame)
+    # Both backends pin ref 8 (the dead one writably, the live one read-only); only the dead one pins 9.
+    live = prig.table.map(GUEST, [8], False)
+    prig.die_holding(8, pin=2, wpin=1)
+    prig.die_holding(9, pin=1, wpin=0)
+    for ref in (8, 9):
+        with pytest.raises(OSError) as ei:
+            prig.revoke(ref)
+        assert ei.value.errno == errno.EBUSY
+    assert prig.release_dead(prig.live_fd) == 2
+    assert prig.entry(8)[0] == GTF_PERMIT | GTF_READING  # the live backend still reads it: the bit stays
+    assert prig.entry(9)[0] == GTF_PERMIT  # nobody else: released
+    assert prig.entry(10)[0] == GTF_PERMIT  # never pinned: untouched
+    assert bytes(prig.dead_tab[PINTAB_HEADER:]) == bytes(len(prig.dead_tab) - PINTAB_HEADER)  # zeroed
+    assert prig.pins(prig.live_tab, 8) == (1, 0)
+    prig.revoke(9)
+    with pytest.raises(OSError) as ei:
+        prig.revoke(8)
+    assert ei.value.errno == errno.EBUSY
+    live.unmap()  # the second backend lets go: now the guest can revoke
+    prig.revoke(8)
+    prig.revoke(10)
+    assert prig.release_dead(prig.live_fd) == 0  # releasing again finds nothing
+
+
+def test_dead_backend_writable_pin_kept_for_a_live_writer(prig: PinRig) -> None:
+    prig.grant(8, 0)
+    live = prig.table.map(GUEST, [8], True)
+    prig.die_holding(8, pin=1, wpin=1)
+    assert prig.release_dead(prig.live_fd) == 1
+    assert prig.entry(8)[0] == GTF_PERMIT | GTF_READING | GTF_WRITING
+    live.unmap()
+    prig.revoke(8)
+
+
+def test_release_with_no_live_backend(prig: PinRig) -> None:
+    prig.grant(8, 0, readonly=True)
+    prig.die_holding(8, pin=3, wpin=0)
+    assert prig.release_dead() == 1
+    assert prig.entry(8)[0] == GTF_PERMIT | GTF_READONLY
+    prig.revoke(8)
+
+
+def test_claim_overlapping_a_release_is_redone(prig: PinRig) -> None:
+    """A release that cannot see a live backend's fresh count (it raced the claim) may clear that backend's
+    bit; the backend sees `reaping`, waits, and claims the entry again, so it never uses a grant the guest
+    revoked meanwhile, and keeps the bit when the grant is still there."""
+    prig.grant(8, 0)
+    prig.grant(9, 1)
+    results: list[object] = []
+
+    def map_ref(ref: int) -> None:
+        try:
+            results.append(prig.table.map(GUEST, [ref], True))
+        except GrantError as exc:
+            results.append(exc.status)
+
+    # The release cleared ref 8's bits and the guest revoked and re-granted it to another domain: refused.
+    prig.set_reaping(1)
+    t = threading.Thread(target=map_ref, args=(8,))
+    t.start()
+    deadline = time.monotonic() + 5
+    while prig.entry(8)[0] != GTF_PERMIT | GTF_READING | GTF_WRITING:
+        assert time.monotonic() < deadline, "the claim never happened"
+        time.sleep(0.001)
+    time.sleep(0.02)
+    assert t.is_alive(), "the claim did not wait for the release in progress"
+    prig.set_raw(8, GTF_PERMIT, BACKEND, 0)  # what the broker's cmpxchg leaves
+    prig.revoke(8)
+    prig.grant(8, 0, domid=OTHER)
+    prig.set_reaping(0)
+    t.join(10)
+    assert results == [GENERAL]
+    assert prig.entry(8) == (GTF_PERMIT, OTHER, 0)
+    assert prig.pins(prig.live_tab, 8) == (0, 0)
+    # The release saw the count and kept the bits: the claim goes through once it is over.
+    prig.set_reaping(1)
+    t = threading.Thread(target=map_ref, args=(9,))
+    t.start()
+    time.sleep(0.02)
+    prig.set_reaping(0)
+    t.join(10)
+    m = results[-1]
+    assert isinstance(m, NativeGrantMapping)
+    assert prig.entry(9)[0] == GTF_PERMIT | GTF_READING | GTF_WRITING
+    m.unmap()
+    for ref in (8, 9):
+        prig.revoke(ref)
+
+
+def test_attach_checks_the_pin_table(leak_check: None) -> None:
+    t = EmulatedGrantTable(BACKEND)
+    mem, gtab = sealed_memfd(PAGE), sealed_memfd(PAGE)
+    short, unsealed = sealed_memfd(pin_table_size(16) - 1), sealed_memfd(pin_table_size(16), seal=False)
+    try:
+        with pytest.raises(OSError) as ei:
+            t.attach(GUEST, mem, 1, gtab, 16, short)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as ei:
+            t.attach(GUEST, mem, 1, gtab, 16, unsealed)
+        assert ei.value.errno == errno.EPERM
+    finally:
+        for fd in (mem, gtab, short, unsealed):
+            os.close(fd)
+        t.close()
+
+
+def test_broker_hands_each_backend_its_own_pin_table(broker: object, sim_dir: Path, make_guest: object) -> None:
+    g: Guest = make_guest(mem_pages=4, gnt_entries=64)  # type: ignore[operator]
+    a = BrokerClient(str(sim_dir / "broker.sock"))
+    b = BrokerClient(str(sim_dir / "broker.sock"))
+    fds: list[int] = []
+    try:
+        a.request("hello", domid=0)
+        b.request("hello", domid=0)
+        for c in (a, a, b):
+            _, got = c.request("map_domain", domid=g.domid)
+            fds += got
+            assert len(got) == 3
+            assert os.fstat(got[2]).st_size == pin_table_size(64)
+            assert fcntl.fcntl(got[2], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        ino = [os.fstat(fds[i]).st_ino for i in (2, 5, 8)]
+        assert ino[0] == ino[1] != ino[2]  # the same table on every map_domain of one connection
+    finally:
+        close_fds(fds)
+        a.close()
+        b.close()
+
+
+# A backend process that maps two grants writably and is stuck in the middle of a grant copy (its
+# destination is a page nobody ever fills in, through userfaultfd) when it is SIGKILLed.
+_HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, mmap, os, select, struct, sys, threading, time
+    from backends.native import ffi, lib
+    from backends.platform.emulated import EmulatedPlatform
+    sim_dir, domid, copy_ref = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    map_refs = [int(r) for r in sys.argv[4:]]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    nr = {"x86_64": 323, "aarch64": 282}[os.uname().machine]
+    uffd = libc.syscall(nr, os.O_CLOEXEC | 1)  # UFFD_USER_MODE_ONLY: no privilege needed
+    if uffd < 0:
+        uffd = libc.syscall(nr, os.O_CLOEXEC)
+    assert uffd >= 0, ctypes.get_errno()
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    api = ctypes.create_string_buffer(struct.pack("<QQQ", 0xAA, 0, 0))
+    assert libc.ioctl(uffd, 0xC018AA3F, api) == 0, ctypes.get_errno()  # UFFDIO_API
+    hole = mmap.mmap(-1, 4096)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(hole))
+    reg = ctypes.create_string_buffer(struct.pack("<QQQQ", addr, 4096, 1, 0))  # MODE_MISSING
+    assert libc.ioctl(uffd, 0xC020AA00, reg) == 0, ctypes.get_errno()  # UFFDIO_REGISTER
+    p = EmulatedPlatform(sim_dir)
+    p.open_domain(domid)
+    m = p.map_grants(domid, map_refs, True)
+    segs = ffi.new("struct pv_gcopy_seg[]", 1)
+    segs[0].source.foreign.ref = copy_ref
+    segs[0].source.foreign.domid = domid
+    segs[0].dest.virt = ffi.cast("void *", addr)
+    segs[0].len = 4096
+    segs[0].flags = lib.PV_GCOPY_SOURCE_GREF
+    threading.Thread(target=lib.pv_gnt_do_copy, args=(p.gnt, segs, 1), daemon=True).start()
+    assert select.select([uffd], [], [], 20)[0], "the copy never reached its destination"
+    print("holding", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_sigkilled_backend_mid_copy_lets_the_guest_revoke(platform: EmulatedPlatform, make_guest: object,
+                                                          sim_dir: Path, broker: BrokerThread) -> None:
+    g: Guest = make_guest(name="pinned", mem_pages=8)  # type: ignore[operator]
+    pages = [g.alloc_page() for _ in range(3)]
+    map_ref, copy_ref, shared_ref = (g.grant(p, BACKEND) for p in pages)
+    # This process is a second backend of the same guest, reading one of the grants the other one maps.
+    platform.open_domain(g.domid)
+    shared = platform.map_grants(g.domid, [shared_ref], False)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER_SCRIPT, str(sim_dir), str(g.domid), str(copy_ref), str(map_ref),
+         str(shared_ref)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == "holding\n", (line, proc.stderr.read() if proc.stderr else "")
+        assert g.grant_flags(map_ref) & (GTF_READING | GTF_WRITING) == GTF_READING | GTF_WRITING
+        assert g.grant_flags(copy_ref) & (GTF_READING | GTF_WRITING) == GTF_READING  # mid-copy
+        for ref in (map_ref, copy_ref, shared_ref):
+            with pytest.raises(OSError) as ei:
+                g.revoke(ref)
+            assert ei.value.errno == errno.EBUSY
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # The broker notices the closed connection on its own thread.
+    deadline = time.monotonic() + 5
+    while g.grant_flags(map_ref) & (GTF_READING | GTF_WRITING):
+        assert time.monotonic() < deadline, "the dead backend's grants stay pinned"
+        time.sleep(0.01)
+    g.revoke(map_ref)
+    g.revoke(copy_ref)
+    # The live backend still reads the shared grant: its bit stays, the dead one's writing bit does not.
+    assert g.grant_flags(shared_ref) & (GTF_READING | GTF_WRITING) == GTF_READING
+    with pytest.raises(OSError) as ei:
+        g.revoke(shared_ref)
+    assert ei.value.errno == errno.EBUSY
+    shared.unmap()
+    g.revoke(shared_ref)
+    platform.close_domain(g.domid)

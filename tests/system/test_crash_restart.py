@@ -386,9 +386,6 @@ async def test_restart_after_kill_mid_publication(bed: Bed, tmp_path: Path) -> N
     await f.read(0, 4096)
 
 
-@pytest.mark.xfail(strict=True, reason="emulated platform: grants a SIGKILLed backend had mapped or was copying "
-                   "keep GTF_reading/GTF_writing for ever (on Xen the kernel unmaps them when the process dies), "
-                   "so the guest can never revoke them")
 async def test_sigkill_leaves_no_grant_pinned(bed: Bed, tmp_path: Path) -> None:
     d = await bed.disk(make_image(tmp_path / "pin.img", IMAGE_SIZE), persistent=True)
     f = d.front

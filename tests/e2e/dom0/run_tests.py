@@ -210,8 +210,10 @@ class Daemon:
             wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
             self.t_ready = time.monotonic() - t0
         except TestFailure as exc:
-            self.problem = f"{exc}; log: {self.tail()}"
+            self.problem = f"{exc} (last error: {self.last_error}); log: {self.tail()}"
             self.stop()
+
+    last_error = ""
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -219,7 +221,8 @@ class Daemon:
         try:
             self.metrics()
             return True
-        except OSError:
+        except OSError as exc:
+            self.last_error = str(exc)
             return False
 
     @staticmethod
