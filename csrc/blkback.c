@@ -707,6 +707,16 @@ int32_t pv_blk_queue_kick(struct pv_blk_queue *q)
     return rc;
 }
 
+int32_t pv_blk_queue_event(struct pv_blk_queue *q)
+{
+    if (q->evtchn && pv_evtchn_do_pending(q->evtchn) < 0)
+        return -PV_BLK_EEVTCHN;
+    int32_t rc = pv_blk_queue_kick(q);
+    if (rc >= 0 && q->evtchn && pv_evtchn_do_unmask(q->evtchn) < 0)
+        return -PV_BLK_EEVTCHN;
+    return rc;
+}
+
 int32_t pv_blk_queue_complete(struct pv_blk_queue *q)
 {
     q->st.completes++;

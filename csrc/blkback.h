@@ -36,6 +36,7 @@
 #include "ring.h"
 
 #define PV_BLK_EDEAD 1     /* the ring is dead (hostile or broken frontend) */
+#define PV_BLK_EEVTCHN 2   /* the event channel's pending/unmask failed */
 #define PV_BLK_LAT_BUCKETS 32
 
 struct pv_blk_queue_config {
@@ -93,6 +94,10 @@ void pv_blk_queue_destroy(struct pv_blk_queue *q);
 /* Drain the ring (with the final check), validate, copy, submit; with an inline engine also complete and
  * respond.  Returns the number of responses written, or -PV_BLK_EDEAD. */
 int32_t pv_blk_queue_kick(struct pv_blk_queue *q);
+/* The event channel fired: acknowledge it, kick, then re-enable delivery once the ring is drained (the
+ * lateeoi rule), all in one call, so the loop's callback crosses into C once per event.  Returns responses
+ * written, -PV_BLK_EDEAD, or -PV_BLK_EEVTCHN. */
+int32_t pv_blk_queue_event(struct pv_blk_queue *q);
 /* The completion fd fired: harvest, copy read data, respond, and resume consuming if a fence or a full pool
  * had stopped it.  Returns responses written, or -PV_BLK_EDEAD. */
 int32_t pv_blk_queue_complete(struct pv_blk_queue *q);

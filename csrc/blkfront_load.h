@@ -46,6 +46,8 @@ struct pv_load_config {
     uint32_t spin_us;       /* look at the rings this long before sleeping on the event fds */
     uint32_t stall_ms;      /* give up if nothing is answered for this long (0: 10 s) */
     uint64_t seed;
+    uint32_t block_read;    /* 1 queue only: sleep in a blocking read() of the event fd instead of poll()
+                             * + read() (no stall detection then: bound the caller instead) */
 };
 
 /* Pages of one request id: data_refs[id * segs_per_req + k]; indirect requests (bs > 11 pages) also need

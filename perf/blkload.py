@@ -73,13 +73,13 @@ class LoadResult:
 
 
 def thread_cpu_ns(pid: int) -> int:
-    """CPU time (ns) of every live thread of `pid`, from schedstat (ns resolution, unlike /proc/<pid>/stat)."""
-    total = 0
-    task_dir = Path(f"/proc/{pid}/task")
-    for t in task_dir.iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int((t / "schedstat").read_text().split()[0])
-    return total
+    """CPU time (ns) `pid` has used, threads that already exited included: utime + stime of /proc/<pid>/stat.
+    (Summing the live threads' schedstat is finer grained but loses the time of an I/O pool that exits in the
+    window, e.g. the previous disk's, and then goes negative.)  Resolution: one clock tick (10 ms)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu_s() -> float:
@@ -150,6 +150,7 @@ class LoadGenerator:
         cfg.spin_us = spin_us
         cfg.stall_ms = 20_000
         cfg.seed = seed
+        cfg.block_read = int(len(self.front.queues) == 1)  # the parent bounds this process's run time
         fe0 = self_cpu_s()
         be0 = thread_cpu_ns(backend_pid) if backend_pid else 0
         rc = int(lib.pv_load_run(cfg, self.queues, self.pages, self.res, self.err, 256))

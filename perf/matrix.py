@@ -355,6 +355,7 @@ def make_image(path: Path, mib: int) -> None:
 
 @contextlib.contextmanager
 def simulator(work: Path) -> Iterator[Path]:
+    work.mkdir(parents=True, exist_ok=True)
     sim_dir = work / "sim"
     log = work / "sim.log"
     proc = spawn([PY, "-m", "backends.daemon.cli", "sim", "--sim-dir", str(sim_dir)], log)
@@ -365,7 +366,10 @@ def simulator(work: Path) -> Iterator[Path]:
         stop(proc)
 
 
-def run_matrix(plan: Plan, work: Path, store_dirs: dict[str, Path], progress: Progress) -> dict[str, Any]:
+def run_matrix(plan: Plan, work: Path, store_dirs: dict[str, Path], progress: Progress,
+               journal: Path | None = None) -> dict[str, Any]:
+    """Every sample is also appended to `journal` (JSON lines) as soon as it is measured: a long run that
+    fails late keeps what it measured."""
     samples: list[Sample] = []
     images = {s: store_dirs[s] / f"pvback-bench-{os.getpid()}.img" for s in plan.stores}
     latency: dict[str, Any] = {}
@@ -380,15 +384,31 @@ def run_matrix(plan: Plan, work: Path, store_dirs: dict[str, Path], progress: Pr
             serve_settings["main"] = serve.settings
             try:
                 for rep in range(plan.reps):
+                    got: list[Sample] = []
                     for store in plan.stores:
                         wls = plan.workloads if store == "tmpfs" else plan.disk_workloads
-                        samples += _rep_store(plan, work, sim_dir, serve, store, images[store], wls, rep, progress)
-                    samples += _rep_null(plan, work, sim_dir, serve, rep, progress)
+                        got += _rep_store(plan, work, sim_dir, serve, store, images[store], wls, rep, progress)
+                    got += _rep_null(plan, work, sim_dir, serve, rep, progress)
+                    samples += got
+                    if journal is not None:
+                        with open(journal, "a") as f:
+                            for smp in got:
+                                f.write(json.dumps(smp.__dict__) + "\n")
             finally:
                 serve.close()
-            latency = run_latency(plan, work, sim_dir, images.get("tmpfs") or images[plan.stores[0]], progress,
-                                  serve_settings)
-        ring = run_ring(plan, progress)
+        # Sections of their own (a fresh simulator): a failure here is reported, it does not lose the matrix.
+        try:
+            with simulator(work / "lat") as sim_dir:
+                latency = run_latency(plan, work, sim_dir, images.get("tmpfs") or images[plan.stores[0]],
+                                      progress, serve_settings)
+        except Exception as exc:
+            progress(f"latency section failed: {exc}")
+            latency = {"error": str(exc), "blk": [], "pingpong": {}}
+        try:
+            ring = run_ring(plan, progress)
+        except Exception as exc:
+            progress(f"ring section failed: {exc}")
+            ring = {}
     finally:
         for img in images.values():
             with contextlib.suppress(OSError):
@@ -422,8 +442,12 @@ def _rep_store(plan: Plan, work: Path, sim_dir: Path, serve: Serve, store: str, 
             nbd.close()
     for queues, persistent in plan.variants:
         name = variant_name(queues, persistent)
-        res = run_blkload(sim_dir, work, f"aio:{image}", wls, queues=queues, persistent=persistent,
-                          seconds=plan.seconds, warmup=plan.warmup, backend_pid=serve.pid, tag=f"{store}-{name}")
+        try:
+            res = run_blkload(sim_dir, work, f"aio:{image}", wls, queues=queues, persistent=persistent,
+                              seconds=plan.seconds, warmup=plan.warmup, backend_pid=serve.pid, tag=f"{store}-{name}")
+        except RuntimeError as exc:
+            _failed(progress, f"{store} {name} rep {rep}", exc)
+            continue
         for r in res:
             out.append(_blk_sample(store, r, name, rep))
             progress(_line(out[-1]))
@@ -434,13 +458,27 @@ def _rep_null(plan: Plan, work: Path, sim_dir: Path, serve: Serve, rep: int, pro
     out: list[Sample] = []
     for queues, persistent in plan.null_variants:
         name = "null-" + variant_name(queues, persistent)[4:]
-        res = run_blkload(sim_dir, work, f"null:{plan.image_mib << 20}", plan.workloads, queues=queues,
-                          persistent=persistent, seconds=plan.seconds, warmup=plan.warmup, backend_pid=serve.pid,
-                          tag=name)
+        try:
+            res = run_blkload(sim_dir, work, f"null:{plan.image_mib << 20}", plan.workloads, queues=queues,
+                              persistent=persistent, seconds=plan.seconds, warmup=plan.warmup,
+                              backend_pid=serve.pid, tag=name)
+        except RuntimeError as exc:
+            _failed(progress, f"{name} rep {rep}", exc)
+            continue
         for r in res:
             out.append(_blk_sample("null", r, name, rep))
             progress(_line(out[-1]))
     return out
+
+
+FAILURES: list[str] = []
+
+
+def _failed(progress: Progress, what: str, exc: Exception) -> None:
+    """A session that failed is reported (and listed in the JSON); the rest of a long run goes on."""
+    msg = f"{what}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+    FAILURES.append(msg)
+    progress(f"FAILED {msg}")
 
 
 def _blk_sample(store: str, r: dict[str, Any], system: str, rep: int) -> Sample:
@@ -720,12 +758,14 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
         print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="pvback-bench-"))
+    (out_dir / "samples.jsonl").unlink(missing_ok=True)
     ok = False
     try:
         host = host_description(store_dirs)
         progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}, "
                  f"stores {host['stores']}; {plan.reps} rep(s) x {plan.seconds:g} s")
-        raw = run_matrix(plan, work, store_dirs, progress)
+        FAILURES.clear()
+        raw = run_matrix(plan, work, store_dirs, progress, journal=out_dir / "samples.jsonl")
         cells = aggregate(raw["samples"])
         targets = evaluate_targets(cells, raw["latency"], raw["ring"])
         result = {
@@ -735,6 +775,7 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
             "plan": {"quick": plan.quick, "reps": plan.reps, "seconds": plan.seconds, "warmup": plan.warmup,
                      "image_mib": plan.image_mib, "stores": plan.stores},
             "serve_settings": raw["serve_settings"],
+            "failures": list(FAILURES),
             "cells": cells, "targets": targets, "latency": raw["latency"], "ring": raw["ring"],
             "samples": raw["samples"],
         }

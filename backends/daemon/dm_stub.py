@@ -257,13 +257,8 @@ class DmStub:
                 raise DmStubError(f"fd {fd} given for QMP is not a listening socket: {exc.strerror or exc}") from exc
 
     async def _announce(self, xs: Any) -> str:
-        from backends.platform.xen import read_own_domid
-
-        try:
-            dm_domid = read_own_domid(xs.where)
-        except (OSError, ValueError):
-            dm_domid = 0  # dom0's `domid` key is written by xen-init-dom0; without it we are dom0 anyway
-        path = f"/local/domain/{dm_domid}/device-model/{self.args.domid}/state"
+        # Relative, as QEMU writes it: xenstored puts it under our own domain (dom0, or a driver domain).
+        path = f"device-model/{self.args.domid}/state"
         await xs.write(path, "running")
         return path
 

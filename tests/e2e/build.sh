@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything the real-Xen end-to-end test boots, from nothing, into WORK:
-#   rootfs/            Debian bookworm dom0 (Xen 4.17 tools + hypervisor, kernel, python3 + cffi)
+#   rootfs/            Debian bookworm dom0 (Xen 4.17 tools + hypervisor, kernel, python3 + cffi, uvloop,
+#                      prometheus-client; backends._native built for that python; /usr/local/bin/pvback and
+#                      /usr/local/lib/pvback/dm-stub, one-line wrappers running pvback from the 9p share)
 #   xen                the hypervisor, uncompressed (QEMU's multiboot loader cannot take the .gz)
 #   vmlinuz, initrd    the dom0 kernel and its (small, MODULES=list) initramfs
 #   dom0.img           ext4 image of rootfs (mke2fs -d: no loop mount, no root-only mount calls)

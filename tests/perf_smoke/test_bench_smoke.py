@@ -30,6 +30,8 @@ def test_bench_tiny_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     text = capsys.readouterr().out
     assert "store workload" in text and "vs fio" in text
     data = json.loads((out / "bench.json").read_text())
+    assert data["failures"] == [] and "error" not in data["latency"]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(data["samples"])
     for key in ("command", "date", "host", "plan", "cells", "targets", "latency", "ring", "samples"):
         assert key in data
     host = data["host"]
