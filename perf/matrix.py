@@ -440,6 +440,8 @@ def _rep_store(plan: Plan, work: Path, sim_dir: Path, serve: Serve, store: str, 
                 progress(_line(out[-1]))
         finally:
             nbd.close()
+            # nbdkit writes through the page cache: flush it now, or its writeback competes with the next cells.
+            os.sync()
     for queues, persistent in plan.variants:
         name = variant_name(queues, persistent)
         try:
