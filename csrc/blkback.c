@@ -1,5 +1,6 @@
 /* Block data path of one queue; see blkback.h for the contract, the ordering rules and the tunables. */
 #include "blkback.h"
+#include "pvtime.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -97,20 +98,6 @@ struct pv_blk_queue {
 /* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
  * blkfront checks ("response has wrong operation"); the wire code for everything else. */
 static inline uint8_t rsp_op(const struct blk_req *r) { return r->r.indirect ? r->r.op : r->r.operation; }
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 /* ---- bounce pages ------------------------------------------------------------------------------------ */
 

@@ -1,5 +1,6 @@
 /* Guest-side blkif load generator; see blkfront_load.h. */
 #include "blkfront_load.h"
+#include "pvtime.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -38,20 +39,6 @@ struct gen {
     uint32_t dirty[MAX_QUEUES]; /* requests put but not pushed */
     uint8_t req[128];
 };
-
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 /* xorshift64*: cheap and good enough to spread offsets; not for anything secret. */
 static inline uint64_t rnd(struct gen *g)
