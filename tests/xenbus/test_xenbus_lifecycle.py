@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,12 @@ from backends.xenbus.toolstack import remove_device, wait_for_state
 from .conftest import FakeClass, Frontend, eventually, settle, xenbus_env
 
 S = XenbusState
+
+
+async def _close_when_asked(fe: Frontend) -> None:
+    """The guest's side of an unplug: answer the backend's Closing by closing."""
+    await fe.wait_backend(S.CLOSING)
+    await fe.close()
 
 
 async def connect(fe: Frontend, ring: int = 8, port: int = 5) -> None:
@@ -105,13 +112,7 @@ async def test_hot_unplug_libxl_remove(tmp_path: Path) -> None:
         fe = await env.add(1)
         await connect(fe)
 
-        async def guest_answers() -> None:
-            await fe.wait_backend(S.CLOSING)
-            await fe.close()
-
-        import asyncio
-
-        answer = asyncio.create_task(guest_answers())
+        answer = asyncio.create_task(_close_when_asked(fe))
         clean = await remove_device(env.dom0, backend_domid=0, frontend_domid=1, type_name="fake", devid=51712,
                                     timeout=3)
         await answer
@@ -394,13 +395,7 @@ async def test_stop_closing_devices(tmp_path: Path) -> None:
         bus = await env.bus(cls)
         fe = await env.add(1)
         await connect(fe)
-        import asyncio
-
-        async def guest_answers() -> None:
-            await fe.wait_backend(S.CLOSING)
-            await fe.close()
-
-        answer = asyncio.create_task(guest_answers())
+        answer = asyncio.create_task(_close_when_asked(fe))
         await bus.stop(close_devices=True, close_timeout=3)
         await answer
         assert await fe.backend_state() is S.CLOSED
