@@ -660,11 +660,12 @@ static int32_t pump(struct pv_blk_queue *q)
         }
         if (more > 0)
             continue;
-        if (q->cfg.poll_us == 0)
+        uint32_t poll_us = __atomic_load_n(&q->cfg.poll_us, __ATOMIC_RELAXED);
+        if (poll_us == 0)
             break;
         uint64_t t = now_ns();
         if (!deadline)
-            deadline = t + (uint64_t)q->cfg.poll_us * 1000u;
+            deadline = t + (uint64_t)poll_us * 1000u;
         int found = 0;
         while (t < deadline) {
             if (pv_back_ring_pending(&q->ring) != 0 || pv_io_sink_nonempty(&q->sink)) {
@@ -731,6 +732,33 @@ uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms)
     }
     flush_responses(q);
     return q->inflight;
+}
+
+int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
+{
+    struct pollfd p[3] = {
+        {.fd = stop_fd, .events = POLLIN},
+        {.fd = q->sink.efd, .events = POLLIN},
+        {.fd = q->evtchn ? q->evtchn->fd : -1, .events = POLLIN},
+    };
+    /* Requests may have been queued before anyone listened, and the initial event may be gone already. */
+    int32_t rc = pv_blk_queue_kick(q);
+    while (rc >= 0) {
+        if (poll(p, 3, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -PV_BLK_EEVTCHN; /* EFAULT/ENOMEM: nothing to wait on any more */
+        }
+        if (p[0].revents)
+            return 0;
+        if (p[2].revents & (POLLERR | POLLHUP | POLLNVAL))
+            return -PV_BLK_EEVTCHN;
+        if (p[1].revents)
+            rc = pv_blk_queue_complete(q);
+        if (rc >= 0 && p[2].revents)
+            rc = pv_blk_queue_event(q);
+    }
+    return rc;
 }
 
 /* ---- set-up ------------------------------------------------------------------------------------------ */
@@ -812,6 +840,9 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     int rc = pv_io_sink_init(&q->sink);
     if (rc)
         FAIL("eventfd: %s", strerror(-rc));
+    /* A completion ring of our own where the engine has one (io_uring, O_DIRECT): completions then reach
+     * the pumping thread without a hop through an engine thread.  Without it the engine's threads post. */
+    (void)pv_io_engine_attach(eng, &q->sink);
     /* BACK_RING_ATTACH at the last published response: a fresh ring has rsp_prod == 0, and a ring picked up
      * again after a daemon restart resumes right after the last answer the guest saw, so requests the dead
      * daemon consumed but never answered are served again (block reads and writes are idempotent).  A
@@ -897,13 +928,16 @@ uint32_t pv_blk_queue_inflight(const struct pv_blk_queue *q) { return q->infligh
 int pv_blk_queue_dead(const struct pv_blk_queue *q) { return q->dead; }
 uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q) { return q->size; }
 uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q) { return q->pcount; }
-void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us) { q->cfg.poll_us = us; }
+void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us)
+{
+    __atomic_store_n(&q->cfg.poll_us, us, __ATOMIC_RELAXED);
+}
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out) { *out = q->st; }
 
 void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors)
 {
-    /* Only the pumping thread validates requests against the size, and this is called from that same thread
-     * (the event loop), so no lock: requests already validated against the old size complete as they were. */
-    q->disk.sectors = sectors;
-    q->cfg.sectors = sectors;
+    /* Called from the control thread while the pump runs: one atomic store, which the validator loads once per
+     * request.  Requests already validated against the old size complete as they were. */
+    __atomic_store_n(&q->disk.sectors, sectors, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->cfg.sectors, sectors, __ATOMIC_RELAXED);
 }

@@ -2,9 +2,11 @@
  * -> respond.  Batch-shaped: Python calls pv_blk_queue_kick() once per event and pv_blk_queue_complete()
  * once per completion wakeup; everything per request happens in here.
  *
- * Concurrency contract: a queue is driven by one thread (its event loop).  The only cross-thread state is the
- * completion sink of ioengine.h; persistent grants, the request pool, bounce pages and stats are touched by
- * the pumping thread only.
+ * Concurrency contract: a queue is driven by one thread, its pump (pv_blk_queue_run, or an event loop calling
+ * kick/event/complete).  The only cross-thread state is the completion sink of ioengine.h; persistent
+ * grants, the request pool, bounce pages and stats are written by the pumping thread only.  Another thread
+ * may read the stats and counters (each field is single-copy atomic, the set is not a snapshot) and call
+ * set_sectors/set_poll_us.
  *
  * Ordering rules kept here:
  *  - a response is written only after every grant access of its request has ended (grant copies are
@@ -101,6 +103,10 @@ int32_t pv_blk_queue_event(struct pv_blk_queue *q);
 /* The completion fd fired: harvest, copy read data, respond, and resume consuming if a fence or a full pool
  * had stopped it.  Returns responses written, or -PV_BLK_EDEAD. */
 int32_t pv_blk_queue_complete(struct pv_blk_queue *q);
+/* The pump: kick once, then serve the event channel and the completion fd until `stop_fd` is readable (0)
+ * or the queue dies (-PV_BLK_EDEAD, -PV_BLK_EEVTCHN).  Blocks; run it in a thread of its own, one per queue,
+ * so queues use as many cores as there are and the control loop's work never delays a response. */
+int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd);
 /* Block (up to timeout_ms, < 0 = forever) until nothing is in flight, answering what completes.  Returns
  * the number still in flight. */
 uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms);

@@ -87,7 +87,7 @@ static int check_range(const struct pv_blkif_disk *disk, uint64_t start, uint64_
     uint64_t per = disk->sector_size >> PV_BLKIF_SECTOR_SHIFT; /* 512-byte sectors per logical sector */
     if (per > 1 && ((start | nr) & (per - 1)))
         return PV_BLKIF_E_ALIGN;
-    if (end > disk->sectors)
+    if (end > __atomic_load_n(&disk->sectors, __ATOMIC_RELAXED)) /* resized from another thread */
         return PV_BLKIF_E_RANGE;
     return PV_BLKIF_OK;
 }

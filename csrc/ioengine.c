@@ -27,6 +27,7 @@
 int pv_io_sink_init(struct pv_io_sink *s)
 {
     memset(s, 0, sizeof(*s));
+    s->uring_fd = -1;
     s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->efd < 0)
         return -errno;
@@ -36,6 +37,13 @@ int pv_io_sink_init(struct pv_io_sink *s)
 
 void pv_io_sink_destroy(struct pv_io_sink *s)
 {
+#ifdef PVBACK_HAVE_URING
+    if (s->uring) {
+        io_uring_queue_exit(s->uring);
+        free(s->uring);
+        s->uring = NULL;
+    }
+#endif
     if (s->efd >= 0) {
         close(s->efd);
         pthread_mutex_destroy(&s->lock);
@@ -50,23 +58,70 @@ void pv_io_sink_ack(struct pv_io_sink *s)
         ;
 }
 
+static int uring_ready(struct pv_io_sink *s)
+{
+#ifdef PVBACK_HAVE_URING
+    return s->uring && io_uring_cq_ready(s->uring) > 0;
+#else
+    (void)s;
+    return 0;
+#endif
+}
+
+#ifdef PVBACK_HAVE_URING
+/* Append the ring's completions to `list`/`tail`. */
+static struct pv_io *uring_reap(struct pv_io_sink *s, struct pv_io *list, struct pv_io **tail)
+{
+    struct io_uring *ring = s->uring;
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(ring, head, cqe)
+    {
+        struct pv_io *io = io_uring_cqe_get_data(cqe);
+        int32_t res = cqe->res;
+        seen++;
+        if (res >= 0 && (uint64_t)res != io->length)
+            res = pv_io_execute(s->uring_fd, 0, io); /* short transfer (EOF, signal): redo it whole */
+        io->result = res < 0 ? res : 0;
+        io->next = NULL;
+        if (*tail)
+            (*tail)->next = io;
+        else
+            list = io;
+        *tail = io;
+    }
+    io_uring_cq_advance(ring, seen);
+    return list;
+}
+#endif
+
 struct pv_io *pv_io_sink_take(struct pv_io_sink *s)
 {
+    int ring = uring_ready(s);
     pthread_mutex_lock(&s->lock);
-    struct pv_io *list = s->head;
+    struct pv_io *list = s->head, *tail = s->tail;
     s->head = s->tail = NULL;
     /* Drain the eventfd before dropping the lock: read after unlocking, it could swallow the write of a
      * poster that completed in between (it saw signaled == 0), leaving that completion without a wakeup.
-     * A poster that set `signaled` but writes only after we read leaves a spurious wakeup: harmless. */
-    if (s->signaled) {
+     * A poster that set `signaled` but writes only after we read leaves a spurious wakeup: harmless.  The
+     * ring's completions are reaped after this read, so one posted meanwhile is either reaped now or wakes
+     * the submitter again. */
+    if (s->signaled || ring) {
         pv_io_sink_ack(s);
         s->signaled = 0;
     }
     pthread_mutex_unlock(&s->lock);
+#ifdef PVBACK_HAVE_URING
+    if (ring)
+        list = uring_reap(s, list, &tail);
+#endif
     return list;
 }
 
-int pv_io_sink_nonempty(struct pv_io_sink *s) { return __atomic_load_n(&s->head, __ATOMIC_ACQUIRE) != NULL; }
+int pv_io_sink_nonempty(struct pv_io_sink *s)
+{
+    return __atomic_load_n(&s->head, __ATOMIC_ACQUIRE) != NULL || uring_ready(s);
+}
 
 void pv_io_complete(struct pv_io *io, int32_t result, int signal)
 {
@@ -220,15 +275,7 @@ struct file_engine {
     pthread_cond_t cond;
     struct pv_io *head, *tail; /* jobs not yet picked by a worker */
     int stopping;
-#ifdef PVBACK_HAVE_URING
-    /* O_DIRECT reads and writes go through io_uring: the submitter queues them without a thread hand-off
-     * and one reaper thread posts completions in batches.  A pool thread per request cost ~30 us of CPU
-     * per 4 KiB op on 2 vCPUs (futex wakeups and context switches); io_uring needs no wakeup to submit. */
-    struct io_uring ring;
-    int have_ring;
-    pthread_t reaper;
-    pthread_mutex_t sq_lock; /* queues of one device may submit from different threads */
-#endif
+    int direct; /* O_DIRECT: reads and writes may go to a submitter's io_uring (attach) */
 };
 
 static void *file_worker(void *arg)
@@ -253,53 +300,28 @@ static void *file_worker(void *arg)
 }
 
 #ifdef PVBACK_HAVE_URING
-static void *uring_reaper(void *arg)
-{
-    struct file_engine *f = arg;
-    for (;;) {
-        struct io_uring_cqe *cqe;
-        int rc = io_uring_wait_cqe(&f->ring, &cqe);
-        if (rc == -EINTR || rc == -EAGAIN)
-            continue;
-        if (rc < 0)
-            return NULL; /* cannot happen with a live ring; close() would then hang, so say it loudly */
-        unsigned head, seen = 0;
-        int stop = 0;
-        io_uring_for_each_cqe(&f->ring, head, cqe)
-        {
-            struct pv_io *io = io_uring_cqe_get_data(cqe);
-            seen++;
-            if (!io) {
-                stop = 1; /* the NOP close() sends after the last op */
-                continue;
-            }
-            int32_t res = cqe->res;
-            if (res >= 0 && (uint64_t)res != io->length)
-                res = pv_io_execute(f->fd, f->is_blockdev, io); /* short transfer (EOF, signal): redo it whole */
-            pv_io_complete(io, res < 0 ? res : 0, 1);
-        }
-        io_uring_cq_advance(&f->ring, seen);
-        if (stop)
-            return NULL;
-    }
-}
-
-/* Queue what io_uring can take; the rest goes to the pool.  Returns how many ops were left in `ios` (moved
- * to the front). */
+/* Queue what the submitter's ring can take; the rest goes to the pool.  Returns how many ops were left in
+ * `ios` (moved to the front).  Every op of one call comes from one submitter, hence one ring. */
 static uint32_t uring_submit(struct file_engine *f, struct pv_io **ios, uint32_t n)
 {
     uint32_t left = 0, queued = 0;
-    pthread_mutex_lock(&f->sq_lock);
+    struct io_uring *ring = NULL;
     for (uint32_t i = 0; i < n; i++) {
         struct pv_io *io = ios[i];
-        if ((io->op != PV_IO_READ && io->op != PV_IO_WRITE) || io->iovcnt > IOV_MAX) {
+        struct io_uring *r = io->sink->uring;
+        if (!r || (io->op != PV_IO_READ && io->op != PV_IO_WRITE) || io->iovcnt > IOV_MAX) {
             ios[left++] = io;
             continue;
         }
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&f->ring);
+        if (ring && r != ring) {
+            io_uring_submit(ring);
+            queued = 0;
+        }
+        ring = r;
+        struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
         if (!sqe) {
-            io_uring_submit(&f->ring);
-            sqe = io_uring_get_sqe(&f->ring);
+            io_uring_submit(ring);
+            sqe = io_uring_get_sqe(ring);
             if (!sqe) {
                 ios[left++] = io;
                 continue;
@@ -314,11 +336,37 @@ static uint32_t uring_submit(struct file_engine *f, struct pv_io **ios, uint32_t
     }
     if (queued) {
         int rc;
-        while ((rc = io_uring_submit(&f->ring)) == -EINTR || rc == -EAGAIN)
+        while ((rc = io_uring_submit(ring)) == -EINTR || rc == -EAGAIN)
             ;
     }
-    pthread_mutex_unlock(&f->sq_lock);
     return left;
+}
+
+static int file_attach(struct pv_io_engine *e, struct pv_io_sink *s)
+{
+    struct file_engine *f = (struct file_engine *)e;
+    /* Buffered files would be punted to io-wq workers (tmpfs refuses RWF_NOWAIT): the pool is as good. */
+    if (!f->direct || f->nr_threads == 0)
+        return -EOPNOTSUPP;
+    if (s->uring)
+        return -EBUSY;
+    struct io_uring *ring = calloc(1, sizeof(*ring));
+    if (!ring)
+        return -ENOMEM;
+    /* Sized for one blkif ring's worth of requests; a fuller queue submits what it has and takes more SQEs,
+     * and the kernel keeps CQEs beyond the CQ ring (IORING_FEAT_NODROP). */
+    int rc = io_uring_queue_init(256, ring, 0);
+    if (rc == 0) {
+        rc = io_uring_register_eventfd(ring, s->efd);
+        if (rc == 0) {
+            s->uring = ring;
+            s->uring_fd = f->fd;
+            return 0;
+        }
+        io_uring_queue_exit(ring);
+    }
+    free(ring);
+    return rc;
 }
 #endif
 
@@ -331,7 +379,7 @@ static void file_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n)
         return;
     }
 #ifdef PVBACK_HAVE_URING
-    if (f->have_ring)
+    if (f->direct)
         n = uring_submit(f, ios, n);
 #endif
     if (n == 0)
@@ -366,30 +414,17 @@ static void file_close(struct pv_io_engine *e)
             pthread_join(f->threads[i], NULL);
         free(f->threads);
     }
-#ifdef PVBACK_HAVE_URING
-    if (f->have_ring) {
-        pthread_mutex_lock(&f->sq_lock);
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&f->ring);
-        if (!sqe) {
-            io_uring_submit(&f->ring);
-            sqe = io_uring_get_sqe(&f->ring);
-        }
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data(sqe, NULL);
-        io_uring_submit(&f->ring);
-        pthread_mutex_unlock(&f->sq_lock);
-        pthread_join(f->reaper, NULL);
-        io_uring_queue_exit(&f->ring);
-        pthread_mutex_destroy(&f->sq_lock);
-    }
-#endif
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->lock);
     close(f->fd);
     free(f);
 }
 
+#ifdef PVBACK_HAVE_URING
+static const struct pv_io_engine_ops file_ops = {.submit = file_submit, .close = file_close, .attach = file_attach};
+#else
 static const struct pv_io_engine_ops file_ops = {.submit = file_submit, .close = file_close};
+#endif
 
 struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *err, size_t errlen)
 {
@@ -418,6 +453,8 @@ struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *e
         return NULL;
     }
     f->is_blockdev = S_ISBLK(st.st_mode);
+    int fl = fcntl(f->fd, F_GETFL);
+    f->direct = fl >= 0 && (fl & O_DIRECT);
     f->base.ops = &file_ops;
     f->base.kind = PV_IO_ENGINE_FILE;
     f->base.inline_completion = nr_threads == 0;
@@ -440,24 +477,15 @@ struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *e
             }
             f->nr_threads = i + 1;
         }
-#ifdef PVBACK_HAVE_URING
-        int fl = fcntl(f->fd, F_GETFL);
-        /* Buffered files would be punted to io-wq workers (tmpfs refuses RWF_NOWAIT): the pool is as good. */
-        if (fl >= 0 && (fl & O_DIRECT) && io_uring_queue_init(256, &f->ring, 0) == 0) {
-            pthread_mutex_init(&f->sq_lock, NULL);
-            if (pthread_create(&f->reaper, NULL, uring_reaper, f) == 0)
-                f->have_ring = 1;
-            else {
-                io_uring_queue_exit(&f->ring);
-                pthread_mutex_destroy(&f->sq_lock);
-            }
-        }
-#endif
     }
     return &f->base;
 }
 
 void pv_io_engine_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n) { e->ops->submit(e, ios, n); }
+int pv_io_engine_attach(struct pv_io_engine *e, struct pv_io_sink *s)
+{
+    return e->ops->attach ? e->ops->attach(e, s) : -EOPNOTSUPP;
+}
 void pv_io_engine_close(struct pv_io_engine *e)
 {
     if (e)

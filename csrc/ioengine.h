@@ -11,7 +11,10 @@
  *    images in tmpfs or the page cache, where an op costs ~0.7 us and any hand-off to another thread costs a
  *    cross-vCPU wakeup (~20 us each way).
  *  - thread pool (nr_threads > 0): workers run the syscalls and post completions; right for O_DIRECT files
- *    and block devices, where the device latency dominates and concurrency is what buys IOPS.
+ *    and block devices, where the device latency dominates and concurrency is what buys IOPS.  With
+ *    io_uring, an O_DIRECT file's reads and writes go instead to a ring per submitter (pv_io_engine_attach):
+ *    queued without a thread hand-off, completed by the kernel straight into the submitter's eventfd, and
+ *    reaped by the submitter in pv_io_sink_take(); the pool keeps flushes, discards and huge iovecs.
  * NULL engine: completes every op at once without touching any buffer, so a read hands back whatever the
  * bounce buffer held (zeros or that same queue's earlier data, never another guest's).  It exists to measure
  * the framework's own cost.
@@ -55,15 +58,21 @@ struct pv_io_sink {
     struct pv_io *tail;
     int signaled; /* the eventfd was written since the last take: keeps inline completions syscall-free */
     int efd;
+    /* Set by pv_io_engine_attach() when the engine completes into a ring the submitter reaps itself
+     * (io_uring for O_DIRECT files): the kernel writes `efd` per completion, no thread of ours is woken in
+     * between.  Touched by the submitter's thread only (submit, take), so no lock. */
+    void *uring;  /* struct io_uring *, owned by the sink */
+    int uring_fd; /* the engine's file, to redo a short transfer synchronously */
 };
 
 int pv_io_sink_init(struct pv_io_sink *s); /* 0 or -errno */
 void pv_io_sink_destroy(struct pv_io_sink *s);
-/* Detach every completed op, oldest first.  Reads the eventfd only if a poster wrote it. */
+/* Detach every completed op (the FIFO's oldest first, then the attached ring's).  Reads the eventfd only if
+ * a poster or the ring wrote it. */
 struct pv_io *pv_io_sink_take(struct pv_io_sink *s);
 /* Consume whatever the eventfd holds (call when the loop saw it readable, so it does not stay readable). */
 void pv_io_sink_ack(struct pv_io_sink *s);
-/* Lock-free "is anything waiting" hint for pollers. */
+/* Lock-free "is anything waiting" hint for pollers (the FIFO or the attached ring). */
 int pv_io_sink_nonempty(struct pv_io_sink *s);
 
 /* Engines call this once per op.  `signal` = 0 only when completing inside submit() on the submitter's
@@ -76,6 +85,10 @@ struct pv_io_engine_ops {
     void (*submit)(struct pv_io_engine *e, struct pv_io **ios, uint32_t n);
     /* Stop workers and free.  No op may be outstanding. */
     void (*close)(struct pv_io_engine *e);
+    /* Optional: give this submitter's sink a completion ring it reaps in its own thread.  0, or -errno (the
+     * engine then completes through its threads as before).  Every sink attached must be destroyed before
+     * the engine is closed. */
+    int (*attach)(struct pv_io_engine *e, struct pv_io_sink *s);
 };
 
 struct pv_io_engine {
@@ -88,6 +101,8 @@ struct pv_io_engine *pv_io_engine_null_open(void);
 /* `fd` is duplicated (the engine's lifetime is its own).  nr_threads = 0: inline. */
 struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *err, size_t errlen);
 void pv_io_engine_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n);
+/* See pv_io_engine_ops.attach; -EOPNOTSUPP for engines without one. */
+int pv_io_engine_attach(struct pv_io_engine *e, struct pv_io_sink *s);
 void pv_io_engine_close(struct pv_io_engine *e);
 uint32_t pv_io_engine_kind(const struct pv_io_engine *e);
 uint32_t pv_io_engine_inline(const struct pv_io_engine *e);

@@ -1,14 +1,18 @@
-"""One blkif queue: the C data path (csrc/blkback.h) driven by the asyncio loop.
+"""One blkif queue: the C data path (csrc/blkback.h) driven by a pump thread of its own.
 
-Per event: `evtchn.pending()`, one C kick (drains the ring with the final check, validates, copies,
-submits, and with an inline engine also completes and responds), then `evtchn.unmask()`.  Per completion
-wakeup (threaded engines): one C complete call.  Python never runs per request.
+The pump is one C call (`pv_blk_queue_run`) that waits on the event channel and the completion fd and, per
+event, acknowledges it, drains the ring (validate, copy, submit; with an inline engine also complete and
+respond) and unmasks.  It holds no GIL, so the queues of a disk run on as many cores as there are and the
+asyncio loop (xenstore, metrics, other devices) never sits between a guest and its response.  Python never
+runs per request; the loop thread only starts and stops pumps and reads counters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,6 +127,14 @@ class BlkQueue:
             raise OSError("pending/unmask failed")
         return self._check(n)
 
+    def run(self, stop_fd: int) -> None:
+        """Pump until `stop_fd` is readable (blocks; releases the GIL).  QueueDeadError for a hostile req_prod,
+        OSError if the event channel failed."""
+        n = int(lib.pv_blk_queue_run(self.c, stop_fd))
+        if n == -lib.PV_BLK_EEVTCHN:
+            raise OSError("event channel: pending/unmask/poll failed")
+        self._check(n)
+
     def drain(self, timeout_ms: int = -1) -> int:
         """Wait for in-flight I/O (answering it); returns how many are still in flight."""
         return int(lib.pv_blk_queue_drain(self.c, timeout_ms))
@@ -182,9 +194,11 @@ class BlkQueue:
 
 
 class BlkDataplane:
-    """One queue of a connected disk: owns the ring mapping, the bound event channel and the C queue.
+    """One queue of a connected disk: owns the ring mapping, the bound event channel, the C queue and the
+    queue's pump thread.
 
-    `on_dead` is called (once) when the frontend breaks the ring protocol; the device should fail.
+    `on_dead` is called (once, on the event loop) when the frontend breaks the ring protocol or the event
+    channel fails; the device should fail.
     """
 
     def __init__(
@@ -206,6 +220,8 @@ class BlkDataplane:
         self._on_dead = on_dead
         self._queue = BlkQueue(ring.address, cfg, gnt, evtchn.c, engine.c)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_fd = -1
         self._stopped = False
         self._failed = False
 
@@ -213,87 +229,78 @@ class BlkDataplane:
     def queue(self) -> BlkQueue:
         return self._queue
 
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Watch the event channel and the completion fd, and serve what is already queued."""
-        if self._loop is not None or self._stopped:
+        """Start the pump thread; it first serves what is already queued."""
+        if self._thread is not None or self._stopped:
             return
         self._loop = loop or asyncio.get_running_loop()
-        self._loop.add_reader(self._evtchn.fileno(), self._on_event)
-        self._loop.add_reader(self._queue.completion_fd, self._on_completion)
-        # Requests may have been queued before we listened (and bind_interdomain's initial event may have
-        # been consumed already): one kick picks them up.
-        self._run(self._queue.kick)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._pump, name=f"pump {self.name}", daemon=True)
+        self._thread.start()
 
-    def _run(self, call: Callable[[], int]) -> None:
-        if self._failed or self._queue.closed:
-            return
+    def _pump(self) -> None:
         try:
-            call()
+            self._queue.run(self._stop_fd)
         except QueueDeadError as exc:
-            self._fail(str(exc))
-
-    def _on_event(self) -> None:
-        # One C call acknowledges the event, drains the ring and unmasks only then (the lateeoi rule: a
-        # flooding guest cannot make us spin); at QD1 every Python step here is on the round trip.
-        if self._failed or self._queue.closed:
-            return
-        try:
-            self._queue.event()
-        except QueueDeadError as exc:
-            self._fail(str(exc))
+            self._report(str(exc))
         except OSError as exc:
-            self._fail(f"event channel: {exc}")
+            self._report(f"event channel: {exc}")
 
-    def _on_completion(self) -> None:
-        self._run(self._queue.complete)
+    def _report(self, message: str) -> None:
+        loop = self._loop
+        if loop is None or self._stopped:
+            return
+        try:
+            loop.call_soon_threadsafe(self._fail, message)
+        except RuntimeError:
+            pass  # the loop is closed: the daemon is going away anyway
 
     def _fail(self, message: str) -> None:
-        if self._failed:
+        if self._failed or self._stopped:
             return
         self._failed = True
         log.error("%s: %s", self.name, message)
-        self._remove_readers()
         if self._on_dead is not None:
             self._on_dead(message)
 
-    def _remove_readers(self) -> None:
-        if self._loop is None:
-            return
-        for fd in (self._evtchn_fd(), self._completion_fd()):
-            if fd >= 0:
-                self._loop.remove_reader(fd)
+    def _signal_stop(self) -> threading.Thread | None:
+        thread, self._thread = self._thread, None
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)
+        return thread
 
-    def _evtchn_fd(self) -> int:
-        try:
-            return self._evtchn.fileno()
-        except ValueError:
-            return -1
-
-    def _completion_fd(self) -> int:
-        try:
-            return self._queue.completion_fd
-        except ValueError:
-            return -1
+    def _close_stop_fd(self) -> None:
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
 
     def stats(self) -> dict[str, int]:
         return {} if self._queue.closed else self._queue.stats()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving, wait for in-flight I/O (answering it), unmap and unbind.  Idempotent."""
+        """Stop the pump, wait for in-flight I/O (answering it), unmap and unbind.  Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        self._remove_readers()
-        self._loop = None
+        thread = self._signal_stop()
+        # Off the loop: the pump finishes the batch it is in (and a threaded engine may need milliseconds).
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
         if not self._queue.closed and self._queue.inflight:
-            # Off the loop: a threaded engine may need milliseconds; nothing else touches the queue now.
             await asyncio.to_thread(self._queue.drain, int(timeout * 1000))
         self.close()
 
     def close(self) -> None:
-        """Synchronous teardown (blocks on in-flight I/O).  Idempotent."""
+        """Synchronous teardown (joins the pump, blocks on in-flight I/O).  Idempotent."""
         self._stopped = True
-        self._remove_readers()
+        thread = self._signal_stop()
+        if thread is not None:
+            thread.join()
+        self._close_stop_fd()
         self._loop = None
         self._queue.close()
         self._ring.unmap()
