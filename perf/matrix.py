@@ -273,11 +273,14 @@ def _children_cpu_s() -> float:
 
 
 class Nbdkit:
-    def __init__(self, image: Path, work: Path) -> None:
+    def __init__(self, image: Path, work: Path, *, no_cache: bool = False) -> None:
         # A fresh name each time: a socket file left by an earlier nbdkit would look ready before this one is.
         self.sock = work / f"nbd-{time.monotonic_ns()}.sock"
         self.log = work / "nbdkit.log"
-        self.proc = spawn(["nbdkit", "-f", "--unix", str(self.sock), "file", str(image)], self.log)
+        # no_cache: the file plugin has no O_DIRECT; cache=none (write, then sync_file_range and drop the pages)
+        # is the nearest it comes to what fio --direct=1 and blkback's O_DIRECT do on the disk store.
+        argv = ["nbdkit", "-f", "--unix", str(self.sock), "file", str(image)] + (["cache=none"] if no_cache else [])
+        self.proc = spawn(argv, self.log)
         wait_path(self.sock, self.proc, "nbdkit", self.log)
 
     @property
@@ -429,7 +432,7 @@ def _rep_store(plan: Plan, work: Path, sim_dir: Path, serve: Serve, store: str, 
                               r["p999_us"], r["cpu_s"], None, r["runtime_s"]))
             progress(_line(out[-1]))
     if plan.nbd:
-        nbd = Nbdkit(image, work)
+        nbd = Nbdkit(image, work, no_cache=direct)
         try:
             for w in wls:
                 r = run_fio(fio_argv(w, filename=None, direct=False, engine="nbd", seconds=plan.seconds,
@@ -777,6 +780,8 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
             "plan": {"quick": plan.quick, "reps": plan.reps, "seconds": plan.seconds, "warmup": plan.warmup,
                      "image_mib": plan.image_mib, "stores": plan.stores},
             "serve_settings": raw["serve_settings"],
+            "references": {"fio": {"tmpfs": "buffered", "disk": "--direct=1"},
+                           "nbdkit": {"tmpfs": "nbdkit file", "disk": "nbdkit file cache=none"}},
             "failures": list(FAILURES),
             "cells": cells, "targets": targets, "latency": raw["latency"], "ring": raw["ring"],
             "samples": raw["samples"],
