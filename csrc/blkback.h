@@ -1,6 +1,6 @@
 /* The block data path of one queue (one ring): consume -> copy-out + validate -> grant copy/map -> submit I/O
- * -> respond.  Batch-shaped: Python calls pv_blk_queue_kick() once per event and pv_blk_queue_complete()
- * once per completion wakeup; everything per request happens in here.
+ * -> respond.  Batch-shaped: the pump (pv_blk_queue_run) calls pv_blk_queue_event() once per event and
+ * pv_blk_queue_complete() once per completion wakeup; everything per request happens in here.
  *
  * Concurrency contract: a queue is driven by one thread, its pump (pv_blk_queue_run, or an event loop calling
  * kick/event/complete).  The only cross-thread state is the completion sink of ioengine.h; persistent

@@ -304,20 +304,16 @@ static void *file_worker(void *arg)
  * `ios` (moved to the front).  Every op of one call comes from one submitter, hence one ring. */
 static uint32_t uring_submit(struct file_engine *f, struct pv_io **ios, uint32_t n)
 {
+    struct io_uring *ring = n ? ios[0]->sink->uring : NULL;
+    if (!ring)
+        return n;
     uint32_t left = 0, queued = 0;
-    struct io_uring *ring = NULL;
     for (uint32_t i = 0; i < n; i++) {
         struct pv_io *io = ios[i];
-        struct io_uring *r = io->sink->uring;
-        if (!r || (io->op != PV_IO_READ && io->op != PV_IO_WRITE) || io->iovcnt > IOV_MAX) {
+        if ((io->op != PV_IO_READ && io->op != PV_IO_WRITE) || io->iovcnt > IOV_MAX) {
             ios[left++] = io;
             continue;
         }
-        if (ring && r != ring) {
-            io_uring_submit(ring);
-            queued = 0;
-        }
-        ring = r;
         struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
         if (!sqe) {
             io_uring_submit(ring);

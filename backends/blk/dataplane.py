@@ -120,13 +120,6 @@ class BlkQueue:
     def complete(self) -> int:
         return self._check(int(lib.pv_blk_queue_complete(self.c)))
 
-    def event(self) -> int:
-        """The event channel fired: pending + kick + unmask in one C call.  OSError if the channel failed."""
-        n = int(lib.pv_blk_queue_event(self.c))
-        if n == -lib.PV_BLK_EEVTCHN:
-            raise OSError("pending/unmask failed")
-        return self._check(n)
-
     def run(self, stop_fd: int) -> None:
         """Pump until `stop_fd` is readable (blocks; releases the GIL).  QueueDeadError for a hostile req_prod,
         OSError if the event channel failed."""
@@ -228,10 +221,6 @@ class BlkDataplane:
     @property
     def queue(self) -> BlkQueue:
         return self._queue
-
-    @property
-    def failed(self) -> bool:
-        return self._failed
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the pump thread; it first serves what is already queued."""
