@@ -86,7 +86,7 @@ def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
-    from backends.xenbus.toolstack import add_device, device_paths, remove_device
+    from backends.xenbus.toolstack import ATTACHED_MARK, add_device, device_paths, remove_device
 
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
@@ -103,7 +103,8 @@ async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str
         parents = _parents(paths.backend, 3) + _parents(paths.frontend, 2)
         fresh = [p for p in parents if not await xs.exists(p)]
         backend = {"params": params, "type": args.backend_type, "mode": args.mode, "dev": args.vdev,
-                   "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1"}
+                   "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1",
+                   ATTACHED_MARK: "1"}
         frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
         await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
                          type_name=args.backend_type, devid=devid, backend=backend, frontend=frontend,
