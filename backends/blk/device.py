@@ -36,7 +36,7 @@ from backends.xenbus.device import DeviceError
 from backends.xenbus.state import XenbusState
 
 if TYPE_CHECKING:
-    from backends.daemon.config import BlkConfig
+    from backends.blk.config import BlkConfig
     from backends.xenbus.device import BackendDevice
 
 log = logging.getLogger("pvback.blk")

@@ -36,7 +36,7 @@ def params_for(target: str) -> tuple[str, str | None]:
     return params, getattr(spec, "path", None)
 
 
-def _check_target(params: str, path: str | None, mode: str) -> None:
+def check_target(params: str, path: str | None, mode: str) -> None:
     """What the operator can be told before any xenstore node exists: the image, the NBD server."""
     if path is not None:
         p = Path(path)
@@ -81,11 +81,11 @@ def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
     if args.timeout <= 0:
         raise CliError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
     params, path = params_for(args.target)
-    _check_target(params, path, args.mode)
-    return asyncio.run(_attach(args, cfg, devid, params))
+    check_target(params, path, args.mode)
+    return asyncio.run(attach_disk(args, cfg, devid, params))
 
 
-async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
+async def attach_disk(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
     from backends.xenbus.toolstack import ATTACHED_MARK, add_device, device_paths, remove_device
 
     xs = await connect_xenstore(xenstore_path(cfg))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.blkfront import LINUX_FLUSH_SECTOR, OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY
-from backends.emu.workload import Shadow, full_compare, random_verified
+from backends.guests.blkfront import LINUX_FLUSH_SECTOR, OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY
+from backends.guests.workload import Shadow, full_compare, random_verified
 from tests.system.conftest import XVDA, Bed, make_image
 
 FIXTURE = Path(__file__).resolve().parent.parent / "blk" / "fixtures" / "linux-blkfront-shapes.json"
@@ -64,7 +64,7 @@ async def test_emulated_frontend_sends_every_shape_linux_sends(bed: Bed, tmp_pat
     sent = await device_shapes(bed, d.domid)
     missing = sorted(linux_shapes() - set(sent))
     assert not missing, (f"Linux xen-blkfront sends {missing}, the emulated blkfront's workload does not "
-                         f"(it sent {sorted(sent)}): make backends/emu/workload.py:linux_mix send them")
+                         f"(it sent {sorted(sent)}): make backends/guests/workload.py:linux_mix send them")
     assert await bed.serve.errors(d.domid) == {}
     # The recording also ends up in the daemon's log when the disk disconnects.
     await d.front.close()

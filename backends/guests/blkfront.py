@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.emu.guest import Guest, GuestPort
+from backends.guests.guest import Guest, GuestPort
 from backends.native.ring import FrontRing
 
 PAGE = 4096

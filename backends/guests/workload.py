@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from backends.emu.blkfront import BlkFront
+from backends.guests.blkfront import BlkFront
 
 SECTOR = 512
 
