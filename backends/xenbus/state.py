@@ -30,6 +30,11 @@ class XenbusState(enum.IntEnum):
     RECONFIGURING = 7
     RECONFIGURED = 8
 
+    @property
+    def label(self) -> str:
+        """The name without io/xenbus.h's XenbusState prefix, as xl and the Xen docs print it: InitWait."""
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
 
 S = XenbusState
 _GONE = frozenset({S.CLOSED, S.UNKNOWN})
