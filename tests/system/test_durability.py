@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.blkfront import SECTOR, BlkFront
+from backends.guests.blkfront import SECTOR, BlkFront
 from tests.system.conftest import Bed, Nbdkit, make_image
 from tests.system.nbdlog import BARRIER, FLUSH, WRITE, GuestOp, NbdCmd, check, parse_log
 
