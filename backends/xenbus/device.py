@@ -56,6 +56,16 @@ class _Gone(DeviceError):
 
 
 class DeviceClass(Protocol):
+    """What a device type gives the bus.  Optional, read with getattr (defaults in brackets):
+
+    - `hotplug_gate: bool` [False]: after connect, hold the backend's Connected until `hotplug-status` in the
+      backend dir says "connected" (the class writes it once its device is plugged, e.g. a tap in its switch;
+      an external hotplug script may too).  "error" fails the device with `hotplug-error`.
+    - `watch_backend_keys` / `watch_frontend_keys: tuple[str, ...]` [()]: keys whose changes while the device
+      is realized are delivered to `async key_changed(dev, side, key, value)` (side "backend"/"frontend",
+      value None when absent): netback's `rate` and `request-multicast-control`.
+    """
+
     type_names: tuple[str, ...]
     connect_states: frozenset[XenbusState]
 
@@ -63,6 +73,9 @@ class DeviceClass(Protocol):
     async def connect(self, dev: BackendDevice) -> None: ...
     async def disconnect(self, dev: BackendDevice) -> None: ...
     async def unrealize(self, dev: BackendDevice) -> None: ...
+
+
+HOTPLUG_STATUS = "hotplug-status"
 
 
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -110,7 +123,11 @@ class BackendDevice:
         self.stats: dict[str, int] = {}
         self.data: Any = None
         self.frontend_state = XenbusState.UNKNOWN
-        self.machine = BackendMachine(cls.connect_states)
+        self.hotplug_gate = bool(getattr(cls, "hotplug_gate", False))
+        self.machine = BackendMachine(cls.connect_states, hotplug_gate=self.hotplug_gate)
+        self._watched = [("backend", k) for k in getattr(cls, "watch_backend_keys", ())] + \
+            [("frontend", k) for k in getattr(cls, "watch_frontend_keys", ())]
+        self._watched_values: dict[tuple[str, str], bytes | None] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pending_failures: list[str] = []
@@ -291,10 +308,18 @@ class BackendDevice:
                 frontend = parsed
         self.frontend_state = frontend
         self.stats["observations"] = self.stats.get("observations", 0) + 1
+        plugged = True
+        if self.hotplug_gate:
+            status = await self._read(f"{self.backend_path}/{HOTPLUG_STATUS}")
+            plugged = status == b"connected"
+            if status == b"error" and not self.machine.failed:
+                why = await self._read(f"{self.backend_path}/hotplug-error")
+                self._pending_failures.append(f"hotplug failed: {_show(why) if why else 'no hotplug-error given'}")
         return Observation(
             frontend=frontend,
             backend=backend if backend is not None else XenbusState.UNKNOWN,
             online=(online or b"").strip() != b"0",
+            plugged=plugged,
         )
 
     async def _run(self) -> None:
@@ -337,6 +362,26 @@ class BackendDevice:
             await self._retire()
             return
         await self._execute(self.machine.observe(ob), feed_failures=True)
+        if self._watched and self.machine.phase is Phase.LIVE and self.data is not None:
+            await self._deliver_watched()
+
+    async def _deliver_watched(self) -> None:
+        """Hand the class each watched key that changed since it last saw it (the first look counts as a
+        change).  A key the class refuses (DeviceError) fails the device like any class error."""
+        for side, key in self._watched:
+            base = self.backend_path if side == "backend" else self.frontend_path
+            if not base:
+                continue
+            raw = await self._read(f"{base}/{_check_key(key)}")
+            if (side, key) in self._watched_values and self._watched_values[(side, key)] == raw:
+                continue
+            self._watched_values[(side, key)] = raw
+            value = None if raw is None else raw.decode("utf-8", "replace")
+            try:
+                await self.cls.key_changed(self, side, key, value)  # type: ignore[attr-defined]
+            except DeviceError as exc:
+                await self._execute(self.machine.failed_with(str(exc)), feed_failures=False)
+                return
 
     async def _retire(self) -> None:
         """The frontend's domain is gone: let go of everything (pumps, mappings, the image), say Closed, and
@@ -375,6 +420,7 @@ class BackendDevice:
             await self.cls.realize(self)
         elif isinstance(action, Connect):
             self.log.info("connect", extra={"frontend": self.frontend_path})
+            self._watched_values.clear()  # a new connection hears every watched key afresh
             await self.cls.connect(self)
             self.stats["connects"] = self.stats.get("connects", 0) + 1
         elif isinstance(action, Disconnect):
