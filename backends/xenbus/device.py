@@ -32,7 +32,7 @@ from backends.xenbus.state import (
 )
 
 if TYPE_CHECKING:
-    from backends.platform.base import Platform
+    from backends.platform.base import EventChannel, GrantMapping, Platform
     from backends.xenstore.client import Transaction, XenStoreClient
 
 log = logging.getLogger("pvback.xenbus")
@@ -137,6 +137,7 @@ class BackendDevice:
         self._fe_watch: Any = None
         self._fe_task: asyncio.Task[None] | None = None
         self._removed = False
+        self._domain_held = False
         self.done = asyncio.Event()
 
     @property
@@ -227,6 +228,33 @@ class BackendDevice:
         else:
             async with self._lock:
                 await self._transaction(body)
+
+    # -- rings and event channels: the set-up every data path does, with its unwinding -----------------------
+
+    def hold_frontend_domain(self) -> None:
+        """Make the frontend's grants reachable (the platform's open_domain), once until released."""
+        if not self._domain_held:
+            self.platform.open_domain(self.frontend_id)
+            self._domain_held = True
+
+    def release_frontend_domain(self) -> None:
+        """Undo hold_frontend_domain; idempotent (disconnect paths call it whatever happened before)."""
+        if self._domain_held:
+            self._domain_held = False
+            self.platform.close_domain(self.frontend_id)
+
+    def connect_ring(self, refs: list[int], port: int, *, writable: bool = True) -> tuple[GrantMapping,
+                                                                                           EventChannel]:
+        """Map the frontend's ring pages and bind its event channel: both or neither (the mapping is undone
+        when the bind fails).  Holds the frontend domain first.  Raises GrantError/OSError/ValueError."""
+        self.hold_frontend_domain()
+        ring = self.platform.map_grants(self.frontend_id, list(refs), writable=writable)
+        try:
+            evtchn = self.platform.bind_interdomain(self.frontend_id, port)
+        except BaseException:
+            ring.unmap()
+            raise
+        return ring, evtchn
 
     async def fail(self, message: str) -> None:
         """Fail this device from anywhere (a ring pump that saw a bogus request, a driver error).  Returns at
