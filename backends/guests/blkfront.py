@@ -16,6 +16,7 @@ from typing import Any
 
 from backends.guests.guest import Guest, GuestPort
 from backends.native.ring import FrontRing
+from backends.xenbus.state import XenbusState
 
 PAGE = 4096
 SECTOR = 512
@@ -39,7 +40,6 @@ MAX_SEGMENTS = 11
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 MAX_INDIRECT_PAGES = 8
 
-STATE_INITIALISING, STATE_INIT_WAIT, STATE_INITIALISED, STATE_CONNECTED, STATE_CLOSING, STATE_CLOSED = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ class BlkFront:
             raise FileNotFoundError(f"{self.fe_path}/backend: no such device")
         self.be_path = be
         self.backend_id = await self._read_int(f"{self.fe_path}/backend-id", 0)
-        await self.wait_backend({STATE_INIT_WAIT})
+        await self.wait_backend({XenbusState.INIT_WAIT})
         max_order = await self._read_int(f"{be}/max-ring-page-order", 0)
         max_queues = await self._read_int(f"{be}/multi-queue-max-queues", 1)
         order = min(self.want_order, max_order)
@@ -316,10 +316,10 @@ class BlkFront:
         async def body(tx: Any) -> None:
             for k, v in keys.items():
                 await tx.write(f"{self.fe_path}/{k}", v)
-            await tx.write(f"{self.fe_path}/state", str(STATE_INITIALISED))
+            await tx.write(f"{self.fe_path}/state", str(int(XenbusState.INITIALISED)))
 
         await self.xs.transaction(body)
-        await self.wait_backend({STATE_CONNECTED})
+        await self.wait_backend({XenbusState.CONNECTED})
         info = await self._read_int(f"{be}/info", 0)
         sector_size = await self._read_int(f"{be}/sector-size", SECTOR)
         self.info = DiskInfo(
@@ -338,7 +338,7 @@ class BlkFront:
             queues=nq,
             protocol=self.abi.name if self.write_protocol else "(none)",
         )
-        await self.xs.write(f"{self.fe_path}/state", str(STATE_CONNECTED))
+        await self.xs.write(f"{self.fe_path}/state", str(int(XenbusState.CONNECTED)))
         return self.info
 
     def _make_queue(self, qi: int, order: int) -> _Queue:
@@ -470,10 +470,10 @@ class BlkFront:
         if not self.queues:
             return
         with contextlib.suppress(Exception):
-            await self.xs.write(f"{self.fe_path}/state", str(STATE_CLOSING))
-            await self.wait_backend({STATE_CLOSING, STATE_CLOSED})
-            await self.xs.write(f"{self.fe_path}/state", str(STATE_CLOSED))
-            await self.wait_backend({STATE_CLOSED})
+            await self.xs.write(f"{self.fe_path}/state", str(int(XenbusState.CLOSING)))
+            await self.wait_backend({XenbusState.CLOSING, XenbusState.CLOSED})
+            await self.xs.write(f"{self.fe_path}/state", str(int(XenbusState.CLOSED)))
+            await self.wait_backend({XenbusState.CLOSED})
         await self.release()
 
     async def release(self) -> None:
