@@ -83,25 +83,30 @@ async def linux_mix(front: BlkFront, shadow: Shadow, result: WorkloadResult) -> 
         if got != shadow.data[off:off + n]:
             result.mismatches.append(f"linux mix: read of {n} bytes at {off} differs from what was written")
 
+    # Sub-page sizes (a segment that is not a whole page: 512-byte I/O, buffers not page-aligned): one
+    # segment, several, and an indirect request's worth, where the disk's sector size and limits allow.
+    sub = [n for n in (SECTOR, 2 * 4096 + SECTOR, 12 * 4096 + SECTOR)
+           if align == SECTOR and n <= max_bytes and 4096 + n <= info.size_bytes]
     for n in sizes:
         await read(0, n)
-    if align == SECTOR and info.size_bytes >= 3 * 4096:
-        await read(4096 + SECTOR, SECTOR)  # a sub-page read: O_DIRECT or a 512-byte block size
+    for n in sub:
+        await read(4096 + SECTOR, n)
     if info.readonly:
         return
     for n in sizes:
         await write(0, rng.randbytes(n))
-    if align == SECTOR and info.size_bytes >= 3 * 4096:
-        await write(4096 + 2 * SECTOR, rng.randbytes(SECTOR))
+    for n in sub:
+        await write(4096 + 2 * SECTOR, rng.randbytes(n))
     if info.size_bytes >= 3 * 4096:
         await write(2 * 4096, rng.randbytes(4096), fua=info.flush or info.barrier)
     if info.flush or info.barrier:
         await front.flush()
         result.flushes += 1
     if info.discard and info.size_bytes >= 3 * 4096:
-        await front.discard(4096 // SECTOR, 4096 // SECTOR)
-        result.discards += 1
-        await write(4096, rng.randbytes(4096))  # whatever a discard leaves, the shadow is exact again
+        for off in (0, 4096):  # mkfs discards from sector 0, a filesystem inside the disk
+            await front.discard(off // SECTOR, 4096 // SECTOR)
+            result.discards += 1
+            await write(off, rng.randbytes(4096))  # whatever a discard leaves, the shadow is exact again
 
 
 async def random_verified(front: BlkFront, shadow: Shadow, *, seconds: float = 2.0, max_ops: int = 2000,
