@@ -47,7 +47,12 @@ want() { [ -z "$STEPS" ] || [ "$STEPS" = all ] || case "+$STEPS+" in *"+$1+"*) t
 # fsync that triggered it still returns 0): `quiet` keeps that off the console, so read dmesg after each step.
 KLOG_ERRORS=0
 KLOG_FIRST=""
-WROTE="" # disks the guest wrote: their write cache must stay "write back" (flush still on)
+WROTE=""      # disks the guest wrote: their write cache must stay "write back" (flush still on) ...
+STEP_WROTE="" # ... checked at the end of the step that wrote them and, for all of them, in the klog step
+wrote() { # wrote DEV...: this step writes these disks
+    WROTE="$WROTE $*"
+    STEP_WROTE="$STEP_WROTE $*"
+}
 klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one is an error
     dmesg -c > /tmp/klog 2>/dev/null || { say "DOMU-KLOG $1 error: cannot read dmesg"; return 1; }
     grep -E 'blkfront|op failed|barrier or flush|I/O error|blk_update_request|EXT4-fs error|wrong operation|disabled for further use|Kernel panic|BUG:|Oops' \
@@ -75,15 +80,15 @@ klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one i
     done < /tmp/klog.rel
     return $bad
 }
-write_cache_problem() { # prints the first written disk whose write cache is no longer "write back"
-    for d in $WROTE; do
+write_cache_problem() { # write_cache_problem DEV...: prints the first whose write cache is no longer "write back"
+    for d in "$@"; do
         [ -e "/sys/block/$d/queue/write_cache" ] || continue
         read -r wc < "/sys/block/$d/queue/write_cache"
         [ "$wc" = "write back" ] || { echo "$d write cache is now '$wc' (blkfront turned flush off)"; return; }
     done
 }
 # result STEP PASS|FAIL DETAIL: a PASS becomes a FAIL on a kernel error line since the last step, or when a disk
-# the guest wrote lost its write cache.
+# the step wrote lost its write cache.
 result() {
     step=$1 verdict=$2
     shift 2
@@ -92,7 +97,9 @@ result() {
         [ "$verdict" = PASS ] && detail="guest kernel: $step_first (the step itself passed: $detail)"
         verdict=FAIL
     fi
-    wc=$(write_cache_problem)
+    # shellcheck disable=SC2086 # a list of disk names
+    wc=$(write_cache_problem $STEP_WROTE)
+    STEP_WROTE=""
     if [ -n "$wc" ] && [ "$verdict" = PASS ]; then
         verdict=FAIL
         detail="$wc (the step itself passed: $detail)"
@@ -210,8 +217,8 @@ BOOT0*) ;;
 esac
 
 # ---- xvda: read/write, 64 MiB, discard ----
-if want rw || want big || want discard; then WROTE="$WROTE xvda"; fi
 if want rw; then
+    wrote xvda
     t0=$(now)
     got=$(region_sha $A 1 1)
     if [ "$got" != "$(arg pva)" ]; then
@@ -225,6 +232,7 @@ if want rw; then
 fi
 
 if want big; then
+    wrote xvda
     t0=$(now)
     got=$(region_sha $A 64 64)
     t_read=$(since "$t0")
@@ -240,6 +248,7 @@ if want big; then
 fi
 
 if want discard; then
+    wrote xvda
     if ! w=$(write_region $A 8 4); then
         result discard FAIL "write before discard: $w"
     elif ! blkdiscard -o $((8 * MiB)) -l $((4 * MiB)) $A 2>/tmp/bd.err; then
@@ -280,7 +289,7 @@ if want flush && lw_ready flush; then
     # Round i writes a tagged block and fsyncs it (dd opens the disk buffered, so the fsync writes the page
     # and then asks blkfront for a flush); round i+1 starts only once that returned.  dom0 replays the log to
     # each flush: the tag of every round whose fsync had returned must be on the disk by then.
-    WROTE="$WROTE xvdd"
+    wrote xvdd
     t0=$(now)
     seed=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
     say "DOMU-KV lw-seed $seed"
@@ -307,7 +316,7 @@ if want flush && lw_ready flush; then
 fi
 
 if want fs-replay && lw_ready fs-replay; then
-    WROTE="$WROTE xvdd"
+    wrote xvdd
     t0=$(now)
     why=""
     if ! mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $D 16M > /tmp/mkfs.log 2>&1; then
@@ -338,8 +347,7 @@ fi
 if want gone; then
     if ! wait_for "[ -b $E ]" $HOTPLUG_WAIT; then
         result gone FAIL "xvde (pvback attach right after xl create) is not there after $HOTPLUG_WAIT s"
-    elif w=$(write_region $E 1 1); then
-        WROTE="$WROTE xvde"
+    elif wrote xvde && w=$(write_region $E 1 1); then
         say "DOMU-KV gone-wsha $w"
         result gone PASS "xvde (pvback attach, never detached): wrote+reread 1 MiB"
     else
@@ -356,7 +364,7 @@ if want rw-attach || want fs || want hotplug; then
     else
         say "DOMU-KV attach-s $(since "$t0")"
         echo 4096 > /sys/block/xvdc/queue/read_ahead_kb
-        WROTE="$WROTE xvdc"
+        wrote xvdc
         got=$(region_sha $C 100 1)
         if [ "$got" != "$(arg pvc)" ]; then
             result rw-attach FAIL "read of dom0's 1 MiB: sha $got, dom0 wrote $(arg pvc)"
@@ -415,11 +423,15 @@ fi
 if want klog; then
     klog_scan klog || true
     wcs=""
-    for d in $WROTE; do
+    for d in $(echo $WROTE | tr ' ' '\n' | sort -u); do
         [ -e "/sys/block/$d/queue/write_cache" ] && wcs="$wcs $d=$(tr ' ' - < "/sys/block/$d/queue/write_cache")"
     done
+    # shellcheck disable=SC2086 # a list of disk names
+    wcp=$(write_cache_problem $WROTE)
     if [ $KLOG_ERRORS -gt 0 ]; then
         result klog FAIL "$KLOG_ERRORS block/fs error lines in the guest kernel log, the first: $KLOG_FIRST"
+    elif [ -n "$wcp" ]; then
+        result klog FAIL "$wcp"
     else
         result klog PASS "no block/fs error in the guest kernel log; write cache of the disks written:${wcs:- none}"
     fi
