@@ -332,6 +332,11 @@ static void finish(struct pv_blk_queue *q, struct blk_req *r, int reason)
     int16_t status = pv_blkif_reason_status(reason);
     if (reason != PV_BLKIF_OK) {
         q->st.errors[reason < PV_BLKIF_NR_REASONS ? reason : PV_BLKIF_E_IO]++;
+        q->st.last_error_sector = r->r.sector_number;
+        q->st.last_error_operation = r->r.operation;
+        q->st.last_error_op = r->r.op;
+        q->st.last_error_nr_segments = r->r.nr_segments;
+        q->st.last_error_reason = (uint32_t)reason; /* last: a reader that sees it sees the rest of this one */
     } else if (r->r.op == PV_BLKIF_OP_READ) {
         q->st.bytes_read += r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
     } else if (r->r.op != PV_BLKIF_OP_DISCARD) {
@@ -447,6 +452,7 @@ static void setup_io(struct pv_blk_queue *q, struct blk_req *r)
     case PV_BLKIF_OP_WRITE_BARRIER:
         if (r->nseg == 0) {
             io->op = PV_IO_FLUSH;
+            io->offset = 0; /* sector_number means nothing here (Linux sends -1) */
         } else {
             io->op = PV_IO_WRITE_SYNC;
             setup_data(q, r, 1);
@@ -510,6 +516,14 @@ static void dispatch(struct pv_blk_queue *q, struct blk_req *r)
     q->batch[q->nbatch++] = r;
 }
 
+static void count_shape(struct pv_blk_queue *q, const struct blk_req *r, const struct pv_blkif_segment *segs,
+                        uint32_t nseg)
+{
+    if (nseg > PV_BLKIF_MAX_SEGMENTS_PER_REQUEST && segs == r->r.seg)
+        nseg = PV_BLKIF_MAX_SEGMENTS_PER_REQUEST; /* a direct request claiming more: judge the 11 there are */
+    q->st.shapes[pv_blkif_shape(&q->disk, &r->r, segs, nseg)]++;
+}
+
 /* Copy-out, validate and dispatch `n` consumed slots. */
 static void process_slots(struct pv_blk_queue *q, uint32_t n)
 {
@@ -523,6 +537,8 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
         pv_blkif_parse(q->cfg.abi, q->slots + (size_t)i * q->slot_size, &r->r);
         q->st.req_by_op[r->r.operation < 7 ? r->r.operation : 7]++;
         int rc = pv_blkif_validate(&q->disk, &r->r);
+        if (!r->r.indirect || rc != PV_BLKIF_OK) /* an indirect one is counted once its segments are here */
+            count_shape(q, r, r->r.indirect ? NULL : r->r.seg, r->r.indirect ? 0 : r->r.nr_segments);
         if (rc != PV_BLKIF_OK) {
             finish(q, r, rc);
             continue;
@@ -548,10 +564,13 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
     for (uint32_t i = 0; i < nwork; i++) {
         struct blk_req *r = q->work[i];
         if (r->reason != PV_BLKIF_OK) {
+            if (r->r.indirect)
+                count_shape(q, r, NULL, 0);
             finish(q, r, r->reason);
             continue;
         }
         if (r->r.indirect) {
+            count_shape(q, r, r->ind, r->r.nr_segments);
             int rc = pv_blkif_validate_segments(&q->disk, &r->r, r->ind, r->r.nr_segments);
             if (rc != PV_BLKIF_OK) {
                 finish(q, r, rc);

@@ -81,6 +81,13 @@ struct pv_blk_stats {
     uint64_t fences;
     uint64_t polls_hit; /* work found while polling */
     uint64_t latency_us_log2[PV_BLK_LAT_BUCKETS]; /* [0]: < 1 us, [i]: [2^(i-1), 2^i) us */
+    uint64_t shapes[PV_BLKIF_NR_SHAPES];          /* requests by pv_blkif_shape() */
+    /* The last request answered with an error, for the operator's warning (errors[] counts them all). */
+    uint64_t last_error_sector;
+    uint32_t last_error_reason;
+    uint8_t last_error_operation; /* wire code */
+    uint8_t last_error_op;        /* effective op (indirect_op for INDIRECT) */
+    uint16_t last_error_nr_segments;
 };
 
 struct pv_blk_queue;

@@ -2,6 +2,7 @@
 #include "blkif.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 uint32_t pv_blkif_slot_size(uint32_t abi)
@@ -109,11 +110,15 @@ int pv_blkif_validate_segments(const struct pv_blkif_disk *disk, struct pv_blkif
             return PV_BLKIF_E_ALIGN;
         total += (uint64_t)(last - first + 1);
     }
+    req->nr_sectors = total;
+    /* A request without segments (an empty flush or barrier) carries no range: Linux blkfront leaves the block
+     * layer's sector_number of -1 in it, and Linux blkback checks the range only when there are sectors. */
+    if (total == 0)
+        return PV_BLKIF_OK;
     int rc = check_range(disk, req->sector_number, total);
     if (rc != PV_BLKIF_OK)
-        return rc;
-    req->nr_sectors = total;
-    return PV_BLKIF_OK;
+        req->nr_sectors = 0;
+    return rc;
 }
 
 static int validate_rw(const struct pv_blkif_disk *disk, struct pv_blkif_req *req, int min_segs)
@@ -176,6 +181,77 @@ int pv_blkif_copy_validate(uint32_t abi, const void *slot, const struct pv_blkif
     if (rc != PV_BLKIF_OK)
         return rc;
     return pv_blkif_validate(disk, out);
+}
+
+/* ---- request shapes ---------------------------------------------------------------------------------- */
+
+_Static_assert(PV_BLKIF_NR_SHAPES == PV_BLKIF_SHAPE_OPS * PV_BLKIF_SHAPE_SEGS * PV_BLKIF_SHAPE_SECTORS * PV_BLKIF_SHAPE_FILLS,
+               "shape count");
+
+static const char *const shape_ops[PV_BLKIF_SHAPE_OPS] = {
+    "read", "write", "barrier", "flush", "discard", "discard-secure", "indirect-read", "indirect-write", "other",
+};
+static const char *const shape_segs[PV_BLKIF_SHAPE_SEGS] = {"0", "1", "2-11", "12+"};
+static const char *const shape_sectors[PV_BLKIF_SHAPE_SECTORS] = {"zero", "inside", "max", "beyond"};
+static const char *const shape_fills[PV_BLKIF_SHAPE_FILLS] = {"-", "full", "sub"};
+
+uint32_t pv_blkif_shape(const struct pv_blkif_disk *disk, const struct pv_blkif_req *req,
+                        const struct pv_blkif_segment *segs, uint32_t nseg)
+{
+    uint32_t op;
+    switch (req->operation) {
+    case PV_BLKIF_OP_READ:
+        op = 0;
+        break;
+    case PV_BLKIF_OP_WRITE:
+        op = 1;
+        break;
+    case PV_BLKIF_OP_WRITE_BARRIER:
+        op = 2;
+        break;
+    case PV_BLKIF_OP_FLUSH_DISKCACHE:
+        op = 3;
+        break;
+    case PV_BLKIF_OP_DISCARD:
+        op = (req->flag & PV_BLKIF_DISCARD_SECURE) ? 5 : 4;
+        break;
+    case PV_BLKIF_OP_INDIRECT:
+        op = req->op == PV_BLKIF_OP_READ ? 6 : req->op == PV_BLKIF_OP_WRITE ? 7 : 8;
+        break;
+    default:
+        op = 8;
+        break;
+    }
+    uint32_t n = req->operation == PV_BLKIF_OP_DISCARD ? 0 : req->nr_segments;
+    uint32_t seg = n == 0 ? 0 : n == 1 ? 1 : n <= PV_BLKIF_MAX_SEGMENTS_PER_REQUEST ? 2 : 3;
+    uint64_t s = req->sector_number;
+    uint64_t size = __atomic_load_n(&disk->sectors, __ATOMIC_RELAXED);
+    uint32_t sector = s == 0 ? 0 : s == UINT64_MAX ? 2 : s >= size ? 3 : 1;
+    uint32_t fill = 0;
+    if (nseg) {
+        fill = 1;
+        for (uint32_t i = 0; i < nseg; i++)
+            if (segs[i].first_sect != 0 || segs[i].last_sect != PV_BLKIF_SECTORS_PER_PAGE - 1) {
+                fill = 2;
+                break;
+            }
+    }
+    return ((op * PV_BLKIF_SHAPE_SEGS + seg) * PV_BLKIF_SHAPE_SECTORS + sector) * PV_BLKIF_SHAPE_FILLS + fill;
+}
+
+int pv_blkif_shape_name(uint32_t shape, char *buf, uint32_t len)
+{
+    if (shape >= PV_BLKIF_NR_SHAPES || len == 0)
+        return -1;
+    uint32_t fill = shape % PV_BLKIF_SHAPE_FILLS;
+    shape /= PV_BLKIF_SHAPE_FILLS;
+    uint32_t sector = shape % PV_BLKIF_SHAPE_SECTORS;
+    shape /= PV_BLKIF_SHAPE_SECTORS;
+    uint32_t seg = shape % PV_BLKIF_SHAPE_SEGS;
+    uint32_t op = shape / PV_BLKIF_SHAPE_SEGS;
+    int n = snprintf(buf, len, "%s/%s/%s/%s", shape_ops[op], shape_segs[seg], shape_sectors[sector],
+                     shape_fills[fill]);
+    return n < 0 || (uint32_t)n >= len ? -1 : n;
 }
 
 int16_t pv_blkif_reason_status(int reason)

@@ -222,6 +222,21 @@ int pv_blkif_validate_segments(const struct pv_blkif_disk *disk, struct pv_blkif
 int pv_blkif_copy_validate(uint32_t abi, const void *slot, const struct pv_blkif_disk *disk,
                            struct pv_blkif_req *out);
 
+/* Request shapes: the class of a request as it arrived (valid or not), for recording what a frontend really
+ * sends: op (read write barrier flush discard discard-secure indirect-read indirect-write other) x segment
+ * count (0, 1, 2-11, 12+) x sector_number (zero, inside the disk, max = 2^64-1, beyond the end) x segment fill
+ * (- none, full pages, sub-page).  Discards count as 0 segments.  `segs`/`nseg`: the segments to judge the
+ * fill by (a private copy; none for an indirect request whose pages were not fetched). */
+#define PV_BLKIF_SHAPE_OPS 9
+#define PV_BLKIF_SHAPE_SEGS 4
+#define PV_BLKIF_SHAPE_SECTORS 4
+#define PV_BLKIF_SHAPE_FILLS 3
+#define PV_BLKIF_NR_SHAPES 432 /* the product of the four */
+uint32_t pv_blkif_shape(const struct pv_blkif_disk *disk, const struct pv_blkif_req *req,
+                        const struct pv_blkif_segment *segs, uint32_t nseg);
+/* "op/segs/sector/fill", e.g. "flush/0/max/-"; returns its length, or -1 (bad index, buffer too small). */
+int pv_blkif_shape_name(uint32_t shape, char *buf, uint32_t len);
+
 /* BLKIF_RSP_* status for a reason: EOPNOTSUPP for unsupported operations, ERROR otherwise. */
 int16_t pv_blkif_reason_status(int reason);
 const char *pv_blkif_reason_name(int reason);

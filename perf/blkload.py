@@ -191,8 +191,8 @@ class LoadGenerator:
 
 
 async def session(args: argparse.Namespace, workloads: list[Workload]) -> list[LoadResult]:
-    from backends.emu.blkfront import BlkFront
-    from backends.emu.guest import Guest
+    from backends.guests.blkfront import BlkFront
+    from backends.guests.guest import Guest
     from backends.xenbus.state import XenbusState
     from backends.xenbus.toolstack import add_device, remove_device, wait_for_state
     from backends.xenstore.client import XenStoreClient

@@ -34,6 +34,33 @@ _COUNTERS = (
 )  # fmt: skip
 
 
+
+
+def _shape_names() -> tuple[str, ...]:
+    buf = ffi.new("char[]", 64)
+    names = []
+    for i in range(int(lib.PV_BLKIF_NR_SHAPES)):
+        if lib.pv_blkif_shape_name(i, buf, 64) < 0:
+            raise RuntimeError(f"no name for request shape {i}")
+        names.append(ffi.string(buf).decode())
+    return tuple(names)
+
+
+# "op/segs/sector/fill" for every index of pv_blk_stats.shapes (csrc/blkif.h says what the classes are).
+SHAPE_NAMES = _shape_names()
+
+
+@dataclass(frozen=True)
+class RejectedRequest:
+    """The last request a queue answered with an error."""
+
+    reason: str
+    operation: int  # wire code
+    op: int  # effective operation (indirect_op for INDIRECT)
+    sector: int
+    nr_segments: int
+
+
 class QueueDeadError(Exception):
     """The frontend published a bogus req_prod: the queue stopped for good (fail the device)."""
 
@@ -162,6 +189,22 @@ class BlkQueue:
         """Responses by latency: [0] < 1 us, [i] in [2^(i-1), 2^i) us."""
         lib.pv_blk_queue_get_stats(self.c, self._stats)
         return [int(x) for x in self._stats.latency_us_log2]
+
+    def shapes(self) -> dict[str, int]:
+        """Requests received by shape (only the shapes seen)."""
+        s = self._stats
+        lib.pv_blk_queue_get_stats(self.c, s)
+        return {SHAPE_NAMES[i]: int(n) for i, n in enumerate(s.shapes) if n}
+
+    def last_error(self) -> RejectedRequest | None:
+        s = self._stats
+        lib.pv_blk_queue_get_stats(self.c, s)
+        if not s.last_error_reason:
+            return None
+        reason = int(s.last_error_reason)
+        return RejectedRequest(REASONS[reason] if reason < len(REASONS) else str(reason),
+                               int(s.last_error_operation), int(s.last_error_op), int(s.last_error_sector),
+                               int(s.last_error_nr_segments))
 
     def stats(self) -> dict[str, int]:
         s = self._stats

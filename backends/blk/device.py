@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from backends.blk.dataplane import BlkDataplane, QueueConfig
+from backends.blk.dataplane import BlkDataplane, QueueConfig, RejectedRequest
 from backends.blk.proto import (
     OP_NAMES,
     BackendLimits,
@@ -36,7 +36,7 @@ from backends.xenbus.device import DeviceError
 from backends.xenbus.state import XenbusState
 
 if TYPE_CHECKING:
-    from backends.daemon.config import BlkConfig
+    from backends.blk.config import BlkConfig
     from backends.xenbus.device import BackendDevice
 
 log = logging.getLogger("pvback.blk")
@@ -96,15 +96,32 @@ class BlkDisk:
     frontend: FrontendConfig | None = None
     domain_open: bool = False
     failing: set[asyncio.Task[None]] = field(default_factory=set)
-    resize_task: asyncio.Task[None] | None = None
+
+    monitor_task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, Any]:
         out = []
         for dp in self.queues:
             s = dp.stats()
             if s:
-                out.append(_metrics_view(s, dp.queue.latency_histogram()))
+                view = _metrics_view(s, dp.queue.latency_histogram())
+                view["shapes"] = dp.queue.shapes()
+                out.append(view)
         return {"queues": out}
+
+    def shapes(self) -> dict[str, int]:
+        """Requests received on every queue, by shape."""
+        total: dict[str, int] = {}
+        for dp in self.queues:
+            if not dp.queue.closed:
+                for shape, n in dp.queue.shapes().items():
+                    total[shape] = total.get(shape, 0) + n
+        return total
+
+
+def format_shapes(shapes: dict[str, int]) -> str:
+    """`shape=count ...`, sorted: one log field an operator (or the real-Xen test) can read back."""
+    return " ".join(f"{k}={v}" for k, v in sorted(shapes.items()))
 
 
 def _metrics_view(s: dict[str, int], lat: list[int]) -> dict[str, Any]:
@@ -119,11 +136,48 @@ def _metrics_view(s: dict[str, int], lat: list[int]) -> dict[str, Any]:
     }
 
 
+class _RejectWarnings:
+    """A warning when a disk answers requests with errors, at most one per `interval` seconds per device, naming
+    the reason and the last such request; the error counters in the metrics hold the exact numbers."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.reported = 0  # errors already covered by a warning
+        self.last_warning = -float("inf")
+
+    def check(self, dev: BackendDevice, disk: BlkDisk) -> None:
+        total = 0
+        last: RejectedRequest | None = None
+        for dp in disk.queues:
+            if dp.queue.closed:
+                continue
+            total += dp.stats().get("errors", 0)
+            last = dp.queue.last_error() or last
+        now = asyncio.get_running_loop().time()
+        if total <= self.reported or last is None or now - self.last_warning < self.interval:
+            return
+        op = OP_NAMES.get(last.op, str(last.op))
+        if last.operation != last.op:
+            op = f"{OP_NAMES.get(last.operation, str(last.operation))}({op})"
+        dev.log.warning(
+            "answered %d request(s) with an error since the last report; the last one: %s, op=%s sector=%d "
+            "nr_segments=%d",
+            total - self.reported, last.reason, op, last.sector, last.nr_segments,
+            extra={"reason": last.reason, "op": op, "sector": last.sector, "failed": total - self.reported},
+        )
+        self.reported = total
+        self.last_warning = now
+
+
 class BlkDeviceClass:
     connect_states = frozenset({XenbusState.INITIALISED, XenbusState.CONNECTED})
     # How often a connected disk's backing size is checked for an online resize (Linux blkback checks on
-    # every ring wakeup; a timer also catches an idle guest).  An fstat per disk per period: negligible.
-    RESIZE_POLL_S = 1.0
+    # every ring wakeup; a timer also catches an idle guest) and its error counters for rejected requests.
+    # An fstat and a counter read per disk per period: negligible.
+    MONITOR_S = 1.0
+    # At most one warning about rejected requests per device per this many seconds: a hostile or broken
+    # frontend can fail thousands of requests a second, and the counters keep the exact number anyway.
+    REJECT_WARN_INTERVAL_S = 10.0
 
     def __init__(self, cfg: BlkConfig, type_names: tuple[str, ...] = ("qdisk",)) -> None:
         self.cfg = cfg
@@ -272,7 +326,7 @@ class BlkDeviceClass:
             await self.disconnect(dev)
             raise DeviceError(str(exc)) from exc
         await dev.write_backend(values)
-        disk.resize_task = loop.create_task(self._watch_size(dev, disk), name=f"resize {dev.backend_path}")
+        disk.monitor_task = loop.create_task(self._monitor(dev, disk), name=f"monitor {dev.backend_path}")
         dev.log.info("connected", extra={"queues": len(fe.queues), "ring_pages": fe.nr_ring_pages,
                                          "protocol": fe.abi.name, "persistent": fe.persistent})
 
@@ -280,11 +334,14 @@ class BlkDeviceClass:
         disk: BlkDisk | None = dev.data
         if disk is None:
             return
-        if disk.resize_task is not None:
-            disk.resize_task.cancel()
+        if disk.monitor_task is not None:
+            disk.monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await disk.resize_task
-            disk.resize_task = None
+                await disk.monitor_task
+            disk.monitor_task = None
+        shapes = disk.shapes()
+        if shapes:
+            dev.log.info("request shapes", extra={"shapes": format_shapes(shapes)})
         queues, disk.queues = disk.queues, []
         for dp in queues:
             await dp.stop()
@@ -293,21 +350,26 @@ class BlkDeviceClass:
             dev.platform.close_domain(dev.frontend_id)
         disk.frontend = None
 
-    async def _watch_size(self, dev: BackendDevice, disk: BlkDisk) -> None:
+    async def _monitor(self, dev: BackendDevice, disk: BlkDisk) -> None:
+        warned = _RejectWarnings(self.REJECT_WARN_INTERVAL_S)
+        while True:
+            await asyncio.sleep(self.MONITOR_S)
+            await self._check_size(dev, disk)
+            warned.check(dev, disk)
+
+    async def _check_size(self, dev: BackendDevice, disk: BlkDisk) -> None:
         """Online resize: when the image or device changes size, check later requests against the new size,
         rewrite `sectors` and rewrite `state` so the frontend's watch fires (what Linux and QEMU do)."""
-        while True:
-            await asyncio.sleep(self.RESIZE_POLL_S)
-            try:
-                size = disk.driver.current_size()
-            except OSError as exc:
-                dev.log.warning("cannot check the disk size", extra={"error": str(exc)})
-                continue
-            if size is None or size == disk.caps.size_bytes or size <= 0:
-                continue
-            old = disk.caps.size_bytes
-            disk.caps = dataclasses.replace(disk.caps, size_bytes=size)
-            for dp in disk.queues:
-                dp.queue.set_sectors(size // 512)
-            await dev.notify_frontend({"sectors": str(size // 512)})
-            dev.log.info("resized", extra={"old_bytes": old, "new_bytes": size})
+        try:
+            size = disk.driver.current_size()
+        except OSError as exc:
+            dev.log.warning("cannot check the disk size", extra={"error": str(exc)})
+            return
+        if size is None or size == disk.caps.size_bytes or size <= 0:
+            return
+        old = disk.caps.size_bytes
+        disk.caps = dataclasses.replace(disk.caps, size_bytes=size)
+        for dp in disk.queues:
+            dp.queue.set_sectors(size // 512)
+        await dev.notify_frontend({"sectors": str(size // 512)})
+        dev.log.info("resized", extra={"old_bytes": old, "new_bytes": size})

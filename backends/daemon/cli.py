@@ -202,7 +202,7 @@ def _platform_errors(fn: Any) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from backends.daemon.loop import run
-    from backends.emu.sim import SimAlreadyRunning, SimPaths, run_sim
+    from backends.sim.runner import SimAlreadyRunning, SimPaths, run_sim
 
     if args.daemon:
         return _daemonize_sim(args.sim_dir)
@@ -221,7 +221,7 @@ def _daemonize_sim(sim_dir: str) -> int:
     import subprocess
     import time
 
-    from backends.emu.sim import SimAlreadyRunning, SimPaths, check_not_running
+    from backends.sim.runner import SimAlreadyRunning, SimPaths, check_not_running
 
     paths = SimPaths(Path(sim_dir).absolute())
     try:

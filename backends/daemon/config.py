@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.blk.config import BLK_BACKEND_TYPES, BLK_RANGES, BlkConfig
+
 DEFAULT_CONFIG_PATH = Path("/etc/pvback/pvback.toml")
 DEFAULT_SIM_DIR = "/run/pvback-sim"
-# Backend directory types blkback can serve ("vbd3" and friends belong to other backends).
-BLK_BACKEND_TYPES = ("qdisk", "vbd")
 
 
 class ConfigError(ValueError):
@@ -45,24 +45,6 @@ class ServeConfig:
 
 
 @dataclass
-class BlkConfig:
-    # Largest ring the frontend may use: 2^order pages (Linux blkfront asks for up to 4 by default).
-    max_ring_page_order: int = 4
-    # Queues offered; one pump per queue.  More queues than cores only adds wakeups.
-    max_queues: int = 2
-    # Segments per indirect request: 256 = 1 MiB requests with 4 KiB pages (Linux blkback's value).
-    max_indirect_segments: int = 256
-    # Persistent grants mapped per queue (LRU).  Linux's 1056 bounds dom0 maptrack use per device.
-    max_persistent_grants: int = 1056
-    # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.
-    persistent_threshold_bytes: int = 16384
-    # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
-    poll_us: int = 0
-    # Worker threads for O_DIRECT files and block devices (page-cache images are served inline).
-    io_threads: int = 4
-
-
-@dataclass
 class Config:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -77,13 +59,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("serve", "log_level"): ("debug", "info", "warning", "error"),
 }
 _RANGES: dict[tuple[str, str], tuple[int, int]] = {
-    ("blk", "max_ring_page_order"): (0, 4),
-    ("blk", "max_queues"): (1, 64),
-    ("blk", "max_indirect_segments"): (0, 4096),
-    ("blk", "max_persistent_grants"): (0, 1 << 20),
-    ("blk", "persistent_threshold_bytes"): (0, 1 << 30),
-    ("blk", "poll_us"): (0, 1_000_000),
-    ("blk", "io_threads"): (1, 256),
+    **{("blk", k): v for k, v in BLK_RANGES.items()},
 }
 
 

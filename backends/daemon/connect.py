@@ -109,28 +109,16 @@ def _open_probe(path: str, timeout: float) -> None:
 
 def probe_broker(path: Path, timeout: float = PROBE_TIMEOUT_S) -> None:
     """One `hello` with a deadline: the broker client itself would wait forever on a wedged peer."""
-    from backends.emu.broker import close_fds, decode, encode, recv_packet
+    from backends.platform.broker_client import probe
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(path))
-            sock.send(encode({"op": "hello", "domid": 0}))
-            raw, fds = recv_packet(sock)
-            close_fds(fds)
-        except PermissionError as exc:
-            raise CliError(f"{path}: permission denied: run pvback as root (or give its user access)") from exc
-        except TimeoutError as exc:
-            raise CliError(f"{path} is not an emulated platform broker: no reply within {timeout:g} s") from exc
-        except OSError as exc:
-            raise CliError(f"{path} is not an emulated platform broker ({exc.strerror or exc}): "
-                           f"start `pvback sim` there") from exc
-        try:
-            reply = decode(raw) if raw else None
-        except ValueError:
-            reply = None
-        if reply is None:
-            raise CliError(f"{path} is not an emulated platform broker: bad reply; start `pvback sim` there")
-    finally:
-        sock.close()
+        probe(str(path), timeout)
+    except PermissionError as exc:
+        raise CliError(f"{path}: permission denied: run pvback as root (or give its user access)") from exc
+    except TimeoutError as exc:
+        raise CliError(f"{path} is not an emulated platform broker: no reply within {timeout:g} s") from exc
+    except OSError as exc:
+        raise CliError(f"{path} is not an emulated platform broker ({exc.strerror or exc}): "
+                       f"start `pvback sim` there") from exc
+    except ValueError as exc:
+        raise CliError(f"{path} is not an emulated platform broker: bad reply; start `pvback sim` there") from exc

@@ -110,9 +110,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _guest_part(sim_dir: Path, image: Path, port: int, step: Step) -> int:
-    from backends.emu.blkfront import BlkFront
-    from backends.emu.guest import Guest
-    from backends.emu.workload import Shadow, full_compare, random_verified
+    from backends.guests.blkfront import BlkFront
+    from backends.guests.guest import Guest
+    from backends.guests.workload import Shadow, full_compare, random_verified
     from backends.xenstore.client import XenStoreClient
 
     guest = Guest.in_sim(sim_dir, name="demo-guest", mem_pages=8192, gnt_entries=4096)

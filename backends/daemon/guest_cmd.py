@@ -28,18 +28,18 @@ def cmd_guest(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     params = path = None
     if args.attach:
-        from backends.daemon.toolstack_cmds import _check_target, params_for
+        from backends.daemon.toolstack_cmds import check_target, params_for
 
         params, path = params_for(args.attach)
-        _check_target(params, path, "w")  # before the guest exists: a bad image creates nothing
+        check_target(params, path, "w")  # before the guest exists: a bad image creates nothing
     return asyncio.run(_guest(args, devid, params))
 
 
 async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> int:
     from backends.daemon.config import Config
-    from backends.emu.blkfront import BlkFront
-    from backends.emu.guest import Guest
-    from backends.emu.workload import Shadow, full_compare, random_verified
+    from backends.guests.blkfront import BlkFront
+    from backends.guests.guest import Guest
+    from backends.guests.workload import Shadow, full_compare, random_verified
     from backends.xenstore.client import XenStoreClient
 
     guest = Guest.in_sim(args.sim_dir, name=args.name, mem_pages=8192, gnt_entries=4096)
@@ -53,14 +53,14 @@ async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> in
             await asyncio.sleep(args.seconds if args.seconds > 0 else float("inf"))
             return 0
         if params is not None:
-            from backends.daemon.toolstack_cmds import _attach
+            from backends.daemon.toolstack_cmds import attach_disk
 
             cfg = Config()
             cfg.platform.kind = "emulated"
             cfg.platform.sim_dir = args.sim_dir
             ns = argparse.Namespace(domid=guest.domid, backend_type="qdisk", backend_domid=0, vdev=args.vdev,
                                     mode="w", no_wait=False, timeout=10.0)
-            await _attach(ns, cfg, devid, params)
+            await attach_disk(ns, cfg, devid, params)
         else:
             print(f"waiting for a disk: pvback attach disk {guest.domid} IMAGE --vdev {args.vdev}", flush=True)
             path = f"/local/domain/{guest.domid}/device/vbd/{devid}/backend"

@@ -2,7 +2,8 @@
 
 Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
     {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
-                               "errors": {reason: n}, "ring_full": n, "latency_us_log2": [n0, n1, ...]}]}
+                               "errors": {reason: n}, "shapes": {shape: n}, "ring_full": n,
+                               "latency_us_log2": [n0, n1, ...]}]}
 where latency bucket 0 counts requests that took < 1 µs and bucket i those in [2**(i-1), 2**i) µs, so the
 cumulative count through bucket i is the Prometheus bucket le=2**i µs.  The C path keeps no latency sum;
 when a queue does not report `latency_us_sum`, the histogram's _sum is estimated from bucket midpoints
@@ -48,6 +49,8 @@ class BusCollector(Collector):
         reqs = CounterMetricFamily("pvback_requests", "Requests completed", labels=[*qlabels, "op"])
         nbytes = CounterMetricFamily("pvback_bytes", "Bytes transferred", labels=[*qlabels, "direction"])
         errs = CounterMetricFamily("pvback_errors", "Requests failed", labels=[*qlabels, "reason"])
+        shapes = CounterMetricFamily("pvback_request_shapes", "Requests received, by shape (op/segments/sector/fill)",
+                                     labels=[*qlabels, "shape"])
         full = CounterMetricFamily("pvback_ring_full", "Times the request pool or ring was full", labels=qlabels)
         lat = HistogramMetricFamily("pvback_request_latency_seconds", "Request latency", labels=qlabels)
         connects = CounterMetricFamily("pvback_device_connects", "Times the device connected", labels=labels)
@@ -73,6 +76,8 @@ class BusCollector(Collector):
                     nbytes.add_metric([*ql, str(d)], float(n))
                 for reason, n in q.get("errors", {}).items():
                     errs.add_metric([*ql, str(reason)], float(n))
+                for shape, n in q.get("shapes", {}).items():
+                    shapes.add_metric([*ql, str(shape)], float(n))
                 full.add_metric(ql, float(q.get("ring_full", 0)))
                 hist = list(q.get("latency_us_log2", []))
                 if hist:
@@ -86,7 +91,7 @@ class BusCollector(Collector):
                     if total_us is None:
                         total_us = sum(n * (0.5 if i == 0 else 1.5 * 2 ** (i - 1)) for i, n in enumerate(hist))
                     lat.add_metric(ql, buckets, sum_value=float(total_us) / 1e6)
-        yield from (state, connects, failures, reqs, nbytes, errs, full, lat)
+        yield from (state, connects, failures, reqs, nbytes, errs, shapes, full, lat)
 
 
 def render(get_bus: Callable[[], Any]) -> bytes:

@@ -36,7 +36,7 @@ def params_for(target: str) -> tuple[str, str | None]:
     return params, getattr(spec, "path", None)
 
 
-def _check_target(params: str, path: str | None, mode: str) -> None:
+def check_target(params: str, path: str | None, mode: str) -> None:
     """What the operator can be told before any xenstore node exists: the image, the NBD server."""
     if path is not None:
         p = Path(path)
@@ -81,12 +81,12 @@ def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
     if args.timeout <= 0:
         raise CliError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
     params, path = params_for(args.target)
-    _check_target(params, path, args.mode)
-    return asyncio.run(_attach(args, cfg, devid, params))
+    check_target(params, path, args.mode)
+    return asyncio.run(attach_disk(args, cfg, devid, params))
 
 
-async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
-    from backends.xenbus.toolstack import add_device, device_paths, remove_device
+async def attach_disk(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
+    from backends.xenbus.toolstack import ATTACHED_MARK, add_device, device_paths, remove_device
 
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
@@ -103,7 +103,8 @@ async def _attach(args: argparse.Namespace, cfg: Config, devid: int, params: str
         parents = _parents(paths.backend, 3) + _parents(paths.frontend, 2)
         fresh = [p for p in parents if not await xs.exists(p)]
         backend = {"params": params, "type": args.backend_type, "mode": args.mode, "dev": args.vdev,
-                   "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1"}
+                   "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1",
+                   ATTACHED_MARK: "1"}
         frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
         await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
                          type_name=args.backend_type, devid=devid, backend=backend, frontend=frontend,

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from backends.native import ffi, lib
-from backends.platform.base import EventChannel
 
 
-class NativeEventChannel(EventChannel):
+class NativeEventChannel:
     """One bound port.  `on_close` runs after the C object is freed (the emulated platform tells its broker)."""
 
     live: ClassVar[int] = 0  # channels of this process not yet closed: leak checks read it

@@ -6,15 +6,64 @@ Shared by both platforms: the emulated one builds its handle with `pv_gnt_emu_op
 
 from __future__ import annotations
 
+import enum
 import errno
 import mmap
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from backends.native import ffi, lib
-from backends.platform.base import CopySegment, GrantError, GrantMapping
 
 PAGE_SIZE = 4096
+
+
+class GrantStatus(enum.IntEnum):
+    """GNTST_* from xen/include/public/grant_table.h."""
+
+    OKAY = 0
+    GENERAL_ERROR = -1
+    BAD_DOMAIN = -2
+    BAD_GNTREF = -3
+    BAD_HANDLE = -4
+    BAD_VIRT_ADDR = -5
+    BAD_DEV_ADDR = -6
+    NO_DEVICE_SPACE = -7
+    PERMISSION_DENIED = -8
+    BAD_PAGE = -9
+    BAD_COPY_ARG = -10
+    ADDRESS_TOO_BIG = -11
+    EAGAIN = -12
+    NO_SPACE = -13
+
+
+class GrantError(OSError):
+    """A grant operation failed with a GNTST_* status."""
+
+    def __init__(self, status: int, what: str) -> None:
+        try:
+            name = GrantStatus(status).name
+        except ValueError:
+            name = f"status {status}"
+        super().__init__(f"{what}: {name}")
+        self.status = status
+
+
+@dataclass
+class CopySegment:
+    """One GNTTABOP_copy segment between a local buffer and a foreign grant.
+
+    `to_guest` True copies local -> grant (a read served to the guest), False grant -> local.
+    `local` is a writable buffer (or cdata pointer) of at least `length` bytes at `local_offset`.
+    """
+
+    domid: int
+    ref: int
+    offset: int
+    length: int
+    local: Any
+    local_offset: int = 0
+    to_guest: bool = False
 
 
 def _local_pointer(buf: Any) -> tuple[Any, Any]:
@@ -25,7 +74,7 @@ def _local_pointer(buf: Any) -> tuple[Any, Any]:
     return keep, keep
 
 
-class NativeGrantMapping(GrantMapping):
+class NativeGrantMapping:
     """A contiguous range of foreign pages mapped by `pv_gnt_do_map`."""
 
     def __init__(self, table: GrantTable, addr: Any, npages: int, writable: bool) -> None:
@@ -53,6 +102,12 @@ class NativeGrantMapping(GrantMapping):
             return
         addr, self._addr = self._addr, None
         self._table._unmap(addr, self.npages)
+
+    def __enter__(self) -> NativeGrantMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmap()
 
 
 class GrantTable:

@@ -12,43 +12,14 @@ are for set-up (ring mapping, binding) and for tests.
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from backends.xenstore.client import XenStoreClient
+# The value types of grant operations belong to the layer that performs them; re-exported as the platform's.
+from backends.native.grants import CopySegment, GrantError, GrantStatus
 
-
-class GrantStatus(enum.IntEnum):
-    """GNTST_* from xen/include/public/grant_table.h."""
-
-    OKAY = 0
-    GENERAL_ERROR = -1
-    BAD_DOMAIN = -2
-    BAD_GNTREF = -3
-    BAD_HANDLE = -4
-    BAD_VIRT_ADDR = -5
-    BAD_DEV_ADDR = -6
-    NO_DEVICE_SPACE = -7
-    PERMISSION_DENIED = -8
-    BAD_PAGE = -9
-    BAD_COPY_ARG = -10
-    ADDRESS_TOO_BIG = -11
-    EAGAIN = -12
-    NO_SPACE = -13
-
-
-class GrantError(OSError):
-    """A grant operation failed with a GNTST_* status."""
-
-    def __init__(self, status: int, what: str) -> None:
-        try:
-            name = GrantStatus(status).name
-        except ValueError:
-            name = f"status {status}"
-        super().__init__(f"{what}: {name}")
-        self.status = status
+__all__ = ["CopySegment", "EventChannel", "GrantError", "GrantMapping", "GrantStatus", "Platform", "PlatformError",
+           "PlatformFeatures"]
 
 
 class PlatformError(RuntimeError):
@@ -98,10 +69,6 @@ class Platform(abc.ABC):
     def xenstore_path(self) -> str:
         """Where this platform's xenstored listens (socket or /dev/xen/xenbus)."""
 
-    @abc.abstractmethod
-    async def open_xenstore(self) -> XenStoreClient:
-        """A new privileged xenstore connection for this backend domain."""
-
     @property
     @abc.abstractmethod
     def live_mappings(self) -> int:
@@ -111,75 +78,47 @@ class Platform(abc.ABC):
     def close(self) -> None: ...
 
 
-@dataclass
-class CopySegment:
-    """One GNTTABOP_copy segment between a local buffer and a foreign grant.
-
-    `to_guest` True copies local -> grant (a read served to the guest), False grant -> local.
-    `local` is a writable buffer (or cdata pointer) of at least `length` bytes at `local_offset`.
-    """
-
-    domid: int
-    ref: int
-    offset: int
-    length: int
-    local: Any
-    local_offset: int = 0
-    to_guest: bool = False
-
-
-class GrantMapping(abc.ABC):
-    """Pages of a foreign domain mapped into this process."""
+class GrantMapping(Protocol):
+    """Pages of a foreign domain mapped into this process (backends.native.grants.NativeGrantMapping)."""
 
     npages: int
     writable: bool
 
     @property
-    @abc.abstractmethod
     def address(self) -> Any:
         """`void *` cdata of the start of the range."""
 
-    @abc.abstractmethod
     def buffer(self) -> memoryview:
         """The mapped bytes (read-only mappings fault on write: never write through those)."""
 
-    @abc.abstractmethod
     def unmap(self) -> None:
         """Idempotent."""
 
-    def __enter__(self) -> GrantMapping:
-        return self
+    def __enter__(self) -> GrantMapping: ...
 
-    def __exit__(self, *exc: object) -> None:
-        self.unmap()
+    def __exit__(self, *exc: object) -> None: ...
 
 
-class EventChannel(abc.ABC):
-    """One bound interdomain port with its own pollable fd (add it to the event loop as a reader)."""
+class EventChannel(Protocol):
+    """One bound interdomain port with its own pollable fd (backends.native.events.NativeEventChannel)."""
 
     local_port: int
     remote_domid: int
     remote_port: int
 
     @property
-    @abc.abstractmethod
     def c(self) -> Any:
         """The `struct pv_evtchn *` for C data paths."""
 
-    @abc.abstractmethod
     def fileno(self) -> int: ...
 
-    @abc.abstractmethod
     def notify(self) -> None: ...
 
-    @abc.abstractmethod
     def pending(self) -> bool:
         """Acknowledge a delivered event; True if there was one.  Delivery stays masked until unmask()."""
 
-    @abc.abstractmethod
     def unmask(self) -> None:
         """Re-enable delivery; call only after the ring is drained (the lateeoi rule, XSA-332)."""
 
-    @abc.abstractmethod
     def close(self) -> None:
         """Unbind; idempotent."""

@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from backends.emu.broker import BrokerClient, close_fds
 from backends.native.events import NativeEventChannel, open_emulated
 from backends.native.grants import EmulatedGrantTable
 from backends.platform.base import (
@@ -22,9 +21,7 @@ from backends.platform.base import (
     PlatformError,
     PlatformFeatures,
 )
-
-if TYPE_CHECKING:
-    from backends.xenstore.client import XenStoreClient
+from backends.platform.broker_client import BrokerClient, close_fds
 
 DEFAULT_SIM_DIR = "/run/pvback-sim"
 DOMID_FIRST_RESERVED = 0x7FF0
@@ -114,11 +111,6 @@ class EmulatedPlatform(Platform):
 
     def xenstore_path(self) -> str:
         return str(self.sim_dir / "xenstored.sock")
-
-    async def open_xenstore(self) -> XenStoreClient:
-        from backends.xenstore.client import XenStoreClient
-
-        return await XenStoreClient.connect(self.xenstore_path())
 
     @property
     def live_mappings(self) -> int:

@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backends.native import ffi, lib
 from backends.native.events import NativeEventChannel
@@ -26,9 +26,6 @@ from backends.platform.base import (
     PlatformFeatures,
 )
 from backends.xenstore import wire
-
-if TYPE_CHECKING:
-    from backends.xenstore.client import XenStoreClient
 
 _ERRLEN = 512
 XENSTORE_CANDIDATES = ("/var/run/xenstored/socket", "/dev/xen/xenbus")
@@ -159,11 +156,6 @@ class XenPlatform(Platform):
 
     def xenstore_path(self) -> str:
         return find_xenstore(self._xs_explicit)
-
-    async def open_xenstore(self) -> XenStoreClient:
-        from backends.xenstore.client import XenStoreClient
-
-        return await XenStoreClient.connect(self.xenstore_path())
 
     @property
     def live_mappings(self) -> int:

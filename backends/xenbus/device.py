@@ -333,7 +333,18 @@ class BackendDevice:
             self._removed = True
             await self._execute(self.machine.removed(), feed_failures=False)
             return
+        if ob.frontend is XenbusState.UNKNOWN and await self.bus.domain_dead(self.frontend_id):
+            await self._retire()
+            return
         await self._execute(self.machine.observe(ob), feed_failures=True)
+
+    async def _retire(self) -> None:
+        """The frontend's domain is gone: let go of everything (pumps, mappings, the image), say Closed, and
+        remove the nodes `pvback attach` made, as libxl removes its own; the toolstack removes the rest."""
+        self.log.info("frontend domain %d is gone: releasing the device", self.frontend_id)
+        await self._execute(self.machine.stop(close=True), feed_failures=False)
+        if await self.bus.remove_if_attached(self.backend_path, self.frontend_path):
+            self._removed = True
 
     async def _execute(self, actions: list[Action], *, feed_failures: bool) -> None:
         for action in actions:
@@ -473,6 +484,7 @@ class XenBus:
                     raise ValueError(f"bad backend type name {name!r}")
                 self.classes[name] = cls
         self.devices: dict[str, BackendDevice] = {}  # by backend path
+        self._ask_introduced = True  # xenstored may refuse IS_DOMAIN_INTRODUCED to a driver domain
         self._watches: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -487,6 +499,55 @@ class XenBus:
             watch = await self.xs.watch(f"{self.home}/backend/{name}")
             self._watches.append(watch)
             self._tasks.append(loop.create_task(self._follow_type(name, watch), name=f"xenbus backend/{name}"))
+        released = await self.xs.watch("@releaseDomain")
+        self._watches.append(released)
+        self._tasks.append(loop.create_task(self._follow_releases(released), name="xenbus @releaseDomain"))
+
+    async def _follow_releases(self, watch: Any) -> None:
+        """A domain died: every device re-observes, and one whose frontend domain is gone retires."""
+        try:
+            async for _path in watch:
+                for dev in list(self.devices.values()):
+                    dev._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the watch on @releaseDomain ended: devices of dead domains stay until removed")
+
+    async def domain_dead(self, domid: int) -> bool:
+        """The domain no longer exists: its home `/local/domain/<domid>` is gone (libxl removes it before
+        destroying the domain, the emulated platform when the guest's process goes) and, where xenstored lets us
+        ask, it is no longer introduced.  Both, so a directory written by hand (tests, a toolstack mid-create)
+        never counts as a dead domain, and a live domain never does."""
+        from backends.xenstore.client import XenStoreError
+
+        if domid in (0, self.backend_domid) or await self.xs.exists(f"/local/domain/{domid}"):
+            return False
+        if self._ask_introduced:
+            try:
+                return not await self.xs.is_domain_introduced(domid)
+            except XenStoreError as exc:
+                log.info("xenstored does not answer IS_DOMAIN_INTRODUCED (%s): a domain without a home "
+                         "directory counts as gone", exc.name)
+                self._ask_introduced = False
+        return True
+
+    async def remove_if_attached(self, backend_path: str, frontend_path: str) -> bool:
+        """Remove a device's nodes if `pvback attach` made them (it marks the backend dir); True if removed."""
+        from backends.xenbus.toolstack import ATTACHED_MARK
+
+        async def body(tx: Transaction) -> bool:
+            if await tx.read_str(f"{backend_path}/{ATTACHED_MARK}") != "1":
+                return False
+            for path in (frontend_path, backend_path):
+                if path and await tx.exists(path):
+                    await tx.rm(path)
+            return True
+
+        removed: bool = await self.xs.transaction(body)
+        if removed:
+            log.info("removed %s and its frontend: made by `pvback attach` for a domain that is gone", backend_path)
+        return removed
 
     async def stop(self, *, close_devices: bool, close_timeout: float = 5.0) -> None:
         """Stop watching and let go of every device.  close_devices=False leaves xenstore untouched (the
@@ -571,6 +632,13 @@ class XenBus:
         for key in ("frontend", "frontend-id"):
             if not await self.xs.exists(f"{path}/{key}"):
                 return
+        if await self.domain_dead(int(fe)):
+            # Left behind by a domain that died while nobody served it (or that this bus just retired): never
+            # open its storage again; clean up what `pvback attach` made.
+            frontend = await self.xs.read_str(f"{path}/frontend")
+            m = _FRONTEND_PATH.fullmatch(frontend or "")
+            await self.remove_if_attached(path, frontend if frontend and m and m.group(1) == fe else "")
+            return
         dev = BackendDevice(self, self.classes[name], name, int(fe), int(devid))
         if dev.backend_path != path:  # "007" and "7" must not make two devices
             log.warning("ignoring backend entry %s: non-canonical number", path)

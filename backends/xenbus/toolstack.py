@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvback.toolstack")
 
+# The backend key `pvback attach` adds to the devices it creates: when their domain dies, the daemon removes
+# them, as libxl removes the devices it created itself.
+ATTACHED_MARK = "pvback-attached"
+
 LIBXL_INIT_TIMEOUT = 10.0
 LIBXL_DESTROY_TIMEOUT = 10.0
 

@@ -1,9 +1,5 @@
 """L3 xenstore: the wire protocol (wire.py), an asyncio client (client.py) and, for the emulated platform, a
-xenstored-compatible server (server.py over tree.py).  See docs/DESIGN.md "XenStore"."""
+xenstored-compatible server (server.py over tree.py).  See docs/DESIGN.md "XenStore".
 
-from backends.xenstore.client import Transaction, Watch, XenStoreClient, XenStoreError
-from backends.xenstore.server import XenStoreServer
-from backends.xenstore.tree import Quotas
-from backends.xenstore.wire import Perm
-
-__all__ = ["Perm", "Quotas", "Transaction", "Watch", "XenStoreClient", "XenStoreError", "XenStoreServer"]
+Nothing is imported here: the platform reads its own domid with the wire codec alone, and the daemon's client
+must not drag the server in."""

@@ -80,6 +80,74 @@ def test_flush_and_barrier_allow_zero_segments(abi: int, op: int) -> None:
     assert check(abi, wire.rw(abi, op, 5, 0, [], nr_segments=0), off)[0] == lib.PV_BLKIF_E_UNSUPPORTED
 
 
+@pytest.mark.parametrize("abi", [X86_32, X86_64], ids=["x86_32", "x86_64"])
+@pytest.mark.parametrize("op", [2, 3], ids=["barrier", "flush"])
+@pytest.mark.parametrize("sector_size", [512, 4096])
+@pytest.mark.parametrize("sector", [2**64 - 1, 2**64 - 8, DISK_SECTORS, DISK_SECTORS + 3, 5, 0])
+def test_empty_flush_and_barrier_carry_no_range(abi: int, op: int, sector_size: int, sector: int) -> None:
+    """Linux blkfront sends an empty flush/barrier with the block layer's sector_number of (sector_t)-1; with no
+    segments there is no range to check (Linux blkback checks it only when there are sectors), on 512- and
+    4096-byte disks alike.  Refusing it made blkfront turn flushes off for good."""
+    d = disk(sector_size=sector_size)
+    rc, out = check(abi, wire.rw(abi, op, 77, sector, [], nr_segments=0), d)
+    assert (rc, out.nr_sectors, out.sector_number, out.id) == (lib.PV_BLKIF_OK, 0, sector, 77)
+    assert lib.pv_blkif_reason_status(rc) == lib.PV_BLKIF_RSP_OKAY
+
+
+@pytest.mark.parametrize("abi", [X86_32, X86_64], ids=["x86_32", "x86_64"])
+@pytest.mark.parametrize("op", [2, 3], ids=["barrier", "flush"])
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_flush_and_barrier_with_data_keep_their_range(abi: int, op: int, sector_size: int) -> None:
+    """With segments the request writes data: its range and alignment are checked like a write's."""
+    d = disk(sector_size=sector_size)
+    assert check(abi, wire.rw(abi, op, 1, 2**64 - 8, [(3, 0, 7)]), d)[0] == lib.PV_BLKIF_E_OVERFLOW
+    assert check(abi, wire.rw(abi, op, 1, DISK_SECTORS, [(3, 0, 7)]), d)[0] == lib.PV_BLKIF_E_RANGE
+    assert check(abi, wire.rw(abi, op, 1, DISK_SECTORS - 8, [(3, 0, 7)]), d)[0] == lib.PV_BLKIF_OK
+    misaligned = check(abi, wire.rw(abi, op, 1, 4, [(3, 0, 7)]), d)[0]
+    assert misaligned == (lib.PV_BLKIF_E_ALIGN if sector_size == 4096 else lib.PV_BLKIF_OK)
+
+
+def shape_name(index: int) -> str:
+    buf = ffi.new("char[]", 64)
+    assert lib.pv_blkif_shape_name(index, buf, 64) > 0
+    return str(ffi.string(buf).decode())
+
+
+def shape_of(abi: int, slot: bytes, segs: list[wire.Seg] | None = None, **kw: Any) -> str:
+    d = disk(**kw)
+    out = ffi.new("struct pv_blkif_req *")
+    assert lib.pv_blkif_parse(abi, slot, out) == lib.PV_BLKIF_OK
+    if segs is None:
+        return shape_name(int(lib.pv_blkif_shape(d, out, out.seg, min(out.nr_segments, 11))))
+    c = ffi.new("struct pv_blkif_segment[]", [{"gref": g, "first_sect": f, "last_sect": la} for g, f, la in segs])
+    return shape_name(int(lib.pv_blkif_shape(d, out, c, len(segs))))
+
+
+@pytest.mark.parametrize("abi", [X86_32, X86_64], ids=["x86_32", "x86_64"])
+def test_request_shapes(abi: int) -> None:
+    full, sub = (1, 0, 7), (1, 0, 0)
+    assert shape_of(abi, wire.rw(abi, 3, 1, 2**64 - 1, [], nr_segments=0)) == "flush/0/max/-"
+    assert shape_of(abi, wire.rw(abi, 2, 1, 2**64 - 1, [], nr_segments=0)) == "barrier/0/max/-"
+    assert shape_of(abi, wire.rw(abi, 0, 1, 0, [sub])) == "read/1/zero/sub"
+    assert shape_of(abi, wire.rw(abi, 1, 1, 8, [full] * 3)) == "write/2-11/inside/full"
+    assert shape_of(abi, wire.rw(abi, 1, 1, 8, [full, sub])) == "write/2-11/inside/sub"
+    assert shape_of(abi, wire.rw(abi, 2, 1, DISK_SECTORS, [full])) == "barrier/1/beyond/full"
+    assert shape_of(abi, wire.discard(abi, 1, 16, 8)) == "discard/0/inside/-"
+    assert shape_of(abi, wire.discard(abi, 1, 16, 8, flag=1)) == "discard-secure/0/inside/-"
+    assert shape_of(abi, wire.indirect(abi, 0, 1, 64, 40, [9]), [full] * 40) == "indirect-read/12+/inside/full"
+    assert shape_of(abi, wire.indirect(abi, 1, 1, 64, 12, [9]), []) == "indirect-write/12+/inside/-"
+    assert shape_of(abi, wire.indirect(abi, 3, 1, 64, 12, [9]), []) == "other/12+/inside/-"
+    assert shape_of(abi, wire.rw(abi, 9, 1, 8, [full])) == "other/1/inside/full"
+
+
+def test_shape_names_are_distinct_and_bounded() -> None:
+    names = [shape_name(i) for i in range(lib.PV_BLKIF_NR_SHAPES)]
+    assert len(set(names)) == lib.PV_BLKIF_NR_SHAPES
+    buf = ffi.new("char[]", 64)
+    assert lib.pv_blkif_shape_name(lib.PV_BLKIF_NR_SHAPES, buf, 64) == -1
+    assert lib.pv_blkif_shape_name(0, buf, 4) == -1  # "read/0/zero/-" does not fit
+
+
 @given(ABIS, st.integers(0, 10), st.integers(1, 7), st.integers(0, 7))
 def test_first_after_last(abi: int, pos: int, first: int, delta: int) -> None:
     last = max(0, first - 1 - delta % first)

@@ -1,5 +1,6 @@
 """The operator's happy path as separate processes: sim, serve, a guest doing verified I/O, status while it
-runs, the metrics endpoint moving with the guest's I/O, structured logs, detach; and the demo."""
+runs, the metrics endpoint moving with the guest's I/O, structured logs, the disk going with its domain; and
+the demo."""
 
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def test_serve_status_metrics_and_detach(bed: Bed) -> None:
     errors = [ln for ln in serve.text().splitlines() if "level=error" in ln]
     assert errors and all(f"domid={domid}" in ln and f"devid={XVDB}" in ln for ln in errors), errors
 
-    res = run("detach", "disk", str(domid), "xvda", *bed.sim_args(), "--timeout", "5")
-    assert res.returncode == 0, res.stderr
-    assert bed.xs("exists", f"/local/domain/0/backend/qdisk/{domid}/{XVDA}") is False
+    # The guest has exited: its domain is gone, and with it the disk `pvback guest --attach` made.
+    wait_until(lambda: bed.xs("exists", f"/local/domain/0/backend/qdisk/{domid}/{XVDA}") is False, 10,
+               "the daemon to remove the dead domain's disk")
     res = run("status", *bed.sim_args(), "--metrics", addr)
     assert "no devices" in res.stdout, res.stdout
     # A scrape no longer lists the removed device.
@@ -116,3 +117,49 @@ def test_demo_under_a_minute() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "DEMO PASSED" in res.stdout
     assert took < 60
+
+
+def _open_files(pid: int) -> set[str]:
+    import os
+
+    fds = f"/proc/{pid}/fd"
+    out = set()
+    for fd in os.listdir(fds):
+        try:
+            out.add(os.readlink(f"{fds}/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return out
+
+
+def test_a_dead_domain_takes_its_devices_along(bed: Bed) -> None:
+    """When a guest's domain dies (@releaseDomain), the daemon lets go of its disks (pumps, mappings, the image)
+    and removes the nodes `pvback attach` made, as libxl does for its own: status lists nothing, no image stays
+    open, and the daemon does not pick the device up again."""
+    import signal
+
+    bed.start_sim()
+    serve, addr = bed.start_serve()
+    a, b = bed.image("a.img"), bed.image("b.img")
+    guest, domid = bed.start_guest("--attach", str(a), "--workload", "idle", "--seconds", "600")
+    guest.wait_log(r"connected: ", timeout=15)
+    res = run("attach", "disk", str(domid), str(b), "--vdev", "xvdb", *bed.sim_args())
+    assert res.returncode == 0, res.stderr
+    assert bed.xs("read", f"/local/domain/0/backend/qdisk/{domid}/{XVDB}/pvback-attached") == b"1"
+    wait_until(lambda: {str(a), str(b)} <= _open_files(serve.pid), 10, "the daemon to open both images")
+
+    guest.signal(signal.SIGKILL)  # the domain dies without closing anything
+    guest.popen.wait(10)
+    for devid in (XVDA, XVDB):
+        for path in (f"/local/domain/0/backend/qdisk/{domid}/{devid}", f"/local/domain/{domid}/device/vbd/{devid}"):
+            wait_until(lambda p=path: bed.xs("exists", p) is False, 10, f"{path} to be removed")  # type: ignore[misc]
+    wait_until(lambda: not {str(a), str(b)} & _open_files(serve.pid), 10, "the daemon to close both images")
+    res = run("status", *bed.sim_args(), "--metrics", addr)
+    assert res.returncode == 0 and "no devices" in res.stdout, res.stdout
+    wait_until(lambda: f'domid="{domid}"' not in scrape(addr), 5, "the devices to leave the metrics")
+    gone = [ln for ln in serve.text().splitlines() if f"frontend domain {domid} is gone" in ln]
+    assert len(gone) == 2, serve.text()
+    assert "level=error" not in serve.text(), serve.text()
+    time.sleep(1.5)  # a re-created device would have re-opened an image by now
+    assert not {str(a), str(b)} & _open_files(serve.pid)
+    assert serve.stop() == 0

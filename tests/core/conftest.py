@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from backends.emu.broker import BrokerThread
-from backends.emu.guest import Guest
+from backends.guests.guest import Guest
 from backends.native.events import NativeEventChannel
 from backends.platform.emulated import EmulatedPlatform
+from backends.sim.broker import BrokerThread
 
 
 def open_fds() -> int:

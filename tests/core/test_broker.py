@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.broker import BrokerClient, BrokerError, BrokerThread, close_fds, recv_packet
-from backends.emu.guest import Guest
+from backends.guests.guest import Guest
 from backends.platform.base import CopySegment, PlatformError
+from backends.platform.broker_client import BrokerClient, BrokerError, close_fds, recv_packet
 from backends.platform.emulated import EmulatedPlatform
+from backends.sim.broker import BrokerThread
 
 PAGE = 4096
 
@@ -170,7 +171,7 @@ def test_broker_keeps_no_fds_after_guests_leave(broker: BrokerThread, sim_dir: P
 
 def test_guest_on_the_brokers_own_event_loop(sim_dir: Path) -> None:
     """A coroutine sharing the broker's loop must not deadlock: async set-up, closes that never wait."""
-    from backends.emu.broker import Broker
+    from backends.sim.broker import Broker
 
     path = str(sim_dir / "broker.sock")
 

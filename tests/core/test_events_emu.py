@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
-from backends.emu.broker import BrokerError
-from backends.emu.guest import Guest
+from backends.guests.guest import Guest
 from backends.native.events import NativeEventChannel, open_emulated
+from backends.platform.broker_client import BrokerError
 from backends.platform.emulated import EmulatedPlatform
 
 

@@ -27,8 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from backends.emu.broker import BrokerClient, BrokerThread, close_fds
-from backends.emu.guest import Guest
+from backends.guests.guest import Guest
 from backends.native import ffi
 from backends.native.grants import (
     EmulatedGrantTable,
@@ -39,7 +38,9 @@ from backends.native.grants import (
     release_dead_pins,
 )
 from backends.platform.base import CopySegment, GrantError, GrantStatus
+from backends.platform.broker_client import BrokerClient, close_fds
 from backends.platform.emulated import EmulatedPlatform
+from backends.sim.broker import BrokerThread
 
 PAGE = 4096
 BACKEND = 0

@@ -51,7 +51,7 @@ def wait_readable(fd: int, what: str) -> None:
 
 
 def guest_main(sim_dir: str, total: int) -> dict[str, Any]:
-    from backends.emu.guest import Guest
+    from backends.guests.guest import Guest
     from backends.native.events import NativeEventChannel
     from backends.native.ring import FrontRing
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from backends.emu.blkfront import BlkFront, DiskInfo
-from backends.emu.guest import Guest
+from backends.guests.blkfront import BlkFront, DiskInfo
+from backends.guests.guest import Guest
 from backends.xenbus.state import XenbusState
 from backends.xenbus.toolstack import DevicePaths, add_device, read_state, remove_device, wait_for_state
 from backends.xenstore.client import XenStoreClient

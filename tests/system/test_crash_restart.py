@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.blkfront import PAGE, SECTOR
-from backends.emu.workload import Shadow, full_compare
+from backends.guests.blkfront import PAGE, SECTOR
+from backends.guests.workload import Shadow, full_compare
 from tests.system.conftest import Bed, Disk, Nbdkit, S, make_image
 
 IMAGE_SIZE = 8 << 20

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.blkfront import (
+from backends.guests.blkfront import (
     OP_DISCARD,
     OP_FLUSH_DISKCACHE,
     OP_INDIRECT,
@@ -34,8 +34,8 @@ from backends.emu.blkfront import (
     SECTOR,
     BlkFront,
 )
-from backends.emu.guest import Guest
-from backends.emu.workload import Shadow, random_verified
+from backends.guests.guest import Guest
+from backends.guests.workload import Shadow, random_verified
 from backends.xenbus.toolstack import wait_for_state
 from backends.xenstore.client import Transaction
 from tests.system.conftest import XVDA, Bed, Disk, S, make_image

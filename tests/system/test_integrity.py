@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.blkfront import SECTOR
-from backends.emu.workload import Shadow, full_compare, random_verified
+from backends.guests.blkfront import SECTOR
+from backends.guests.workload import Shadow, full_compare, random_verified
 from tests.system.conftest import Bed, Disk, make_image
 
 IMAGE_SIZE = 8 << 20

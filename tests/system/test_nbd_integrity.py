@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.emu.workload import Shadow, full_compare, random_verified
+from backends.guests.workload import Shadow, full_compare, random_verified
 from backends.xenbus.toolstack import remove_device
 from tests.system.conftest import Bed, Disk, Nbdkit, make_image
 from tests.system.test_integrity import sweep

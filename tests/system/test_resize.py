@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from backends.emu.blkfront import RSP_ERROR, BlkIOError
+from backends.guests.blkfront import RSP_ERROR, BlkIOError
 from tests.system.conftest import Bed
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.xenstore import Perm, Transaction, XenStoreClient, XenStoreError, XenStoreServer
-from backends.xenstore.wire import HEADER_SIZE, PAYLOAD_MAX, XsType, pack, unpack_header
+from backends.xenstore.client import Transaction, XenStoreClient, XenStoreError
+from backends.xenstore.server import XenStoreServer
+from backends.xenstore.wire import HEADER_SIZE, PAYLOAD_MAX, Perm, XsType, pack, unpack_header
 
 from .conftest import Env
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.emu.guest import Guest, GuestPort
+from backends.guests.guest import Guest, GuestPort
 from backends.native.ring import FrontRing
 
 PAGE = 4096
@@ -30,6 +30,10 @@ OP_INDIRECT = 6
 RSP_OKAY = 0
 RSP_ERROR = -1
 RSP_EOPNOTSUPP = -2
+
+# What Linux blkfront puts in an empty flush or barrier: the block layer's flush request keeps the
+# (sector_t)-1 that blk_rq_init() leaves in it, and blkfront copies blk_rq_pos() into sector_number.
+LINUX_FLUSH_SECTOR = 2**64 - 1
 
 MAX_SEGMENTS = 11
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
@@ -229,6 +233,7 @@ class BlkFront:
         self.want_persistent = persistent
         self.write_protocol = write_protocol
         self.timeout = timeout
+        self.handle = devid & 0xFFFF  # Linux: info->handle, the device id from the node name
         self.fe_path = f"/local/domain/{guest.domid}/device/vbd/{devid}"
         self.be_path = ""
         self.backend_id = 0
@@ -385,9 +390,9 @@ class BlkFront:
                     chunk = segs[pi * SEGS_PER_INDIRECT_PAGE:(pi + 1) * SEGS_PER_INDIRECT_PAGE]
                     for j, (g, f, last) in enumerate(chunk):
                         struct.pack_into("<IBBxx", view, 8 * j, g, f, last)
-                raw = self.abi.pack_indirect(op, len(segs), 0, rid, sector, [r for _p, r in ind])
+                raw = self.abi.pack_indirect(op, len(segs), self.handle, rid, sector, [r for _p, r in ind])
             else:
-                raw = self.abi.pack_rw(op, len(segs), 0, rid, sector, segs)
+                raw = self.abi.pack_rw(op, len(segs), self.handle, rid, sector, segs)
             _rop, status = await q.submit(raw, rid)
             if status != RSP_OKAY:
                 raise BlkIOError(op, status)
@@ -409,14 +414,31 @@ class BlkFront:
     async def read(self, sector: int, nbytes: int) -> bytes:
         return await self._rw(OP_READ, sector, nbytes, None)
 
-    async def write(self, sector: int, data: bytes, *, barrier: bool = False) -> None:
+    async def write(self, sector: int, data: bytes, *, barrier: bool = False, fua: bool = False) -> None:
+        """`barrier`: a WRITE_BARRIER with data.  `fua`: a write that must be durable when acknowledged, sent
+        as Linux blkfront sends a REQ_FUA write: a WRITE_BARRIER with data when the backend offers barriers but
+        not flush-cache (blkfront's feature_fua), else a write followed by an empty flush (the block layer's
+        post-flush when the queue has no FUA)."""
+        if fua and not barrier:
+            assert self.info is not None
+            if self.info.barrier and not self.info.flush:
+                barrier = True
+            else:
+                await self._rw(OP_WRITE, sector, len(data), data)
+                await self.flush()
+                return
         await self._rw(OP_WRITE_BARRIER if barrier else OP_WRITE, sector, len(data), data)
 
     async def flush(self) -> None:
-        await self.submit_raw_op(lambda rid: self.abi.pack_rw(OP_FLUSH_DISKCACHE, 0, 0, rid, 0, []))
+        """An empty flush as Linux blkfront sends it: FLUSH_DISKCACHE when the backend offers flush-cache,
+        else WRITE_BARRIER, with no segments and sector_number (sector_t)-1."""
+        assert self.info is not None
+        op = OP_WRITE_BARRIER if self.info.barrier and not self.info.flush else OP_FLUSH_DISKCACHE
+        await self.submit_raw_op(lambda rid: self.abi.pack_rw(op, 0, self.handle, rid, LINUX_FLUSH_SECTOR, []))
 
     async def discard(self, sector: int, nr_sectors: int, *, secure: bool = False) -> None:
-        await self.submit_raw_op(lambda rid: self.abi.pack_discard(1 if secure else 0, 0, rid, sector, nr_sectors))
+        await self.submit_raw_op(
+            lambda rid: self.abi.pack_discard(1 if secure else 0, self.handle, rid, sector, nr_sectors))
 
     async def submit_raw_op(self, build: Callable[[int], bytes], *, check: bool = True) -> int:
         """Send a slot built by `build(id)` (hostile-frontend tests build malformed ones); returns the status."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from backends.emu.broker import Broker
+    from backends.sim.broker import Broker
     from backends.xenstore.server import XenStoreServer
 
 XENSTORED_SOCK = "xenstored.sock"
@@ -83,7 +83,7 @@ class Sim:
         self.broker: Broker | None = None
 
     async def start(self) -> None:
-        from backends.emu.broker import Broker
+        from backends.sim.broker import Broker
         from backends.xenstore.server import XenStoreServer
 
         self.paths.directory.mkdir(parents=True, exist_ok=True, mode=0o755)

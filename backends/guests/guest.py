@@ -23,10 +23,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from backends.emu.broker import BrokerClient, close_fds
 from backends.native import ffi
 from backends.native.events import NativeEventChannel, open_emulated
 from backends.native.grants import guest_grant, guest_revoke
+from backends.platform.broker_client import BrokerClient, close_fds
 
 PAGE_SIZE = 4096
 GNT_ENTRY_SIZE = 8

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from backends.emu.blkfront import BlkFront
+from backends.guests.blkfront import BlkFront
 
 SECTOR = 512
 
@@ -57,14 +57,64 @@ class Shadow:
 DEFAULT_SIZES = (512, 4096, 8192, 16384, 45056, 65536, 131072, 1 << 20)
 
 
+async def linux_mix(front: BlkFront, shadow: Shadow, result: WorkloadResult) -> None:
+    """The request shapes a Linux guest's xen-blkfront sends over a disk's life, in a few requests: the
+    partition scan's reads at sector 0 (one page, a readahead window), writes at sector 0 (a filesystem's
+    superblock), sub-page I/O, a FUA write, an empty flush (sector (sector_t)-1) and a discard.  Whatever
+    `tests/blk/fixtures/linux-blkfront-shapes.json` records from a real Linux guest must be among these
+    (tests/system/test_linux_shapes.py).  Sequential, before any worker starts; keeps `shadow` exact."""
+    info = front.info
+    assert info is not None
+    align = max(SECTOR, info.sector_size)
+    max_bytes = 4096 * max(11, info.max_indirect_segments)
+    sizes = [n for n in (4096, 32768, 131072) if n <= min(info.size_bytes, max_bytes)]
+    rng = random.Random(0x11)
+
+    async def write(off: int, data: bytes, *, fua: bool = False) -> None:
+        await front.write(off // SECTOR, data, fua=fua)
+        shadow.write(off, data)
+        result.writes += 1
+        result.bytes_written += len(data)
+
+    async def read(off: int, n: int) -> None:
+        got = await front.read(off // SECTOR, n)
+        result.reads += 1
+        result.bytes_read += n
+        if got != shadow.data[off:off + n]:
+            result.mismatches.append(f"linux mix: read of {n} bytes at {off} differs from what was written")
+
+    for n in sizes:
+        await read(0, n)
+    if align == SECTOR and info.size_bytes >= 3 * 4096:
+        await read(4096 + SECTOR, SECTOR)  # a sub-page read: O_DIRECT or a 512-byte block size
+    if info.readonly:
+        return
+    for n in sizes:
+        await write(0, rng.randbytes(n))
+    if align == SECTOR and info.size_bytes >= 3 * 4096:
+        await write(4096 + 2 * SECTOR, rng.randbytes(SECTOR))
+    if info.size_bytes >= 3 * 4096:
+        await write(2 * 4096, rng.randbytes(4096), fua=info.flush or info.barrier)
+    if info.flush or info.barrier:
+        await front.flush()
+        result.flushes += 1
+    if info.discard and info.size_bytes >= 3 * 4096:
+        await front.discard(4096 // SECTOR, 4096 // SECTOR)
+        result.discards += 1
+        await write(4096, rng.randbytes(4096))  # whatever a discard leaves, the shadow is exact again
+
+
 async def random_verified(front: BlkFront, shadow: Shadow, *, seconds: float = 2.0, max_ops: int = 2000,
                           depth: int = 8, sizes: tuple[int, ...] = DEFAULT_SIZES, seed: int = 1,
-                          write_ratio: float = 0.5, flush_every: int = 64) -> WorkloadResult:
-    """Random reads and writes, each read checked against the shadow; a flush every `flush_every` writes."""
+                          write_ratio: float = 0.5, flush_every: int = 64, linux: bool = True) -> WorkloadResult:
+    """Random reads and writes, each read checked against the shadow; a flush every `flush_every` writes.
+    `linux`: first send the request shapes a Linux guest sends (`linux_mix`)."""
     assert front.info is not None
     disk = front.info.size_bytes
     align = max(SECTOR, front.info.sector_size)
     result = WorkloadResult()
+    if linux:
+        await linux_mix(front, shadow, result)
     stripe = (disk // depth) // align * align
     usable = [s for s in sizes if s % align == 0 and s <= stripe
               and (-(-s // 4096) <= 11 or -(-s // 4096) <= front.info.max_indirect_segments)]

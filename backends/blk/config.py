@@ -1,0 +1,38 @@
+"""blkback's configuration section, `[blk]`, with every default documented here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Backend directory types blkback can serve ("vbd3" and friends belong to other backends).
+BLK_BACKEND_TYPES = ("qdisk", "vbd")
+
+
+@dataclass
+class BlkConfig:
+    # Largest ring the frontend may use: 2^order pages (Linux blkfront asks for up to 4 by default).
+    max_ring_page_order: int = 4
+    # Queues offered; one pump per queue.  More queues than cores only adds wakeups.
+    max_queues: int = 2
+    # Segments per indirect request: 256 = 1 MiB requests with 4 KiB pages (Linux blkback's value).
+    max_indirect_segments: int = 256
+    # Persistent grants mapped per queue (LRU).  Linux's 1056 bounds dom0 maptrack use per device.
+    max_persistent_grants: int = 1056
+    # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.
+    persistent_threshold_bytes: int = 16384
+    # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
+    poll_us: int = 0
+    # Worker threads for O_DIRECT files and block devices (page-cache images are served inline).
+    io_threads: int = 4
+
+
+# Accepted values of the integer keys, inclusive.
+BLK_RANGES: dict[str, tuple[int, int]] = {
+    "max_ring_page_order": (0, 4),
+    "max_queues": (1, 64),
+    "max_indirect_segments": (0, 4096),
+    "max_persistent_grants": (0, 1 << 20),
+    "persistent_threshold_bytes": (0, 1 << 30),
+    "poll_us": (0, 1_000_000),
+    "io_threads": (1, 256),
+}
