@@ -304,6 +304,9 @@ if want flush && lw_ready flush; then
         counts="$counts${counts:+,}$(($(flushes xvdd) - base))"
         i=$((i + 1))
     done
+    # The end of the rounds, for dom0's reading of the log: written without fsync, it reaches the disk when dd
+    # closes it (the last close writes the page cache back), after the last round's flush and before mkfs's.
+    printf 'PVBACK-LW-END %s\n' "$seed" | dd of=$D bs=4096 seek=$((LW_TAG_BLK + LW_ROUNDS)) conv=sync 2>/dev/null
     say "DOMU-KV lw-flushes $counts"
     n=${counts##*,}
     if [ -n "$why" ]; then

@@ -50,11 +50,20 @@ def W(i: int) -> Op:
 F: Op = (0, None, FLUSH, 0)
 
 
+SENTINEL = b"PVBACK-LW-END seed\n".ljust(TAG, b"\0")
+
+
+def END(n: int) -> Op:
+    return (TAG_BASE + n * TAG, SENTINEL, 0, 0)
+
+
 def rounds(tmp_path: Path, ops: list[Op], counts: list[int]) -> str:
-    write_log(tmp_path / "log", ops)
+    """The rounds' log `ops`, then the end-of-rounds block and a later user of the disk with its own flush."""
+    write_log(tmp_path / "log", [*ops, END(len(counts)), F, (0, os.urandom(4096), 0, 0), F])
     log = logwrites.read_log(tmp_path / "log")
     replay = logwrites.Replay(log, tmp_path / "replay", DEV_SIZE)
-    return logwrites.check_ordered_rounds(log, replay, TAG_BASE, TAG, [tag(i) for i in range(len(counts))], counts)
+    return logwrites.check_ordered_rounds(log, replay, TAG_BASE, TAG, [tag(i) for i in range(len(counts))], counts,
+                                          SENTINEL)
 
 
 def test_reads_the_kernel_layout(tmp_path: Path) -> None:
@@ -78,15 +87,20 @@ def test_a_log_that_is_not_one(tmp_path: Path) -> None:
 
 
 def test_ordered_rounds_pass(tmp_path: Path) -> None:
-    assert "4 flushes for 4 rounds" in rounds(tmp_path, [W(0), F, W(1), F, W(2), F, W(3), F], [1, 2, 3, 4])
+    assert rounds(tmp_path, [W(0), F, W(1), F, W(2), F, W(3), F], [1, 2, 3, 4]) == (
+        "4 flushes for 4 rounds (guest counted 4), every tag on the disk by the flush that acknowledged its round")
 
 
 def test_flushes_the_backend_adds_are_allowed(tmp_path: Path) -> None:
     rounds(tmp_path, [F, W(0), F, W(1), F, F], [1, 2])
 
 
-def test_later_users_of_the_disk_are_not_rounds(tmp_path: Path) -> None:
-    rounds(tmp_path, [W(0), F, W(1), F, (0, os.urandom(4096), 0, 0), F, F], [1, 2])
+def test_the_rounds_end_at_the_end_block(tmp_path: Path) -> None:
+    write_log(tmp_path / "log", [W(0), F, W(1), F])
+    log = logwrites.read_log(tmp_path / "log")
+    with pytest.raises(LogError, match="end-of-rounds block"):
+        logwrites.check_ordered_rounds(log, logwrites.Replay(log, tmp_path / "replay", DEV_SIZE), TAG_BASE, TAG,
+                                       [tag(0), tag(1)], [1, 2], SENTINEL)
 
 
 def test_a_write_landing_after_its_flush_is_caught(tmp_path: Path) -> None:

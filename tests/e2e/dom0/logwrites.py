@@ -152,21 +152,30 @@ class Replay:
 
 
 def check_ordered_rounds(log: Log, replay: Replay, tag_base: int, tag_size: int, tags: list[bytes],
-                         flush_counts: list[int]) -> str:
+                         flush_counts: list[int], sentinel: bytes) -> str:
     """Round i of the guest wrote tags[i] at tag_base + i * tag_size, then fsync'ed, and only then started round
     i + 1; flush_counts[i] is how many flushes the guest's disk had completed (its diskstats) once round i's fsync
-    returned.  Checks, over the log up to the first entry that touches anything but the tag area (the guest's
-    next user of the disk starts only after the last round): at the k-th FLUSH the tags present are 0..m-1 with
-    nothing missing in between and no tag damaged, and tag i is there by FLUSH number flush_counts[i] (shifted
-    by the flushes the log holds beyond the guest's count, which the backend may add), and every tag by the
-    last flush.  Returns a summary; raises LogError on a violation."""
+    returned.  After the last round the guest wrote `sentinel` in the next block without an fsync: it lands in
+    the log after the last round's flush and before whatever used the disk next (and its flushes).  Checks, over
+    the log up to the sentinel: at the k-th FLUSH the tags present are 0..m-1 with nothing missing in between
+    and no tag damaged, and tag i is there by FLUSH number flush_counts[i] (shifted by the flushes the log holds
+    beyond the guest's count, which the backend may add), so every tag by the last flush.  Returns a summary;
+    raises LogError on a violation."""
     n = len(tags)
     if len(flush_counts) != n:
         raise LogError(f"{len(flush_counts)} flush counts for {n} rounds")
+    at = tag_base + n * tag_size
+    end = next((e.index for e in log.entries if e.is_write and e.offset == at and e.length == tag_size), None)
+    if end is None:
+        raise LogError(f"the guest's end-of-rounds block (byte {at}) is not in the log")
+    if log.data(log.entries[end]) != sentinel:
+        raise LogError(f"log entry {end} at the end-of-rounds block holds {log.data(log.entries[end])[:40]!r}")
     lo, hi = tag_base, tag_base + n * tag_size
-    end = next((e.index for e in log.entries
-                if e.length and not e.flags & MARK and (e.offset < lo or e.offset + e.length > hi)),
-               len(log.entries))
+    stray = next((e for e in log.entries[:end] if e.length and not e.flags & MARK
+                  and (e.offset < lo or e.offset + e.length > hi)), None)
+    if stray is not None:
+        raise LogError(f"log entry {stray.index} (bytes {stray.offset}+{stray.length}) touches the disk outside the "
+                       "tag blocks during the rounds: the rounds were not the disk's only writer")
     flushes = [e for e in log.entries[:end] if e.flags & FLUSH]
     guest = flush_counts[-1]
     if len(flushes) < guest:
@@ -200,7 +209,7 @@ def check_ordered_rounds(log: Log, replay: Replay, tag_base: int, tag_size: int,
     if last_seen != n:
         raise LogError(f"only tags 0..{last_seen - 1} of {n} are on the disk at the last flush of the rounds")
     return (f"{len(flushes)} flushes for {n} rounds (guest counted {guest}), every tag on the disk by the flush "
-            f"that acknowledged its round")
+            f"that acknowledged its round{f' (+{extra} the backend added)' if extra else ''}")
 
 
 EXT4_MAGIC_AT = 1024 + 0x38  # s_magic in the primary super block

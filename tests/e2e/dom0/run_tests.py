@@ -669,6 +669,8 @@ class Scenario:
                 say(f"  xl block-list failed: {exc}")
         elif phase == "rebooting":
             say("STAGE guest:reboot")
+            # The domain dies right after saying so: the domain-gone check counts from here (an upper bound).
+            self.gone_seen.setdefault(domid, time.monotonic())
         elif phase == "second-boot":
             new = domid_of(GUEST)
             if new is not None and new not in self.domids:
@@ -845,7 +847,8 @@ class Scenario:
                 tags = [f"PVBACK-LW-TAG {i:02d} {seed}\n".encode().ljust(LW_TAG_SIZE, b"\0")
                         for i in range(LW_ROUNDS)]
                 counts = [int(c) for c in self.kv.get("lw-flushes", "").split(",") if c.isdigit()]
-                verdict = logwrites.check_ordered_rounds(log, replay, LW_TAG_BASE, LW_TAG_SIZE, tags, counts)
+                end = f"PVBACK-LW-END {seed}\n".encode().ljust(LW_TAG_SIZE, b"\0")
+                verdict = logwrites.check_ordered_rounds(log, replay, LW_TAG_BASE, LW_TAG_SIZE, tags, counts, end)
                 # The replayer itself: every entry replayed must give exactly what the data device holds.
                 replay.advance(len(log.entries))
                 with Path(self.lw["data_file"]).open("rb") as f:
