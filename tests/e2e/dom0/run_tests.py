@@ -56,7 +56,8 @@ LW_DEV = Path(f"/dev/mapper/{LW_NAME}")
 LW_DATA_MIB, LW_LOG_MIB = 32, 256
 LW_TAG_BASE, LW_TAG_SIZE, LW_ROUNDS = 28 * MiB, 4096, 8
 LW_FILES = 6
-DOMAIN_GONE_TIMEOUT_S = 30
+DOMAIN_GONE_TIMEOUT_S = 30  # from the domain's death to pvback letting go of its disk
+DOMAIN_DEATH_TIMEOUT_S = 120  # from the guest's reboot (or the loop's end) to libxl having destroyed the domain
 GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
 HOTPLUG_ACTION_TIMEOUT_S = 60
 
@@ -385,7 +386,8 @@ class Scenario:
         # Checks the guest passed whose verdict waits for dom0: the log replay, the domain's death.
         self.pending: dict[str, str] = {}
         self.lw: dict[str, str] = {}  # the dm-log-writes setup: loop devices, or why there is none
-        self.gone_seen: dict[int, float] = {}  # domid -> when dom0 saw it gone
+        self.gone_seen: dict[int, float] = {}  # domid -> when dom0 saw it begin to go (reboot) or gone
+        self.dead_at: dict[int, float] = {}  # domid -> when its /local/domain/<domid> was seen removed
         self.attach_e = "never run"
 
 
@@ -598,43 +600,52 @@ class Scenario:
                                            f"fd {','.join(fds)} on it, {be}/pvback-attached={marked}")
         return None
 
-    def check_domain_gone(self, domid: int) -> None:
-        """Once the domain that had xvde is gone: its backend and frontend dirs go, `pvback status` no longer
-        lists it, pvback serve holds no fd on the image, within DOMAIN_GONE_TIMEOUT_S."""
-        detail = self.pending.pop("blk-domain-gone", None)
-        if detail is None:
-            return
-        t0 = self.gone_seen.get(domid, time.monotonic())
+    def domain_leftovers(self, domid: int) -> list[str]:
         be = f"/local/domain/0/backend/qdisk/{domid}/{XVDE}"
         fe = f"/local/domain/{domid}/device/vbd/{XVDE}"
+        out = [f"{p} still in xenstore" for p in (be, fe) if xs_exists(p)]
         assert self.daemon.proc is not None
-        pid = self.daemon.proc.pid
+        fds = fds_on(self.daemon.proc.pid, self.img_e)
+        if fds:
+            out.append(f"pvback serve (pid {self.daemon.proc.pid}) still has fd {','.join(fds)} on {self.img_e}")
+        return out
 
-        def left() -> list[str]:
-            out = [f"{p} still in xenstore" for p in (be, fe) if xs_exists(p)]
-            fds = fds_on(pid, self.img_e)
-            if fds:
-                out.append(f"pvback serve (pid {pid}) still has fd {','.join(fds)} on {self.img_e}")
-            return out
-
+    def poll_domain_gone(self, domid: int) -> bool:
+        """One look at the domain that had xvde, from when it started to go (its reboot, or the end): once libxl
+        has removed its xenstore dir (it has died), within DOMAIN_GONE_TIMEOUT_S its backend and frontend dirs
+        are gone, pvback serve holds no fd on the image, and `pvback status` no longer lists it.  True once
+        judged."""
+        if "blk-domain-gone" not in self.pending:
+            return True
+        now = time.monotonic()
+        if domid not in self.dead_at:
+            if xs_exists(f"/local/domain/{domid}"):
+                if now - self.gone_seen[domid] < DOMAIN_DEATH_TIMEOUT_S:
+                    return False
+                detail = self.pending.pop("blk-domain-gone")
+                self.report("blk-domain-gone", False, f"domU passed ({detail}) but domain {domid} was still in "
+                                                      f"xenstore {DOMAIN_DEATH_TIMEOUT_S} s after it began to go")
+                return True
+            self.dead_at[domid] = now
+        left = self.domain_leftovers(domid)
+        took = now - self.dead_at[domid]
+        if left and took < DOMAIN_GONE_TIMEOUT_S:
+            return False
+        detail = self.pending.pop("blk-domain-gone")
         try:
-            end = t0 + DOMAIN_GONE_TIMEOUT_S
-            while left() and time.monotonic() < end:
-                time.sleep(0.5)
-            still = left()
-            if still:
-                raise TestFailure(f"{DOMAIN_GONE_TIMEOUT_S} s after domain {domid} died: {'; '.join(still)}")
-            took = time.monotonic() - t0
+            if left:
+                raise TestFailure(f"{DOMAIN_GONE_TIMEOUT_S} s after domain {domid} died: {'; '.join(left)}")
             out = run([PVBACK, "status", "--platform", "xen", "--metrics", METRICS, "--interval", "0"],
                       timeout=60).stdout
             rows = [ln for ln in out.splitlines() if ln.split()[:3] == ["qdisk", str(domid), str(XVDE)]]
             if rows:
                 raise TestFailure(f"`pvback status` still lists the dead domain's disk: {rows[0]}")
-            self.report("blk-domain-gone", True, f"{detail}; domain {domid} died: backend + frontend dirs gone, "
-                                                 f"image closed by pvback serve within {took:.1f} s, not in "
-                                                 f"`pvback status` {self.stamp()}")
+            self.report("blk-domain-gone", True, f"{detail}; domain {domid} died: backend + frontend dirs gone and "
+                                                 f"image closed by pvback serve {took:.1f} s after libxl removed "
+                                                 f"the domain's xenstore dir, not in `pvback status` {self.stamp()}")
         except (TestFailure, OSError) as exc:
             self.report("blk-domain-gone", False, f"domU passed ({detail}) but dom0: {exc} {self.stamp()}")
+        return True
 
     # -- dom0's actions, when the guest asks --
 
@@ -677,7 +688,6 @@ class Scenario:
                 self.gone_seen.setdefault(self.domids[-1], time.monotonic())
                 self.domids.append(new)
             self.check_stub(self.domids[-1])
-            self.check_domain_gone(self.domids[0])
 
     def check_status(self, domid: int) -> None:
         """`pvback status` while both disks are Connected and xvda has served the guest's I/O."""
@@ -744,7 +754,7 @@ class Scenario:
         results = re.compile(r"DOMU-RESULT (\S+) (PASS|FAIL) ?(.*)")
         deadline = self.t0 + GUEST_TIMEOUT_S
         gone_since: float | None = None
-        next_poll_dom = 0.0
+        next_poll_dom = next_poll_gone = 0.0
         while True:
             text = console_text(GUEST)
             for k, v in re.findall(r"DOMU-KV (\S+) (\S+)", text):
@@ -772,6 +782,9 @@ class Scenario:
             if fatal:
                 raise TestFailure(f"guest kernel: {fatal.group(0).strip()}")
             now = time.monotonic()
+            if self.domids and self.domids[0] in self.gone_seen and now >= next_poll_gone:
+                next_poll_gone = now + 1
+                self.poll_domain_gone(self.domids[0])
             if now >= next_poll_dom:
                 # `xl` is a process start under TCG, and CPU dom0 burns is CPU the guest does not get: poll
                 # often only once the guest has said its last word.
@@ -795,7 +808,9 @@ class Scenario:
             time.sleep(0.25)
         say("STAGE guest:teardown")
         if "blk-domain-gone" in self.pending and self.domids:
-            self.check_domain_gone(self.domids[0])  # no reboot: the guest's poweroff destroyed it
+            self.gone_seen.setdefault(self.domids[0], time.monotonic())
+            while not self.poll_domain_gone(self.domids[0]):  # bounded by its own two timeouts
+                time.sleep(0.5)
         if self.pending_fs is not None:
             self.report("blk-fs", False, f"domU passed ({self.pending_fs}) but dom0 never saw xvdc detached to fsck "
                                          f"the image: {self.actions.get('pvback detach', 'detach never requested')}")
