@@ -1,5 +1,6 @@
 /* Block data path of one queue; see blkback.h for the contract, the ordering rules and the tunables. */
 #include "blkback.h"
+#include "pump.h"
 #include "pvtime.h"
 
 #include <errno.h>
@@ -260,64 +261,11 @@ static void req_release(struct pv_blk_queue *q, struct blk_req *r)
     r->mode = MODE_NONE;
 }
 
-/* A response reuses its request's slot.  A daemon killed after writing a slot but before publishing rsp_prod
- * would leave a slot holding neither the request (needed to serve it again after a restart) nor a published
- * response.  So while a batch is written, the shared ring header's reserved padding (no frontend uses it)
- * says which slot is being written and holds that slot's response: slots before it are complete responses.
- * A restarted daemon finishes the publication from there (rsp_log_recover).  Two response buffers, picked
- * by the index's parity, so the one the current index names is never being rewritten. */
-#define RSP_LOG_MAGIC 0x70764c47u
-struct rsp_log {
-    uint32_t magic;
-    uint32_t idx;
-    uint8_t rsp[2][16];
-};
-_Static_assert(sizeof(struct rsp_log) <= sizeof(((struct pv_sring *)0)->pad), "the log fits the ring's padding");
-
-static struct rsp_log *rsp_log(const struct pv_back_ring *r) { return (struct rsp_log *)(void *)r->sring->pad; }
-
-static void put_logged(struct pv_back_ring *r, const uint8_t *rsps, uint32_t n, uint32_t rsp_size)
-{
-    struct rsp_log *log = rsp_log(r);
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t idx = r->rsp_prod_pvt;
-        memcpy(log->rsp[idx & 1], rsps + (size_t)i * rsp_size, rsp_size);
-        __atomic_store_n(&log->idx, idx, __ATOMIC_RELEASE);
-        if (i == 0)
-            __atomic_store_n(&log->magic, RSP_LOG_MAGIC, __ATOMIC_RELEASE);
-        __atomic_thread_fence(__ATOMIC_RELEASE); /* the log names the slot before the slot changes */
-        pv_back_ring_put_responses(r, rsps + (size_t)i * rsp_size, 1, rsp_size);
-    }
-}
-
-/* At attach: publish what a killed daemon had written but not published (see put_logged).  The log is
- * guest-writable: read once, bounded to the slots the frontend has published requests in; a frontend lying
- * here only gets its own request slots back as responses. */
-static void rsp_log_recover(struct pv_back_ring *r, uint32_t nr_pages, uint32_t rsp_size)
-{
-    struct rsp_log *log = rsp_log(r);
-    struct rsp_log copy;
-    memcpy(&copy, log, sizeof(copy));
-    __atomic_store_n(&log->magic, 0, __ATOMIC_RELEASE);
-    if (copy.magic != RSP_LOG_MAGIC)
-        return;
-    uint32_t start = r->rsp_prod_pvt;
-    uint32_t prod = __atomic_load_n(&r->sring->req_prod, __ATOMIC_ACQUIRE);
-    if (prod - start > r->size || copy.idx - start >= prod - start)
-        return;
-    pv_back_ring_attach(r, r->sring, nr_pages, r->slot_size, copy.idx);
-    pv_back_ring_put_responses(r, copy.rsp[copy.idx & 1], 1, rsp_size);
-    pv_back_ring_push(r);
-    pv_back_ring_attach(r, r->sring, nr_pages, r->slot_size, copy.idx + 1);
-}
-
 static void flush_responses(struct pv_blk_queue *q)
 {
     if (!q->nrsp)
         return;
-    put_logged(&q->ring, q->rsps, q->nrsp, q->rsp_size);
-    int notify = pv_back_ring_push(&q->ring);
-    __atomic_store_n(&rsp_log(&q->ring)->magic, 0, __ATOMIC_RELEASE);
+    int notify = pv_back_ring_respond_noted(&q->ring, q->rsps, q->nrsp, q->rsp_size);
     q->nrsp = 0;
     if (notify) {
         q->st.notifies++;
@@ -753,31 +701,22 @@ uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms)
     return q->inflight;
 }
 
+static int32_t on_complete(void *q) { return pv_blk_queue_complete(q); }
+static int32_t on_event(void *q) { return pv_blk_queue_event(q); }
+
 int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
 {
-    struct pollfd p[3] = {
-        {.fd = stop_fd, .events = POLLIN},
-        {.fd = q->sink.efd, .events = POLLIN},
-        {.fd = q->evtchn ? q->evtchn->fd : -1, .events = POLLIN},
-    };
     /* Requests may have been queued before anyone listened, and the initial event may be gone already. */
     int32_t rc = pv_blk_queue_kick(q);
-    while (rc >= 0) {
-        if (poll(p, 3, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return -PV_BLK_EEVTCHN; /* EFAULT/ENOMEM: nothing to wait on any more */
-        }
-        if (p[0].revents)
-            return 0;
-        if (p[2].revents & (POLLERR | POLLHUP | POLLNVAL))
-            return -PV_BLK_EEVTCHN;
-        if (p[1].revents)
-            rc = pv_blk_queue_complete(q);
-        if (rc >= 0 && p[2].revents)
-            rc = pv_blk_queue_event(q);
-    }
-    return rc;
+    if (rc < 0)
+        return rc;
+    /* Completions first: they free requests a full ring may be waiting for. */
+    struct pv_pump_source src[2] = {
+        {.fd = q->sink.efd, .ready = on_complete, .ctx = q},
+        {.fd = q->evtchn ? q->evtchn->fd : -1, .ready = on_event, .ctx = q, .hangup_rc = -PV_BLK_EEVTCHN},
+    };
+    rc = pv_pump_run(src, 2, stop_fd);
+    return rc == -PV_PUMP_EPOLL ? -PV_BLK_EEVTCHN : rc;
 }
 
 /* ---- set-up ------------------------------------------------------------------------------------------ */
@@ -871,7 +810,7 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     q->size = q->ring.size;
     if (!q->size)
         FAIL("ring does not fit");
-    rsp_log_recover(&q->ring, cfg->nr_ring_pages, q->rsp_size);
+    pv_back_ring_recover_noted(&q->ring, cfg->nr_ring_pages, q->rsp_size);
     start = q->ring.rsp_prod_pvt;
     q->disk = (struct pv_blkif_disk){
         .sectors = cfg->sectors,

@@ -222,3 +222,59 @@ int32_t pv_front_ring_final_check(struct pv_front_ring *r)
     prod = READ_SHARED(r->sring->rsp_prod);
     return prod != r->rsp_cons;
 }
+
+/* ---- the restart note -------------------------------------------------------------------------------- */
+
+/* A response reuses its request's slot.  A daemon killed after writing a slot but before publishing rsp_prod
+ * would leave a slot holding neither the request (needed to serve it again after a restart) nor a published
+ * response.  So while a batch is written, the shared ring header's reserved padding (no frontend uses it)
+ * says which slot is being written and holds that slot's response: slots before it are complete responses.
+ * A restarted daemon finishes the publication from there (pv_back_ring_recover_noted).  Two response
+ * buffers, picked by the index's parity, so the one the current index names is never being rewritten. */
+#define NOTE_MAGIC 0x70764c47u
+struct rsp_note {
+    uint32_t magic;
+    uint32_t idx;
+    uint8_t rsp[2][PV_RING_NOTE_RSP_MAX];
+};
+_Static_assert(sizeof(struct rsp_note) <= sizeof(((struct pv_sring *)0)->pad), "the note fits the padding");
+
+static struct rsp_note *note_of(const struct pv_back_ring *r) { return (struct rsp_note *)(void *)r->sring->pad; }
+
+int pv_back_ring_respond_noted(struct pv_back_ring *r, const void *rsps, uint32_t n, uint32_t rsp_size)
+{
+    struct rsp_note *note = note_of(r);
+    const uint8_t *p = rsps;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t idx = r->rsp_prod_pvt;
+        memcpy(note->rsp[idx & 1], p + (size_t)i * rsp_size, rsp_size);
+        __atomic_store_n(&note->idx, idx, __ATOMIC_RELEASE);
+        if (i == 0)
+            __atomic_store_n(&note->magic, NOTE_MAGIC, __ATOMIC_RELEASE);
+        __atomic_thread_fence(__ATOMIC_RELEASE); /* the note names the slot before the slot changes */
+        pv_back_ring_put_responses(r, p + (size_t)i * rsp_size, 1, rsp_size);
+    }
+    int notify = pv_back_ring_push(r);
+    __atomic_store_n(&note->magic, 0, __ATOMIC_RELEASE);
+    return notify;
+}
+
+/* The note is guest-writable: read once, bounded to the slots the frontend has published requests in; a
+ * frontend lying here only gets its own request slots back as responses. */
+void pv_back_ring_recover_noted(struct pv_back_ring *r, uint32_t nr_pages, uint32_t rsp_size)
+{
+    struct rsp_note *note = note_of(r);
+    struct rsp_note copy;
+    memcpy(&copy, note, sizeof(copy));
+    __atomic_store_n(&note->magic, 0, __ATOMIC_RELEASE);
+    if (copy.magic != NOTE_MAGIC || rsp_size > PV_RING_NOTE_RSP_MAX)
+        return;
+    uint32_t start = r->rsp_prod_pvt;
+    uint32_t prod = __atomic_load_n(&r->sring->req_prod, __ATOMIC_ACQUIRE);
+    if (prod - start > r->size || copy.idx - start >= prod - start)
+        return;
+    pv_back_ring_attach(r, r->sring, nr_pages, r->slot_size, copy.idx);
+    pv_back_ring_put_responses(r, copy.rsp[copy.idx & 1], 1, rsp_size);
+    pv_back_ring_push(r);
+    pv_back_ring_attach(r, r->sring, nr_pages, r->slot_size, copy.idx + 1);
+}

@@ -81,6 +81,15 @@ int pv_back_ring_respond(struct pv_back_ring *r, const void *rsps, uint32_t n, u
 /* RING_FINAL_CHECK_FOR_REQUESTS: returns >0 if more requests are pending (after re-arming req_event),
  * 0 if the backend may sleep, -PV_RING_EOVERFLOW if req_prod is bogus. */
 int32_t pv_back_ring_final_check(struct pv_back_ring *r);
+/* Restart recovery for a backend that may be killed at any instruction.  respond_noted = put + push, with a
+ * note in the shared header's reserved padding (bytes 20..63: SHARED_RING_INIT zeroes them and no frontend of
+ * a protocol that uses this reads or writes them) naming the slot being written and holding its response, so
+ * a restarted backend's recover_noted (at attach, before consuming) publishes what the killed one had written
+ * but not published.  Responses up to PV_RING_NOTE_RSP_MAX bytes (blkif's 16, netif's 8, ...).  Returns 1 if
+ * the frontend must be notified. */
+#define PV_RING_NOTE_RSP_MAX 16u
+int pv_back_ring_respond_noted(struct pv_back_ring *r, const void *rsps, uint32_t n, uint32_t rsp_size);
+void pv_back_ring_recover_noted(struct pv_back_ring *r, uint32_t nr_pages, uint32_t rsp_size);
 /* Free response slots the backend may still produce into (requests consumed but not answered). */
 uint32_t pv_back_ring_outstanding(const struct pv_back_ring *r);
 

@@ -1,4 +1,4 @@
-"""One blkif queue: the C data path (csrc/blkback.h) driven by a pump thread of its own.
+"""One blkif queue: the C data path (csrc/blkback.h) driven by a pump thread of its own (backends.xenbus.pump).
 
 The pump is one C call (`pv_blk_queue_run`) that waits on the event channel and the completion fd and, per
 event, acknowledges it, drains the ring (validate, copy, submit; with an inline engine also complete and
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +18,7 @@ from typing import Any, Protocol
 from backends.blk.proto import DEFAULT_MAX_PERSISTENT_GRANTS, OP_NAMES, Abi
 from backends.native import ffi, lib
 from backends.platform.base import EventChannel, GrantMapping
+from backends.xenbus.pump import PumpThread
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +230,7 @@ class BlkQueue:
 
 class BlkDataplane:
     """One queue of a connected disk: owns the ring mapping, the bound event channel, the C queue and the
-    queue's pump thread.
+    queue's pump thread (backends.xenbus.pump).
 
     `on_dead` is called (once, on the event loop) when the frontend breaks the ring protocol or the event
     channel fails; the device should fail.
@@ -253,13 +252,9 @@ class BlkDataplane:
         self.name = name
         self._ring = ring
         self._evtchn = evtchn
-        self._on_dead = on_dead
         self._queue = BlkQueue(ring.address, cfg, gnt, evtchn.c, engine.c)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop_fd = -1
+        self._pump = PumpThread(name, self._queue.run, on_dead=on_dead, errors=(QueueDeadError, OSError))
         self._stopped = False
-        self._failed = False
 
     @property
     def queue(self) -> BlkQueue:
@@ -267,48 +262,8 @@ class BlkDataplane:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the pump thread; it first serves what is already queued."""
-        if self._thread is not None or self._stopped:
-            return
-        self._loop = loop or asyncio.get_running_loop()
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._pump, name=f"pump {self.name}", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        try:
-            self._queue.run(self._stop_fd)
-        except QueueDeadError as exc:
-            self._report(str(exc))
-        except OSError as exc:
-            self._report(f"event channel: {exc}")
-
-    def _report(self, message: str) -> None:
-        loop = self._loop
-        if loop is None or self._stopped:
-            return
-        try:
-            loop.call_soon_threadsafe(self._fail, message)
-        except RuntimeError:
-            pass  # the loop is closed: the daemon is going away anyway
-
-    def _fail(self, message: str) -> None:
-        if self._failed or self._stopped:
-            return
-        self._failed = True
-        log.error("%s: %s", self.name, message)
-        if self._on_dead is not None:
-            self._on_dead(message)
-
-    def _signal_stop(self) -> threading.Thread | None:
-        thread, self._thread = self._thread, None
-        if self._stop_fd >= 0:
-            os.eventfd_write(self._stop_fd, 1)
-        return thread
-
-    def _close_stop_fd(self) -> None:
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
+        if not self._stopped:
+            self._pump.start(loop)
 
     def stats(self) -> dict[str, int]:
         return {} if self._queue.closed else self._queue.stats()
@@ -318,10 +273,7 @@ class BlkDataplane:
         if self._stopped:
             return
         self._stopped = True
-        thread = self._signal_stop()
-        # Off the loop: the pump finishes the batch it is in (and a threaded engine may need milliseconds).
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
+        await self._pump.stop()
         if not self._queue.closed and self._queue.inflight:
             await asyncio.to_thread(self._queue.drain, int(timeout * 1000))
         self.close()
@@ -329,11 +281,7 @@ class BlkDataplane:
     def close(self) -> None:
         """Synchronous teardown (joins the pump, blocks on in-flight I/O).  Idempotent."""
         self._stopped = True
-        thread = self._signal_stop()
-        if thread is not None:
-            thread.join()
-        self._close_stop_fd()
-        self._loop = None
+        self._pump.join()
         self._queue.close()
         self._ring.unmap()
         self._evtchn.close()

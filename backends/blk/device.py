@@ -94,7 +94,6 @@ class BlkDisk:
     removable: bool
     queues: list[BlkDataplane] = field(default_factory=list)
     frontend: FrontendConfig | None = None
-    domain_open: bool = False
     failing: set[asyncio.Task[None]] = field(default_factory=set)
 
     monitor_task: asyncio.Task[None] | None = None
@@ -295,15 +294,8 @@ class BlkDeviceClass:
             task.add_done_callback(disk.failing.discard)
 
         try:
-            platform.open_domain(dev.frontend_id)
-            disk.domain_open = True
             for qi, q in enumerate(fe.queues):
-                ring = platform.map_grants(dev.frontend_id, list(q.ring_refs), writable=True)
-                try:
-                    evtchn = platform.bind_interdomain(dev.frontend_id, q.event_channel)
-                except BaseException:
-                    ring.unmap()
-                    raise
+                ring, evtchn = dev.connect_ring(list(q.ring_refs), q.event_channel)
                 try:
                     dp = BlkDataplane(ring, evtchn, platform.gnt, disk.driver.engine(), qcfg, on_dead=on_dead,
                                       name=f"{dev.backend_path} queue {qi}")
@@ -345,9 +337,7 @@ class BlkDeviceClass:
         queues, disk.queues = disk.queues, []
         for dp in queues:
             await dp.stop()
-        if disk.domain_open:
-            disk.domain_open = False
-            dev.platform.close_domain(dev.frontend_id)
+        dev.release_frontend_domain()
         disk.frontend = None
 
     async def _monitor(self, dev: BackendDevice, disk: BlkDisk) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from backends.daemon.config import (
     DEFAULT_SIM_DIR,
@@ -21,7 +21,9 @@ from backends.daemon.config import (
     check_listen,
     load_config,
 )
+from backends.daemon.devtypes import load_device_types
 from backends.daemon.errors import CliError
+from backends.xenbus.registry import CommandError
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -63,14 +65,28 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line like every other operator error (argparse prints its usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        parts = self.prog.split()
+        head, rest = " ".join(parts[:2]), " ".join(parts[2:])  # "pvback attach", "disk"
+        raise UsageError(f"{head}: {rest + ': ' if rest else ''}{message} (see `{self.prog} --help`)")
+
+
+class UsageError(Exception):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pvback", description="Userspace Xen PV backends")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="pvback", description="Userspace Xen PV backends")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("serve", help="run the backend daemon")
     _add_platform_args(p)
     p.add_argument("--metrics", help="HOST:PORT for the Prometheus endpoint ('' disables)")
-    p.add_argument("--types", help="comma-separated backend types to serve (default from config: qdisk)")
+    p.add_argument("--types", help="comma-separated backend types to serve (default: the config's, or each "
+                                    "device type's own)")
 
     p = sub.add_parser("sim", help="run the emulated Xen platform (xenstored + grant/event broker)")
     p.add_argument("--sim-dir", default=None, help=f"directory for the sockets (default $PVBACK_SIM_DIR or "
@@ -78,26 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="detach and return once the sockets are ready")
 
     p = sub.add_parser("attach", help="create a device for a domain, as the toolstack does")
-    p.add_argument("kind", choices=("disk",))
-    p.add_argument("domid", type=int)
-    p.add_argument("target", help="image path, or a params string (aio:/path, qcow2:/path, nbd:unix:/sock, null:SIZE)")
-    p.add_argument("--vdev", default="xvda")
-    p.add_argument("--mode", choices=("r", "w"), default="w")
-    p.add_argument("--type", dest="backend_type", default="qdisk", help="backend directory type (qdisk or vbd)")
-    p.add_argument("--backend-domid", type=int, default=0)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for the backend to reach InitWait")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for a backend to take the device (libxl waits 10)")
-    _add_platform_args(p)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for dt in load_device_types():
+        if dt.commands is None:
+            continue
+        k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
+        k.add_argument("domid", type=int)
+        dt.commands.add_attach_arguments(k)
+        k.add_argument("--type", dest="backend_type", choices=dt.backend_types, default=None,
+                       help=f"backend directory type (default {dt.backend_types[0]})")
+        k.add_argument("--backend-domid", type=int, default=0)
+        k.add_argument("--no-wait", action="store_true", help="do not wait for the backend to reach InitWait")
+        k.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for a backend to take the device (libxl waits 10)")
+        _add_platform_args(k)
 
     p = sub.add_parser("detach", help="remove a device (online=0, wait for Closed, remove the nodes)")
-    p.add_argument("kind", choices=("disk",))
-    p.add_argument("domid", type=int)
-    p.add_argument("vdev")
-    p.add_argument("--type", dest="backend_type", default="qdisk")
-    p.add_argument("--backend-domid", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=10.0)
-    _add_platform_args(p)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for dt in load_device_types():
+        if dt.commands is None:
+            continue
+        k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
+        k.add_argument("domid", type=int)
+        dt.commands.add_detach_arguments(k)
+        k.add_argument("--type", dest="backend_type", choices=dt.backend_types, default=None)
+        k.add_argument("--backend-domid", type=int, default=0)
+        k.add_argument("--timeout", type=float, default=10.0)
+        _add_platform_args(k)
 
     p = sub.add_parser("status", help="domains, devices, states, negotiated features and throughput")
     p.add_argument("--metrics", default=None, help="HOST:PORT of a running daemon's metrics endpoint")
@@ -139,10 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backends.daemon.dm_stub import main as dm_stub_main
 
         return dm_stub_main(raw[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         return _dispatch(args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, CommandError) as exc:
         print(f"pvback {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

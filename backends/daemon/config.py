@@ -1,4 +1,5 @@
-"""pvback's TOML configuration, with every default documented here.
+"""pvback's TOML configuration: `[platform]` and `[serve]` with every default documented here, and one section
+per device type (`[blk]`, ...), documented in that type's package and registered with it.
 
 The file is optional: `pvback serve` runs on the defaults.  Unknown keys and wrong types are errors (an
 operator's typo must not be silently ignored).
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.blk.config import BLK_BACKEND_TYPES, BLK_RANGES, BlkConfig
+from backends.daemon.devtypes import all_backend_types, default_backend_types, load_device_types
 
 DEFAULT_CONFIG_PATH = Path("/etc/pvback/pvback.toml")
 DEFAULT_SIM_DIR = "/run/pvback-sim"
@@ -32,9 +33,10 @@ class PlatformConfig:
 
 @dataclass
 class ServeConfig:
-    # Backend directory types served.  "qdisk" is what xl writes for backendtype=qdisk and what no dom0 kernel
-    # driver claims; "vbd" only when xen-blkback is not loaded (it would race us for the device).
-    backend_types: list[str] = field(default_factory=lambda: ["qdisk"])
+    # Backend directory types served (default: each device type's own defaults, e.g. blk's "qdisk": what xl
+    # writes for backendtype=qdisk and what no dom0 kernel driver claims; "vbd" only when xen-blkback is not
+    # loaded, it would race us for the device).
+    backend_types: list[str] = field(default_factory=default_backend_types)
     # Prometheus text endpoint, HOST:PORT (port 0 picks a free one and logs it); empty disables it.
     metrics_listen: str = "127.0.0.1:9477"
     # "text" (key=value) or "json", one line per state change and per error.
@@ -44,23 +46,48 @@ class ServeConfig:
     drain_timeout_s: float = 10.0
 
 
+def _device_sections() -> dict[str, Any]:
+    return {dt.name: dt.config() for dt in load_device_types()}
+
+
 @dataclass
 class Config:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    blk: BlkConfig = field(default_factory=BlkConfig)
+    # One section per device type, by its name (`cfg.blk` reads `devices["blk"]`).
+    devices: dict[str, Any] = field(default_factory=_device_sections)
     source: str = "<defaults>"
 
+    def __getattr__(self, name: str) -> Any:
+        devices = self.__dict__.get("devices")
+        if devices is not None and name in devices:
+            return devices[name]
+        raise AttributeError(name)
 
-_SECTIONS: dict[str, type[Any]] = {"platform": PlatformConfig, "serve": ServeConfig, "blk": BlkConfig}
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    @property
+    def section_names(self) -> list[str]:
+        return ["platform", "serve", *self.devices]
+
+
+_SECTIONS: dict[str, type[Any]] = {"platform": PlatformConfig, "serve": ServeConfig}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("platform", "kind"): ("auto", "xen", "emulated"),
     ("serve", "log_format"): ("text", "json"),
     ("serve", "log_level"): ("debug", "info", "warning", "error"),
 }
-_RANGES: dict[tuple[str, str], tuple[int, int]] = {
-    **{("blk", k): v for k, v in BLK_RANGES.items()},
-}
+_RANGES: dict[tuple[str, str], tuple[int, int]] = {}
+
+
+def _rules(section: str) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[str, ...]]]:
+    """(ranges, choices) of a section's keys: the loader's own, or the device type's."""
+    for dt in load_device_types():
+        if dt.name == section:
+            return dict(dt.config_ranges), dict(dt.config_choices)
+    return ({k: v for (s, k), v in _RANGES.items() if s == section},
+            {k: v for (s, k), v in _CHOICES.items() if s == section})
 
 
 def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
@@ -71,7 +98,7 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, int):
         if not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        lo, hi = _RANGES.get((section, key), (-(1 << 62), 1 << 62))
+        lo, hi = _rules(section)[0].get(key, (-(1 << 62), 1 << 62))
         if not lo <= value <= hi:
             raise ConfigError(f"{where}: {value} is outside {lo}..{hi}")
     elif isinstance(default, float):
@@ -81,7 +108,7 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        choices = _CHOICES.get((section, key))
+        choices = _rules(section)[1].get(key)
         if choices and value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     elif isinstance(default, list):
@@ -94,11 +121,12 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
 
 
 def check_backend_types(where: str, types: list[str]) -> None:
+    known = all_backend_types()
     if not types:
-        raise ConfigError(f"{where}: empty; serve at least one of {', '.join(BLK_BACKEND_TYPES)}")
+        raise ConfigError(f"{where}: empty; serve at least one of {', '.join(known)}")
     for t in types:
-        if t not in BLK_BACKEND_TYPES:
-            raise ConfigError(f"{where}: unknown backend type {t!r} (pvback serves {', '.join(BLK_BACKEND_TYPES)})")
+        if t not in known:
+            raise ConfigError(f"{where}: unknown backend type {t!r} (pvback serves {', '.join(known)})")
     if len(set(types)) != len(types):
         raise ConfigError(f"{where}: {types!r} names a type twice")
 
@@ -136,10 +164,11 @@ _CHECKS: dict[tuple[str, str], Callable[[str, Any], None]] = {
 
 def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     cfg = Config(source=source)
+    sections = {**_SECTIONS, **{dt.name: dt.config for dt in load_device_types()}}
     for section, body in data.items():
-        cls = _SECTIONS.get(section)
+        cls = sections.get(section)
         if cls is None:
-            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sections)})")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
         obj = getattr(cfg, section)

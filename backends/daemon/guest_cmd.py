@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backends.blk.commands import devid_of, disk_spec
 from backends.daemon.errors import CliError
-from backends.daemon.vdev import VdevError, vdev_to_devid
 
 if TYPE_CHECKING:
+    from backends.xenbus.registry import AttachSpec
     from backends.xenstore.client import XenStoreClient
 
 
@@ -22,20 +23,13 @@ def cmd_guest(args: argparse.Namespace) -> int:
     probe_broker(sim_socket(args.sim_dir, "broker.sock"))
     if args.seconds < 0 or args.timeout < 0:
         raise CliError("--seconds and --timeout must not be negative")
-    try:
-        devid = vdev_to_devid(args.vdev)
-    except VdevError as exc:
-        raise CliError(str(exc)) from exc
-    params = path = None
-    if args.attach:
-        from backends.daemon.toolstack_cmds import check_target, params_for
-
-        params, path = params_for(args.attach)
-        check_target(params, path, "w")  # before the guest exists: a bad image creates nothing
-    return asyncio.run(_guest(args, devid, params))
+    devid = devid_of(args.vdev)
+    # Before the guest exists: a bad image creates nothing.
+    spec = disk_spec(args.vdev, args.attach, "w") if args.attach else None
+    return asyncio.run(_guest(args, devid, spec))
 
 
-async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> int:
+async def _guest(args: argparse.Namespace, devid: int, spec: AttachSpec | None) -> int:
     from backends.daemon.config import Config
     from backends.guests.blkfront import BlkFront
     from backends.guests.guest import Guest
@@ -52,15 +46,18 @@ async def _guest(args: argparse.Namespace, devid: int, params: str | None) -> in
             # The domain exists while this process does (the broker releases it when we go).
             await asyncio.sleep(args.seconds if args.seconds > 0 else float("inf"))
             return 0
-        if params is not None:
-            from backends.daemon.toolstack_cmds import attach_disk
+        if spec is not None:
+            from backends.daemon.devtypes import load_device_types
+            from backends.daemon.toolstack_cmds import attach_device
+            from backends.xenbus.registry import for_kind
 
+            load_device_types()
             cfg = Config()
             cfg.platform.kind = "emulated"
             cfg.platform.sim_dir = args.sim_dir
-            ns = argparse.Namespace(domid=guest.domid, backend_type="qdisk", backend_domid=0, vdev=args.vdev,
-                                    mode="w", no_wait=False, timeout=10.0)
-            await attach_disk(ns, cfg, devid, params)
+            ns = argparse.Namespace(domid=guest.domid, backend_domid=0, no_wait=False, timeout=10.0,
+                                    vdev=args.vdev, target=args.attach, mode="w")
+            await attach_device(ns, cfg, for_kind("disk"), spec, "qdisk")
         else:
             print(f"waiting for a disk: pvback attach disk {guest.domid} IMAGE --vdev {args.vdev}", flush=True)
             path = f"/local/domain/{guest.domid}/device/vbd/{devid}/backend"

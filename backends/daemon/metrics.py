@@ -38,6 +38,17 @@ def _devices(bus: Any) -> list[Any]:
     return list(devs.values() if isinstance(devs, dict) else devs)
 
 
+def _device_stats(dev: Any, data: Any) -> dict[str, Any]:
+    """The device's counters, as its device type reads them (the registry's `stats`)."""
+    from backends.xenbus.registry import for_backend_type
+
+    try:
+        dt = for_backend_type(str(dev.type_name))
+    except KeyError:
+        return dict(data.stats()) if hasattr(data, "stats") else {}
+    return dt.stats(data)
+
+
 class BusCollector(Collector):
     def __init__(self, get_bus: Callable[[], Any]) -> None:
         self.get_bus = get_bus
@@ -64,7 +75,7 @@ class BusCollector(Collector):
             failures.add_metric(base, float(dstats.get("errors", 0)))
             data = getattr(dev, "data", None)
             try:
-                st = data.stats() if data is not None and hasattr(data, "stats") else {}
+                st = _device_stats(dev, data) if data is not None else {}
             except Exception:  # a device being torn down must not break the scrape
                 log.debug("stats unavailable", exc_info=True)
                 continue

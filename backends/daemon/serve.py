@@ -72,10 +72,11 @@ class Daemon:
             raise CliError(f"{exc.filename or exc}: permission denied: run pvback as root") from exc
 
     async def _start_type(self, type_name: str) -> None:
-        from backends.blk.device import BlkDeviceClass
         from backends.xenbus.device import XenBus
+        from backends.xenbus.registry import for_backend_type
 
-        cls = BlkDeviceClass(self.cfg.blk, type_names=(type_name,))
+        dt = for_backend_type(type_name)
+        cls = dt.device_class(self.cfg.section(dt.name), (type_name,))
         bus = XenBus(self.platform, self.xs, [cls], backend_domid=self.platform.backend_domid)
         await bus.start()  # the initial watch event serves the devices that already exist (restart recovery)
         self.classes[type_name], self.buses[type_name] = cls, bus
@@ -152,7 +153,7 @@ class Daemon:
             log.error("reload refused, keeping the running configuration", extra={"error": str(exc)})
             return
         old = self.cfg
-        changed = [s for s in ("platform", "serve", "blk") if getattr(old, s) != getattr(cfg, s)]
+        changed = [s for s in cfg.section_names if getattr(old, s) != getattr(cfg, s)]
         if cfg.platform != old.platform:
             log.warning("platform settings change only on restart; keeping the running platform",
                         extra={"running": old.platform.kind, "configured": cfg.platform.kind})
@@ -162,8 +163,11 @@ class Daemon:
         setup_logging(cfg.serve.log_level, cfg.serve.log_format)
         self.cfg = cfg
         # Connected devices keep the settings they connected with; new connections get the new ones.
-        for cls in self.classes.values():
-            cls.cfg = cfg.blk
+        from backends.xenbus.registry import for_backend_type
+
+        for type_name, cls in self.classes.items():
+            dt = for_backend_type(type_name)
+            dt.reconfigure(cls, cfg.section(dt.name))
         for type_name in [t for t in self.buses if t not in cfg.serve.backend_types]:
             await self._stop_type(type_name)
         for type_name in cfg.serve.backend_types:

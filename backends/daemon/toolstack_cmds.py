@@ -1,125 +1,77 @@
-"""`pvback attach`, `detach` and `status`: the toolstack's side of a device, on either platform."""
+"""`pvback attach`, `detach` and `status`: the toolstack's side of a device, on either platform, for every
+registered device type (the type supplies its arguments, its keys and its status columns)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from backends.daemon.config import Config
 from backends.daemon.connect import connect_xenstore, xenstore_path
 from backends.daemon.errors import CliError
-from backends.daemon.vdev import VdevError, vdev_to_devid
-
-STATE_NAMES = {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
-               5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}
-NBD_PROBE_TIMEOUT_S = 3.0
+from backends.xenbus.registry import AttachSpec, DeviceType, device_types, for_backend_type, for_kind
+from backends.xenbus.state import XenbusState
 
 
-def params_for(target: str) -> tuple[str, str | None]:
-    """The `params` string to write for an operator's target, and the image path to check (if any)."""
-    if ":" in target.split("/", 1)[0] or target.startswith(("nbd:", "null:", "nbd+")):
-        params = target
-    else:
-        params = f"aio:{os.path.abspath(target)}"
-    from backends.blk.proto import ParamsError, parse_params
-
-    try:
-        spec = parse_params(params)
-    except ParamsError as exc:
-        raise CliError(f"bad target {target!r}: {exc}") from exc
-    return params, getattr(spec, "path", None)
-
-
-def check_target(params: str, path: str | None, mode: str) -> None:
-    """What the operator can be told before any xenstore node exists: the image, the NBD server."""
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise CliError(f"image {path} does not exist: create it (e.g. truncate -s 1G {path}) or fix the path")
-        if p.is_dir():
-            raise CliError(f"image {path} is a directory: give the path of an image file or block device")
-        want = os.R_OK | (os.W_OK if mode == "w" else 0)
-        if not os.access(p, want):
-            what = "writable" if mode == "w" else "readable"
-            raise CliError(f"image {path} is not {what}: fix its permissions or use --mode r")
-    if params.startswith("nbd"):
-        _probe_nbd(params, readonly=mode == "r")
-
-
-def _probe_nbd(params: str, *, readonly: bool) -> None:
-    """Connect and negotiate like the backend will, so an unreachable or wrong server fails here."""
-    from backends.drivers.storage.base import StorageError
-    from backends.drivers.storage.nbd import open_export, parse_target
-
-    try:
-        target = parse_target(params)
-    except StorageError as exc:
-        raise CliError(f"bad NBD target {params!r}: {exc}") from exc
-    where = f"unix:{target.socket_path}" if target.socket_path else f"{target.host}:{target.port}"
-    try:
-        sock, _info = open_export(target, readonly=readonly, timeout=NBD_PROBE_TIMEOUT_S)
-    except (StorageError, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CliError(f"NBD server at {where} is unreachable or unusable ({why}): start it or fix the "
-                       "target") from exc
-    sock.close()
+def _commands(dt: DeviceType) -> Any:
+    if dt.commands is None:
+        raise CliError(f"{dt.kind} devices cannot be attached by hand")
+    return dt.commands
 
 
 def cmd_attach(args: argparse.Namespace, cfg: Config) -> int:
-    try:
-        devid = vdev_to_devid(args.vdev)
-    except VdevError as exc:
-        raise CliError(str(exc)) from exc
+    dt = for_kind(args.kind)
     if not 0 <= args.domid < 0x7FF0:
         raise CliError(f"domain id {args.domid} is out of range (0..32751)")
     if args.timeout <= 0:
         raise CliError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
-    params, path = params_for(args.target)
-    check_target(params, path, args.mode)
-    return asyncio.run(attach_disk(args, cfg, devid, params))
+    backend_type = _backend_type(dt, args)
+    spec = _commands(dt).attach_spec(args)
+    return asyncio.run(attach_device(args, cfg, dt, spec, backend_type))
 
 
-async def attach_disk(args: argparse.Namespace, cfg: Config, devid: int, params: str) -> int:
-    from backends.xenbus.toolstack import ATTACHED_MARK, add_device, device_paths, remove_device
+def _backend_type(dt: DeviceType, args: argparse.Namespace) -> str:
+    backend_type: str = args.backend_type or dt.backend_types[0]
+    if backend_type not in dt.backend_types:
+        raise CliError(f"--type {backend_type}: {dt.kind} devices are served as {', '.join(dt.backend_types)}")
+    return backend_type
 
+
+async def attach_device(args: argparse.Namespace, cfg: Config, dt: DeviceType, spec: AttachSpec,
+                        backend_type: str) -> int:
+    """Create the device's nodes as libxl does and wait for a backend to take it; undone if none does."""
+    from backends.xenbus.toolstack import add_device, device_paths, read_state, remove_device
+
+    what = _commands(dt).describe(args)
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
         if not await xs.exists(f"/local/domain/{args.domid}"):
             raise CliError(f"domain {args.domid} does not exist (no /local/domain/{args.domid}): start the guest "
                            "first (`pvback guest`)")
-        paths = device_paths(backend_domid=args.backend_domid, frontend_domid=args.domid,
-                             type_name=args.backend_type, devid=devid, frontend_type="vbd")
+        paths = device_paths(backend_domid=args.backend_domid, frontend_domid=args.domid, type_name=backend_type,
+                             devid=spec.devid, frontend_type=dt.frontend_type)
         for existing in (paths.backend, paths.frontend):
-            # add_device would replace it, pulling a live disk from under the guest.
+            # add_device would replace it, pulling a live device from under the guest.
             if await xs.exists(existing):
-                raise CliError(f"{args.vdev} of domain {args.domid} already exists ({existing}): detach it first "
-                               f"(pvback detach disk {args.domid} {args.vdev}) or pick another --vdev")
+                raise CliError(f"{what} of domain {args.domid} already exists ({existing}): detach it first "
+                               f"(pvback detach {dt.kind} {args.domid} ...) or pick another")
         parents = _parents(paths.backend, 3) + _parents(paths.frontend, 2)
         fresh = [p for p in parents if not await xs.exists(p)]
-        backend = {"params": params, "type": args.backend_type, "mode": args.mode, "dev": args.vdev,
-                   "device-type": "disk", "removable": "0", "bootable": "1", "discard-enable": "1",
-                   ATTACHED_MARK: "1"}
-        frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
-        await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                         type_name=args.backend_type, devid=devid, backend=backend, frontend=frontend,
-                         frontend_type="vbd")
+        await add_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid, type_name=backend_type,
+                         devid=spec.devid, backend={**spec.backend, "type": backend_type}, frontend=spec.frontend,
+                         frontend_type=dt.frontend_type)
         if not args.no_wait:
             problem = await _wait_taken(xs, paths.backend, args.timeout)
             if problem is not None:
-                # Like libxl: a device no backend took (or one it refused) is removed again.
-                from backends.xenbus.state import XenbusState
-                from backends.xenbus.toolstack import read_state
-
-                # A backend that took the device gets a moment to let go of the image; nobody else needs one.
+                # Like libxl: a device no backend took (or one it refused) is removed again.  A backend that
+                # took it gets a moment to let go of what it opened; nobody else needs one.
                 untouched = await read_state(xs, paths.backend) in (XenbusState.UNKNOWN, XenbusState.INITIALISING)
                 await remove_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                                    type_name=args.backend_type, devid=devid, frontend_type="vbd",
+                                    type_name=backend_type, devid=spec.devid, frontend_type=dt.frontend_type,
                                     timeout=0.0 if untouched else 2.0)
                 await _remove_if_empty(xs, fresh)
                 raise CliError(f"{problem} (device removed again)")
@@ -173,24 +125,23 @@ async def _wait_taken(xs: Any, backend: str, timeout: float) -> str | None:
 
 
 def cmd_detach(args: argparse.Namespace, cfg: Config) -> int:
-    try:
-        devid = vdev_to_devid(args.vdev)
-    except VdevError as exc:
-        raise CliError(str(exc)) from exc
-    return asyncio.run(_detach(args, cfg, devid))
+    dt = for_kind(args.kind)
+    backend_type = _backend_type(dt, args)
+    devid = _commands(dt).detach_devid(args)
+    return asyncio.run(_detach(args, cfg, dt, devid, backend_type))
 
 
-async def _detach(args: argparse.Namespace, cfg: Config, devid: int) -> int:
+async def _detach(args: argparse.Namespace, cfg: Config, dt: DeviceType, devid: int, backend_type: str) -> int:
     from backends.xenbus.toolstack import remove_device
 
     xs = await connect_xenstore(xenstore_path(cfg))
     try:
-        be = f"/local/domain/{args.backend_domid}/backend/{args.backend_type}/{args.domid}/{devid}"
+        be = f"/local/domain/{args.backend_domid}/backend/{backend_type}/{args.domid}/{devid}"
         if not await xs.exists(be):
-            raise CliError(f"domain {args.domid} has no {args.backend_type} disk {args.vdev} ({be} missing): see "
-                           "`pvback status`")
+            raise CliError(f"domain {args.domid} has no {backend_type} {_commands(dt).describe(args)} ({be} "
+                           "missing): see `pvback status`")
         clean = await remove_device(xs, backend_domid=args.backend_domid, frontend_domid=args.domid,
-                                    type_name=args.backend_type, devid=devid, frontend_type="vbd",
+                                    type_name=backend_type, devid=devid, frontend_type=dt.frontend_type,
                                     timeout=args.timeout)
         if not clean:
             raise CliError(f"the backend did not close {be} within {args.timeout:.0f} s (nodes removed anyway)")
@@ -201,32 +152,32 @@ async def _detach(args: argparse.Namespace, cfg: Config, devid: int) -> int:
 
 # -- status ----------------------------------------------------------------------------------------------
 
-FEATURE_KEYS_FE = ("protocol", "ring-page-order", "multi-queue-num-queues", "feature-persistent")
-FEATURE_KEYS_BE = ("sectors", "sector-size", "feature-flush-cache", "feature-discard", "feature-persistent",
-                   "feature-max-indirect-segments")
-
-
 async def collect_status(xs: Any, backend_domid: int = 0) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     root = f"/local/domain/{backend_domid}/backend"
     for btype in await _ls(xs, root):
+        try:
+            columns = for_backend_type(btype).status
+        except KeyError:
+            continue  # another backend's directory (vif of xen-netback, ...): not ours to show
         for dom in await _ls(xs, f"{root}/{btype}"):
             for dev in await _ls(xs, f"{root}/{btype}/{dom}"):
                 be = f"{root}/{btype}/{dom}/{dev}"
                 fe = await xs.read_str(f"{be}/frontend") or ""
+                summary = await xs.read_str(f"{be}/{columns.summary_key}") if columns.summary_key else None
                 row: dict[str, Any] = {"type": btype, "domid": dom, "devid": dev,
                                        "dev": await xs.read_str(f"{be}/dev") or "",
-                                       "params": await xs.read_str(f"{be}/params") or "",
+                                       "params": summary or "",
                                        "state": _state(await xs.read_str(f"{be}/state")),
                                        "fe_state": _state(await xs.read_str(f"{fe}/state")) if fe else "-",
                                        "error": await xs.read_str(f"{be}/error") or ""}
                 feats = []
-                for k in FEATURE_KEYS_BE:
+                for k in columns.backend_keys:
                     v = await xs.read_str(f"{be}/{k}")
                     if v is not None and v != "0":
                         feats.append(f"{k}={v}")
                 if fe:
-                    for k in FEATURE_KEYS_FE:
+                    for k in columns.frontend_keys:
                         v = await xs.read_str(f"{fe}/{k}")
                         if v is not None:
                             feats.append(f"fe:{k}={v}")
@@ -247,7 +198,12 @@ async def _ls(xs: Any, path: str) -> list[str]:
 def _state(v: str | None) -> str:
     if v is None:
         return "-"
-    return STATE_NAMES.get(int(v), v) if v.isdigit() else f"garbage({v[:8]!r})"
+    if not v.isdigit():
+        return f"garbage({v[:8]!r})"
+    try:
+        return XenbusState(int(v)).label
+    except ValueError:
+        return v
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
@@ -321,11 +277,14 @@ async def _status_rows(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str
 
 
 async def collect_domains(xs: Any) -> list[dict[str, str]]:
+    """Each domain with its name and, per device type, how many devices its frontend directory lists."""
     out = []
     for dom in await _ls(xs, "/local/domain"):
         name = await xs.read_str(f"/local/domain/{dom}/name") or ("Domain-0" if dom == "0" else "")
-        vbds = await _ls(xs, f"/local/domain/{dom}/device/vbd")
-        out.append({"domid": dom, "name": name, "disks": str(len(vbds))})
+        row = {"domid": dom, "name": name}
+        for dt in device_types():
+            row[dt.kind] = str(len(await _ls(xs, f"/local/domain/{dom}/device/{dt.frontend_type}")))
+        out.append(row)
     return out
 
 
@@ -336,8 +295,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def render_status(domains: list[dict[str, str]], rows: list[dict[str, Any]], totals: Totals, prev: Totals,
                   dt: float, note: str = "") -> str:
+    kinds = [dt.kind for dt in device_types()]
     out = ["DOMAINS"]
-    out += _table([["DOMID", "NAME", "DISKS"]] + [[d["domid"], d["name"] or "-", d["disks"]] for d in domains])
+    out += _table([["DOMID", "NAME", *(f"{k.upper()}S" for k in kinds)]]
+                  + [[d["domid"], d["name"] or "-", *(d.get(k, "0") for k in kinds)] for d in domains])
     out.append("")
     out.append("DEVICES")
     if not rows:

@@ -32,7 +32,7 @@ from backends.xenbus.state import (
 )
 
 if TYPE_CHECKING:
-    from backends.platform.base import Platform
+    from backends.platform.base import EventChannel, GrantMapping, Platform
     from backends.xenstore.client import Transaction, XenStoreClient
 
 log = logging.getLogger("pvback.xenbus")
@@ -56,6 +56,16 @@ class _Gone(DeviceError):
 
 
 class DeviceClass(Protocol):
+    """What a device type gives the bus.  Optional, read with getattr (defaults in brackets):
+
+    - `hotplug_gate: bool` [False]: after connect, hold the backend's Connected until `hotplug-status` in the
+      backend dir says "connected" (the class writes it once its device is plugged, e.g. a tap in its switch;
+      an external hotplug script may too).  "error" fails the device with `hotplug-error`.
+    - `watch_backend_keys` / `watch_frontend_keys: tuple[str, ...]` [()]: keys whose changes while the device
+      is realized are delivered to `async key_changed(dev, side, key, value)` (side "backend"/"frontend",
+      value None when absent): netback's `rate` and `request-multicast-control`.
+    """
+
     type_names: tuple[str, ...]
     connect_states: frozenset[XenbusState]
 
@@ -63,6 +73,9 @@ class DeviceClass(Protocol):
     async def connect(self, dev: BackendDevice) -> None: ...
     async def disconnect(self, dev: BackendDevice) -> None: ...
     async def unrealize(self, dev: BackendDevice) -> None: ...
+
+
+HOTPLUG_STATUS = "hotplug-status"
 
 
 class _DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -110,7 +123,11 @@ class BackendDevice:
         self.stats: dict[str, int] = {}
         self.data: Any = None
         self.frontend_state = XenbusState.UNKNOWN
-        self.machine = BackendMachine(cls.connect_states)
+        self.hotplug_gate = bool(getattr(cls, "hotplug_gate", False))
+        self.machine = BackendMachine(cls.connect_states, hotplug_gate=self.hotplug_gate)
+        self._watched = [("backend", k) for k in getattr(cls, "watch_backend_keys", ())] + \
+            [("frontend", k) for k in getattr(cls, "watch_frontend_keys", ())]
+        self._watched_values: dict[tuple[str, str], bytes | None] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pending_failures: list[str] = []
@@ -120,6 +137,7 @@ class BackendDevice:
         self._fe_watch: Any = None
         self._fe_task: asyncio.Task[None] | None = None
         self._removed = False
+        self._domain_held = False
         self.done = asyncio.Event()
 
     @property
@@ -211,6 +229,33 @@ class BackendDevice:
             async with self._lock:
                 await self._transaction(body)
 
+    # -- rings and event channels: the set-up every data path does, with its unwinding -----------------------
+
+    def hold_frontend_domain(self) -> None:
+        """Make the frontend's grants reachable (the platform's open_domain), once until released."""
+        if not self._domain_held:
+            self.platform.open_domain(self.frontend_id)
+            self._domain_held = True
+
+    def release_frontend_domain(self) -> None:
+        """Undo hold_frontend_domain; idempotent (disconnect paths call it whatever happened before)."""
+        if self._domain_held:
+            self._domain_held = False
+            self.platform.close_domain(self.frontend_id)
+
+    def connect_ring(self, refs: list[int], port: int, *, writable: bool = True) -> tuple[GrantMapping,
+                                                                                           EventChannel]:
+        """Map the frontend's ring pages and bind its event channel: both or neither (the mapping is undone
+        when the bind fails).  Holds the frontend domain first.  Raises GrantError/OSError/ValueError."""
+        self.hold_frontend_domain()
+        ring = self.platform.map_grants(self.frontend_id, list(refs), writable=writable)
+        try:
+            evtchn = self.platform.bind_interdomain(self.frontend_id, port)
+        except BaseException:
+            ring.unmap()
+            raise
+        return ring, evtchn
+
     async def fail(self, message: str) -> None:
         """Fail this device from anywhere (a ring pump that saw a bogus request, a driver error).  Returns at
         once; the runner writes the error node, disconnects and goes Closing."""
@@ -291,10 +336,18 @@ class BackendDevice:
                 frontend = parsed
         self.frontend_state = frontend
         self.stats["observations"] = self.stats.get("observations", 0) + 1
+        plugged = True
+        if self.hotplug_gate:
+            status = await self._read(f"{self.backend_path}/{HOTPLUG_STATUS}")
+            plugged = status == b"connected"
+            if status == b"error" and not self.machine.failed:
+                why = await self._read(f"{self.backend_path}/hotplug-error")
+                self._pending_failures.append(f"hotplug failed: {_show(why) if why else 'no hotplug-error given'}")
         return Observation(
             frontend=frontend,
             backend=backend if backend is not None else XenbusState.UNKNOWN,
             online=(online or b"").strip() != b"0",
+            plugged=plugged,
         )
 
     async def _run(self) -> None:
@@ -337,6 +390,26 @@ class BackendDevice:
             await self._retire()
             return
         await self._execute(self.machine.observe(ob), feed_failures=True)
+        if self._watched and self.machine.phase is Phase.LIVE and self.data is not None:
+            await self._deliver_watched()
+
+    async def _deliver_watched(self) -> None:
+        """Hand the class each watched key that changed since it last saw it (the first look counts as a
+        change).  A key the class refuses (DeviceError) fails the device like any class error."""
+        for side, key in self._watched:
+            base = self.backend_path if side == "backend" else self.frontend_path
+            if not base:
+                continue
+            raw = await self._read(f"{base}/{_check_key(key)}")
+            if (side, key) in self._watched_values and self._watched_values[(side, key)] == raw:
+                continue
+            self._watched_values[(side, key)] = raw
+            value = None if raw is None else raw.decode("utf-8", "replace")
+            try:
+                await self.cls.key_changed(self, side, key, value)  # type: ignore[attr-defined]
+            except DeviceError as exc:
+                await self._execute(self.machine.failed_with(str(exc)), feed_failures=False)
+                return
 
     async def _retire(self) -> None:
         """The frontend's domain is gone: let go of everything (pumps, mappings, the image), say Closed, and
@@ -375,6 +448,7 @@ class BackendDevice:
             await self.cls.realize(self)
         elif isinstance(action, Connect):
             self.log.info("connect", extra={"frontend": self.frontend_path})
+            self._watched_values.clear()  # a new connection hears every watched key afresh
             await self.cls.connect(self)
             self.stats["connects"] = self.stats.get("connects", 0) + 1
         elif isinstance(action, Disconnect):

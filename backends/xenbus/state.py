@@ -30,6 +30,11 @@ class XenbusState(enum.IntEnum):
     RECONFIGURING = 7
     RECONFIGURED = 8
 
+    @property
+    def label(self) -> str:
+        """The name without io/xenbus.h's XenbusState prefix, as xl and the Xen docs print it: InitWait."""
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
 
 S = XenbusState
 _GONE = frozenset({S.CLOSED, S.UNKNOWN})
@@ -83,6 +88,7 @@ class Observation:
     frontend: XenbusState  # UNKNOWN when the frontend dir or its state key is absent
     backend: XenbusState  # what the backend `state` key holds now (the toolstack may have written it)
     online: bool  # backend `online` key; absent counts as online=0 only when explicitly "0"
+    plugged: bool = True  # backend `hotplug-status` is "connected" (only looked at by gated classes)
 
 
 class Phase(enum.Enum):
@@ -95,10 +101,13 @@ class Phase(enum.Enum):
 
 class BackendMachine:
     """One device's lifecycle.  `connect_states` is the DeviceClass's (blk: Initialised+Connected, net:
-    Connected)."""
+    Connected).  `hotplug_gate`: after connecting, hold Connected back until the device is plugged
+    (`hotplug-status=connected` in the backend dir, as Linux netback's hotplug_status_changed waits for the
+    vif script), so a frontend never sends on a NIC that is not in its switch yet."""
 
-    def __init__(self, connect_states: frozenset[XenbusState]) -> None:
+    def __init__(self, connect_states: frozenset[XenbusState], *, hotplug_gate: bool = False) -> None:
         self.connect_states = connect_states
+        self.hotplug_gate = hotplug_gate
         self.phase = Phase.NEW
         self.backend = S.UNKNOWN  # last backend state written or observed
         self.connected = False  # DeviceClass.connect completed and disconnect not yet run
@@ -144,9 +153,11 @@ class BackendMachine:
             if fe in self.connect_states:
                 # Restart recovery: a frontend that is already connected keeps its rings; reconnect to them
                 # instead of announcing InitWait, which a connected frontend would ignore.
-                out += [Connect(), SetState(S.CONNECTED)]
+                out.append(Connect())
                 self.connected = True
-                self.backend = S.CONNECTED
+                if self._may_announce(ob):
+                    out.append(SetState(S.CONNECTED))
+                    self.backend = S.CONNECTED
             else:
                 self._set(out, S.INIT_WAIT)
             return out
@@ -167,13 +178,23 @@ class BackendMachine:
                 self.failed = False
                 self._set(out, S.INIT_WAIT)
         elif fe in self.connect_states:
-            if self.phase is Phase.LIVE and not self.failed and not (self.connected and self.backend is S.CONNECTED):
+            if self.phase is not Phase.LIVE or self.failed:
+                pass
+            elif self.connected and self.hotplug_gate and self.backend is not S.CONNECTED:
+                # Connected, waiting to be plugged: announce once it is, never reconnect meanwhile.
+                if ob.plugged:
+                    self._set(out, S.CONNECTED)
+            elif not (self.connected and self.backend is S.CONNECTED):
                 self._disconnect(out)
                 out.append(Connect())
                 self.connected = True
-                self._set(out, S.CONNECTED)
+                if self._may_announce(ob):
+                    self._set(out, S.CONNECTED)
         # Reconfiguring/Reconfigured, or a connect state this class waits past (net ignores Initialised): nothing.
         return out
+
+    def _may_announce(self, ob: Observation) -> bool:
+        return not self.hotplug_gate or ob.plugged
 
     def _unplug(self, out: list[Action], fe: XenbusState) -> list[Action]:
         if fe in _FRONTEND_ACTIVE and self.phase is Phase.LIVE:

@@ -213,3 +213,20 @@ def test_serve_exits_when_xenstore_goes_away(bed: Bed) -> None:
     rc = serve.popen.wait(10)
     assert rc == 1, serve.text()
     assert "level=error logger=pvback.serve msg=\"lost the xenstore connection\"" in serve.text()
+
+
+@pytest.mark.parametrize("argv,command,needles", [
+    (["attach", "disk", "abc", "x.img"], "attach", ("disk", "argument domid", "'abc'", "--help")),
+    (["attach", "floppy", "1", "x.img"], "attach", ("invalid choice", "'floppy'")),
+    (["detach", "disk"], "detach", ("required", "domid")),
+    (["serve", "--platform", "kvm"], "serve", ("--platform", "'kvm'")),
+    (["frobnicate"], "", ("invalid choice",)),
+])
+def test_usage_errors_are_one_line(argv: list[str], command: str, needles: tuple[str, ...]) -> None:
+    res = run(*argv)
+    assert res.returncode == 2
+    if command:
+        one_line_error(res, command, *needles)
+    else:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("pvback: ") and all(n in lines[0] for n in needles), lines

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.blk.vdev import VdevError, vdev_to_devid
 from backends.daemon.config import Config, ConfigError, load_config, parse_config
-from backends.daemon.vdev import VdevError, vdev_to_devid
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -437,3 +437,82 @@ async def test_backend_dir_removed_while_connected(tmp_path: Path) -> None:
         await settle(bus)
         # Nothing wrote into the removed directory (which would have recreated it).
         assert not await env.dom0.exists(fe.paths.backend)
+
+
+class _GatedClass(FakeClass):
+    """A NIC-like class: Connected only once its device is plugged (hotplug-status), watching netback's keys."""
+
+    hotplug_gate = True
+    watch_backend_keys = ("rate",)
+    watch_frontend_keys = ("request-multicast-control",)
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.changes: list[tuple[str, str, str | None]] = []
+
+    async def realize(self, dev: Any) -> None:
+        await super().realize(dev)
+        dev.data = object()  # what a real class keeps per device
+
+    async def key_changed(self, dev: Any, side: str, key: str, value: str | None) -> None:
+        self.changes.append((side, key, value))
+        if value == "bogus":
+            raise DeviceError(f"{key}={value!r} is not understood")
+
+
+async def test_hotplug_gate_holds_connected_until_plugged(tmp_path: Path) -> None:
+    async with xenbus_env(tmp_path) as env:
+        cls = _GatedClass(connect_states=frozenset({S.CONNECTED}))
+        bus = await env.bus(cls)
+        fe = await env.add(1)
+        await fe.wait_backend(S.INIT_WAIT)
+        await fe.publish(state=S.CONNECTED)
+        await eventually(lambda: fe.paths.backend in cls.connected)  # rings connected...
+        await settle(bus)
+        assert await fe.backend_state() is S.INIT_WAIT  # ...but not announced: the NIC is not plugged yet
+        await env.dom0.write(f"{fe.paths.backend}/hotplug-status", "not-yet")
+        await settle(bus)
+        assert await fe.backend_state() is S.INIT_WAIT
+        await env.dom0.write(f"{fe.paths.backend}/hotplug-status", "connected")
+        await fe.wait_backend(S.CONNECTED)
+        assert cls.names() == ["realize", "connect"]  # one connection, no reconnect while waiting
+
+
+async def test_hotplug_error_fails_the_device(tmp_path: Path) -> None:
+    async with xenbus_env(tmp_path) as env:
+        cls = _GatedClass(connect_states=frozenset({S.CONNECTED}))
+        await env.bus(cls)
+        fe = await env.add(1)
+        await fe.wait_backend(S.INIT_WAIT)
+        await fe.publish(state=S.CONNECTED)
+        await eventually(lambda: fe.paths.backend in cls.connected)
+        await env.dom0.write(f"{fe.paths.backend}/hotplug-error", "ovs-vsctl add-port failed")
+        await env.dom0.write(f"{fe.paths.backend}/hotplug-status", "error")
+        await fe.wait_backend(S.CLOSING, S.CLOSED)
+        assert "ovs-vsctl add-port failed" in (await env.read(f"{fe.paths.backend}/error") or "")
+        assert fe.paths.backend not in cls.connected
+
+
+async def test_watched_keys_reach_the_class(tmp_path: Path) -> None:
+    async with xenbus_env(tmp_path) as env:
+        cls = _GatedClass(connect_states=frozenset({S.CONNECTED}))
+        bus = await env.bus(cls)
+        fe = await env.add(1, backend={"params": "/dev/null", "rate": "10000,50000"})
+        await fe.wait_backend(S.INIT_WAIT)
+        await env.dom0.write(f"{fe.paths.backend}/hotplug-status", "connected")
+        await fe.publish(state=S.CONNECTED)
+        await fe.wait_backend(S.CONNECTED)
+        await eventually(lambda: ("backend", "rate", "10000,50000") in cls.changes)
+        assert ("frontend", "request-multicast-control", None) in cls.changes
+        n = len(cls.changes)
+        await env.dom0.write(f"{fe.paths.backend}/poke", "1")  # an unrelated change: nothing delivered
+        await settle(bus)
+        assert len(cls.changes) == n
+        await fe.xs.write(f"{fe.path}/request-multicast-control", "1")
+        await eventually(lambda: cls.changes[-1] == ("frontend", "request-multicast-control", "1"))
+        await env.dom0.write(f"{fe.paths.backend}/rate", "20000,50000")
+        await eventually(lambda: cls.changes[-1] == ("backend", "rate", "20000,50000"))
+        # A value the class refuses fails this device, like any class error.
+        await fe.xs.write(f"{fe.path}/request-multicast-control", "bogus")
+        await fe.wait_backend(S.CLOSING, S.CLOSED)
+        assert "not understood" in (await env.read(f"{fe.paths.backend}/error") or "")

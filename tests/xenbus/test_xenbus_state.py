@@ -196,3 +196,21 @@ def test_reconfiguring_is_ignored() -> None:
     h.see(S.CONNECTED)
     assert h.see(S.RECONFIGURING) == []
     assert h.m.connected
+
+
+def test_hotplug_gate_announces_connected_once_plugged() -> None:
+    m = BackendMachine(NET, hotplug_gate=True)
+    assert m.observe(Observation(S.INITIALISING, S.INITIALISING, True, plugged=False)) == \
+        [Realize(), SetState(S.INIT_WAIT)]
+    assert m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=False)) == [Connect()]
+    assert m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=False)) == []  # no reconnect
+    assert m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=True)) == [SetState(S.CONNECTED)]
+    assert m.observe(Observation(S.CONNECTED, S.CONNECTED, True, plugged=True)) == []
+    # Restart recovery of a plugged device announces at once; of an unplugged one, not before it is plugged.
+    m = BackendMachine(NET, hotplug_gate=True)
+    assert m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=False)) == [Realize(), Connect()]
+    assert m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=True)) == [SetState(S.CONNECTED)]
+    # Without the gate, `plugged` means nothing.
+    h = Harness(NET)
+    h.see(S.INITIALISING)
+    assert h.m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=False)) == [Connect(), SetState(S.CONNECTED)]

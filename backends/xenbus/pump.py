@@ -1,0 +1,92 @@
+"""A data path's pump thread: one blocking C call (the queue's poll loop, csrc/pump.h) in a thread of its own,
+one per queue, so queues use as many cores as there are and the control loop's work never sits between a guest
+and its response.  The C call returns when its stop eventfd is readable; a failure it raises is reported once,
+on the event loop, to whoever owns the queue (the device fails).  Used by every device type's data path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class PumpThread:
+    """`run(stop_fd)` blocks until `stop_fd` is readable; an exception of `errors` it raises goes to `on_dead`."""
+
+    def __init__(self, name: str, run: Callable[[int], None], *, on_dead: Callable[[str], None] | None = None,
+                 errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+        self.name = name
+        self._run = run
+        self._on_dead = on_dead
+        self._errors = errors
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_fd = -1
+        self._stopped = False
+        self._failed = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._thread is not None or self._stopped:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._main, name=f"pump {self.name}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run(self._stop_fd)
+        except self._errors as exc:
+            self._report(str(exc))
+
+    def _report(self, message: str) -> None:
+        loop = self._loop
+        if loop is None or self._stopped:
+            return
+        try:
+            loop.call_soon_threadsafe(self._fail, message)
+        except RuntimeError:
+            pass  # the loop is closed: the daemon is going away anyway
+
+    def _fail(self, message: str) -> None:
+        if self._failed or self._stopped:
+            return
+        self._failed = True
+        log.error("%s: %s", self.name, message)
+        if self._on_dead is not None:
+            self._on_dead(message)
+
+    def _signal_stop(self) -> threading.Thread | None:
+        self._stopped = True
+        thread, self._thread = self._thread, None
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)
+        return thread
+
+    async def stop(self) -> None:
+        """Stop and wait for the pump off the loop (it finishes the batch it is in).  Idempotent."""
+        thread = self._signal_stop()
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        self._close_fd()
+
+    def join(self) -> None:
+        """Synchronous stop (blocks the caller).  Idempotent."""
+        thread = self._signal_stop()
+        if thread is not None:
+            thread.join()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+        self._loop = None

@@ -1,0 +1,27 @@
+/* The poll loop every data path's pump thread runs: wait on a stop fd and a few sources (an event channel, a
+ * completion fd, a tap, a swtpm socket), and on each wakeup call each ready source's handler once, in array
+ * order.  One loop for every device type; the handlers hold the protocol.  No policy, no Python.
+ *
+ * A handler returns >= 0 to go on, < 0 to end the loop with that value.  A source whose fd reports
+ * POLLERR/POLLHUP/POLLNVAL ends the loop with its `hangup_rc` (before any handler of that wakeup runs), unless
+ * hangup_rc is 0: then its handler is called and decides (a tap whose peer went away, say). */
+#ifndef PVBACK_PUMP_H
+#define PVBACK_PUMP_H
+
+#include <stdint.h>
+
+#define PV_PUMP_MAX_SOURCES 8
+#define PV_PUMP_EPOLL 3 /* poll() itself failed (not EINTR): nothing left to wait on */
+
+struct pv_pump_source {
+    int fd;
+    int32_t (*ready)(void *ctx);
+    void *ctx;
+    int32_t hangup_rc;
+};
+
+/* Returns 0 once stop_fd is readable, a handler's negative value, a source's hangup_rc, -PV_PUMP_EPOLL, or
+ * -EINVAL for more than PV_PUMP_MAX_SOURCES sources. */
+int32_t pv_pump_run(const struct pv_pump_source *src, uint32_t n, int stop_fd);
+
+#endif
