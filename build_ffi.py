@@ -265,7 +265,7 @@ class _StubWriter:
             *(f"    {src}" for src in sources),
             '"""',
             "",
-            "from typing import Any, Literal, SupportsIndex, overload",
+            "from typing import Literal, SupportsIndex, overload",
             "",
             "from backends._cdata import AnyCData as AnyCData",
             "from backends._cdata import CBuffer as CBuffer",
@@ -306,7 +306,7 @@ class _StubWriter:
         cast_overloads += [("char *", "CharArray"), ("void *", "CData")]
         for cdecl, ret in [*new_overloads, ("", "AnyCData")]:
             what = f'Literal["{cdecl}"]' if cdecl else "str"
-            out += ["    @overload", _method("new", ["self", f"cdecl: {what}", "init: Any = ..."], ret)]
+            out += ["    @overload", _method("new", ["self", f"cdecl: {what}", "init: object = ..."], ret)]
         for cdecl, ret in [*cast_overloads, ("", "AnyCData")]:
             what = f'Literal["{cdecl}"]' if cdecl else "str"
             out += ["    @overload", _method("cast", ["self", f"cdecl: {what}", "value: CData | int"], ret)]

@@ -6,10 +6,13 @@ Batch-shaped like the C calls: one `consume` copies up to N slots, one `respond`
 
 from __future__ import annotations
 
-from typing_extensions import Buffer
+from typing import TYPE_CHECKING
 
 from backends.native import CData, ffi, lib, struct_pv_back_ring, struct_pv_front_ring
 from backends.native.handle import C, CHandle
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from 3.12 on
 
 RING_HEADER_SIZE = 64
 PAGE_SIZE = 4096
