@@ -154,7 +154,7 @@ rm -rf "$NATIVE"
 mkdir -p "$NATIVE/src/backends"
 cp -a "$ROOT/csrc" "$ROOT/build_ffi.py" "$NATIVE/src/"
 mount_chroot
-in_chroot sh -c 'cd /opt/pvback-native/src && PVBACK_NO_URING=1 python3 build_ffi.py' >> "$LOG" 2>&1 \
+in_chroot sh -c 'cd /opt/pvback-native/src && PVBACK_NO_URING=1 python3 build_ffi.py --backend-only' >> "$LOG" 2>&1 \
     || die "building backends._native inside the rootfs failed"
 SO=$(cd "$NATIVE/src/backends" && ls _native.*.so)
 mkdir -p "$NATIVE/backends"
