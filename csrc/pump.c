@@ -13,6 +13,10 @@ int32_t pv_pump_run(const struct pv_pump_source *src, uint32_t n, int stop_fd)
     for (uint32_t i = 0; i < n; i++)
         p[i + 1] = (struct pollfd){.fd = src[i].fd, .events = POLLIN};
     for (;;) {
+        /* Handlers may pause a source between wakeups by setting its fd negative (poll ignores it): a tap
+         * whose frames have nowhere to go until the guest posts buffers. */
+        for (uint32_t i = 0; i < n; i++)
+            p[i + 1].fd = src[i].fd;
         if (poll(p, n + 1, -1) < 0) {
             if (errno == EINTR)
                 continue;

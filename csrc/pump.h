@@ -4,7 +4,10 @@
  *
  * A handler returns >= 0 to go on, < 0 to end the loop with that value.  A source whose fd reports
  * POLLERR/POLLHUP/POLLNVAL ends the loop with its `hangup_rc` (before any handler of that wakeup runs), unless
- * hangup_rc is 0: then its handler is called and decides (a tap whose peer went away, say). */
+ * hangup_rc is 0: then its handler is called and decides (a tap whose peer went away, say).
+ *
+ * The fds are re-read from `src` before every poll: a handler may pause its source (or another) by setting
+ * the fd negative and resume it later (the caller keeps `src` writable and alive while the loop runs). */
 #ifndef PVBACK_PUMP_H
 #define PVBACK_PUMP_H
 

@@ -1,0 +1,1 @@
+"""netback: Xen paravirtual NICs (netif) served through a tap."""

@@ -1,0 +1,159 @@
+"""One netif queue: the C data path (csrc/netback.h) driven by a pump thread of its own (backends.xenbus.pump).
+
+The pump is one C call (`pv_net_queue_run`) that waits on the event channel(s) and the queue's tap fd and, per
+wakeup, drains the TX ring into the tap and the tap into the RX ring.  It holds no GIL; Python never runs per
+packet.  The loop thread only starts and stops pumps and reads counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from backends.native import ffi, lib
+from backends.platform.base import EventChannel, GrantMapping
+from backends.xenbus.pump import PumpThread
+
+RULES = tuple(ffi.string(lib.pv_netif_reason_name(i)).decode() for i in range(int(lib.PV_NETIF_NR_REASONS)))
+_COUNTERS = (
+    "tx_packets", "tx_bytes", "tx_dropped", "tx_gso", "tx_csum_blank", "tx_zero_frags", "tx_mcast",
+    "rx_packets", "rx_bytes", "rx_dropped", "rx_gso", "rx_stalls", "tx_events", "rx_events", "tap_wakeups",
+    "grant_copy_calls", "grant_copy_segs", "tx_notifies", "rx_notifies",
+)  # fmt: skip
+
+
+class QueueDeadError(Exception):
+    """The frontend broke a fatal netif rule: the vif must be disabled (from the control path)."""
+
+
+@dataclass(frozen=True)
+class NetQueueConfig:
+    frontend_domid: int
+    mac: bytes
+    rx_headroom: int = 0
+    rx_sg: bool = True
+    rx_gso_tcpv4: bool = False
+    rx_gso_tcpv6: bool = False
+    rx_csum: bool = False
+    check_mac: bool = True
+
+
+class NetQueue:
+    """The C queue object; every method is one C call."""
+
+    def __init__(self, tx_ring: Any, rx_ring: Any, cfg: NetQueueConfig, tap_fd: int, gnt: Any, ev_tx: Any,
+                 ev_rx: Any) -> None:
+        c = ffi.new("struct pv_net_queue_config *")
+        c.frontend_domid = cfg.frontend_domid
+        c.tap_fd = tap_fd
+        c.rx_headroom = cfg.rx_headroom
+        c.rx_sg = cfg.rx_sg
+        c.rx_gso_tcpv4 = cfg.rx_gso_tcpv4
+        c.rx_gso_tcpv6 = cfg.rx_gso_tcpv6
+        c.rx_csum = cfg.rx_csum
+        c.check_mac = cfg.check_mac
+        c.mac[0:6] = bytes(cfg.mac)
+        err = ffi.new("char[]", 256)
+        q = lib.pv_net_queue_create(tx_ring, rx_ring, c, gnt, ev_tx if ev_tx is not None else ffi.NULL,
+                                    ev_rx if ev_rx is not None else ffi.NULL, err, 256)
+        if q == ffi.NULL:
+            raise ValueError(f"net queue: {ffi.string(err).decode(errors='replace')}")
+        self._q: Any = q
+        self.cfg = cfg
+        self._stats = ffi.new("struct pv_net_stats *")
+
+    @property
+    def c(self) -> Any:
+        if self._q is None:
+            raise ValueError("net queue closed")
+        return self._q
+
+    @property
+    def closed(self) -> bool:
+        return self._q is None
+
+    def _check(self, n: int) -> int:
+        if n == -lib.PV_NET_EDEAD:
+            raise QueueDeadError(f"frontend broke a fatal netif rule ({self.dead_reason()})")
+        if n == -lib.PV_NET_EEVTCHN:
+            raise OSError("event channel: pending/unmask/poll failed")
+        if n == -lib.PV_NET_ETAP:
+            raise OSError("tap: read failed (interface deleted?)")
+        return n
+
+    def tx(self) -> int:
+        return self._check(int(lib.pv_net_queue_tx(self.c)))
+
+    def rx(self) -> int:
+        return self._check(int(lib.pv_net_queue_rx(self.c)))
+
+    def run(self, stop_fd: int) -> None:
+        """Pump until `stop_fd` is readable (blocks; releases the GIL)."""
+        self._check(int(lib.pv_net_queue_run(self.c, stop_fd)))
+
+    def dead_reason(self) -> str:
+        lib.pv_net_queue_get_stats(self.c, self._stats)
+        r = int(self._stats.dead_reason)
+        return RULES[r] if r < len(RULES) else str(r)
+
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        lib.pv_net_queue_get_stats(self.c, s)
+        out = {name: int(getattr(s, name)) for name in _COUNTERS}
+        for i, name in enumerate(RULES):
+            if i:
+                out[f"rule_{name}"] = int(s.rules[i])
+        return out
+
+    def close(self) -> None:
+        if self._q is not None:
+            q, self._q = self._q, None
+            lib.pv_net_queue_destroy(q)
+
+
+class NetDataplane:
+    """One queue of a connected vif: owns its two ring mappings, its event channel(s), the C queue and the
+    queue's pump thread.  `on_dead` is called once, on the event loop, when the frontend broke a fatal rule or
+    the event channel / tap failed: the device disables the vif."""
+
+    def __init__(self, tx_ring: GrantMapping, rx_ring: GrantMapping, ev_tx: EventChannel, ev_rx: EventChannel | None,
+                 gnt: Any, tap_fd: int, cfg: NetQueueConfig, *, on_dead: Callable[[str], None] | None = None,
+                 name: str = "net") -> None:
+        self.name = name
+        self._rings = [tx_ring, rx_ring]
+        self._events = [ev_tx] + ([ev_rx] if ev_rx is not None else [])
+        self._queue = NetQueue(tx_ring.address, rx_ring.address, cfg, tap_fd, gnt, ev_tx.c,
+                               ev_rx.c if ev_rx is not None else None)
+        self._pump = PumpThread(name, self._queue.run, on_dead=on_dead, errors=(QueueDeadError, OSError))
+        self._stopped = False
+
+    @property
+    def queue(self) -> NetQueue:
+        return self._queue
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not self._stopped:
+            self._pump.start(loop)
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._queue.closed else self._queue.stats()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._pump.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous teardown.  Idempotent."""
+        self._stopped = True
+        self._pump.join()
+        self._queue.close()
+        for r in self._rings:
+            r.unmap()
+        for e in self._events:
+            e.close()
+        self._rings, self._events = [], []

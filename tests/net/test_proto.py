@@ -1,0 +1,101 @@
+"""backends.net.proto: the keys netback writes and the strict reading of the frontend's and toolstack's keys."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backends.net import proto
+from backends.net.proto import ProtocolError
+
+
+def fe(**extra: str) -> dict[str, str]:
+    keys = {"tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": "5", "request-rx-copy": "1"}
+    keys.update(extra)
+    return keys
+
+
+def test_probe_keys_match_linux_netback() -> None:
+    keys = proto.probe_keys(proto.BackendOffer(max_queues=4))
+    assert keys["feature-rx-copy"] == "1" and keys["feature-rx-flip"] == "0"
+    for k in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-ipv6-csum-offload",
+              "feature-split-event-channels", "feature-xdp-headroom"):
+        assert keys[k] == "1", k
+    assert keys["multi-queue-max-queues"] == "4"
+    assert "feature-ctrl-ring" not in keys and "feature-multicast-control" not in keys
+    assert proto.probe_keys(proto.BackendOffer(gso=False))["feature-gso-tcpv4"] == "0"
+
+
+def test_single_queue_one_channel() -> None:
+    cfg = proto.parse_frontend(fe(**{"feature-sg": "1", "feature-rx-notify": "1"}), max_queues=2)
+    assert cfg.queues == (proto.QueueRings(8, 9, 5, 5),) and not cfg.queues[0].split
+    assert cfg.sg and cfg.rx_notify and cfg.ip_csum and not cfg.ipv6_csum and not cfg.rx_csum
+    assert cfg.rx_gso == (False, False)
+
+
+def test_split_channels_and_queues() -> None:
+    keys = {"multi-queue-num-queues": "2", "request-rx-copy": "1"}
+    for i in range(2):
+        keys |= {f"queue-{i}/tx-ring-ref": str(10 + i), f"queue-{i}/rx-ring-ref": str(20 + i),
+                 f"queue-{i}/event-channel-tx": str(30 + i), f"queue-{i}/event-channel-rx": str(40 + i)}
+    cfg = proto.parse_frontend(keys, max_queues=4)
+    assert [q.split for q in cfg.queues] == [True, True]
+    assert cfg.queues[1] == proto.QueueRings(11, 21, 31, 41)
+    assert set(proto.frontend_key_names(2)) >= set(keys)
+
+
+@pytest.mark.parametrize("bad", [
+    {"multi-queue-num-queues": "0"}, {"multi-queue-num-queues": "3"}, {"multi-queue-num-queues": "-1"},
+    {"request-rx-copy": "0"}, {"request-rx-copy": None}, {"tx-ring-ref": "0x10"}, {"tx-ring-ref": None},
+    {"rx-ring-ref": "4294967296"}, {"event-channel": "0"}, {"event-channel": " 5"}, {"feature-sg": "yes"},
+    {"event-channel-tx": "6"}, {"xdp-headroom": "4000"}, {"feature-no-csum-offload": "2"},
+])
+def test_garbage_fails(bad: dict[str, str | None]) -> None:
+    keys = fe()
+    for k, v in bad.items():
+        if v is None:
+            keys.pop(k, None)
+        else:
+            keys[k] = v
+    with pytest.raises(ProtocolError):
+        proto.parse_frontend(keys, max_queues=2)
+
+
+def test_offloads_need_sg_and_both_checksums() -> None:
+    all_on = {"feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
+              "feature-ipv6-csum-offload": "1"}
+    assert proto.parse_frontend(fe(**all_on), max_queues=1).rx_gso == (True, True)
+    assert proto.parse_frontend(fe(**{**all_on, "feature-sg": "0"}), max_queues=1).rx_gso == (False, False)
+    cfg = proto.parse_frontend(fe(**{**all_on, "feature-no-csum-offload": "1"}), max_queues=1)
+    assert not cfg.rx_csum and cfg.rx_gso == (False, False)
+
+
+def test_mac_mtu_rate_vifname() -> None:
+    assert proto.parse_mac("00:16:3E:01:02:03") == bytes.fromhex("00163e010203")
+    for bad in ("00:16:3e:01:02", "00-16-3e-01-02-03", "01:00:5e:00:00:01", "zz:16:3e:01:02:03", None):
+        with pytest.raises(ProtocolError):
+            proto.parse_mac(bad)
+    assert proto.parse_mtu(None) == 1500 and proto.parse_mtu("9000") == 9000
+    for bad in ("67", "65536", "1500 ", "abc"):
+        with pytest.raises(ProtocolError):
+            proto.parse_mtu(bad)
+    assert proto.parse_rate("10000000,50000") == proto.Rate(10_000_000, 50_000)
+    assert proto.parse_rate(None) is None
+    for bad in ("100", "100,", ",5", "1,0", "a,b", "1,2,3"):
+        with pytest.raises(ProtocolError):
+            proto.parse_rate(bad)
+    assert proto.vif_name(5, 0, None) == "vif5.0" and proto.vif_name(5, 0, "guest-eth0") == "guest-eth0"
+    for bad in ("a/b", "x" * 16, "..", "a b"):
+        with pytest.raises(ProtocolError):
+            proto.vif_name(5, 0, bad)
+
+
+@given(st.dictionaries(st.sampled_from(proto.frontend_key_names(2)), st.text(max_size=12), max_size=12))
+def test_any_keys_parse_or_raise_protocol_error(keys: dict[str, str]) -> None:
+    try:
+        cfg = proto.parse_frontend(keys, max_queues=2)
+    except ProtocolError:
+        return
+    assert 1 <= len(cfg.queues) <= 2
+    assert cfg.xdp_headroom <= proto.MAX_XDP_HEADROOM
