@@ -168,7 +168,7 @@ class VtpmDeviceClass:
         dev.data = data
         await dev.write_backend(probe_keys())
         dev.log.info("realized", extra={"uuid": uuid, "version": version.value, "swtpm_pid": swtpm.pid,
-                                        "adopted": swtpm.adopted, "created": created})
+                                        "adopted": swtpm.adopted, "state_created": created})
 
     async def unrealize(self, dev: BackendDevice) -> None:
         data: VtpmData | None = dev.data

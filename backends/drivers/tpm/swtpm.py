@@ -206,12 +206,24 @@ class Swtpm:
                 "--pid", f"file={self.paths.pidfile}",
                 "--log", f"file={self.paths.log}",
                 "--daemon"]
+        # Its output goes to a file: a pipe would stay open in the daemonized child.
+        out_path = self.paths.run_dir / "swtpm.out"
         try:
-            rc, out = await _run(argv, START_TIMEOUT_S)
+            with open(out_path, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                                                            stderr=asyncio.subprocess.STDOUT)
         except FileNotFoundError:
             raise SwtpmError(f"{self.swtpm_bin} not found: install swtpm") from None
+        try:
+            rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise SwtpmError(f"swtpm did not daemonize in {START_TIMEOUT_S} s") from None
         if rc != 0:
-            raise SwtpmError(f"swtpm did not start ({rc}): {out.strip()[-300:] or self._log_tail()}")
+            text = out_path.read_text(errors="replace")[-300:].strip()
+            raise SwtpmError(f"swtpm did not start ({rc}): {text or self._log_tail()}")
         pid = self._read_pidfile()
         if pid is None:
             raise SwtpmError(f"swtpm wrote no pid file: {self._log_tail()}")
