@@ -65,6 +65,7 @@ LATENCY_WINDOW = 1024  # commands the p50 is taken over
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 DRAIN_S = 5.0  # how long a disconnect waits for the command in flight
+CLAIM_WAIT_S = 10.0  # how long a device waits for another one to let go of its vTPM
 
 
 @dataclass
@@ -129,7 +130,7 @@ class VtpmDeviceClass:
         self.cfg = cfg
         self.type_names = type_names
         self.allowed = parse_localities(cfg.localities)
-        self.in_use: dict[str, str] = {}  # vTPM uuid -> backend path using it
+        self.in_use: dict[str, tuple[str, asyncio.Event]] = {}  # vTPM uuid -> (backend path, set when released)
 
     # -- realize / unrealize ----------------------------------------------------------------------------
 
@@ -140,9 +141,33 @@ class VtpmDeviceClass:
             resume = parse_resume(await dev.read_backend("resume"))
         except ProtocolError as exc:
             raise DeviceError(f"bad toolstack keys: {exc}") from exc
+        await self._claim(dev, uuid)
+        try:
+            await self._realize(dev, uuid, version, resume)
+        except BaseException:
+            self._unclaim(dev, uuid)
+            raise
+
+    async def _claim(self, dev: BackendDevice, uuid: str) -> None:
+        """One device per vTPM.  A guest that reboots gets a new device while the old one may still be letting
+        go of the vTPM (Closed is written before unrealize when the frontend closes): wait for it, bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_WAIT_S
+        while (owner := self.in_use.get(uuid)) is not None and owner[0] != dev.backend_path:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise DeviceError(f"vTPM {uuid} is already in use by {owner[0]}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(owner[1].wait(), left)
+        self.in_use[uuid] = (dev.backend_path, asyncio.Event())
+
+    def _unclaim(self, dev: BackendDevice, uuid: str) -> None:
         owner = self.in_use.get(uuid)
-        if owner is not None and owner != dev.backend_path:
-            raise DeviceError(f"vTPM {uuid} is already in use by {owner}")
+        if owner is not None and owner[0] == dev.backend_path:
+            del self.in_use[uuid]
+            owner[1].set()
+
+    async def _realize(self, dev: BackendDevice, uuid: str, version: Version, resume: bool) -> None:
         tpm2 = version is Version.TPM2
         state_dir = Path(self.cfg.state_dir) / uuid / ("tpm2" if tpm2 else "tpm12")
         paths = SwtpmPaths(state_dir=state_dir, run_dir=Path(self.cfg.run_dir) / uuid)
@@ -162,7 +187,6 @@ class VtpmDeviceClass:
             await swtpm.start()
         except (SwtpmError, OSError) as exc:
             raise DeviceError(f"cannot start swtpm: {exc}") from exc
-        self.in_use[uuid] = dev.backend_path
         data = VtpmData(uuid=uuid, version=version, swtpm=swtpm, resume=resume, fresh=not swtpm.adopted)
         swtpm.on_exit = lambda _s: self._on_swtpm_exit(dev, data)
         dev.data = data
@@ -183,8 +207,7 @@ class VtpmDeviceClass:
             data.swtpm.release()  # the next daemon adopts it: the guest's TPM keeps its volatile state
         else:
             await data.swtpm.stop(graceful=True)
-        if self.in_use.get(data.uuid) == dev.backend_path:
-            del self.in_use[data.uuid]
+        self._unclaim(dev, data.uuid)
         dev.log.info("unrealized", extra=data.summary())
         dev.data = None
 
