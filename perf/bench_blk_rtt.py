@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from perf.bench_event import cpu_modes, pingpong
-from perf.matrix import WL_BY_NAME, Serve, make_image, run_blkload, simulator
+from perf.blk_cells import WL_BY_NAME, blk_serve, make_image, run_blkload
+from perf.runner import simulator
 
 SECONDS = 2.0
 PINGPONG_ROUNDS = 30_000
@@ -38,7 +39,7 @@ def test_blk_qd1_rtt_vs_pingpong(benchmark: Any, mode: str, wait: str) -> None:
     def run() -> None:
         pp = pingpong(mode, PINGPONG_ROUNDS)
         with simulator(work) as sim_dir:
-            serve = Serve(work, sim_dir, f"{mode}-{wait}", poll_us=poll_us, cpus={be_cpu})
+            serve = blk_serve(work, sim_dir, f"{mode}-{wait}", poll_us=poll_us, cpus={be_cpu})
             try:
                 r = run_blkload(sim_dir, work, f"aio:{image}", [WL_BY_NAME["rr4k_qd1"]], queues=1, persistent=0,
                                 seconds=SECONDS, warmup=0.5, backend_pid=serve.pid, spin_us=spin_us,

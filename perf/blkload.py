@@ -91,10 +91,10 @@ class LoadGenerator:
     """The C generator bound to a connected BlkFront: data pages granted once per request id."""
 
     def __init__(self, front: Any, guest: Any, max_qd: int, max_segs: int) -> None:
+        from backends._guest_native import ffi
         from backends.blk.proto import Abi
-        from backends.native import ffi
 
-        self.ffi: Any = ffi
+        self.ffi = ffi
         self.front = front
         self.guest = guest
         self.abi = int(Abi.X86_64 if front.abi.name == "x86_64-abi" else Abi.X86_32)
@@ -124,14 +124,15 @@ class LoadGenerator:
         self.pages.ind_addrs = self.c_ind_addrs if self.ind_pages else ffi.NULL
         self.queues = ffi.new("struct pv_load_queue[]", len(front.queues))
         for i, q in enumerate(front.queues):
-            self.queues[i].ring = q.ring.c
-            self.queues[i].evtchn = q.port.c
+            # Made by the backend's module (the guest model's rings and ports): the same C objects, typed anew.
+            self.queues[i].ring = ffi.cast("struct pv_front_ring *", q.ring.c)
+            self.queues[i].evtchn = ffi.cast("struct pv_evtchn *", q.port.c)
         self.res = ffi.new("struct pv_load_result *")
         self.err = ffi.new("char[]", 256)
 
     def run(self, w: Workload, *, seconds: float, region_bytes: int, spin_us: int = 0, max_ops: int = 0,
             seed: int = 1, backend_pid: int | None = None) -> LoadResult:
-        from backends.native import lib
+        from backends._guest_native import lib
 
         if w.qd > self.max_qd or w.segs > self.max_segs:
             raise ValueError(f"{w.name}: needs qd {w.qd} x {w.segs} pages, the generator has {self.max_qd} x "

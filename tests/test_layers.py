@@ -4,6 +4,7 @@ under `if TYPE_CHECKING:`), read with `ast`, must point down or sideways where a
 Layers, by the longest matching module prefix:
 
     0  backends._native            the cffi module (C)
+    5  backends._guest_native      the benchmark guest's C loop (its own cffi module: a frontend's code)
     1  backends.native             its one typed wrapper; backends.xenstore.wire, the pure wire codec the
                                    platform reads its own domid with
     2  backends.platform           the seam: grants, events, where xenstore is, features (+ the broker client)
@@ -16,7 +17,8 @@ Any other package under backends/ is a device package: adding a device type need
 beyond "only down": the store never imports the bus; drivers know no protocol (they import only the native
 layer); a device package never imports another one; nothing below the daemon imports the emulated machine
 or the guests (the backend never imports a frontend), and those two never import each other; only the
-wrapper imports `backends._native`; no module imports another module's private (`_name`) names.
+wrapper imports `backends._native`, and only the guests import `backends._guest_native`; no module imports
+another module's private (`_name`) names.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ INFRA = {
     "backends.drivers": 4,
     "backends.sim": 5,
     "backends.guests": 5,
+    "backends._guest_native": 5,
     "backends.daemon": 6,
 }
 DEVICE_LAYER = 4
@@ -115,6 +118,8 @@ def check(imp: Import, known: set[str]) -> list[str]:
             bad.append(f"{where}: upward ({layer(src)} -> {layer(target)})")
     if under(dst, "backends._native") and not under(src, "backends.native"):
         bad.append(f"{where}: only backends.native imports the cffi module")
+    if under(dst, "backends._guest_native") and not under(src, "backends.guests"):
+        bad.append(f"{where}: only the guests import the guest's cffi module")
     if under(src, "backends.xenstore") and under(dst, "backends.xenbus"):
         bad.append(f"{where}: the store knows no devices or bus")
     if under(src, "backends.drivers") and not under(dst, "backends.drivers", "backends.native"):
@@ -149,7 +154,7 @@ def test_backends_keep_the_layer_rules() -> None:
 def test_every_infrastructure_package_exists() -> None:
     """A renamed package must not silently fall out of the rules (it would count as a device package)."""
     for prefix in INFRA:
-        if prefix == "backends._native":
+        if prefix in ("backends._native", "backends._guest_native"):
             continue
         path = ROOT / Path(*prefix.split("."))
         assert path.is_dir() or path.with_suffix(".py").is_file(), prefix
@@ -164,6 +169,8 @@ def test_every_infrastructure_package_exists() -> None:
     ("backends/blk/proto.py", "from backends.guests.blkfront import BlkFront", "never imports"),
     ("backends/daemon/serve.py", "from backends.daemon.cli import _overrides", "private name"),
     ("backends/blk/device.py", "from backends._native import lib", "only backends.native"),
+    ("backends/native/ring.py", "from backends._guest_native import lib", "upward"),
+    ("backends/sim/broker.py", "from backends._guest_native import lib", "only the guests"),
 ])
 def test_a_planted_breach_is_caught(tmp_path: Path, victim: str, planted: str, rule: str) -> None:
     copy = tmp_path / "tree"

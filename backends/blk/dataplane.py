@@ -13,19 +13,48 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from backends.blk import proto
 from backends.blk.proto import DEFAULT_MAX_PERSISTENT_GRANTS, OP_NAMES, Abi
-from backends.native import ffi, lib
+from backends.native import CData, ffi, lib, struct_pv_blk_queue, struct_pv_evtchn, struct_pv_gnt, struct_pv_io_engine
+from backends.native.handle import CHandle
 from backends.platform.base import EventChannel, GrantMapping
 from backends.xenbus.pump import PumpThread
 
 log = logging.getLogger(__name__)
 
-REASONS = (
-    "ok", "bad_op", "unsupported", "nr_segments", "indirect_nr_segments", "indirect_op", "sect_order",
-    "sect_page", "range", "overflow", "align", "readonly", "abi", "grant", "io", "nomem",
-)  # fmt: skip
+
+def _check_proto_mirrors() -> None:
+    """backends.blk.proto is pure Python (no C), so it spells the wire constants itself; this is the one
+    place they meet the C data path, so refuse to run if the two ever disagree."""
+    want = {
+        "OP_READ": lib.PV_BLKIF_OP_READ, "OP_WRITE": lib.PV_BLKIF_OP_WRITE,
+        "OP_WRITE_BARRIER": lib.PV_BLKIF_OP_WRITE_BARRIER, "OP_FLUSH_DISKCACHE": lib.PV_BLKIF_OP_FLUSH_DISKCACHE,
+        "OP_RESERVED_1": lib.PV_BLKIF_OP_RESERVED_1, "OP_DISCARD": lib.PV_BLKIF_OP_DISCARD,
+        "OP_INDIRECT": lib.PV_BLKIF_OP_INDIRECT,
+        "MAX_SEGMENTS_PER_REQUEST": lib.PV_BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        "MAX_INDIRECT_PAGES_PER_REQUEST": lib.PV_BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+        "SEGS_PER_INDIRECT_FRAME": lib.PV_BLKIF_SEGS_PER_INDIRECT_FRAME,
+        "DISCARD_SECURE": lib.PV_BLKIF_DISCARD_SECURE, "RSP_OKAY": lib.PV_BLKIF_RSP_OKAY,
+        "RSP_ERROR": lib.PV_BLKIF_RSP_ERROR, "RSP_EOPNOTSUPP": lib.PV_BLKIF_RSP_EOPNOTSUPP,
+    }  # fmt: skip
+    got = {name: getattr(proto, name) for name in want}
+    got |= {"Abi.X86_32": int(Abi.X86_32), "Abi.X86_64": int(Abi.X86_64)}
+    want |= {"Abi.X86_32": lib.PV_BLKIF_ABI_X86_32, "Abi.X86_64": lib.PV_BLKIF_ABI_X86_64}
+    got |= {"SLOT_SIZE[x86_64]": proto.SLOT_SIZE["x86_64"], "SLOT_SIZE[x86_32]": proto.SLOT_SIZE["x86_32"],
+            "RSP_SIZE[x86_64]": proto.RSP_SIZE["x86_64"], "RSP_SIZE[x86_32]": proto.RSP_SIZE["x86_32"]}
+    want |= {"SLOT_SIZE[x86_64]": lib.PV_BLKIF_X86_64_SLOT_SIZE, "SLOT_SIZE[x86_32]": lib.PV_BLKIF_X86_32_SLOT_SIZE,
+             "RSP_SIZE[x86_64]": lib.PV_BLKIF_X86_64_RSP_SIZE, "RSP_SIZE[x86_32]": lib.PV_BLKIF_X86_32_RSP_SIZE}
+    wrong = [f"{k} = {got[k]} (C: {v})" for k, v in want.items() if got[k] != v]
+    if wrong:
+        raise ImportError(f"backends.blk.proto disagrees with csrc/blkif.h: {', '.join(wrong)}")
+
+
+_check_proto_mirrors()
+
+# Rejection reasons by PV_BLKIF_E_* value, named by C (pv_blkif_reason_name) so the two cannot drift.
+REASONS = tuple(ffi.string(lib.pv_blkif_reason_name(i)).decode() for i in range(lib.PV_BLKIF_NR_REASONS))
 _COUNTERS = (
     "bytes_read", "bytes_written", "ring_overflow", "out_of_requests", "kicks", "spurious_kicks", "completes",
     "responses", "notifies", "grant_copy_calls", "grant_copy_segs", "persistent_hits", "persistent_maps",
@@ -68,7 +97,7 @@ class EngineHandle(Protocol):
     """What the data path needs from a storage driver's engine (backends.drivers.storage.IoEngine)."""
 
     @property
-    def c(self) -> Any: ...
+    def c(self) -> struct_pv_io_engine: ...
 
 
 @dataclass(frozen=True)
@@ -94,10 +123,17 @@ class QueueConfig:
     max_buffer_pages: int = 8192
 
 
-class BlkQueue:
+class BlkQueue(CHandle[struct_pv_blk_queue]):
     """The C queue object; every method is one C call."""
 
-    def __init__(self, ring_address: Any, cfg: QueueConfig, gnt: Any, evtchn: Any, engine: Any) -> None:
+    def __init__(
+        self,
+        ring_address: CData,
+        cfg: QueueConfig,
+        gnt: struct_pv_gnt,
+        evtchn: struct_pv_evtchn | None,
+        engine: struct_pv_io_engine,
+    ) -> None:
         c = ffi.new("struct pv_blk_queue_config *")
         c.abi = int(cfg.abi)
         c.frontend_domid = cfg.frontend_domid
@@ -119,19 +155,12 @@ class BlkQueue:
         q = lib.pv_blk_queue_create(ring_address, c, gnt, evtchn if evtchn is not None else ffi.NULL, engine, err, 256)
         if q == ffi.NULL:
             raise ValueError(f"blk queue: {ffi.string(err).decode(errors='replace')}")
-        self._q: Any = q
+        super().__init__(q)
         self.cfg = cfg
         self._stats = ffi.new("struct pv_blk_stats *")
 
-    @property
-    def c(self) -> Any:
-        if self._q is None:
-            raise ValueError("blk queue closed")
-        return self._q
-
-    @property
-    def closed(self) -> bool:
-        return self._q is None
+    def _closed_message(self) -> str:
+        return "blk queue closed"
 
     @staticmethod
     def _check(n: int) -> int:
@@ -221,11 +250,9 @@ class BlkQueue:
         out["inflight"] = self.inflight
         return out
 
-    def close(self) -> None:
-        """Waits for in-flight I/O, unmaps persistent grants, frees.  Idempotent."""
-        if self._q is not None:
-            q, self._q = self._q, None
-            lib.pv_blk_queue_destroy(q)
+    def _free(self, c: struct_pv_blk_queue) -> None:
+        """Waits for in-flight I/O, unmaps persistent grants, frees."""
+        lib.pv_blk_queue_destroy(c)
 
 
 class BlkDataplane:
@@ -240,7 +267,7 @@ class BlkDataplane:
         self,
         ring: GrantMapping,
         evtchn: EventChannel,
-        gnt: Any,
+        gnt: struct_pv_gnt,
         engine: EngineHandle,
         cfg: QueueConfig,
         *,

@@ -60,11 +60,7 @@ def open_driver(target: DiskTarget, readonly: bool, cfg: BlkConfig) -> StorageDr
     if target.kind == "nbd":
         from backends.drivers.storage.nbd import NbdDriver
 
-        if target.socket:
-            spec = f"nbd:unix:{target.socket}" + (f":exportname={target.export}" if target.export else "")
-        else:
-            spec = f"nbd://{target.host}:{target.port}/{target.export}"
-        return NbdDriver(spec, readonly=readonly)
+        return NbdDriver(target.nbd, readonly=readonly)
     if target.kind == "image":
         from backends.drivers.storage.qemu_nbd import QemuNbdDriver
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from backends.drivers.storage.nbd_target import NBD_SCHEMES, NbdTarget, NbdTargetError, parse_nbd_target
+
 # Operations (io/blkif.h)
 OP_READ = 0
 OP_WRITE = 1
@@ -109,7 +111,8 @@ class DiskTarget:
     """Where a disk's data lives.
 
     kind: "file" (raw file or block device at `path`), "image" (a `format` image at `path`, to be served
-    over NBD), "nbd" (an NBD server: `socket` or `host`/`port`, `export`), "null" (`size` bytes, no data).
+    over NBD), "nbd" (an NBD server: `socket` or `host`/`port`, `export`; `nbd` is it as the driver takes
+    it), "null" (`size` bytes, no data).
     """
 
     kind: str
@@ -120,6 +123,14 @@ class DiskTarget:
     port: int = 0
     export: str = ""
     size: int = 0
+
+    @property
+    def nbd(self) -> NbdTarget:
+        if self.kind != "nbd":
+            raise ParamsError(f"a {self.kind!r} disk has no NBD server")
+        if self.socket:
+            return NbdTarget(socket_path=self.socket, export=self.export)
+        return NbdTarget(host=self.host, port=self.port, export=self.export)
 
 
 def parse_size(text: str) -> int:
@@ -143,48 +154,16 @@ def _abs_path(path: str, what: str) -> str:
     return path
 
 
-def _parse_nbd(rest: str) -> DiskTarget:
-    # nbd:unix:/sock[:exportname=X]  (QEMU's legacy syntax)
-    if rest.startswith("unix:"):
-        sock, _, opt = rest[len("unix:") :].partition(":")
-        export = ""
-        if opt:
-            key, eq, val = opt.partition("=")
-            if key != "exportname" or not eq:
-                raise ParamsError(f"nbd: unknown option {opt!r}")
-            export = val
-        return DiskTarget(kind="nbd", socket=_abs_path(sock, "nbd socket"), export=export)
-    # nbd:host:port[:exportname=X]
-    parts = rest.split(":")
-    if len(parts) in (2, 3):
-        export = ""
-        if len(parts) == 3:
-            key, eq, export = parts[2].partition("=")
-            if key != "exportname" or not eq:
-                raise ParamsError(f"nbd: unknown option {parts[2]!r}")
-        return DiskTarget(kind="nbd", host=parts[0], port=_parse_port(parts[1]), export=export)
-    raise ParamsError(f"nbd: cannot parse {rest!r}")
-
-
-def _parse_port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ParamsError(f"nbd: bad port {text!r}")
-    return int(text)
-
-
-def _parse_nbd_uri(uri: str) -> DiskTarget:
-    # nbd://host[:port][/export]
-    rest = uri[len("nbd://") :]
-    hostport, _, export = rest.partition("/")
-    if hostport.startswith("["):  # [v6]:port
-        host, _, tail = hostport[1:].partition("]")
-        port = _parse_port(tail[1:]) if tail.startswith(":") else 10809
-    else:
-        host, colon, p = hostport.partition(":")
-        port = _parse_port(p) if colon else 10809
-    if not host:
-        raise ParamsError(f"nbd: no host in {uri!r}")
-    return DiskTarget(kind="nbd", host=host, port=port, export=export)
+def _parse_nbd(params: str) -> DiskTarget:
+    # The NBD driver's grammar, not a second one: what blk accepts is what the driver will connect to.
+    try:
+        t = parse_nbd_target(params)
+    except NbdTargetError as exc:
+        raise ParamsError(str(exc)) from exc
+    if t.socket_path is not None:
+        return DiskTarget(kind="nbd", socket=t.socket_path, export=t.export)
+    assert t.host is not None
+    return DiskTarget(kind="nbd", host=t.host, port=t.port, export=t.export)
 
 
 def parse_params(params: str | None, type_name: str | None = None) -> DiskTarget:
@@ -202,11 +181,11 @@ def parse_params(params: str | None, type_name: str | None = None) -> DiskTarget
         return DiskTarget(kind="file", path=_abs_path(params, "params"))
     if params.startswith("/"):
         return DiskTarget(kind="file", path=params)
-    if params.startswith("nbd://"):
-        return _parse_nbd_uri(params)
     fmt, colon, rest = params.partition(":")
     if not colon:
         raise ParamsError(f"params {params!r}: expected FORMAT:PATH or an absolute path")
+    if fmt.lower() in NBD_SCHEMES:
+        return _parse_nbd(params)
     fmt = fmt.lower()
     if fmt in RAW_FORMATS:
         # libxl may stack prefixes ("aio:raw:/path" from old configs)
@@ -216,8 +195,6 @@ def parse_params(params: str | None, type_name: str | None = None) -> DiskTarget
         return DiskTarget(kind="file", path=_abs_path(rest, "params"))
     if fmt in NBD_FORMATS:
         return DiskTarget(kind="image", format=fmt, path=_abs_path(rest, "params"))
-    if fmt == "nbd":
-        return _parse_nbd(rest)
     if fmt == "null":
         size = parse_size(rest)
         if size <= 0 or size % SECTOR:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -78,6 +78,24 @@ class UsageError(Exception):
     pass
 
 
+def _kind_parsers(sub: Any, command: str, help_text: str) -> Iterator[tuple[argparse.ArgumentParser, Any]]:
+    """`pvback COMMAND KIND DOMID ...`: one sub-parser per device type that has commands."""
+    p = sub.add_parser(command, help=help_text)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for dt in load_device_types():
+        if dt.commands is not None:
+            k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
+            k.add_argument("domid", type=int)
+            yield k, dt
+
+
+def _add_device_args(k: argparse.ArgumentParser, dt: Any) -> None:
+    k.add_argument("--type", dest="backend_type", choices=dt.backend_types, default=None,
+                   help=f"backend directory type (default {dt.backend_types[0]})")
+    k.add_argument("--backend-domid", type=int, default=0)
+    _add_platform_args(k)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pvback", description="Userspace Xen PV backends")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -93,34 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{DEFAULT_SIM_DIR})")
     p.add_argument("--daemon", action="store_true", help="detach and return once the sockets are ready")
 
-    p = sub.add_parser("attach", help="create a device for a domain, as the toolstack does")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for dt in load_device_types():
-        if dt.commands is None:
-            continue
-        k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
-        k.add_argument("domid", type=int)
+    for k, dt in _kind_parsers(sub, "attach", "create a device for a domain, as the toolstack does"):
         dt.commands.add_attach_arguments(k)
-        k.add_argument("--type", dest="backend_type", choices=dt.backend_types, default=None,
-                       help=f"backend directory type (default {dt.backend_types[0]})")
-        k.add_argument("--backend-domid", type=int, default=0)
+        _add_device_args(k, dt)
         k.add_argument("--no-wait", action="store_true", help="do not wait for the backend to reach InitWait")
         k.add_argument("--timeout", type=float, default=10.0,
                        help="seconds to wait for a backend to take the device (libxl waits 10)")
-        _add_platform_args(k)
-
-    p = sub.add_parser("detach", help="remove a device (online=0, wait for Closed, remove the nodes)")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for dt in load_device_types():
-        if dt.commands is None:
-            continue
-        k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
-        k.add_argument("domid", type=int)
+    for k, dt in _kind_parsers(sub, "detach", "remove a device (online=0, wait for Closed, remove the nodes)"):
         dt.commands.add_detach_arguments(k)
-        k.add_argument("--type", dest="backend_type", choices=dt.backend_types, default=None)
-        k.add_argument("--backend-domid", type=int, default=0)
+        _add_device_args(k, dt)
         k.add_argument("--timeout", type=float, default=10.0)
-        _add_platform_args(k)
 
     p = sub.add_parser("status", help="domains, devices, states, negotiated features and throughput")
     p.add_argument("--metrics", default=None, help="HOST:PORT of a running daemon's metrics endpoint")

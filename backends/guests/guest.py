@@ -23,7 +23,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from backends.native import ffi
+from backends.native import CData, ffi, struct_pv_evtchn
 from backends.native.events import NativeEventChannel, open_emulated
 from backends.native.grants import guest_grant, guest_revoke
 from backends.platform.broker_client import BrokerClient, close_fds
@@ -43,7 +43,7 @@ class GuestPort:
         self.remote_domid = ch.remote_domid
 
     @property
-    def c(self) -> Any:
+    def c(self) -> struct_pv_evtchn:
         """The `struct pv_evtchn *` (frontend C code may notify through it)."""
         return self._ch.c
 
@@ -116,8 +116,8 @@ class Guest:
         self.domid = int(reply["domid"])
         self.xenstore_sock: socket.socket | None = socket.socket(fileno=fds[0]) if fds else None
         close_fds(fds[1:])
-        self._gtab_ptr: Any = ffi.from_buffer(self.gtab)
-        self._mem_ptr: Any = ffi.from_buffer(self.memory)
+        self._gtab_ptr = ffi.from_buffer(self.gtab)
+        self._mem_ptr = ffi.from_buffer(self.memory)
         self._mem_view = memoryview(self.memory)
         self._free_pages = list(range(mem_pages - 1, -1, -1))
         self._free_refs = list(range(gnt_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
@@ -148,7 +148,7 @@ class Guest:
         self._check_page(page)
         return self._mem_view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
 
-    def page_address(self, page: int) -> Any:
+    def page_address(self, page: int) -> CData:
         """`char *` to the page (for frontend C code such as ring helpers)."""
         self._check_page(page)
         return self._mem_ptr + page * PAGE_SIZE

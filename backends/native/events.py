@@ -5,35 +5,31 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from backends.native import ffi, lib
+from backends.native import ffi, lib, struct_pv_evtchn
+from backends.native.handle import CHandle
 
 
-class NativeEventChannel:
+class NativeEventChannel(CHandle[struct_pv_evtchn]):
     """One bound port.  `on_close` runs after the C object is freed (the emulated platform tells its broker)."""
 
     live: ClassVar[int] = 0  # channels of this process not yet closed: leak checks read it
 
-    def __init__(self, c: Any, on_close: Callable[[NativeEventChannel], None] | None = None) -> None:
+    def __init__(
+        self, c: struct_pv_evtchn, on_close: Callable[[NativeEventChannel], None] | None = None
+    ) -> None:
         if c == ffi.NULL:
             raise OSError(ffi.errno or errno.EINVAL, "cannot open event channel")
-        self._c: Any = c
+        super().__init__(c)
         self._on_close = on_close
         self.local_port = int(c.local_port)
         self.remote_domid = int(c.remote_domid)
         self.remote_port = int(c.remote_port)
         NativeEventChannel.live += 1
 
-    @property
-    def c(self) -> Any:
-        if self._c is None:
-            raise ValueError(f"event channel port {self.local_port} closed")
-        return self._c
-
-    @property
-    def closed(self) -> bool:
-        return self._c is None
+    def _closed_message(self) -> str:
+        return f"event channel port {self.local_port} closed"
 
     def fileno(self) -> int:
         return int(self.c.fd)
@@ -53,20 +49,11 @@ class NativeEventChannel:
     def unmask(self) -> None:
         self._check(int(lib.pv_evtchn_do_unmask(self.c)), "unmask")
 
-    def close(self) -> None:
-        if self._c is None:
-            return
-        c, self._c = self._c, None
+    def _free(self, c: struct_pv_evtchn) -> None:
         NativeEventChannel.live -= 1
         lib.pv_evtchn_close(c)
         if self._on_close is not None:
             self._on_close(self)
-
-    def __enter__(self) -> NativeEventChannel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_emulated(

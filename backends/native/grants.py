@@ -11,9 +11,13 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, ClassVar
 
-from backends.native import ffi, lib
+from backends.native import CData, ffi, lib, struct_pv_gnt
+from backends.native.handle import CHandle
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from 3.12 on
 
 PAGE_SIZE = 4096
 
@@ -35,6 +39,20 @@ class GrantStatus(enum.IntEnum):
     ADDRESS_TOO_BIG = -11
     EAGAIN = -12
     NO_SPACE = -13
+
+
+def _check_grant_status() -> None:
+    """GrantStatus is spelt out for readers and type checkers; the values are the header's (PV_GNTST_* in
+    csrc/platform.cdef take them from csrc/platform.h), checked once at import."""
+    wrong = [f"{s.name} = {s.value} (C: {getattr(lib, f'PV_GNTST_{s.name.lower()}')})" for s in GrantStatus
+             if getattr(lib, f"PV_GNTST_{s.name.lower()}") != s.value]
+    c_names = {n.removeprefix("PV_GNTST_").upper() for n in dir(lib) if n.startswith("PV_GNTST_")}
+    missing = sorted(c_names - set(GrantStatus.__members__))
+    if wrong or missing:
+        raise ImportError(f"GrantStatus disagrees with csrc/platform.h: {wrong} missing {missing}")
+
+
+_check_grant_status()
 
 
 class GrantError(OSError):
@@ -61,68 +79,68 @@ class CopySegment:
     ref: int
     offset: int
     length: int
-    local: Any
+    local: Buffer | CData
     local_offset: int = 0
     to_guest: bool = False
 
 
-def _local_pointer(buf: Any) -> tuple[Any, Any]:
+def _local_pointer(buf: Buffer | CData) -> tuple[CData, CData]:
     """(char * pointer, keep-alive) for a writable buffer or cdata pointer."""
-    if isinstance(buf, ffi.CData):
+    if isinstance(buf, CData):
         return ffi.cast("char *", buf), buf
     keep = ffi.from_buffer("char[]", buf, require_writable=True)
     return keep, keep
 
 
-class NativeGrantMapping:
-    """A contiguous range of foreign pages mapped by `pv_gnt_do_map`."""
+class NativeGrantMapping(CHandle[CData]):
+    """A contiguous range of foreign pages mapped by `pv_gnt_do_map`; `c` is the `void *` of its start."""
 
-    def __init__(self, table: GrantTable, addr: Any, npages: int, writable: bool) -> None:
+    def __init__(self, table: GrantTable, addr: CData, npages: int, writable: bool) -> None:
+        super().__init__(addr)
         self._table = table
-        self._addr: Any = addr
         self.npages = npages
         self.writable = writable
 
+    def _closed_message(self) -> str:
+        return "grant mapping already unmapped"
+
     @property
-    def address(self) -> Any:
-        if self._addr is None:
-            raise ValueError("grant mapping already unmapped")
-        return self._addr
+    def address(self) -> CData:
+        return self.c
 
     def buffer(self) -> memoryview:
-        view = memoryview(ffi.buffer(self.address, self.npages * PAGE_SIZE))  # type: ignore[arg-type]
+        view = memoryview(ffi.buffer(self.address, self.npages * PAGE_SIZE))
         return view if self.writable else view.toreadonly()
 
     @property
     def mapped(self) -> bool:
-        return self._addr is not None
+        return not self.closed
 
     def unmap(self) -> None:
-        if self._addr is None:
-            return
-        addr, self._addr = self._addr, None
-        self._table._unmap(addr, self.npages)
+        self.close()
 
-    def __enter__(self) -> NativeGrantMapping:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unmap()
+    def _free(self, c: CData) -> None:
+        self._table._unmap(c, self.npages)
 
 
-class GrantTable:
+class GrantTable(CHandle[struct_pv_gnt]):
     """Owns one `struct pv_gnt *`; closes it once."""
 
-    def __init__(self, c: Any) -> None:
+    open_tables: ClassVar[set[GrantTable]] = set()  # handles of this process not yet closed: leak checks read it
+
+    def __init__(self, c: struct_pv_gnt) -> None:
         if c == ffi.NULL:
             raise OSError(ffi.errno or errno.ENOMEM, "cannot open grant handle")
-        self._c: Any = c
+        super().__init__(c)
+        GrantTable.open_tables.add(self)
 
-    @property
-    def c(self) -> Any:
-        if self._c is None:
-            raise ValueError("grant handle closed")
-        return self._c
+    @classmethod
+    def all_live_mappings(cls) -> int:
+        """Pages mapped through every open handle of this process (a closed handle has unmapped its own)."""
+        return sum(t.live_mappings for t in cls.open_tables)
+
+    def _closed_message(self) -> str:
+        return "grant handle closed"
 
     @property
     def live_mappings(self) -> int:
@@ -139,7 +157,7 @@ class GrantTable:
             raise GrantError(int(status[0]), f"map of d{domid} refs {refs[:8]}{'...' if len(refs) > 8 else ''}")
         return NativeGrantMapping(self, addr, len(refs), writable)
 
-    def _unmap(self, addr: Any, npages: int) -> None:
+    def _unmap(self, addr: CData, npages: int) -> None:
         rc = int(lib.pv_gnt_do_unmap(self.c, addr, npages))
         if rc < 0:
             raise OSError(-rc, f"grant unmap: {os.strerror(-rc)}")
@@ -150,7 +168,7 @@ class GrantTable:
         if n == 0:
             return []
         segs = ffi.new("struct pv_gcopy_seg[]", n)
-        keep: list[Any] = []
+        keep: list[CData] = []
         for i, s in enumerate(segments):
             if not 0 <= s.length <= 0xFFFF or not 0 <= s.offset <= 0xFFFF:
                 raise ValueError(f"copy segment {i}: offset/length out of range")
@@ -176,10 +194,9 @@ class GrantTable:
             raise OSError(-rc, f"grant copy: {os.strerror(-rc)}")
         return [int(segs[i].status) for i in range(n)]
 
-    def close(self) -> None:
-        if self._c is not None:
-            c, self._c = self._c, None
-            lib.pv_gnt_close(c)
+    def _free(self, c: struct_pv_gnt) -> None:
+        GrantTable.open_tables.discard(self)
+        lib.pv_gnt_close(c)
 
 
 class EmulatedGrantTable(GrantTable):
@@ -221,7 +238,7 @@ def release_dead_pins(gtab_fd: int, nr_entries: int, dead_fd: int, other_fds: li
     gtab_len = nr_entries * ffi.sizeof("struct pv_grant_entry_v1")
     tab_len = pin_table_size(nr_entries)
     maps: list[mmap.mmap] = []
-    ptrs: list[Any] = []
+    ptrs: list[CData] = []
     try:
         for fd, length in [(gtab_fd, gtab_len), (dead_fd, tab_len)] + [(fd, tab_len) for fd in other_fds]:
             if os.fstat(fd).st_size < length:
@@ -237,7 +254,7 @@ def release_dead_pins(gtab_fd: int, nr_entries: int, dead_fd: int, other_fds: li
             m.close()
 
 
-def guest_grant(gtab: Any, nr_entries: int, ref: int, domid: int, frame: int, readonly: bool) -> None:
+def guest_grant(gtab: Buffer | CData, nr_entries: int, ref: int, domid: int, frame: int, readonly: bool) -> None:
     """Guest side: fill entry `ref` of a v1 grant table the guest maps at `gtab` (buffer or pointer)."""
     ptr, _keep = _local_pointer(gtab)
     rc = int(lib.pv_gnt_emu_grant(ptr, nr_entries, ref, domid, frame, 1 if readonly else 0))
@@ -245,7 +262,7 @@ def guest_grant(gtab: Any, nr_entries: int, ref: int, domid: int, frame: int, re
         raise OSError(-rc, f"grant ref {ref}: {os.strerror(-rc)}")
 
 
-def guest_revoke(gtab: Any, nr_entries: int, ref: int) -> None:
+def guest_revoke(gtab: Buffer | CData, nr_entries: int, ref: int) -> None:
     """Guest side: end access; OSError(EBUSY) while the backend still has the grant mapped or mid-copy."""
     ptr, _keep = _local_pointer(gtab)
     rc = int(lib.pv_gnt_emu_revoke(ptr, nr_entries, ref))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+from backends.native import CData, struct_pv_evtchn, struct_pv_gnt
 
 # The value types of grant operations belong to the layer that performs them; re-exported as the platform's.
 from backends.native.grants import CopySegment, GrantError, GrantStatus
@@ -41,7 +43,7 @@ class Platform(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def gnt(self) -> Any:
+    def gnt(self) -> struct_pv_gnt:
         """The `struct pv_gnt *` ops table for C data paths."""
 
     @abc.abstractmethod
@@ -85,7 +87,7 @@ class GrantMapping(Protocol):
     writable: bool
 
     @property
-    def address(self) -> Any:
+    def address(self) -> CData:
         """`void *` cdata of the start of the range."""
 
     def buffer(self) -> memoryview:
@@ -107,7 +109,7 @@ class EventChannel(Protocol):
     remote_port: int
 
     @property
-    def c(self) -> Any:
+    def c(self) -> struct_pv_evtchn:
         """The `struct pv_evtchn *` for C data paths."""
 
     def fileno(self) -> int: ...

@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Any
 
+from backends.native import struct_pv_gnt
 from backends.native.events import NativeEventChannel, open_emulated
 from backends.native.grants import EmulatedGrantTable
 from backends.platform.base import (
@@ -60,7 +60,7 @@ class EmulatedPlatform(Platform):
         return self._table
 
     @property
-    def gnt(self) -> Any:
+    def gnt(self) -> struct_pv_gnt:
         return self.table.c
 
     def open_domain(self, domid: int) -> None:

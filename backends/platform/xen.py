@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from backends.native import ffi, lib
+from backends.native import ffi, lib, struct_pv_gnt
 from backends.native.events import NativeEventChannel
 from backends.native.grants import GrantTable
 from backends.platform.base import (
@@ -127,7 +127,7 @@ class XenPlatform(Platform):
         return self._gnt
 
     @property
-    def gnt(self) -> Any:
+    def gnt(self) -> struct_pv_gnt:
         return self._table.c
 
     def open_domain(self, domid: int) -> None:

@@ -19,7 +19,7 @@ import random
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar, cast
+from typing import ClassVar, TypeVar, cast
 
 from backends.xenstore.wire import (
     HEADER_SIZE,
@@ -183,10 +183,13 @@ class Watch:
     Iteration ends when the watch or the client is closed, and raises XenStoreError if the connection is
     lost."""
 
+    live: ClassVar[int] = 0  # watches of this process not yet ended: leak checks read it
+
     def __init__(self, client: XenStoreClient, path: str, token: bytes) -> None:
         self.client = client
         self.path = path
         self.token = token
+        Watch.live += 1
         self._queue: dict[str, None] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
@@ -236,6 +239,7 @@ class Watch:
     def _end(self, error: XenStoreError | None = None) -> None:
         if not self._ended:
             self._ended = True
+            Watch.live -= 1
             self._error = error
             self._wake()
 

@@ -42,7 +42,7 @@ def direct_file() -> Iterator[tuple[Path, int, bytes]]:
 
 class Sink:
     def __init__(self) -> None:
-        self.c: Any = ffi.new("struct pv_io_sink *")
+        self.c = ffi.new("struct pv_io_sink *")
         assert lib.pv_io_sink_init(self.c) == 0
         self.keep: list[Any] = []
 

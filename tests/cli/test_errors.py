@@ -40,6 +40,8 @@ def test_attach_bad_inputs_create_nothing(bed: Bed, tmp_path: Path) -> None:
         (["nbd:unix:" + str(bed.root / "nobody.sock")], ("unreachable", "No such file")),
         ([f"nbd:127.0.0.1:{closed_port}"], ("unreachable", "refused")),
         (["nbd:unix:" + str(bed.root / "nbd.sock")], ("NBD server at unix:", "unusable")),
+        (["nbd+unix:///?socket=" + str(bed.root / "nobody.sock")], ("unreachable", "No such file")),
+        (["nbd://127.0.0.1:0/x"], ("bad target", "bad port '0'")),
         ([str(img), "--vdev", "sda"], ("not a virtual disk name",)),
         ([str(img), "--timeout", "0"], ("--timeout",)),
     ]

@@ -20,8 +20,14 @@ def test_serve_status_metrics_and_detach(bed: Bed) -> None:
     img = bed.image(size=16 << 20)
     guest, domid = bed.start_guest("--attach", str(img), "--workload", "verify", "--seconds", "5")
     guest.wait_log(r"connected: ", timeout=15)
+    # "connected" is printed before the guest's first request: sample once its I/O has begun.
+    dev = {"type": "qdisk", "domid": str(domid), "devid": str(XVDA)}
 
-    before = scrape(addr)
+    def moved() -> str | None:
+        text = scrape(addr)
+        return text if metric(text, "pvback_bytes_total", **dev) > 0 else None
+
+    before = wait_until(moved, 10, "the guest's first I/O in the metrics")
     assert metric(before, "pvback_device_state", type="qdisk", domid=str(domid), devid=str(XVDA)) == 4
     res = run("status", *bed.sim_args(), "--metrics", addr, "--interval", "1")
     after = scrape(addr)
@@ -39,7 +45,6 @@ def test_serve_status_metrics_and_detach(bed: Bed) -> None:
     assert f"aio:{img}" in row and "fe:multi-queue-num-queues=2" in row and "feature-persistent=1" in row
 
     # metrics: per-queue counters move with the guest's I/O.
-    dev = {"type": "qdisk", "domid": str(domid), "devid": str(XVDA)}
     for name in ("pvback_requests_total", "pvback_bytes_total", "pvback_request_latency_seconds_count"):
         assert metric(after, name, **dev) > metric(before, name, **dev) > 0, name
     for direction in ("read", "write"):

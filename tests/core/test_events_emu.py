@@ -20,7 +20,7 @@ def readable(fd: int, timeout: float = 0.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-def test_raw_pair_semantics(leak_check: None) -> None:
+def test_raw_pair_semantics() -> None:
     a_wake, b_wake = os.eventfd(0), os.eventfd(0)
     a = open_emulated(a_wake, os.dup(b_wake), 5, 1, 6)
     b = open_emulated(b_wake, os.dup(a_wake), 6, 0, 5)
@@ -42,7 +42,7 @@ def test_raw_pair_semantics(leak_check: None) -> None:
     b.close()
 
 
-def test_open_with_bad_fd_fails_cleanly(leak_check: None) -> None:
+def test_open_with_bad_fd_fails_cleanly() -> None:
     fd = os.eventfd(0)
     with pytest.raises(OSError):
         open_emulated(fd, -1, 1, 0, 1)  # closes fd as documented (the leak check proves it)

@@ -111,7 +111,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(leak_check: None) -> Iterator[Rig]:
+def rig() -> Iterator[Rig]:
     r = Rig()
     yield r
     try:
@@ -341,7 +341,7 @@ def test_detach_refused_while_mapped(rig: Rig) -> None:
     rig.revoke(8)
 
 
-def test_attach_refuses_unsealed_or_short_memory(leak_check: None) -> None:
+def test_attach_refuses_unsealed_or_short_memory() -> None:
     t = EmulatedGrantTable(BACKEND)
     unsealed, short, gtab = sealed_memfd(4 * PAGE, seal=False), sealed_memfd(PAGE), sealed_memfd(PAGE)
     try:
@@ -364,7 +364,7 @@ def test_attach_refuses_unsealed_or_short_memory(leak_check: None) -> None:
         t.close()
 
 
-def test_close_with_live_mapping_releases_everything(leak_check: None) -> None:
+def test_close_with_live_mapping_releases_everything() -> None:
     r = Rig()
     r.grant(8, 0)
     r.table.map(GUEST, [8], True)
@@ -753,7 +753,7 @@ SEQ_OPS = ("grant_rw", "grant_ro", "grant_other", "revoke", "map_ro", "map_rw", 
            "scribble_ro", "scribble_domid")
 
 
-def test_every_short_sequence_on_one_ref_matches_model(leak_check: None) -> None:
+def test_every_short_sequence_on_one_ref_matches_model() -> None:
     import itertools
 
     ref, frame = 1, 2
@@ -875,7 +875,7 @@ class PinRig(Rig):
 
 
 @pytest.fixture
-def prig(leak_check: None) -> Iterator[PinRig]:
+def prig() -> Iterator[PinRig]:
     r = PinRig()
     yield r
     try:
@@ -992,7 +992,7 @@ def test_claim_overlapping_a_release_is_redone(prig: PinRig) -> None:
         prig.revoke(ref)
 
 
-def test_attach_checks_the_pin_table(leak_check: None) -> None:
+def test_attach_checks_the_pin_table() -> None:
     t = EmulatedGrantTable(BACKEND)
     mem, gtab = sealed_memfd(PAGE), sealed_memfd(PAGE)
     short, unsealed = sealed_memfd(pin_table_size(16) - 1), sealed_memfd(pin_table_size(16), seal=False)

@@ -109,8 +109,9 @@ fi
 # Installed after sources.list gained updates+security: hypervisor, tools and kernel from one suite.
 # gcc/python3-dev: pvback's C module is built in here against dom0's own python (see stage native).
 # python3-uvloop/python3-prometheus-client: what `pvback serve` runs on (uvloop is optional, metrics are not).
+# dmsetup: the durability checks put dm-log-writes (a module of Debian's kernel) under one guest disk.
 DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
-python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux"
+python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup"
 if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else
@@ -153,7 +154,7 @@ rm -rf "$NATIVE"
 mkdir -p "$NATIVE/src/backends"
 cp -a "$ROOT/csrc" "$ROOT/build_ffi.py" "$NATIVE/src/"
 mount_chroot
-in_chroot sh -c 'cd /opt/pvback-native/src && PVBACK_NO_URING=1 python3 build_ffi.py' >> "$LOG" 2>&1 \
+in_chroot sh -c 'cd /opt/pvback-native/src && PVBACK_NO_URING=1 python3 build_ffi.py --backend-only' >> "$LOG" 2>&1 \
     || die "building backends._native inside the rootfs failed"
 SO=$(cd "$NATIVE/src/backends" && ls _native.*.so)
 mkdir -p "$NATIVE/backends"
@@ -221,7 +222,10 @@ for b in /sbin/mke2fs /sbin/e2fsck; do
 done
 ln -sf mke2fs "$D/sbin/mkfs.ext4"
 ln -sf e2fsck "$D/sbin/fsck.ext4"
-printf '[defaults]\n\tblocksize = 4096\n' > "$D/etc/mke2fs.conf"
+# Debian's own mke2fs.conf: ext4 with a journal (has_journal), so the guest's fsyncs go through jbd2
+# commits (flush + FUA), as on any real Debian guest.
+cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
+grep -q has_journal "$D/etc/mke2fs.conf" || die "the rootfs's /etc/mke2fs.conf does not enable has_journal"
 install -m 0755 "$HERE/domU-init.sh" "$D/init"
 (cd "$D" && find . | cpio -o -H newc 2>>"$LOG" | gzip -1) > "$WORK/domU.cpio.gz"
 mkdir -p "$ROOTFS/opt/pvback-e2e"

@@ -7,10 +7,15 @@
 #   xvdb  ro, created by `xl create` (qdisk):  [1,2) read, writes must fail
 #   xvdc  hot-plugged while running: `pvback attach` (rw-attach [100,101) read / [101,102) written; an ext4
 #         of 96 MiB at the start), `pvback detach`, `xl block-attach` (the files are still there), `xl block-detach`
+#   xvdd  rw, created by `xl create` (qdisk) on dm-log-writes in dom0 (pvlw=1): only the flush and fs-replay steps
+#         write it: tagged 4 KiB blocks at [28,29) MiB one fsync each, then an ext4 of 16 MiB at the start
+#   xvde  rw, `pvback attach`ed by dom0 right after `xl create` and never detached: [1,2) MiB written; dom0
+#         checks it goes with the domain (the reboot destroys this domain)
 # Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote.
 # Console lines (hvc0, logged by xenconsoled in dom0):
 #   DOMU-RESULT <check> PASS|FAIL <detail>   the domU's verdict on one check
 #   DOMU-KV <key> <value>                     facts dom0 checks against the image files
+#   DOMU-KLOG <step> error|info: <line>       the guest kernel's block/fs lines (`quiet` keeps them off hvc0)
 #   DOMU-PHASE <name>                         where dom0 has to act (attach, detach...) or synchronises
 #   DOMU-DONE                                 last line before poweroff
 /bin/busybox --install -s /bin
@@ -26,12 +31,85 @@ MiB=1048576
 A=/dev/xvda
 B=/dev/xvdb
 C=/dev/xvdc
+D=/dev/xvdd
+E=/dev/xvde
+LW_ROUNDS=8
+LW_TAG_BLK=$((28 * 256)) # 4 KiB blocks: 28 MiB into xvdd, past the 16 MiB ext4 of the fs-replay step
+LW_FILES=6
 # Each wait for dom0 is bounded; dom0's own waits are longer, so the guest is the one that gives up first.
 HOTPLUG_WAIT=150
 
 say() { echo "$*"; }
 want() { [ -z "$STEPS" ] || [ "$STEPS" = all ] || case "+$STEPS+" in *"+$1+"*) true ;; *) false ;; esac; }
-result() { say "DOMU-RESULT $*"; }
+
+# The guest kernel's side of every check.  blkfront says what went wrong at KERN_WARNING/INFO (e.g. "xvda: empty
+# flush op failed", after which it turns flush off for good and the disk becomes write-through, while the
+# fsync that triggered it still returns 0): `quiet` keeps that off the console, so read dmesg after each step.
+KLOG_ERRORS=0
+KLOG_FIRST=""
+WROTE=""      # disks the guest wrote: their write cache must stay "write back" (flush still on) ...
+STEP_WROTE="" # ... checked at the end of the step that wrote them and, for all of them, in the klog step
+wrote() { # wrote DEV...: this step writes these disks
+    WROTE="$WROTE $*"
+    STEP_WROTE="$STEP_WROTE $*"
+}
+klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one is an error
+    dmesg -c > /tmp/klog 2>/dev/null || { say "DOMU-KLOG $1 error: cannot read dmesg"; return 1; }
+    grep -E 'blkfront|op failed|barrier or flush|I/O error|blk_update_request|EXT4-fs error|wrong operation|disabled for further use|Kernel panic|BUG:|Oops' \
+        /tmp/klog > /tmp/klog.rel
+    bad=0
+    while IFS= read -r line; do
+        case $line in
+        *"op failed"* | *"I/O error"* | *blk_update_request* | *"EXT4-fs error"* | *"response has wrong operation"* | \
+            *"disabled for further use"* | *"Kernel panic"* | *"BUG:"* | *Oops*) kind=error ;;
+        *"barrier or flush: disabled"*)
+            # blkfront's connect line for a disk the backend offers no flush on: right for a read-only one.
+            dev=${line#*blkfront: }
+            dev=${dev%%:*}
+            if [ "$(cat "/sys/block/$dev/ro" 2>/dev/null)" = 1 ]; then kind=info; else kind=error; fi
+            ;;
+        *) kind=info ;;
+        esac
+        say "DOMU-KLOG $1 $kind: $line"
+        if [ $kind = error ]; then
+            [ -n "$KLOG_FIRST" ] || KLOG_FIRST=$line
+            [ $bad = 1 ] || step_first=$line
+            bad=1
+            KLOG_ERRORS=$((KLOG_ERRORS + 1))
+        fi
+    done < /tmp/klog.rel
+    return $bad
+}
+write_cache_problem() { # write_cache_problem DEV...: prints the first whose write cache is no longer "write back"
+    for d in "$@"; do
+        [ -e "/sys/block/$d/queue/write_cache" ] || continue
+        read -r wc < "/sys/block/$d/queue/write_cache"
+        [ "$wc" = "write back" ] || { echo "$d write cache is now '$wc' (blkfront turned flush off)"; return; }
+    done
+}
+# result STEP PASS|FAIL DETAIL: a PASS becomes a FAIL on a kernel error line since the last step, or when a disk
+# the step wrote lost its write cache.
+result() {
+    step=$1 verdict=$2
+    shift 2
+    detail=$*
+    if ! klog_scan "$step"; then
+        [ "$verdict" = PASS ] && detail="guest kernel: $step_first (the step itself passed: $detail)"
+        verdict=FAIL
+    fi
+    # shellcheck disable=SC2086 # a list of disk names
+    wc=$(write_cache_problem $STEP_WROTE)
+    STEP_WROTE=""
+    if [ -n "$wc" ] && [ "$verdict" = PASS ]; then
+        verdict=FAIL
+        detail="$wc (the step itself passed: $detail)"
+    fi
+    say "DOMU-RESULT $step $verdict $detail"
+}
+flushes() { # flush requests completed on disk $1 (field 16 of /sys/block/X/stat, Linux >= 5.5)
+    read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ f _ < "/sys/block/$1/stat"
+    echo "${f:-?}"
+}
 finish() {
     sync
     say "DOMU-DONE"
@@ -77,7 +155,8 @@ fs_check() {
     mkdir -p /mnt/d
     i=0
     while [ $i -lt 100 ]; do echo "file $i" > /mnt/d/f$i; i=$((i + 1)); done
-    dd if=/dev/urandom of=/mnt/big bs=$MiB count=8 2>/dev/null
+    dd if=/dev/urandom of=/mnt/big bs=$MiB count=8 conv=fsync 2>/dev/null \
+        || { echo "writing /big with fsync failed"; umount /mnt; return 1; }
     sha256sum /mnt/big | cut -d' ' -f1 > /tmp/bigsha
     sync
     umount /mnt || { echo "umount failed"; return 1; }
@@ -102,12 +181,13 @@ say "DOMU-PHASE modules"
 
 if ! wait_for "[ -b $A ] && [ -b $B ]" 60; then
     why="xvda/xvdb did not appear within 60 s of loading xen-blkfront (present: $(ls /sys/block | tr '\n' ' '))"
-    for c in rw big discard ro rw-attach fs hotplug reboot; do result $c FAIL "$why"; done
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot; do result $c FAIL "$why"; done
     finish
 fi
 # Linux reads a block device through the page cache in read_ahead_kb pieces (128 KiB): one request in flight
 # at a time, and under TCG each round trip costs tens of ms.  Ask for up to 4 MiB, as a real workload would.
 for q in /sys/block/xvd*/queue/read_ahead_kb; do echo 4096 > "$q"; done
+klog_scan connect || true # blkfront's connect lines: what each disk negotiated (flush, persistent, indirect)
 say "DOMU-KV sectors-a $(cat /sys/block/xvda/size)"
 say "DOMU-KV ro-b $(cat /sys/block/xvdb/ro)"
 
@@ -129,13 +209,16 @@ BOOT1*)
     ;;
 BOOT0*) ;;
 *)
-    for c in rw big discard ro rw-attach fs hotplug reboot; do result $c FAIL "unexpected boot marker '$mark'"; done
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot; do
+        result $c FAIL "unexpected boot marker '$mark'"
+    done
     finish
     ;;
 esac
 
 # ---- xvda: read/write, 64 MiB, discard ----
 if want rw; then
+    wrote xvda
     t0=$(now)
     got=$(region_sha $A 1 1)
     if [ "$got" != "$(arg pva)" ]; then
@@ -149,6 +232,7 @@ if want rw; then
 fi
 
 if want big; then
+    wrote xvda
     t0=$(now)
     got=$(region_sha $A 64 64)
     t_read=$(since "$t0")
@@ -164,6 +248,7 @@ if want big; then
 fi
 
 if want discard; then
+    wrote xvda
     if ! w=$(write_region $A 8 4); then
         result discard FAIL "write before discard: $w"
     elif ! blkdiscard -o $((8 * MiB)) -l $((4 * MiB)) $A 2>/tmp/bd.err; then
@@ -189,6 +274,90 @@ if want ro; then
     fi
 fi
 
+# ---- xvdd (dm-log-writes in dom0): fsync rounds, then a journalled ext4 ----
+lw_ready() { # lw_ready STEP: xvdd is there and dom0 logs its writes
+    if [ "$(arg pvlw)" != 1 ]; then
+        result "$1" FAIL "dom0 could not put dm-log-writes under xvdd (its RESULT line says why)"
+    elif ! wait_for "[ -b $D ]" 30; then
+        result "$1" FAIL "xvdd (from xl create) is not there (present: $(ls /sys/block | tr '\n' ' '))"
+    else
+        return 0
+    fi
+    return 1
+}
+if want flush && lw_ready flush; then
+    # Round i writes a tagged block and fsyncs it (dd opens the disk buffered, so the fsync writes the page
+    # and then asks blkfront for a flush); round i+1 starts only once that returned.  dom0 replays the log to
+    # each flush: the tag of every round whose fsync had returned must be on the disk by then.
+    wrote xvdd
+    t0=$(now)
+    seed=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    say "DOMU-KV lw-seed $seed"
+    base=$(flushes xvdd)
+    counts=""
+    why=""
+    i=0
+    while [ $i -lt $LW_ROUNDS ]; do
+        printf 'PVBACK-LW-TAG %02d %s\n' $i "$seed" \
+            | dd of=$D bs=4096 seek=$((LW_TAG_BLK + i)) conv=sync,fsync 2>/tmp/dd.err \
+            || { why="round $i: $(head -n 1 /tmp/dd.err)"; break; }
+        counts="$counts${counts:+,}$(($(flushes xvdd) - base))"
+        i=$((i + 1))
+    done
+    # The end of the rounds, for dom0's reading of the log: written without fsync, it reaches the disk when dd
+    # closes it (the last close writes the page cache back), after the last round's flush and before mkfs's.
+    printf 'PVBACK-LW-END %s\n' "$seed" | dd of=$D bs=4096 seek=$((LW_TAG_BLK + LW_ROUNDS)) conv=sync 2>/dev/null
+    say "DOMU-KV lw-flushes $counts"
+    n=${counts##*,}
+    if [ -n "$why" ]; then
+        result flush FAIL "tagged write + fsync on xvdd: $why"
+    elif [ "${n:-0}" -lt $LW_ROUNDS ]; then
+        result flush FAIL "$LW_ROUNDS fsyncs on xvdd completed only ${n:-0} flushes (write cache: $(cat /sys/block/xvdd/queue/write_cache))"
+    else
+        result flush PASS "$LW_ROUNDS rounds of a tagged 4 KiB write + fsync on xvdd, $n flushes completed ($(since "$t0") s)"
+    fi
+fi
+
+if want fs-replay && lw_ready fs-replay; then
+    wrote xvdd
+    t0=$(now)
+    why=""
+    if ! mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $D 16M > /tmp/mkfs.log 2>&1; then
+        why="mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"
+    elif ! mount -t ext4 $D /mnt; then
+        why="mount after mkfs failed"
+    else
+        # One file after the other, each fsync'ed (a jbd2 commit: flush + FUA, which blkfront sends as flushes)
+        # before the next is started; dom0 finds at every flush a clean fs holding a prefix of them.
+        i=0
+        while [ $i -lt $LW_FILES ]; do
+            dd if=/dev/urandom of=/tmp/f bs=4096 count=$((4 + 3 * i)) 2>/dev/null
+            say "DOMU-KV lwfs-$i $(sha256sum /tmp/f | cut -d' ' -f1)"
+            dd if=/tmp/f of=/mnt/f$i bs=4096 conv=fsync 2>/tmp/dd.err || { why="f$i: $(head -n 1 /tmp/dd.err)"; break; }
+            i=$((i + 1))
+        done
+        rm -f /tmp/f
+        umount /mnt || why="${why:-umount failed}"
+    fi
+    if [ -n "$why" ]; then
+        result fs-replay FAIL "$why"
+    else
+        result fs-replay PASS "mkfs.ext4 (journal) on xvdd, $LW_FILES files each fsync'ed, umount ($(since "$t0") s)"
+    fi
+fi
+
+# ---- xvde: dom0's `pvback attach` right after xl create, never detached ----
+if want gone; then
+    if ! wait_for "[ -b $E ]" $HOTPLUG_WAIT; then
+        result gone FAIL "xvde (pvback attach right after xl create) is not there after $HOTPLUG_WAIT s"
+    elif wrote xvde && w=$(write_region $E 1 1); then
+        say "DOMU-KV gone-wsha $w"
+        result gone PASS "xvde (pvback attach, never detached): wrote+reread 1 MiB"
+    else
+        result gone FAIL "xvde write/readback: $w"
+    fi
+fi
+
 # ---- xvdc: attached while running, filesystem, detached and re-attached ----
 if want rw-attach || want fs || want hotplug; then
     say "DOMU-PHASE want-xvdc"
@@ -198,6 +367,7 @@ if want rw-attach || want fs || want hotplug; then
     else
         say "DOMU-KV attach-s $(since "$t0")"
         echo 4096 > /sys/block/xvdc/queue/read_ahead_kb
+        wrote xvdc
         got=$(region_sha $C 100 1)
         if [ "$got" != "$(arg pvc)" ]; then
             result rw-attach FAIL "read of dom0's 1 MiB: sha $got, dom0 wrote $(arg pvc)"
@@ -214,7 +384,7 @@ if want rw-attach || want fs || want hotplug; then
             fs_ok=1
             bigsha=$(cat /tmp/bigsha)
             say "DOMU-KV fs-bigsha $bigsha"
-            result fs PASS "mkfs.ext4, 100 files + 8 MiB, umount/mount, e2fsck -fn clean ($(since "$t0") s)"
+            result fs PASS "mkfs.ext4 (Debian mke2fs.conf), 100 files + 8 MiB fsync'ed, umount/mount, e2fsck -fn clean ($(since "$t0") s)"
         else
             result fs FAIL "$why"
         fi
@@ -249,6 +419,24 @@ if want rw-attach || want fs || want hotplug; then
                 fi
             fi
         fi
+    fi
+fi
+
+# ---- the whole first boot's kernel log, and the write cache of every disk written ----
+if want klog; then
+    klog_scan klog || true
+    wcs=""
+    for d in $(echo $WROTE | tr ' ' '\n' | sort -u); do
+        [ -e "/sys/block/$d/queue/write_cache" ] && wcs="$wcs $d=$(tr ' ' - < "/sys/block/$d/queue/write_cache")"
+    done
+    # shellcheck disable=SC2086 # a list of disk names
+    wcp=$(write_cache_problem $WROTE)
+    if [ $KLOG_ERRORS -gt 0 ]; then
+        result klog FAIL "$KLOG_ERRORS block/fs error lines in the guest kernel log, the first: $KLOG_FIRST"
+    elif [ -n "$wcp" ]; then
+        result klog FAIL "$wcp"
+    else
+        result klog PASS "no block/fs error in the guest kernel log; write cache of the disks written:${wcs:- none}"
     fi
 fi
 

@@ -14,6 +14,7 @@ run stay in tests/e2e/build/last/ (serial console, stage table, guest console, l
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ ROOT = E2E.parent.parent
 BUILD_TIMEOUT_S = 900  # debootstrap + apt from the mirror: ~1-4 min; a stuck mirror must not eat the CI budget
 BOOT_TIMEOUT_S = 900  # QEMU: boot ~15-60 s, the guest scenario is bounded at 600 s by the dom0 driver
 LOG_DIR = E2E / "build" / "last"  # survives pytest's tmp rotation; git-ignored
+# The request shapes real Linux xen-blkfront sends; a unit test on the emulated blkfront covers every one.
+SHAPES_FIXTURE = ROOT / "tests" / "blk" / "fixtures" / "linux-blkfront-shapes.json"
 
 pytestmark = pytest.mark.e2e
 
@@ -291,3 +294,24 @@ def test_dom0(e2e: E2ERun, name: str) -> None:
                              f"serial log: {e2e.serial_log}")
     ok, detail = e2e.results[name]
     assert ok, f"{name}: {detail}"
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + 180)
+def test_linux_request_shapes_in_fixture(e2e: E2ERun) -> None:
+    """Every request shape Linux's xen-blkfront sent pvback in this run (dom0 wrote them to out/shapes.json) is
+    in the fixture: the emulated blkfront is made to send each shape of the fixture, so a shape only real Linux
+    sends would otherwise be exercised nowhere but here."""
+    if "blk-shapes" not in SELECTED:
+        pytest.skip(f"blk-shapes not in PVBACK_E2E_TESTS={os.environ.get('PVBACK_E2E_TESTS')}")
+    path = LOG_DIR / "out" / "shapes.json"
+    assert path.exists(), f"dom0 wrote no {path} ({e2e.failure or e2e.results.get('blk-shapes')})"
+    got = json.loads(path.read_text())
+    shapes = set(got["shapes"])
+    assert shapes, f"pvback reported no request shapes from Linux {got['kernel']}: {e2e.results.get('blk-shapes')}"
+    assert SHAPES_FIXTURE.exists(), (f"{SHAPES_FIXTURE} is missing: create it from {path} "
+                                     f"(Linux {got['kernel']} sent {sorted(shapes)})")
+    fixture = json.loads(SHAPES_FIXTURE.read_text())
+    missing = sorted(shapes - set(fixture["shapes"]))
+    assert not missing, (f"Linux {got['kernel']} (fixture: {fixture['kernel']}) sent request shapes missing from "
+                         f"{SHAPES_FIXTURE.relative_to(ROOT)}: {missing}; update the fixture and make the emulated "
+                         "blkfront send them")

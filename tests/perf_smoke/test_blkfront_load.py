@@ -3,12 +3,13 @@ configurations (a benchmark must fail loudly, not measure something else)."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
-from typing import Any
 
 import pytest
 
-from backends.native import ffi, lib
+import backends._native
+from backends._guest_native import ffi, lib
 from backends.native.ring import FrontRing
 
 
@@ -28,7 +29,7 @@ def test_buckets_are_monotonic() -> None:
 
 
 def test_percentiles_nearest_rank() -> None:
-    res: Any = ffi.new("struct pv_load_result *")
+    res = ffi.new("struct pv_load_result *")
     for ns, n in ((1000, 90), (2000, 9), (50_000, 1)):
         res.hist[lib.pv_load_bucket(ns)] += n
     p50, p99, p100 = (int(lib.pv_load_percentile(res, p)) for p in (50.0, 99.0, 100.0))
@@ -36,19 +37,27 @@ def test_percentiles_nearest_rank() -> None:
     assert int(lib.pv_load_percentile(ffi.new("struct pv_load_result *"), 50.0)) == 0
 
 
+def test_the_backend_module_has_no_load_generator() -> None:
+    """The load generator is a guest's code: it lives in backends._guest_native, not linked into the backend."""
+    for name in ("pv_load_run", "pv_load_bucket", "pv_load_percentile"):
+        assert not hasattr(backends._native.lib, name)
+        assert not hasattr(ctypes.CDLL(backends._native.__file__), name)
+        assert hasattr(lib, name)
+
+
 def _run(**over: int) -> tuple[int, str]:
     mm = mmap.mmap(-1, 4096)
     ring = FrontRing(mm, 1, 112)
-    cfg: Any = ffi.new("struct pv_load_config *")
+    cfg = ffi.new("struct pv_load_config *")
     cfg.abi, cfg.nqueues, cfg.qd, cfg.bs, cfg.read_pct, cfg.random = 2, 1, 4, 4096, 100, 1
     cfg.region_bytes, cfg.max_ops = 1 << 20, 10
     for k, v in over.items():
         setattr(cfg, k, v)
-    q: Any = ffi.new("struct pv_load_queue[]", 1)
-    q[0].ring = ring.c
+    q = ffi.new("struct pv_load_queue[]", 1)
+    q[0].ring = ffi.cast("struct pv_front_ring *", ring.c)
     q[0].evtchn = ffi.cast("struct pv_evtchn *", 1)  # never used: every case is refused before any I/O
     refs = ffi.new("uint32_t[]", 64)
-    pages: Any = ffi.new("struct pv_load_pages *")
+    pages = ffi.new("struct pv_load_pages *")
     pages.data_refs, pages.segs_per_req = refs, 1
     res = ffi.new("struct pv_load_result *")
     err = ffi.new("char[]", 256)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
 
-from backends.native import ffi, lib
+from backends.native import ffi, lib, struct_pv_io_engine
+from backends.native.handle import CHandle
 
 
 class StorageError(OSError):
@@ -38,13 +38,16 @@ class StorageCaps:
         return self.size_bytes // 512
 
 
-class IoEngine:
+class IoEngine(CHandle[struct_pv_io_engine]):
     """Owns one `struct pv_io_engine *`; closes it once.  Close only after every queue using it is gone."""
 
-    def __init__(self, c: Any, what: str) -> None:
+    def __init__(self, c: struct_pv_io_engine, what: str) -> None:
         if c == ffi.NULL:
             raise StorageError(f"cannot create {what} I/O engine")
-        self._c: Any = c
+        super().__init__(c)
+
+    def _closed_message(self) -> str:
+        return "I/O engine closed"
 
     @classmethod
     def null(cls) -> IoEngine:
@@ -60,23 +63,11 @@ class IoEngine:
         return cls(c, "file")
 
     @property
-    def c(self) -> Any:
-        if self._c is None:
-            raise ValueError("I/O engine closed")
-        return self._c
-
-    @property
     def inline(self) -> bool:
         return bool(lib.pv_io_engine_inline(self.c))
 
-    @property
-    def closed(self) -> bool:
-        return self._c is None
-
-    def close(self) -> None:
-        if self._c is not None:
-            c, self._c = self._c, None
-            lib.pv_io_engine_close(c)
+    def _free(self, c: struct_pv_io_engine) -> None:
+        lib.pv_io_engine_close(c)
 
 
 class StorageDriver(abc.ABC):

@@ -1,10 +1,7 @@
 """NBD client storage driver: the fixed-newstyle handshake here, the transmission phase in C (csrc/io_nbd.c).
 
-Targets:
-  nbd:unix:/path/to.sock[:exportname=NAME]     (QEMU's legacy syntax)
-  nbd:HOST:PORT[:exportname=NAME]
-  nbd://HOST[:PORT][/NAME]                     (the NBD URI standard, doc/uri.md of the NBD project)
-  nbd+unix:///NAME?socket=/path/to.sock
+Targets: an `NbdTarget`, or text in the grammar of nbd_target.py (`nbd:unix:/sock[:exportname=NAME]`,
+`nbd:HOST:PORT[:exportname=NAME]`, `nbd://HOST[:PORT][/NAME]`, `nbd+unix:///NAME?socket=/sock`).
 
 The handshake asks for NBD_OPT_GO with NBD_INFO_BLOCK_SIZE and falls back to NBD_OPT_EXPORT_NAME for servers
 that predate OPT_GO (or are not "fixed" newstyle), so block-size hints are used when the server has them.
@@ -25,11 +22,12 @@ import os
 import socket
 import struct
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from backends.drivers.storage.base import IoEngine, StorageCaps, StorageDriver, StorageError
+from backends.drivers.storage.nbd_target import NbdTarget as NbdTarget  # re-exported: the driver's argument
+from backends.drivers.storage.nbd_target import NbdTargetError, parse_nbd_target
 from backends.native import ffi, lib
 
 log = logging.getLogger("pvback.storage.nbd")
@@ -38,7 +36,6 @@ NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 CLISERV_MAGIC = 0x00420281861253  # oldstyle negotiation
 OPT_REPLY_MAGIC = 0x0003E889045565A9
-DEFAULT_PORT = 10809
 
 FLAG_FIXED_NEWSTYLE = 1 << 0
 FLAG_NO_ZEROES = 1 << 1
@@ -79,23 +76,10 @@ STATE_FAILED = 2
 # Flags the engine acts on: a server we reconnect to must still offer each one the first server offered.
 _FLAGS_RELIED_ON = FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM
 MAX_OPTION_REPLY = 1 << 20  # a server's option reply larger than this is garbage, not data
-MAX_EXPORT_NAME = 4096  # the protocol's own limit
 
 
 class NbdError(StorageError):
     """The NBD server cannot be reached or used (the message says which and why)."""
-
-
-@dataclass(frozen=True)
-class NbdTarget:
-    export: str = ""
-    socket_path: str | None = None
-    host: str | None = None
-    port: int = DEFAULT_PORT
-
-    def describe(self) -> str:
-        where = f"unix:{self.socket_path}" if self.socket_path else f"{self.host}:{self.port}"
-        return f"{where} export {self.export!r}"
 
 
 @dataclass(frozen=True)
@@ -109,66 +93,11 @@ class NbdExport:
 
 
 def parse_target(target: str) -> NbdTarget:
-    """Parse one of the target syntaxes in the module docstring; StorageError on anything else."""
-    if target.startswith("nbd:unix:"):
-        path, _, rest = target[len("nbd:unix:") :].partition(":")
-        return NbdTarget(socket_path=_nonempty(path, target), export=_legacy_export(rest, target))
-    if target.startswith(("nbd://", "nbd+unix://")):
-        return _parse_uri(target)
-    if target.startswith("nbd:"):
-        parts = target[len("nbd:") :].split(":", 2)
-        if len(parts) < 2:
-            raise StorageError(errno.EINVAL, f"nbd: {target!r}: expected nbd:HOST:PORT[:exportname=NAME]")
-        return NbdTarget(
-            host=_nonempty(parts[0], target),
-            port=_port(parts[1], target),
-            export=_legacy_export(parts[2] if len(parts) > 2 else "", target),
-        )
-    raise StorageError(errno.EINVAL, f"nbd: {target!r} is not an nbd: / nbd:// / nbd+unix:// target")
-
-
-def _nonempty(value: str, target: str) -> str:
-    if not value:
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: empty socket path or host")
-    return value
-
-
-def _port(text: str, target: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: bad port {text!r}")
-    return int(text)
-
-
-def _legacy_export(rest: str, target: str) -> str:
-    if not rest:
-        return ""
-    if not rest.startswith("exportname="):
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: expected ':exportname=NAME' after the address")
-    return _export_name(rest[len("exportname=") :], target)
-
-
-def _export_name(name: str, target: str) -> str:
-    if len(name.encode()) > MAX_EXPORT_NAME or "\0" in name:
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: bad export name")
-    return name
-
-
-def _parse_uri(target: str) -> NbdTarget:
-    u = urllib.parse.urlsplit(target)
-    export = _export_name(urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path), target)
-    query = urllib.parse.parse_qs(u.query, keep_blank_values=True)
-    if u.scheme == "nbd+unix":
-        sockets = query.get("socket", [])
-        if len(sockets) != 1 or not sockets[0] or u.netloc:
-            raise StorageError(errno.EINVAL, f"nbd: {target!r}: nbd+unix needs ?socket=PATH and no host")
-        return NbdTarget(socket_path=sockets[0], export=export)
-    if not u.hostname:
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: no host")
+    """`parse_nbd_target` with the driver's error type: StorageError(EINVAL), like every other driver refusal."""
     try:
-        port = u.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise StorageError(errno.EINVAL, f"nbd: {target!r}: bad port") from exc
-    return NbdTarget(host=u.hostname, port=port, export=export)
+        return parse_nbd_target(target)
+    except NbdTargetError as exc:
+        raise StorageError(errno.EINVAL, str(exc)) from exc
 
 
 # ---- handshake -------------------------------------------------------------------------------------------

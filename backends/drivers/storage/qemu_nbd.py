@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from backends.drivers.storage.base import IoEngine, StorageCaps, StorageDriver, StorageError
-from backends.drivers.storage.nbd import NbdDriver, NbdTarget
+from backends.drivers.storage.nbd import NbdDriver
+from backends.drivers.storage.nbd_target import NbdTarget
 
 log = logging.getLogger("pvback.storage.qemu_nbd")
 

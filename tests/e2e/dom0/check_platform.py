@@ -31,7 +31,6 @@ def check(name: str, fn: Callable[[], str]) -> None:
 
 def main() -> int:
     import backends._native as native
-
     from backends.platform.xen import XenPlatform
 
     check("native-module", lambda: str(native.__file__))

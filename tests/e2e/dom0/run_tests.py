@@ -9,15 +9,18 @@ Everything goes through the product, as an operator would use it: `pvback serve`
 `pvback dm-stub` is xl's device model for the guest's qdisk disks, `pvback attach/detach` and
 `xl create/block-attach/block-detach` create and remove them, `pvback status` shows them.
 
-One PV guest (tests/e2e/domU-init.sh) runs every disk check in turn: two disks from `xl create` (rw and
-ro), a third hot-plugged while it runs, then a reboot.  Its verdicts come back through its console
-(xenconsoled's log) and are cross-checked here against the image files.  Every wait is bounded.
+One PV guest (tests/e2e/domU-init.sh) runs every disk check in turn: three disks from `xl create` (rw, ro, and
+one on dm-log-writes whose log is replayed here afterwards), one `pvback attach`ed right after it starts and
+never detached (it must go with the domain), one hot-plugged while it runs, then a reboot.  Its verdicts come
+back through its console (xenconsoled's log), with the lines its kernel logged about its disks, and are
+cross-checked here against the image files, pvback's metrics and its log.  Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -28,6 +31,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+try:  # the host: mypy, and the pytest side reading CHECKS
+    from tests.e2e.dom0 import logwrites
+except ImportError:  # dom0 runs this file as a script from the share, next to logwrites.py
+    import logwrites  # type: ignore[import-not-found,no-redef]
 
 HERE = Path(__file__).resolve().parent
 CONSOLE_DIR = Path("/var/log/xen/console")
@@ -41,18 +49,29 @@ METRICS = "127.0.0.1:9477"
 SERVE_LOG = Path("/tmp/pvback-serve.log")
 GUEST = "pvguest"
 MiB = 1 << 20
-XVDA, XVDB = 51712, 51728
+XVDA, XVDB, XVDD, XVDE = 51712, 51728, 51760, 51776
+# dm-log-writes under xvdd (domU-init.sh's LW_*: tags at 28 MiB, 8 rounds; 6 files in a 16 MiB ext4)
+LW_NAME = "pvlw"
+LW_DEV = Path(f"/dev/mapper/{LW_NAME}")
+LW_DATA_MIB, LW_LOG_MIB = 32, 256
+LW_TAG_BASE, LW_TAG_SIZE, LW_ROUNDS = 28 * MiB, 4096, 8
+LW_FILES = 6
+DOMAIN_GONE_TIMEOUT_S = 30  # from the domain's death to pvback letting go of its disk
+DOMAIN_DEATH_TIMEOUT_S = 120  # from the guest's reboot (or the loop's end) to libxl having destroyed the domain
 GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
 HOTPLUG_ACTION_TIMEOUT_S = 60
 
 # Checks, in the order they are reported; the host test makes one pytest test of each.
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
-          "blk-ro", "pvback-status", "blk-rw-attach", "blk-fs", "blk-hotplug", "blk-reboot"]
+          "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
+          "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes"]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
-              "blk-rw-attach": "rw-attach", "blk-fs": "fs", "blk-hotplug": "hotplug", "blk-reboot": "reboot"}
+              "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
+              "blk-rw-attach": "rw-attach", "blk-fs": "fs", "blk-hotplug": "hotplug", "guest-klog": "klog",
+              "blk-reboot": "reboot"}
 STEP_CHECK = {v: k for k, v in GUEST_STEP.items()}
-NEEDS_GUEST = set(GUEST_STEP) | {"xl-qdisk-stub", "pvback-status"}
+NEEDS_GUEST = set(GUEST_STEP) | {"xl-qdisk-stub", "pvback-status", "blk-shapes"}
 
 
 def say(line: str) -> None:
@@ -255,13 +274,71 @@ class Daemon:
         return self.proc.returncode
 
 
-def requests_of(metrics: str, domid: int, devid: int) -> float:
-    total = 0.0
-    for m in re.finditer(r'^pvback_requests_total\{([^}]*)\} (\S+)$', metrics, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if labels.get("domid") == str(domid) and labels.get("devid") == str(devid):
-            total += float(m.group(2))
-    return total
+def metric_samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    out = []
+    for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', metrics, re.M):
+        labels = {k: json.loads(f'"{v}"') for k, v in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1))}
+        out.append((labels, float(m.group(2))))
+    return out
+
+
+def requests_of(metrics: str, domid: int, devid: int, op: str | None = None) -> float:
+    return sum(v for labels, v in metric_samples(metrics, "pvback_requests_total")
+               if labels.get("domid") == str(domid) and labels.get("devid") == str(devid)
+               and (op is None or labels.get("op") == op))
+
+
+def errors_of(metrics: str, domid: int, devid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for labels, v in metric_samples(metrics, "pvback_errors_total"):
+        if labels.get("domid") == str(domid) and labels.get("devid") == str(devid) and v:
+            out[labels.get("reason", "?")] = out.get(labels.get("reason", "?"), 0.0) + v
+    return out
+
+
+def shapes_in_metrics(metrics: str) -> set[str]:
+    return {labels["shape"] for labels, v in metric_samples(metrics, "pvback_request_shapes_total")
+            if v and "shape" in labels}
+
+
+def shapes_in_log(text: str) -> set[str]:
+    """The serve log's `msg="request shapes"` lines (one per disk disconnect): shapes="<shape>=<n> ..." (logfmt,
+    so the value is JSON-quoted)."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        if 'msg="request shapes"' not in line:
+            continue
+        m = re.search(r'\bshapes=("(?:[^"\\]|\\.)*"|\S+)', line)
+        if not m:
+            continue
+        value = json.loads(m.group(1)) if m.group(1).startswith('"') else m.group(1)
+        for item in str(value).split():
+            shape, _, count = item.rpartition("=")
+            if shape and count != "0":
+                found.add(shape)
+    return found
+
+
+def xs_exists(path: str) -> bool:
+    return run(["xenstore-exists", path], timeout=20, check=False).returncode == 0
+
+
+def fds_on(pid: int, path: Path) -> list[str]:
+    """The fds of process `pid` open on `path` (readlink of /proc/PID/fd/*)."""
+    found = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target == str(path) or target == f"{path} (deleted)":
+            found.append(fd.name)
+    return found
 
 
 # ---- checks ----
@@ -303,6 +380,16 @@ class Scenario:
         self.stub_notes: list[str] = []
         self.pending_fs: str | None = None  # the guest's fs detail, until dom0 has fsck'ed the image
         self.kv: dict[str, str] = {}
+        self.klog_errors: list[str] = []  # the guest kernel's block/fs error lines (DOMU-KLOG ... error:)
+        self.seen_klog = 0
+        self.kernel = "?"  # uname -r of the domU
+        # Checks the guest passed whose verdict waits for dom0: the log replay, the domain's death.
+        self.pending: dict[str, str] = {}
+        self.lw: dict[str, str] = {}  # the dm-log-writes setup: loop devices, or why there is none
+        self.gone_seen: dict[int, float] = {}  # domid -> when dom0 saw it begin to go (reboot) or gone
+        self.dead_at: dict[int, float] = {}  # domid -> when its /local/domain/<domid> was seen removed
+        self.attach_e = "never run"
+
 
     def stamp(self) -> str:
         return f"[{time.monotonic() - self.t0:.1f} s]"
@@ -314,11 +401,37 @@ class Scenario:
         self.img_b, (self.sha_b1,) = make_disk("b", 16, [(1, 1)])
         self.sha_b_file = hashlib.sha256(self.img_b.read_bytes()).hexdigest()
         self.img_c, (self.sha_c100,) = make_disk("c", 128, [(100, 1)])
+        self.img_e, _ = make_disk("e", 8, [])
+
+    def setup_logwrites(self) -> None:
+        """dm-log-writes over two loop devices (data, log), served to the guest as xvdd.  On failure the guest's
+        steps on xvdd fail at once (pvlw=0) and say so; the rest of the run goes on."""
+        try:
+            run(["modprobe", "dm-log-writes"])
+            data, log = WORK / "lw-data.img", WORK / "lw-log.img"
+            for f, mib in ((data, LW_DATA_MIB), (log, LW_LOG_MIB)):
+                f.unlink(missing_ok=True)
+                with f.open("wb") as fh:
+                    fh.truncate(mib * MiB)
+            self.lw["data_file"], self.lw["log_file"] = str(data), str(log)
+            self.lw["data"] = run(["losetup", "-f", "--show", str(data)]).stdout.strip()
+            self.lw["log"] = run(["losetup", "-f", "--show", str(log)]).stdout.strip()
+            table = f"0 {LW_DATA_MIB * MiB // 512} log-writes {self.lw['data']} {self.lw['log']}"
+            run(["dmsetup", "create", LW_NAME, "--table", table])
+            run(["dmsetup", "mknodes", LW_NAME], check=False)  # no udev in this dom0 to make /dev/mapper/*
+            wait_until(f"{LW_DEV} to appear", LW_DEV.exists, 10)
+            self.lw["ok"] = "1"
+        except (TestFailure, OSError) as exc:
+            self.lw["problem"] = f"dm-log-writes setup failed: {exc}"
+            say(f"  {self.lw['problem']}")
 
     def write_cfg(self) -> Path:
+        lw = "ok" in self.lw
         extra = (f"console=hvc0 rdinit=/init quiet pvsteps={'+'.join(self.steps) or 'none'} pva={self.sha_a1} "
-                 f"pvbig={self.sha_a64} pvb={self.sha_b1} pvc={self.sha_c100}")
+                 f"pvbig={self.sha_a64} pvb={self.sha_b1} pvc={self.sha_c100} pvlw={int(lw)}")
         disks = [qdisk(self.img_a, "xvda"), qdisk(self.img_b, "xvdb", "ro")]
+        if lw:
+            disks.append(qdisk(LW_DEV, "xvdd"))
         cfg = Path("/tmp") / f"{GUEST}.cfg"
         cfg.write_text("\n".join([
             f'name = "{GUEST}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"', f'ramdisk = "{DOMU_RAMDISK}"',
@@ -342,6 +455,11 @@ class Scenario:
             raise TestFailure("xl create succeeded but the domain is not listed")
         self.domids.append(domid)
         self.check_stub(domid)
+        if "gone" in self.steps:
+            # Before the guest has loaded blkfront: it finds xvde with the xl disks, or soon after.
+            self.act("pvback attach xvde", [PVBACK, "attach", "disk", str(domid), str(self.img_e), "--vdev", "xvde",
+                                            "--platform", "xen", "--timeout", "60"], 90)
+            self.attach_e = self.actions.pop("pvback attach xvde")  # not one of the hotplug check's actions
 
     def check_stub(self, domid: int) -> None:
         """What libxl and the stub left in xenstore for this domain's qdisk disks."""
@@ -416,6 +534,20 @@ class Scenario:
         if step == "fs":
             self.pending_fs = detail  # judged once dom0 can fsck the detached image
             return None
+        if step == "flush":
+            self.verify_flush(detail)
+            return None
+        if step == "fs-replay":
+            self.pending["blk-fs-replay"] = detail  # judged on the log once the guest is gone
+            return None
+        if step == "gone":
+            self.verify_gone(detail)
+            return None
+        if step == "klog":
+            if self.klog_errors:
+                raise TestFailure(f"the guest kernel logged {len(self.klog_errors)} block/fs errors, the first: "
+                                  f"{self.klog_errors[0]}")
+            return "dom0 saw no error line either"
         if step == "hotplug":
             bad = [f"{k}: {v}" for k, v in self.actions.items() if not v.startswith("ok")]
             if bad:
@@ -432,6 +564,88 @@ class Scenario:
                 raise TestFailure("no second domain id seen after the reboot")
             return f"domain {self.domids[0]} -> {self.domids[1]}"
         return "ok"
+
+    def verify_flush(self, detail: str) -> None:
+        """pvback counted the guest's flushes on xvdd, without an error; the log replay comes at the end."""
+        domid = self.domids[-1]
+        try:
+            guest = int(self.kv.get("lw-flushes", "").split(",")[-1])
+        except ValueError as exc:
+            raise TestFailure(f"no flush counts from the guest (DOMU-KV lw-flushes {self.kv.get('lw-flushes')!r})") \
+                from exc
+        metrics = self.daemon.metrics()
+        flushes = requests_of(metrics, domid, XVDD, "flush")
+        errors = errors_of(metrics, domid, XVDD)
+        if flushes < max(2, guest):
+            raise TestFailure(f"pvback counted {flushes:.0f} flushes on {domid}/xvdd, the guest completed {guest}")
+        if errors:
+            raise TestFailure(f"pvback counted errors on {domid}/xvdd: {errors}")
+        self.pending["blk-flush"] = f"{detail}; pvback counted {flushes:.0f} flushes on xvdd, no error"
+        return None
+
+    def verify_gone(self, detail: str) -> None:
+        """The guest wrote xvde; while the domain lives, pvback serve holds the image open (else the fd check
+        after its death would prove nothing)."""
+        got = sha_region(self.img_e, 1, 1)
+        if self.kv.get("gone-wsha") != got:
+            raise TestFailure(f"image [1,2) MiB has sha {got[:16]}, the domU wrote "
+                              f"{self.kv.get('gone-wsha', '?')[:16]}")
+        assert self.daemon.proc is not None
+        fds = fds_on(self.daemon.proc.pid, self.img_e)
+        if not fds:
+            raise TestFailure(f"pvback serve (pid {self.daemon.proc.pid}) has no fd on {self.img_e} while serving it")
+        be = f"/local/domain/0/backend/qdisk/{self.domids[-1]}/{XVDE}"
+        marked = xs_read(f"{be}/pvback-attached")
+        self.pending["blk-domain-gone"] = (f"{detail}; attached by `pvback attach` {self.attach_e}, pvback serve had "
+                                           f"fd {','.join(fds)} on it, {be}/pvback-attached={marked}")
+        return None
+
+    def domain_leftovers(self, domid: int) -> list[str]:
+        be = f"/local/domain/0/backend/qdisk/{domid}/{XVDE}"
+        fe = f"/local/domain/{domid}/device/vbd/{XVDE}"
+        out = [f"{p} still in xenstore" for p in (be, fe) if xs_exists(p)]
+        assert self.daemon.proc is not None
+        fds = fds_on(self.daemon.proc.pid, self.img_e)
+        if fds:
+            out.append(f"pvback serve (pid {self.daemon.proc.pid}) still has fd {','.join(fds)} on {self.img_e}")
+        return out
+
+    def poll_domain_gone(self, domid: int) -> bool:
+        """One look at the domain that had xvde, from when it started to go (its reboot, or the end): once libxl
+        has removed its xenstore dir (it has died), within DOMAIN_GONE_TIMEOUT_S its backend and frontend dirs
+        are gone, pvback serve holds no fd on the image, and `pvback status` no longer lists it.  True once
+        judged."""
+        if "blk-domain-gone" not in self.pending:
+            return True
+        now = time.monotonic()
+        if domid not in self.dead_at:
+            if xs_exists(f"/local/domain/{domid}"):
+                if now - self.gone_seen[domid] < DOMAIN_DEATH_TIMEOUT_S:
+                    return False
+                detail = self.pending.pop("blk-domain-gone")
+                self.report("blk-domain-gone", False, f"domU passed ({detail}) but domain {domid} was still in "
+                                                      f"xenstore {DOMAIN_DEATH_TIMEOUT_S} s after it began to go")
+                return True
+            self.dead_at[domid] = now
+        left = self.domain_leftovers(domid)
+        took = now - self.dead_at[domid]
+        if left and took < DOMAIN_GONE_TIMEOUT_S:
+            return False
+        detail = self.pending.pop("blk-domain-gone")
+        try:
+            if left:
+                raise TestFailure(f"{DOMAIN_GONE_TIMEOUT_S} s after domain {domid} died: {'; '.join(left)}")
+            out = run([PVBACK, "status", "--platform", "xen", "--metrics", METRICS, "--interval", "0"],
+                      timeout=60).stdout
+            rows = [ln for ln in out.splitlines() if ln.split()[:3] == ["qdisk", str(domid), str(XVDE)]]
+            if rows:
+                raise TestFailure(f"`pvback status` still lists the dead domain's disk: {rows[0]}")
+            self.report("blk-domain-gone", True, f"{detail}; domain {domid} died: backend + frontend dirs gone and "
+                                                 f"image closed by pvback serve {took:.1f} s after libxl removed "
+                                                 f"the domain's xenstore dir, not in `pvback status` {self.stamp()}")
+        except (TestFailure, OSError) as exc:
+            self.report("blk-domain-gone", False, f"domU passed ({detail}) but dom0: {exc} {self.stamp()}")
+        return True
 
     # -- dom0's actions, when the guest asks --
 
@@ -466,9 +680,12 @@ class Scenario:
                 say(f"  xl block-list failed: {exc}")
         elif phase == "rebooting":
             say("STAGE guest:reboot")
+            # The domain dies right after saying so: the domain-gone check counts from here (an upper bound).
+            self.gone_seen.setdefault(domid, time.monotonic())
         elif phase == "second-boot":
             new = domid_of(GUEST)
             if new is not None and new not in self.domids:
+                self.gone_seen.setdefault(self.domids[-1], time.monotonic())
                 self.domids.append(new)
             self.check_stub(self.domids[-1])
 
@@ -503,6 +720,11 @@ class Scenario:
             return
         detail = self.pending_fs
         try:
+            head = run(["dumpe2fs", "-h", str(self.img_c)], timeout=60).stdout
+            features = re.search(r"^Filesystem features:\s*(.*)$", head, re.M)
+            if not features or "has_journal" not in features.group(1).split():
+                raise TestFailure(f"the guest's ext4 has no journal: features "
+                                  f"{features.group(1) if features else '?'} (domU mke2fs.conf not Debian's?)")
             run(["e2fsck", "-fn", str(self.img_c)], timeout=120)
             dump = Path("/tmp/pvback-fs-big")
             dump.unlink(missing_ok=True)
@@ -511,8 +733,8 @@ class Scenario:
             if got != self.kv.get("fs-bigsha"):
                 raise TestFailure(f"/big read by dom0's debugfs has sha {got[:16]}, the domU wrote "
                                   f"{self.kv.get('fs-bigsha')}")
-            self.report("blk-fs", True, f"{detail}; dom0 e2fsck -fn of the detached image clean, /big matches "
-                                        f"{self.stamp()}")
+            self.report("blk-fs", True, f"{detail}; dom0: has_journal, e2fsck -fn of the detached image clean, "
+                                        f"/big matches {self.stamp()}")
         except (TestFailure, OSError) as exc:
             self.report("blk-fs", False, f"domU passed ({detail}) but dom0: {exc}")
 
@@ -522,12 +744,17 @@ class Scenario:
         self.daemon.check()
         say("STAGE guest:create")
         self.make_disks()
+        if "flush" in self.steps or "fs-replay" in self.steps:
+            self.setup_logwrites()
+            for check in ("blk-flush", "blk-fs-replay"):
+                if "problem" in self.lw:
+                    self.report(check, False, self.lw["problem"])
         self.create()
         say("STAGE guest:disks")
         results = re.compile(r"DOMU-RESULT (\S+) (PASS|FAIL) ?(.*)")
         deadline = self.t0 + GUEST_TIMEOUT_S
         gone_since: float | None = None
-        next_poll_dom = 0.0
+        next_poll_dom = next_poll_gone = 0.0
         while True:
             text = console_text(GUEST)
             for k, v in re.findall(r"DOMU-KV (\S+) (\S+)", text):
@@ -536,6 +763,17 @@ class Scenario:
                 if m.group(1) not in self.seen_steps:
                     self.seen_steps.add(m.group(1))
                     self.on_step(m.group(1), m.group(2) == "PASS", m.group(3).strip())
+            kernel = re.search(r"DOMU-PHASE init (\S+)", text)
+            if kernel:
+                self.kernel = kernel.group(1)
+            klog = re.findall(r"DOMU-KLOG (\S+) (error|info): ([^\n]*)", text)
+            for step, kind, line in klog[self.seen_klog:]:
+                if kind == "error":
+                    self.klog_errors.append(line.strip())
+                    # The guest fails the step's PASS itself; this covers lines outside any step.
+                    check = STEP_CHECK.get(step, "guest-klog")
+                    self.report(check, False, f"guest kernel: {line.strip()} {self.stamp()}")
+            self.seen_klog = len(klog)
             for phase in re.findall(r"DOMU-PHASE (\S+)", text):
                 if phase not in self.handled:
                     self.handled.add(phase)
@@ -544,6 +782,9 @@ class Scenario:
             if fatal:
                 raise TestFailure(f"guest kernel: {fatal.group(0).strip()}")
             now = time.monotonic()
+            if self.domids and self.domids[0] in self.gone_seen and now >= next_poll_gone:
+                next_poll_gone = now + 1
+                self.poll_domain_gone(self.domids[0])
             if now >= next_poll_dom:
                 # `xl` is a process start under TCG, and CPU dom0 burns is CPU the guest does not get: poll
                 # often only once the guest has said its last word.
@@ -551,9 +792,11 @@ class Scenario:
                                        or "DOMU-RESULT reboot" in text else 10)
                 domid = domid_of(GUEST)
                 if domid is not None and domid not in self.domids:
+                    self.gone_seen.setdefault(self.domids[-1], now)
                     self.domids.append(domid)  # the reboot's new domain
                 if domid is None:
                     gone_since = gone_since or now
+                    self.gone_seen.setdefault(self.domids[-1], now)
                     # A reboot leaves a gap between the old domain and the new one.
                     if "reboot" not in self.steps or "reboot" in self.seen_steps or now - gone_since > 60:
                         break
@@ -564,6 +807,10 @@ class Scenario:
                 raise TestFailure(f"the guest did not finish within {GUEST_TIMEOUT_S} s; console tail: {tail}")
             time.sleep(0.25)
         say("STAGE guest:teardown")
+        if "blk-domain-gone" in self.pending and self.domids:
+            self.gone_seen.setdefault(self.domids[0], time.monotonic())
+            while not self.poll_domain_gone(self.domids[0]):  # bounded by its own two timeouts
+                time.sleep(0.5)
         if self.pending_fs is not None:
             self.report("blk-fs", False, f"domU passed ({self.pending_fs}) but dom0 never saw xvdc detached to fsck "
                                          f"the image: {self.actions.get('pvback detach', 'detach never requested')}")
@@ -572,6 +819,62 @@ class Scenario:
             tail = " | ".join(console_text(GUEST).strip().splitlines()[-4:])
             for s in missing:
                 self.report(STEP_CHECK[s], False, f"the guest never reported '{s}'; console tail: {tail}")
+
+    def finish_logwrites(self) -> None:
+        """After the guest and the daemon are gone: remove dm-log-writes (which completes its log), replay the
+        log and judge the checks that waited for it."""
+        if not self.lw:
+            return
+        problems: list[str] = []
+        if "ok" in self.lw:
+            status = run(["dmsetup", "status", LW_NAME], check=False).stdout.strip()
+            if "logging_disabled" in status:
+                problems.append(f"dm-log-writes stopped logging (status: {status})")
+            try:
+                wait_until(f"`dmsetup remove {LW_NAME}` to succeed (something still holds {LW_DEV} open)",
+                           lambda: run(["dmsetup", "remove", LW_NAME], check=False).returncode == 0, 30, 1)
+            except TestFailure as exc:
+                problems.append(str(exc))
+        for key in ("log", "data"):
+            if key in self.lw:
+                run(["losetup", "-d", self.lw[key]], check=False)
+        for check in ("blk-flush", "blk-fs-replay"):
+            if check not in self.pending:
+                continue
+            detail = self.pending.pop(check)
+            t0 = time.monotonic()
+            try:
+                if problems:
+                    raise TestFailure("; ".join(problems))
+                verdict = self.replay_check(check)
+                self.report(check, True, f"{detail}; dm-log-writes replay: {verdict} "
+                                         f"[replay {time.monotonic() - t0:.1f} s]")
+            except (TestFailure, logwrites.LogError, OSError) as exc:
+                self.report(check, False, f"domU passed ({detail}) but the dm-log-writes replay: {exc}")
+
+    def replay_check(self, check: str) -> str:
+        log = logwrites.read_log(Path(self.lw["log_file"]))
+        size = LW_DATA_MIB * MiB
+        replay = logwrites.Replay(log, Path(f"/tmp/lw-replay-{check}.img"), size)
+        try:
+            if check == "blk-flush":
+                seed = self.kv.get("lw-seed", "?")
+                tags = [f"PVBACK-LW-TAG {i:02d} {seed}\n".encode().ljust(LW_TAG_SIZE, b"\0")
+                        for i in range(LW_ROUNDS)]
+                counts = [int(c) for c in self.kv.get("lw-flushes", "").split(",") if c.isdigit()]
+                end = f"PVBACK-LW-END {seed}\n".encode().ljust(LW_TAG_SIZE, b"\0")
+                verdict = logwrites.check_ordered_rounds(log, replay, LW_TAG_BASE, LW_TAG_SIZE, tags, counts, end)
+                # The replayer itself: every entry replayed must give exactly what the data device holds.
+                replay.advance(len(log.entries))
+                with Path(self.lw["data_file"]).open("rb") as f:
+                    if f.read() != replay.read(0, size):
+                        raise TestFailure(f"the whole log ({len(log.entries)} entries) replayed differs from the "
+                                          "data device: the log or its reader is incomplete")
+                return f"{verdict}; all {len(log.entries)} entries replayed == the data device"
+            shas = [self.kv.get(f"lwfs-{k}", "?") for k in range(LW_FILES)]
+            return logwrites.check_fs_replay(log, replay, shas, Path("/tmp"))
+        finally:
+            replay.target.unlink(missing_ok=True)
 
     def finish_stub_check(self) -> None:
         """After the guest: every stub answered libxl's QMP with commands it knows and went with its domain."""
@@ -596,6 +899,27 @@ class Scenario:
             self.report("xl-qdisk-stub", True, f"{len(self.domids)} stubs (domains {self.domids}) answered QMP "
                                                f"{', '.join(sent)}; backend/qdisk params + device-model state "
                                                f"right; all reaped")
+
+
+def report_shapes(report: Report, scenario: Scenario, live: set[str]) -> None:
+    """The request shapes Linux's blkfront sent over the run (pvback's serve log + the last scrape), to the host
+    as OUT/shapes.json: the host test holds them against tests/blk/fixtures/linux-blkfront-shapes.json."""
+    text = SERVE_LOG.read_text(errors="replace") if SERVE_LOG.exists() else ""
+    logged = shapes_in_log(text)
+    shapes = sorted(logged | live)
+    doc = {"kernel": scenario.kernel, "shapes": shapes, "from_log": sorted(logged), "from_metrics": sorted(live)}
+    try:
+        if OUT.is_dir():
+            (OUT / "shapes.json").write_text(json.dumps(doc, indent=1) + "\n")
+    except OSError as exc:
+        say(f"  cannot write {OUT}/shapes.json: {exc}")
+    if not shapes:
+        report("blk-shapes", False, "pvback reported no request shapes (no `msg=\"request shapes\"` line in its log, "
+                                    "no pvback_request_shapes_total sample)")
+    else:
+        report("blk-shapes", True, f"{len(shapes)} request shapes from Linux {scenario.kernel} "
+                                   f"({len(logged)} in the serve log, {len(live)} in the last scrape): "
+                                   f"{' '.join(shapes)}")
 
 
 def main() -> int:
@@ -637,6 +961,12 @@ def main() -> int:
                     time.sleep(0.5)  # libxl reaps the stub right after the domain; give it a moment
                 scenario.finish_stub_check()
     finally:
+        shapes: set[str] = set()
+        if scenario is not None and "blk-shapes" in selected and daemon.proc is not None:
+            try:  # devices still connected have said nothing in the log yet
+                shapes |= shapes_in_metrics(daemon.metrics())
+            except OSError as exc:
+                say(f"  final metrics scrape failed: {exc}")
         say("STAGE pvback-serve-stop")
         rc = daemon.stop()
         if "pvback-serve" in selected:
@@ -652,6 +982,11 @@ def main() -> int:
                 loop = re.search(r"loop=(\w+)", text)
                 report("pvback-serve", True, f"up in {daemon.t_ready:.1f} s (loop {loop.group(1) if loop else '?'}),"
                                              f" served the run, clean exit on SIGTERM")
+        if scenario is not None and "blk-shapes" in selected:
+            report_shapes(report, scenario, shapes)
+        if scenario is not None:
+            say("STAGE dm-log-writes-replay")
+            scenario.finish_logwrites()
         keep_logs(console_log(GUEST), Path(f"/var/log/xen/qemu-dm-{GUEST}.log"),
                   Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG)
     report.fail_rest("not reported by the dom0 driver (see the serial log)")

@@ -1,0 +1,175 @@
+"""The report of a run: the console table, the target lines, perf/RESULTS.md's markdown and the PNG plots.
+
+Sections render from what the result holds (a store, a latency or ring section a run did not measure is left
+out), so a device type's cells reuse them and add sections of their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def f2(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def goal_op(t: dict[str, Any]) -> str:
+    # Latency targets are ceilings, the rest floors; the row's name says which (the JSON has no field for it).
+    return "<=" if "ping-pong" in t["target"] else ">="
+
+
+def target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for t in targets:
+        mark = "HOLDS" if t["held"] else ("n/a" if t["held"] is None else "MISSES")
+        v = "-" if t["value"] is None else f"{t['value']:.2f}"
+        out.append(f"  [{mark:6s}] {t['target']}: {v} (goal {goal_op(t)} {t['goal']}) {t['detail']}")
+    return out
+
+
+def table(cells: list[dict[str, Any]]) -> str:
+    hdr = (f"{'store':5s} {'workload':10s} {'system':17s} {'n':>2s} {'IOPS':>10s} {'MB/s':>9s} {'p50 us':>9s} "
+           f"{'p99 us':>9s} {'CPU us/op':>9s} {'CPU s/GB':>8s} {'vs fio':>6s} {'vs nbd':>6s}")
+    lines = [hdr, "-" * len(hdr)]
+    for c in cells:
+        rf = c.get("ratio_to_fio")
+        rn = c.get("ratio_to_nbd")
+        lines.append(
+            f"{c['store']:5s} {c['workload']:10s} {c['system']:17s} {c['n']:2d} {c['iops']:10.0f} {c['mb_s']:9.1f} "
+            f"{c['p50_us']:9.1f} {c['p99_us']:9.1f} {c['cpu_us_per_op']:9.2f} {c['cpu_s_per_gb']:8.2f} "
+            f"{'' if rf is None else f'{rf:6.2f}':>6s} {'' if rn is None else f'{rn:6.2f}':>6s}")
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], out_dir: Path, workload_order: list[str]) -> list[str]:
+    """ratios.png (IOPS over the best fio engine per store), latency.png (CDFs of rep 0), placement.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: list[str] = []
+    cells = result["cells"]
+    stores = [s for s in ("tmpfs", "disk", "null") if any(c["store"] == s for c in cells)]
+    systems = sorted({c["system"] for c in cells if c["system"].startswith(("blk-", "nbd"))})
+    fig, axes = plt.subplots(1, max(1, len([s for s in stores if s != "null"])), figsize=(13, 4.5), squeeze=False)
+    for ax, store in zip(axes[0], [s for s in stores if s != "null"], strict=False):
+        wls = [w for w in workload_order if any(c["store"] == store and c["workload"] == w for c in cells)]
+        width = 0.8 / max(1, len(systems))
+        for i, sysname in enumerate(systems):
+            vals = []
+            for wl in wls:
+                c = next((c for c in cells if c["store"] == store and c["workload"] == wl and c["system"] == sysname),
+                         None)
+                vals.append(c.get("ratio_to_fio") or 0.0 if c else 0.0)
+            ax.bar([x + i * width for x in range(len(wls))], vals, width, label=sysname)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(wls))], wls, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{store}: IOPS / best fio engine")
+        ax.set_ylabel("ratio")
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "ratios.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(str(p))
+
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    for k, wl in enumerate(("rr4k_qd1", "rr4k_qd32")):
+        for s in result["samples"]:
+            if s["workload"] == wl and s["hist_ns"] and s["rep"] == 0 and s["store"] in ("tmpfs", "null"):
+                xs, cum, total = [], 0, sum(n for _, n in s["hist_ns"])
+                ys = []
+                for v, n in s["hist_ns"]:
+                    cum += n
+                    xs.append(v / 1e3)
+                    ys.append(cum / total)
+                ax[k].plot(xs, ys, label=f"{s['store']} {s['system']}", lw=1)
+        for s in result["samples"]:
+            if s["workload"] == wl and s["rep"] == 0 and s["store"] == "tmpfs" and not s["hist_ns"]:
+                ax[k].scatter([s["p50_us"], s["p99_us"]], [0.5, 0.99], marker="x", s=20, label=f"{s['system']} p50/p99")
+        ax[k].set_xscale("log")
+        ax[k].set_xlabel("latency (us)")
+        ax[k].set_ylabel("CDF")
+        ax[k].set_title(f"{wl}: latency distribution (unpinned)")
+        if ax[k].get_legend_handles_labels()[0]:
+            ax[k].legend(fontsize=6)
+    fig.tight_layout()
+    p = out_dir / "latency.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(str(p))
+
+    lat = result.get("latency", {}).get("blk", [])
+    if lat:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in lat:
+            xs, ys, cum = [], [], 0
+            total = sum(n for _, n in row["hist_ns"]) or 1
+            for v, n in row["hist_ns"]:
+                cum += n
+                xs.append(v / 1e3)
+                ys.append(cum / total)
+            ax.plot(xs, ys, label=f"{row['placement']}/{row['wait']} (ping-pong p50 {row['pingpong_p50_us']:.1f} us)")
+        ax.set_xscale("log")
+        ax.set_xlabel("round trip (us)")
+        ax.set_ylabel("CDF")
+        ax.set_title("QD1 4 KiB tmpfs: placement and polling")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / "placement.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(str(p))
+    return files
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """perf/RESULTS.md's tables from a bench.json."""
+    h = result["host"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}  ",
+        f"Host: {h['cpu_model']}, {h['cpus_online']} vCPUs ({h['virtualization']}), {h['mem_gib']} GiB, "
+        f"kernel {h['kernel']}, {h['os']}; {h['fio']}, {h['nbdkit']}; stores: "
+        + ", ".join(f"{k} = {v['dir']} ({v['fs']})" for k, v in h["stores"].items()) + "  ",
+        f"Plan: {result['plan']['reps']} repetitions x {result['plan']['seconds']:g} s "
+        f"(+{result['plan']['warmup']:g} s warm-up) per cell, {result['plan']['image_mib']} MiB images of random "
+        "data; cells are medians (IOPS min-max over the repetitions).",
+        "",
+        "| store | workload | system | IOPS (min-max) | MB/s | p50 us | p99 us | CPU us/op | CPU s/GB | vs fio | "
+        "vs fio per CPU-s | vs nbd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    for c in result["cells"]:
+        lines.append(
+            f"| {c['store']} | {c['workload']} | {c['system']} | {c['iops']:.0f} ({c['iops_min']:.0f}-"
+            f"{c['iops_max']:.0f}) | {c['mb_s']:.1f} | {c['p50_us']:.1f} | {c['p99_us']:.1f} | "
+            f"{c['cpu_us_per_op']:.2f} | {c['cpu_s_per_gb']:.2f} | {f2(c.get('ratio_to_fio'))} | "
+            f"{f2(c.get('per_cpu_ratio_to_fio'))} | {f2(c.get('ratio_to_nbd'))} |")
+    lines += ["", "Null driver (backend CPU only): IOPS per backend core", "",
+              "| workload | system | IOPS | backend CPU us/op | IOPS per backend core |", "|---|---|---|---|---|"]
+    for c in result["cells"]:
+        if c["store"] == "null":
+            lines.append(f"| {c['workload']} | {c['system']} | {c['iops']:.0f} | {f2(c['backend_cpu_us_per_op'])} | "
+                         f"{c['iops_per_backend_core'] or 0:.0f} |")
+    lat = result.get("latency", {})
+    lines += ["", "QD1 4 KiB random read on tmpfs, by CPU placement (eventfd ping-pong measured in the same run)", "",
+              "| placement | wait | backend poll_us | frontend spin_us | IOPS | p50 us | p99 us | ping-pong p50 us | "
+              "ratio p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in lat.get("blk", []):
+        lines.append(f"| {r['placement']} (be cpu{r['backend_cpu']}, fe cpu{r['frontend_cpu']}) | {r['wait']} | "
+                     f"{r['backend_poll_us']} | {r['frontend_spin_us']} | {r['iops']:.0f} | {r['p50_us']:.2f} | "
+                     f"{r['p99_us']:.2f} | {r['pingpong_p50_us']:.2f} | {r['ratio_p50_to_pingpong']:.2f} |")
+    ring = result.get("ring") or {}
+    if ring:
+        lines += ["", f"Ring: pure C loop {ring['c_slots_per_s'] / 1e6:.2f} M slots/s, cffi batch of 32 "
+                      f"{ring['cffi_slots_per_s'] / 1e6:.2f} M slots/s, ratio {ring['ratio']:.2f}."]
+    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
+                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    return "\n".join(lines) + "\n"
