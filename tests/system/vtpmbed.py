@@ -123,7 +123,11 @@ class TpmBed(Bed):
         return rsp[12:]
 
     def swtpm_pid(self, uuid: str) -> int:
-        return int((self.run_dir / uuid / "swtpm.pid").read_text())
+        """0 while there is no pid file (swtpm is being restarted)."""
+        try:
+            return int((self.run_dir / uuid / "swtpm.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     async def metric(self, name: str, domid: int, **labels: str) -> float:
         pat = re.compile(rf'^{name}\{{(?P<labels>[^}}]*)\}} (?P<v>[0-9.e+-]+)$')
