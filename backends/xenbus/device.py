@@ -146,6 +146,12 @@ class BackendDevice:
         return self._wake.is_set() or self._lock.locked()
 
     @property
+    def restarting(self) -> bool:
+        """The bus is stopping without closing this device (a daemon restart: the frontend stays Connected and
+        the next daemon reconnects it).  A class may keep per-device helpers (a vTPM's swtpm) running."""
+        return self._stop is False
+
+    @property
     def state(self) -> XenbusState:
         """The backend state as last written or observed."""
         return self.machine.backend

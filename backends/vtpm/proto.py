@@ -1,0 +1,348 @@
+"""tpmif v2, pure: the shared page, its states, the checks a page passes before a command reaches the TPM, and
+the per-device state machine (events in, actions out; no I/O).
+
+The page (xen/include/public/io/tpmif.h, `struct vtpm_shared_page`):
+
+    0  u32 length          request/response length in bytes
+    4  u8  state           IDLE 0, SUBMIT 1, FINISH 2, CANCEL 3
+    5  u8  locality        for the current request
+    6  u8  pad
+    7  u8  nr_extra_pages  extra pages for long packets; may be zero
+    8  u32 extra_pages[nr_extra_pages], then the data
+
+The data starts at 8 + 4 * nr_extra_pages (`sizeof(*shr) + 4n`, what Linux xen-tpmfront and mini-os compute;
+the header comment's "16" is wrong).  Only the frontend writes SUBMIT/CANCEL, only the backend IDLE/FINISH.
+Linux maps IDLE to "idle + cancelled" and FINISH to "idle + result": a cancelled command is answered with
+IDLE, never FINISH.  No frontend ever used extra pages (Linux's page is zeroed and never sets them), and
+mini-os ignores them: a page that asks for any is refused.
+
+`pad` carries the backend's restart note: 1 while a command is taken (sent to the TPM) and 0 again once its
+answer is written.  A daemon that restarts and finds SUBMIT with the note set cannot know whether the TPM ran
+the command, so it answers with an error instead of running it a second time.  The frontend owns the page and
+may clear the note: it can then only get its own command run twice on its own TPM.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+SHARED_HEADER = struct.Struct("<IBBBB")  # length, state, locality, pad, nr_extra_pages
+assert SHARED_HEADER.size == 8
+OFF_LENGTH = 0
+OFF_STATE = 4
+OFF_LOCALITY = 5
+OFF_PAD = 6
+OFF_NR_EXTRA = 7
+DATA_OFFSET = SHARED_HEADER.size  # with no extra pages
+MAX_DATA = PAGE_SIZE - DATA_OFFSET
+
+NOTE_TAKEN = 1  # `pad`: the backend took the command in the page (restart note)
+
+# The TPM header both versions share: tag u16, size u32, ordinal/command code (or response code) u32, big endian.
+TPM_HEADER = struct.Struct(">HII")
+TPM_HEADER_SIZE = TPM_HEADER.size
+
+MAX_LOCALITY = 4
+FORBIDDEN_LOCALITY = 4  # the hardware's own (DRTM): never a guest's
+
+
+class State(enum.IntEnum):
+    IDLE = 0
+    SUBMIT = 1
+    FINISH = 2
+    CANCEL = 3
+
+
+class Version(enum.Enum):
+    TPM2 = "2.0"
+    TPM12 = "1.2"
+
+
+# Response codes for the answers the backend gives itself (a TPM-shaped error the guest's stack understands).
+@dataclass(frozen=True)
+class Codes:
+    rsp_tag: int
+    size: int  # the command's size field disagrees with the length in the page
+    locality: int  # locality not allowed for this guest
+    failure: int  # the command may or may not have run (the daemon or the TPM restarted under it)
+
+
+CODES = {
+    # TPM_ST_NO_SESSIONS; TPM_RC_COMMAND_SIZE, TPM_RC_LOCALITY, TPM_RC_FAILURE (TPM 2.0 Part 2, 6.6)
+    Version.TPM2: Codes(rsp_tag=0x8001, size=0x142, locality=0x907, failure=0x101),
+    # TPM_TAG_RSP_COMMAND; TPM_BAD_PARAM_SIZE, TPM_BAD_LOCALITY, TPM_FAIL (TPM 1.2 Part 2, 16)
+    Version.TPM12: Codes(rsp_tag=0x00C4, size=0x19, locality=0x3D, failure=0x09),
+}
+
+
+class ProtocolError(ValueError):
+    """A frontend broke tpmif (page layout, keys): fails that device."""
+
+
+def error_response(version: Version, rc: int) -> bytes:
+    """A bare TPM response carrying `rc` (10 bytes), built field by field."""
+    return TPM_HEADER.pack(CODES[version].rsp_tag, TPM_HEADER_SIZE, rc)
+
+
+def response_code(rsp: bytes) -> int | None:
+    if len(rsp) < TPM_HEADER_SIZE:
+        return None
+    return int(TPM_HEADER.unpack_from(rsp)[2])
+
+
+# -- the page ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Page:
+    """The header of one private copy of the shared page (the data stays in the copy)."""
+
+    length: int
+    state: int  # raw byte: may be outside State
+    locality: int
+    pad: int
+    nr_extra_pages: int
+
+    @property
+    def data_offset(self) -> int:
+        return DATA_OFFSET + 4 * self.nr_extra_pages
+
+
+def read_header(copy: bytes) -> Page:
+    if len(copy) != PAGE_SIZE:
+        raise ValueError(f"a page copy is {PAGE_SIZE} bytes, not {len(copy)}")
+    length, state, locality, pad, nr = SHARED_HEADER.unpack_from(copy, 0)
+    return Page(length, state, locality, pad, nr)
+
+
+@dataclass(frozen=True)
+class Command:
+    data: bytes
+    locality: int
+    ordinal: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A command the backend answers itself with a TPM error (the guest can act on it)."""
+
+    rc: int
+    reason: str
+
+
+def parse_command(copy: bytes, page: Page, version: Version, allowed: frozenset[int]) -> Command | Reject:
+    """Validate a SUBMIT page (already copied into private memory).  Layout violations raise ProtocolError;
+    a well-formed page whose command the TPM must not see gets a Reject."""
+    if page.nr_extra_pages:
+        raise ProtocolError(f"nr_extra_pages={page.nr_extra_pages}: extra pages are not supported")
+    off = page.data_offset
+    if page.length < TPM_HEADER_SIZE:
+        raise ProtocolError(f"length {page.length} is shorter than a TPM header")
+    if page.length > PAGE_SIZE - off:
+        raise ProtocolError(f"length {page.length} at offset {off} runs past the page")
+    data = copy[off:off + page.length]
+    _tag, size, ordinal = TPM_HEADER.unpack_from(data, 0)
+    codes = CODES[version]
+    if size != page.length:
+        return Reject(codes.size, f"command size field {size} != shared length {page.length}")
+    if page.locality >= MAX_LOCALITY or page.locality not in allowed:
+        return Reject(codes.locality, f"locality {page.locality} not allowed")
+    return Command(data=data, locality=page.locality, ordinal=ordinal)
+
+
+def parse_localities(text: str) -> frozenset[int]:
+    """`"0"`, `"0,1,2"`: the localities a guest may use; 4 is never allowed."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not re.fullmatch(r"[0-9]", part):
+            raise ValueError(f"locality {part!r} is not a digit 0-3")
+        n = int(part)
+        if n >= FORBIDDEN_LOCALITY:
+            raise ValueError(f"locality {n} is never allowed to a guest (0-3 only)")
+        out.add(n)
+    if not out:
+        raise ValueError("no locality allowed")
+    return frozenset(out)
+
+
+# -- xenstore keys -----------------------------------------------------------------------------------------
+
+
+def probe_keys() -> dict[str, str]:
+    """Written at realize: Linux tpmfront refuses to connect without it ("vTPM protocol 2 required")."""
+    return {"feature-protocol-v2": "1"}
+
+
+def connect_keys() -> dict[str, str]:
+    return {"ready": "1"}
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    ring_ref: int
+    event_channel: int
+
+
+_DEC = re.compile(r"[0-9]{1,10}")
+
+
+def parse_frontend(keys: dict[str, str]) -> FrontendConfig:
+    """What xen-tpmfront's setup_ring writes: ring-ref, event-channel, feature-protocol-v2=1 (mini-os tpmback
+    refuses anything but exactly "1")."""
+    if keys.get("feature-protocol-v2") != "1":
+        raise ProtocolError(f"feature-protocol-v2 is {keys.get('feature-protocol-v2')!r}, must be '1'")
+    out = []
+    for key in ("ring-ref", "event-channel"):
+        v = keys.get(key)
+        if v is None:
+            raise ProtocolError(f"{key} is missing")
+        if not _DEC.fullmatch(v) or int(v) > 0xFFFFFFFF:
+            raise ProtocolError(f"{key}={v!r} is not a 32-bit decimal number")
+        out.append(int(v))
+    return FrontendConfig(ring_ref=out[0], event_channel=out[1])
+
+
+def parse_uuid(text: str | None) -> str:
+    """The toolstack's `uuid` (libxl writes the vTPM's identity): canonical lower-case form."""
+    if not text:
+        raise ProtocolError("uuid is missing (libxl writes it; pvback attach tpm --uuid)")
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise ProtocolError(f"uuid {text[:60]!r} is not a UUID") from None
+
+
+def parse_version(text: str | None, default: Version) -> Version:
+    if text is None or text == "":
+        return default
+    for v in Version:
+        if text == v.value:
+            return v
+    raise ProtocolError(f"version {text[:20]!r}: 2.0 or 1.2")
+
+
+def parse_resume(text: str | None) -> bool:
+    """libxl writes resume="False" (or "True" on a restore)."""
+    return (text or "").strip().lower() in ("true", "1")
+
+
+# -- the per-device machine --------------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # nothing taken; the page is the frontend's
+    BUSY = "busy"  # a command is with the TPM
+    CANCELLING = "cancelling"  # ... and the frontend asked to cancel it
+
+
+@dataclass(frozen=True)
+class Execute:
+    command: Command
+
+
+@dataclass(frozen=True)
+class CancelTpm:
+    """Ask the TPM to cancel the running command (its answer is then dropped)."""
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Write `data` (may be empty) with `state` (FINISH or IDLE) and notify."""
+
+    data: bytes
+    state: State
+
+
+@dataclass(frozen=True)
+class Note:
+    """Nothing for the frontend; count `reason` (storms, out-of-order states)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    message: str
+
+
+@dataclass(frozen=True)
+class ClearNote:
+    """Clear a restart note left behind by a daemon that died after writing an answer's state."""
+
+
+Action = Execute | CancelTpm | Respond | Note | Fail | ClearNote
+
+
+class Machine:
+    """One vTPM's command cycle.  `on_page` takes every event's private page copy; `on_answer` the TPM's answer
+    (or None when the TPM failed under the command).  One command at a time: that is tpmif's contract."""
+
+    def __init__(self, version: Version, allowed: frozenset[int]) -> None:
+        self.version = version
+        self.allowed = allowed
+        self.phase = Phase.IDLE
+
+    def recover(self, copy: bytes) -> list[Action]:
+        """The first look at a page after a (re)connect.  SUBMIT with our note set: the command was taken by a
+        previous daemon and may have run: answer with an error, never run it again."""
+        page = read_header(copy)
+        if page.state == State.SUBMIT and page.pad == NOTE_TAKEN:
+            return [Note("restart: command may have run"),
+                    Respond(error_response(self.version, CODES[self.version].failure), State.FINISH)]
+        if page.state == State.CANCEL:
+            return [Respond(b"", State.IDLE)]
+        out: list[Action] = [ClearNote()] if page.pad and page.state != State.SUBMIT else []
+        return out + self.on_page(copy)
+
+    def on_page(self, copy: bytes) -> list[Action]:
+        page = read_header(copy)
+        if page.state > State.CANCEL:
+            return [Fail(f"shared page state {page.state} is not a tpmif state")]
+        state = State(page.state)
+        if self.phase is Phase.IDLE:
+            if state is State.SUBMIT:
+                try:
+                    cmd = parse_command(copy, page, self.version, self.allowed)
+                except ProtocolError as exc:
+                    return [Fail(f"bad command page: {exc}")]
+                if isinstance(cmd, Reject):
+                    return [Note(f"rejected: {cmd.reason}"),
+                            Respond(error_response(self.version, cmd.rc), State.FINISH)]
+                self.phase = Phase.BUSY
+                return [Execute(cmd)]
+            if state is State.CANCEL:
+                # Nothing running: acknowledge at once (mini-os does the same when idle).
+                return [Respond(b"", State.IDLE)]
+            return []  # IDLE/FINISH: the page is as we left it, or the frontend is idle
+        if state is State.CANCEL and self.phase is Phase.BUSY:
+            self.phase = Phase.CANCELLING
+            return [CancelTpm()]
+        if state is State.SUBMIT:
+            return [Note("submit while busy")]
+        if state in (State.IDLE, State.FINISH):
+            return [Note(f"frontend wrote {state.name} while a command runs")]
+        return []  # CANCEL again while cancelling
+
+    def on_answer(self, rsp: bytes | None, *, cancel_seen: bool = False) -> list[Action]:
+        """The TPM answered (None: it died or timed out under the command).  `cancel_seen`: the page says CANCEL
+        right now (a cancel whose event is not yet handled)."""
+        if self.phase is Phase.IDLE:
+            return []
+        cancelled = self.phase is Phase.CANCELLING or cancel_seen
+        self.phase = Phase.IDLE
+        if cancelled:
+            return [Respond(b"", State.IDLE)]
+        if rsp is None:
+            return [Note("tpm failed under the command"),
+                    Respond(error_response(self.version, CODES[self.version].failure), State.FINISH)]
+        if len(rsp) > MAX_DATA:
+            return [Note("tpm answer larger than the page"),
+                    Respond(error_response(self.version, CODES[self.version].failure), State.FINISH)]
+        return [Respond(rsp, State.FINISH)]
+
