@@ -21,6 +21,12 @@ from typing import Protocol
 
 from backends.drivers.storage.nbd_target import NBD_SCHEMES, NbdTarget, NbdTargetError, parse_nbd_target
 
+# The key grammar every device type shares, re-exported as blk's own.
+from backends.xenbus.keys import ProtocolError as ProtocolError
+from backends.xenbus.keys import frontend_queue_dirs as frontend_queue_dirs
+from backends.xenbus.keys import parse_bool as parse_bool
+from backends.xenbus.keys import parse_uint as parse_uint
+
 # Operations (io/blkif.h)
 OP_READ = 0
 OP_WRITE = 1
@@ -87,10 +93,6 @@ PROTOCOLS = {"x86_32-abi": Abi.X86_32, "x86_64-abi": Abi.X86_64}
 # common.h); QEMU assumes the host's native ABI.  We follow Linux: the frontends that omit the key are the old
 # 32-bit PV kernels that predate it, and a 64-bit frontend always writes it.
 DEFAULT_PROTOCOL = Abi.X86_32
-
-
-class ProtocolError(ValueError):
-    """A toolstack or frontend value we refuse; the message is meant for the device's `error` node."""
 
 
 class ParamsError(ProtocolError):
@@ -310,28 +312,6 @@ def connect_keys(
 # ---- frontend keys ----------------------------------------------------------------------------------------
 
 
-def parse_uint(value: str | None, what: str, lo: int, hi: int, default: int | None = None) -> int:
-    """Decimal digits only (no sign, space, hex or leading '+'), within [lo, hi]."""
-    if value is None:
-        if default is None:
-            raise ProtocolError(f"{what} missing")
-        return default
-    if not value.isascii() or not value.isdigit() or len(value) > 20:
-        raise ProtocolError(f"{what} {value[:32]!r} is not an unsigned decimal")
-    n = int(value)
-    if not lo <= n <= hi:
-        raise ProtocolError(f"{what} {n} not in {lo}..{hi}")
-    return n
-
-
-def parse_bool(value: str | None, what: str, default: bool = False) -> bool:
-    if value is None:
-        return default
-    if value in ("0", "1"):
-        return value == "1"
-    raise ProtocolError(f"{what} {value[:32]!r} is neither 0 nor 1")
-
-
 def parse_protocol(value: str | None) -> Abi:
     if value is None or value == "":
         return DEFAULT_PROTOCOL
@@ -359,11 +339,6 @@ class FrontendConfig:
     @property
     def nr_ring_pages(self) -> int:
         return 1 << self.ring_page_order
-
-
-def frontend_queue_dirs(num_queues: int) -> list[str]:
-    """Key prefixes of each queue: "" for a single queue (keys at the top level), else "queue-N/"."""
-    return [""] if num_queues == 1 else [f"queue-{i}/" for i in range(num_queues)]
 
 
 def parse_frontend(
