@@ -285,10 +285,12 @@ class NetFront:
         self.close()
 
 
-async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront], *, timeout: float = 20.0) -> str:
+async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront], *, timeout: float = 20.0,
+                         start: bool = True) -> str:
     """xen-netfront's side of the handshake for one vif with `len(fronts)` queues: wait for the backend's
     InitWait, write the keys in one transaction (`queue-N/` for several queues), go Connected, wait for the
-    backend's Connected (netback holds it until the vif is plugged), then start the queues.  Returns the
+    backend's Connected (netback holds it until the vif is plugged), then start the queues (unless `start`
+    is False).  Returns the
     backend path."""
     from backends.xenbus.state import XenbusState
     from backends.xenbus.toolstack import wait_for_state
@@ -312,6 +314,7 @@ async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront
 
     await xs.transaction(body)
     await wait_for_state(xs, be, XenbusState.CONNECTED, timeout)
-    for nf in fronts:
-        nf.start()
+    if start:  # start=False: a test drives the rings by hand
+        for nf in fronts:
+            nf.start()
     return be

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -289,3 +291,50 @@ async def test_sigkill_mid_transfer_the_connection_completes(nbed: NetBed) -> No
     assert await asyncio.to_thread(g.run, lambda: pingtcp.ping(PEER_V6, count=2)) == 2
     assert all(nf.error is None for nf in nic.fronts)
     assert metric(await nbed.serve.metrics(), "pvback_device_connects_total", nic.domid) == 1  # the new daemon's
+
+
+def spare_tap(ns: NetNS, name: str) -> int:
+    """A tap in `ns` for a netfront a test drives by hand (never carries traffic)."""
+
+    def make() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", name.encode(), 0x0002 | 0x1000 | 0x4000))
+        return fd
+
+    return ns.run(make)
+
+
+@pytest.mark.system_timeout(90)
+async def test_fatal_frontend_fails_only_its_vif(nbed: NetBed) -> None:
+    """A guest whose netfront publishes a 21-fragment packet (>= fatal_skb_slots): its vif fails with the
+    rule named in its error node (Linux disables the vif); a healthy guest's NIC on the same daemon carries on."""
+    from tests.net import wire
+
+    healthy = await nbed.nic(queues=1)
+    g, xs = await nbed.guest(name="hostile", mem_pages=640, gnt_entries=1024)
+    res = await asyncio.to_thread(nbed.cli, "attach", "nic", str(g.domid), "--queues", "1")
+    assert res.returncode == 0, res.stderr
+    fd = spare_tap(nbed.gns, "hostile0")
+    nf = NetFront(g, 0, fd, split=False)
+    bad = Nic(g, xs, [nf], [fd], 0, backend=res.stdout.strip())
+    nbed.nics.append(bad)
+    await xenbus_connect(xs, bad.fe_path, [nf], start=False)
+    ref = nf._tx_ref[nf._tx_free[0]]
+    fatal = [struct.pack("<I", ref) + (s.pack() if isinstance(s, wire.Tx) else s)[4:]
+             for s in wire.packet(14 + 21, [1] * 21)]
+    nf.tx.put(fatal, wire.TX_SLOT)
+    nf.tx.push()
+    nf.ev_tx.notify()
+    dom0 = await nbed.dom0()
+    await wait_for_state(dom0, bad.backend, {S.CLOSING, S.CLOSED}, timeout=10.0)
+    err = await dom0.read_str(f"{bad.backend}/error")
+    assert err is not None and "fatal_slots" in err, err
+    # The healthy NIC: untouched.
+    assert await read_state(dom0, healthy.backend) is S.CONNECTED
+    assert await asyncio.to_thread(nbed.gns.run, lambda: pingtcp.ping(PEER_V4, count=3)) == 3
+    await tcp(nbed.gns, nbed.peer, PEER_V4, 2 << 20, 5004)
+    assert all(f.error is None for f in healthy.fronts)
+    text = await nbed.serve.metrics()
+    assert metric(text, "pvback_device_state", bad.domid) in (S.CLOSING, S.CLOSED)
+    assert metric(text, "pvback_device_state", healthy.domid) == S.CONNECTED
+    assert metric(text, "pvback_drops_total", healthy.domid) == 0
