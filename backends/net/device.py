@@ -75,6 +75,9 @@ class NetVif:
     offload: int = 0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     dead: str | None = None
+    # The queues' last counters once disconnected: a vif disabled for breaking a rule still shows which rule
+    # (until it connects again and its new queues count from zero).
+    last: list[dict[str, Any]] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         out = []
@@ -82,7 +85,7 @@ class NetVif:
             s = dp.stats()
             if s:
                 out.append(metrics_view(s))
-        return {"queues": out, "net": self.summary()}
+        return {"queues": out or self.last, "net": self.summary()}
 
     def summary(self) -> dict[str, Any]:
         fe = self.frontend
@@ -256,6 +259,8 @@ class NetDeviceClass:
         if vif is None:
             return
         queues, vif.queues = vif.queues, []
+        if queues:
+            vif.last = [metrics_view(dp.stats()) for dp in queues]
         for dp in queues:
             await dp.stop()
         for t in list(vif.tasks):

@@ -336,5 +336,6 @@ async def test_fatal_frontend_fails_only_its_vif(nbed: NetBed) -> None:
     assert all(f.error is None for f in healthy.fronts)
     text = await nbed.serve.metrics()
     assert metric(text, "pvback_device_state", bad.domid) in (S.CLOSING, S.CLOSED)
+    assert metric(text, "pvback_errors_total", bad.domid, reason="fatal_slots") == 1  # kept after the failure
     assert metric(text, "pvback_device_state", healthy.domid) == S.CONNECTED
     assert metric(text, "pvback_drops_total", healthy.domid) == 0
