@@ -24,9 +24,14 @@ class NetConfig:
     # vif-route rules or OVN port security enforce.  false: a guest may send with any source MAC (bridging
     # guests, VRRP).
     check_mac: bool = True
+    # A frame from the host that has waited this long for the guest to post receive buffers is dropped, with
+    # what the tap queued meanwhile (counted: rx drops, ring_full); Linux's rx_drain_timeout_msecs.  0: wait
+    # for ever (the tap's own queue, txqueuelen frames, then drops on the host side).
+    rx_drain_timeout_ms: int = 10000
 
 
 # Accepted values of the integer keys, inclusive.
 NET_RANGES: dict[str, tuple[int, int]] = {
     "max_queues": (1, 64),
+    "rx_drain_timeout_ms": (0, 600_000),
 }

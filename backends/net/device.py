@@ -201,7 +201,7 @@ class NetDeviceClass:
         v4, v6 = fe.rx_gso
         qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
                               rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
-                              check_mac=self.cfg.check_mac)
+                              check_mac=self.cfg.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms)
         loop = asyncio.get_running_loop()
 
         def on_dead(message: str) -> None:
