@@ -305,6 +305,7 @@ class struct_pv_net_queue_config(CData):
     rx_csum: int
     check_mac: int
     mac: IntArray
+    rx_drain_timeout_ms: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_net_queue_config: ...
 
 class struct_pv_net_stats(CData):
@@ -322,6 +323,7 @@ class struct_pv_net_stats(CData):
     rx_dropped: int
     rx_gso: int
     rx_stalls: int
+    rx_purges: int
     rules: IntArray
     tx_events: int
     rx_events: int

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "pump.h"
@@ -40,7 +41,8 @@ struct pv_net_queue {
     struct pv_back_ring tx, rx;
     int dead;
     struct pv_net_stats st;
-    struct pv_pump_source src[3];
+    struct pv_pump_source src[4];
+    int timer; /* timerfd armed while a frame is held (rx_drain_timeout_ms), -1 without a timeout */
     uint32_t nsrc;
     int tap_src; /* index of the tap in src[] */
 
@@ -539,6 +541,34 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
     return 1;
 }
 
+/* Arm (ms > 0) or disarm (0) the drain timer; a queue without a timeout has none. */
+static void drain_timer(struct pv_net_queue *q, uint32_t ms)
+{
+    if (q->timer < 0)
+        return;
+    struct itimerspec its = {.it_value = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L}};
+    (void)timerfd_settime(q->timer, 0, &its, NULL);
+}
+
+/* The stall outlasted rx_drain_timeout_ms: drop the held frame and what the tap queued meanwhile (bounded:
+ * a flood cannot keep us here), then poll the tap again. */
+static void rx_purge(struct pv_net_queue *q)
+{
+    if (!q->held_len)
+        return;
+    q->st.rx_purges++;
+    q->st.rx_dropped++;
+    q->held_len = q->held_off = 0;
+    q->rxoff = 0;
+    for (uint32_t i = 0; i < 4 * q->rx.size; i++) {
+        ssize_t n = read(q->tap, q->rxbuf, RX_READ_MAX);
+        if (n < 0)
+            break; /* EAGAIN: drained; an error shows at the next read of the data path */
+        q->st.rx_dropped++;
+    }
+    q->src[q->tap_src].fd = q->tap;
+}
+
 int32_t pv_net_queue_rx(struct pv_net_queue *q)
 {
     if (q->dead)
@@ -576,8 +606,10 @@ int32_t pv_net_queue_rx(struct pv_net_queue *q)
         }
         if (r == 0) {
             /* No buffers: hold the frame, stop polling the tap until the frontend posts (its event). */
-            if (!q->held_len)
+            if (!q->held_len) {
                 q->st.rx_stalls++;
+                drain_timer(q, q->cfg.rx_drain_timeout_ms);
+            }
             q->held_off = off;
             q->held_len = total;
             q->src[q->tap_src].fd = -1;
@@ -586,6 +618,7 @@ int32_t pv_net_queue_rx(struct pv_net_queue *q)
         if (q->held_len) {
             q->held_len = 0;
             q->src[q->tap_src].fd = q->tap;
+            drain_timer(q, 0);
         }
     }
     rx_flush(q);
@@ -627,6 +660,15 @@ static int32_t on_rx_event(void *ctx)
     return unmask(q->ev_rx);
 }
 
+static int32_t on_timer(void *ctx)
+{
+    struct pv_net_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->timer, &expirations, sizeof(expirations)) == (ssize_t)sizeof(expirations))
+        rx_purge(q);
+    return 0;
+}
+
 static int32_t on_tap(void *ctx)
 {
     struct pv_net_queue *q = ctx;
@@ -659,6 +701,8 @@ void pv_net_queue_destroy(struct pv_net_queue *q)
         return;
     if (q->tap >= 0)
         close(q->tap);
+    if (q->timer >= 0)
+        close(q->timer);
     free(q->txslots);
     free(q->txrsp);
     free(q->txseg);
@@ -702,6 +746,7 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
     if (!q)
         FAIL("out of memory");
     q->tap = -1;
+    q->timer = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->ev_tx = evtchn_tx;
@@ -736,6 +781,12 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
     q->tap_src = (int)n;
     /* hangup_rc 0: the handler's read says what happened to the tap. */
     q->src[n++] = (struct pv_pump_source){.fd = q->tap, .ready = on_tap, .ctx = q, .hangup_rc = 0};
+    if (cfg->rx_drain_timeout_ms) {
+        q->timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+        q->src[n++] = (struct pv_pump_source){.fd = q->timer, .ready = on_timer, .ctx = q, .hangup_rc = 0};
+    }
     q->nsrc = n;
     return q;
 #undef FAIL

@@ -14,7 +14,10 @@
  * ignores ids), a GSO extra-info slot after the first response where the frame is GSO, csum_blank /
  * data_validated from the header, one grant-copy call per batch, then responses and a notify as the ring
  * rules say.  A frame that finds too few posted buffers is held and the tap is not polled until the frontend
- * posts more (req_event is set for that): the host's tap queue, not us, then bounds the backlog.
+ * posts more (req_event is set for that): the host's tap queue, not us, then bounds the backlog.  A stall
+ * longer than rx_drain_timeout_ms (a timerfd in the pump) drops the held frame and what the tap queued
+ * (counted in rx_dropped and rx_purges), as Linux's rx_drain_timeout purges a queue nobody drains; then the
+ * tap is polled again (the next frame may stall again).
  *
  * A fatal TX rule (netif.h) or a runaway req_prod kills the queue: the run call returns -PV_NET_EDEAD and
  * the device disables the vif from the control path (XSA-90: never inline).
@@ -53,6 +56,8 @@ struct pv_net_queue_config {
     uint8_t rx_csum;       /* frontend takes csum_blank frames */
     uint8_t check_mac;     /* drop TX frames whose source MAC is not `mac` (anti-spoofing) */
     uint8_t mac[6];
+    uint32_t rx_drain_timeout_ms; /* a frame held this long for want of posted buffers is dropped, with what
+                                   * the tap queued meanwhile (Linux rx_drain_timeout_msecs); 0: never */
 };
 
 struct pv_net_stats {
@@ -68,6 +73,7 @@ struct pv_net_stats {
     uint64_t rx_dropped; /* frames the frontend could not take (too big without SG, bad offload) */
     uint64_t rx_gso;
     uint64_t rx_stalls; /* times a frame waited for posted buffers */
+    uint64_t rx_purges; /* stalls that outlasted rx_drain_timeout_ms: the held and queued frames dropped */
     uint64_t rules[PV_NETIF_NR_REASONS]; /* hits per PV_NETIF_E_* rule */
     uint64_t tx_events;
     uint64_t rx_events;

@@ -3,7 +3,7 @@
 Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
     {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
                                "errors": {reason: n}, "shapes": {shape: n}, "ring_full": n,
-                               "latency_us_log2": [n0, n1, ...]}]}
+                               "latency_us_log2": [n0, n1, ...], "drops": {direction: n}}]}
 where latency bucket 0 counts requests that took < 1 µs and bucket i those in [2**(i-1), 2**i) µs, so the
 cumulative count through bucket i is the Prometheus bucket le=2**i µs.  The C path keeps no latency sum;
 when a queue does not report `latency_us_sum`, the histogram's _sum is estimated from bucket midpoints
@@ -62,6 +62,7 @@ class BusCollector(Collector):
         errs = CounterMetricFamily("pvback_errors", "Requests failed", labels=[*qlabels, "reason"])
         shapes = CounterMetricFamily("pvback_request_shapes", "Requests received, by shape (op/segments/sector/fill)",
                                      labels=[*qlabels, "shape"])
+        drops = CounterMetricFamily("pvback_drops", "Packets dropped", labels=[*qlabels, "direction"])
         full = CounterMetricFamily("pvback_ring_full", "Times the request pool or ring was full", labels=qlabels)
         lat = HistogramMetricFamily("pvback_request_latency_seconds", "Request latency", labels=qlabels)
         connects = CounterMetricFamily("pvback_device_connects", "Times the device connected", labels=labels)
@@ -89,6 +90,8 @@ class BusCollector(Collector):
                     errs.add_metric([*ql, str(reason)], float(n))
                 for shape, n in q.get("shapes", {}).items():
                     shapes.add_metric([*ql, str(shape)], float(n))
+                for d, n in q.get("drops", {}).items():
+                    drops.add_metric([*ql, str(d)], float(n))
                 full.add_metric(ql, float(q.get("ring_full", 0)))
                 hist = list(q.get("latency_us_log2", []))
                 if hist:
@@ -102,7 +105,7 @@ class BusCollector(Collector):
                     if total_us is None:
                         total_us = sum(n * (0.5 if i == 0 else 1.5 * 2 ** (i - 1)) for i, n in enumerate(hist))
                     lat.add_metric(ql, buckets, sum_value=float(total_us) / 1e6)
-        yield from (state, connects, failures, reqs, nbytes, errs, shapes, full, lat)
+        yield from (state, connects, failures, reqs, nbytes, errs, shapes, drops, full, lat)
 
 
 def render(get_bus: Callable[[], Any]) -> bytes:

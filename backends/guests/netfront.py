@@ -14,10 +14,13 @@ import os
 import select
 import struct
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.guests.guest import Guest, GuestPort
 from backends.native.ring import FrontRing
+
+if TYPE_CHECKING:
+    from backends.xenstore.client import XenStoreClient
 
 PAGE = 4096
 # io/netif.h
@@ -39,6 +42,9 @@ VNET_GSO_TCPV4, VNET_GSO_TCPV6 = 1, 4
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 1, 2, 4
 MAX_TX_SLOTS = 18  # XEN_NETIF_NR_SLOTS_MIN: what a backend must accept
+
+
+_QUEUE_KEYS = frozenset({"tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx"})
 
 
 def l4_offsets(frame: bytes) -> tuple[int, int, int] | None:
@@ -262,8 +268,53 @@ class NetFront:
         os.write(self.tap, VNET.pack(vflags, gtype, hl if gtype else 0, gsize, cs, co) + frame)
         self.stats["rx"] += 1
 
+    @property
+    def queue_keys(self) -> dict[str, str]:
+        """This queue's ring and event channel keys (in `queue-N/` when the vif has several queues)."""
+        return {k: v for k, v in self.keys().items() if k in _QUEUE_KEYS}
+
+    @property
+    def vif_keys(self) -> dict[str, str]:
+        """The vif-wide keys (features), the same for every queue."""
+        return {k: v for k, v in self.keys().items() if k not in _QUEUE_KEYS}
+
     def __enter__(self) -> NetFront:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront], *, timeout: float = 20.0,
+                         start: bool = True) -> str:
+    """xen-netfront's side of the handshake for one vif with `len(fronts)` queues: wait for the backend's
+    InitWait, write the keys in one transaction (`queue-N/` for several queues), go Connected, wait for the
+    backend's Connected (netback holds it until the vif is plugged), then start the queues (unless `start`
+    is False).  Returns the
+    backend path."""
+    from backends.xenbus.state import XenbusState
+    from backends.xenbus.toolstack import wait_for_state
+
+    be = await xs.read_str(f"{fe_path}/backend")
+    if be is None:
+        raise FileNotFoundError(f"{fe_path}/backend: no such device")
+    await wait_for_state(xs, be, {XenbusState.INIT_WAIT, XenbusState.CONNECTED}, timeout)
+    values = dict(fronts[0].vif_keys)
+    if len(fronts) == 1:
+        values |= fronts[0].queue_keys
+    else:
+        values["multi-queue-num-queues"] = str(len(fronts))
+        for i, nf in enumerate(fronts):
+            values |= {f"queue-{i}/{k}": v for k, v in nf.queue_keys.items()}
+
+    async def body(tx: Any) -> None:
+        for k, v in values.items():
+            await tx.write(f"{fe_path}/{k}", v)
+        await tx.write(f"{fe_path}/state", str(int(XenbusState.CONNECTED)))
+
+    await xs.transaction(body)
+    await wait_for_state(xs, be, XenbusState.CONNECTED, timeout)
+    if start:  # start=False: a test drives the rings by hand
+        for nf in fronts:
+            nf.start()
+    return be

@@ -19,7 +19,7 @@ from backends.xenbus.pump import PumpThread
 RULES = tuple(ffi.string(lib.pv_netif_reason_name(i)).decode() for i in range(int(lib.PV_NETIF_NR_REASONS)))
 _COUNTERS = (
     "tx_packets", "tx_bytes", "tx_dropped", "tx_gso", "tx_csum_blank", "tx_zero_frags", "tx_mcast",
-    "rx_packets", "rx_bytes", "rx_dropped", "rx_gso", "rx_stalls", "tx_events", "rx_events", "tap_wakeups",
+    "rx_packets", "rx_bytes", "rx_dropped", "rx_gso", "rx_stalls", "rx_purges", "tx_events", "rx_events", "tap_wakeups",
     "grant_copy_calls", "grant_copy_segs", "tx_notifies", "rx_notifies",
 )  # fmt: skip
 
@@ -38,6 +38,7 @@ class NetQueueConfig:
     rx_gso_tcpv6: bool = False
     rx_csum: bool = False
     check_mac: bool = True
+    rx_drain_timeout_ms: int = 0  # 0: a frame waits for posted buffers for ever (the tap queue bounds the rest)
 
 
 class NetQueue:
@@ -54,6 +55,7 @@ class NetQueue:
         c.rx_gso_tcpv6 = cfg.rx_gso_tcpv6
         c.rx_csum = cfg.rx_csum
         c.check_mac = cfg.check_mac
+        c.rx_drain_timeout_ms = cfg.rx_drain_timeout_ms
         c.mac[0:6] = bytes(cfg.mac)
         err = ffi.new("char[]", 256)
         q = lib.pv_net_queue_create(tx_ring, rx_ring, c, gnt, ev_tx if ev_tx is not None else ffi.NULL,

@@ -144,12 +144,12 @@ def test_bad_config_and_options(bed: Bed) -> None:
     typo = bed.root / "typo.toml"
     typo.write_text("[serve]\nlog_levle = 'debug'\n")
     badtype = bed.root / "types.toml"
-    badtype.write_text("[serve]\nbackend_types = ['qdisk', 'vif']\n")
+    badtype.write_text("[serve]\nbackend_types = ['qdisk', 'vif9']\n")
     cases = [
         (["--config", str(bed.root / "nope.toml")], ("cannot read config", "No such file")),
         (["--config", str(bad_toml)], ("not valid TOML",)),
         (["--config", str(typo)], ("unknown key [serve] log_levle", "known:")),
-        (["--config", str(badtype)], ("unknown backend type 'vif'",)),
+        (["--config", str(badtype)], ("unknown backend type 'vif9'",)),
         (["--metrics", "nonsense"], ("not HOST:PORT",)),
         (["--types", "qdisk,foo"], ("unknown backend type 'foo'",)),
     ]

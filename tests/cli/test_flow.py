@@ -36,7 +36,7 @@ def test_serve_status_metrics_and_detach(bed: Bed) -> None:
 
     # status: the domain, the device Connected on both sides, negotiated features, and throughput.
     out = res.stdout
-    assert re.search(rf"^{domid}\s+guest\s+1\s+0\s*$", out, re.M), out  # DOMID NAME DISKS TPMS
+    assert re.search(rf"^{domid}\s+guest\s+1\s+0\s+0\s*$", out, re.M), out  # DOMID NAME DISKS NICS TPMS
     row = next(ln for ln in out.splitlines() if ln.startswith("qdisk"))
     cols = row.split()
     assert cols[:6] == ["qdisk", str(domid), str(XVDA), "xvda", "Connected", "Connected"], row

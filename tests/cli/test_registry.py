@@ -34,7 +34,7 @@ def test_a_device_type_from_a_test_package_is_served(bed: Bed) -> None:
     assert bed.xs("read", f"{be}/greeting") == b"hi there"
 
     out = run("status", *bed.sim_args(), "--metrics", addr, "--interval", "0", extra_env=TOY).stdout
-    assert re.search(rf"^{domid}\s+guest\s+0\s+0\s+1\s*$", out, re.M), out  # DOMID NAME DISKS TPMS TOYS
+    assert re.search(rf"^{domid}\s+guest\s+0\s+0\s+0\s+1\s*$", out, re.M), out  # DOMID NAME DISKS NICS TPMS TOYS
     row = next(ln for ln in out.splitlines() if ln.startswith("toy "))
     assert row.split()[:5] == ["toy", str(domid), "3", "Connected", "Initialised"], row  # no `dev` key
     assert "bob" in row and "greeting=hi there" in row and "fe:word=there" in row, row

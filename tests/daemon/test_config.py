@@ -17,6 +17,7 @@ def test_shipped_example_equals_defaults() -> None:
     assert shipped.platform == default.platform
     assert shipped.serve == default.serve
     assert shipped.blk == default.blk
+    assert shipped.section("net") == default.section("net")
 
 
 @pytest.mark.parametrize(

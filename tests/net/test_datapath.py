@@ -70,7 +70,7 @@ class Wire:
     """Guest + netfront + backend queues, started on the running loop."""
 
     def __init__(self, plat: EmulatedPlatform, broker: str, g: NetNS, p: NetNS, *, mtu: int = 1500,
-                 queues: int = 1, offload: bool = False, split: bool = False) -> None:
+                 queues: int = 1, offload: bool = False, split: bool = False, drain_ms: int = 0) -> None:
         self.plat = plat
         self.gfds = guest_tap(g, mtu, queues)
         self.tap = Tap("vif1.0", mac=HOST_MAC, mtu=mtu, queues=queues)
@@ -94,7 +94,8 @@ class Wire:
             else:
                 ev_tx, ev_rx = plat.bind_interdomain(self.guest.domid, int(k["event-channel"])), None
             cfg = NetQueueConfig(frontend_domid=self.guest.domid, mac=bytes.fromhex(GUEST_MAC.replace(":", "")),
-                                 rx_gso_tcpv4=offload, rx_gso_tcpv6=offload, rx_csum=offload)
+                                 rx_gso_tcpv4=offload, rx_gso_tcpv6=offload, rx_csum=offload,
+                                 rx_drain_timeout_ms=drain_ms)
             self.dead: list[str] = []
             self.dps.append(NetDataplane(tx, rx, ev_tx, ev_rx, plat.gnt, self.tap.fds[qi], cfg,
                                          on_dead=self.dead.append, name=f"q{qi}"))
@@ -220,6 +221,49 @@ def test_hostile_tx_drops_then_fatal_disables_only_that_queue(bed: Any) -> None:
             with pytest.raises(QueueDeadError):
                 q.rx()
             assert not w.dps[0].queue.stats()["rule_fatal_slots"] and w.dps[0]._pump.running
+        finally:
+            await w.close(p)
+
+    run(main())
+
+
+def test_rx_stall_is_purged_after_the_drain_timeout(bed: Any) -> None:
+    """A frontend that posts no RX buffers: the first host frame is held (a stall), and once the stall outlasts
+    rx_drain_timeout_ms it and what the tap queued are dropped and counted; when the frontend starts posting,
+    traffic flows again.  The TX side is unaffected meanwhile."""
+    import socket
+    import time
+
+    plat, broker, g, p = bed
+
+    async def main() -> None:
+        w = Wire(plat, broker, g, p, drain_ms=150)
+        try:
+            for dp in w.dps:
+                dp.start(asyncio.get_running_loop())  # the netfront is not started: no RX buffers posted
+            p.ip("neigh", "add", "198.18.0.2", "lladdr", GUEST_MAC, "dev", "vif1.0")
+
+            def blast(n: int) -> None:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    for i in range(n):
+                        s.sendto(i.to_bytes(4, "big") * 64, ("198.18.0.2", 9))
+
+            await asyncio.to_thread(p.run, lambda: blast(20))
+            await asyncio.sleep(0.05)
+            s = w.stats()
+            assert s["rx_stalls"] == 1 and s["rx_purges"] == 0 and s["rx_packets"] == 0, s
+            deadline = time.monotonic() + 5
+            while w.stats()["rx_purges"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            s = w.stats()
+            assert s["rx_purges"] == 1 and s["rx_dropped"] >= 20 and s["rx_packets"] == 0, s
+            assert not w.dead
+            # The frontend comes up: the next frames are delivered.
+            for nf in w.fronts:
+                nf.start()
+            assert await asyncio.to_thread(g.run, lambda: pingtcp.ping("198.18.0.1", count=3)) == 3
+            s = w.stats()
+            assert s["rx_packets"] >= 3 and s["rx_purges"] == 1, s
         finally:
             await w.close(p)
 

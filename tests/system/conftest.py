@@ -164,11 +164,12 @@ class ServeProc:
         self.killed = False
         self.kills = 0  # SIGKILLs so far: a killed daemon leaves grants pinned (see Bed.aclose)
         self.generation = 0
+        self.prefix: list[str] = []  # e.g. `ip netns exec NAME`: the daemon runs in that network namespace
 
     def start(self) -> None:
         assert self.proc is None or not self.proc.alive, "serve is already running"
         self.port = free_port()
-        argv = [*PY, "serve", "--platform", "emulated", "--sim-dir", str(self.sim.dir),
+        argv = [*self.prefix, *PY, "serve", "--platform", "emulated", "--sim-dir", str(self.sim.dir),
                 "--metrics", f"127.0.0.1:{self.port}"]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]

@@ -1,0 +1,61 @@
+"""`pvback attach nic DOMID [--mac M] [--queues N] [--mtu N] [--devid N]` / `detach nic DOMID DEVID`: the keys
+libxl writes for `vif=["mac=...,mtu=..."]` (backend: mac, mtu, handle; frontend: mac, mtu, handle), plus our own
+cap on the queues offered.  The xenstore work itself is the daemon's (generic over device types)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from backends.net.proto import DEFAULT_MTU, MAX_MTU, MIN_MTU, ProtocolError, format_mac, parse_mac, vif_name
+from backends.xenbus.registry import AttachSpec, CommandError, Commands
+from backends.xenbus.toolstack import ATTACHED_MARK
+
+MAX_DEVID = 255
+MAX_QUEUES = 64
+MAX_QUEUES_KEY = "pvback-max-queues"  # backends.net.device reads it
+
+
+def random_mac() -> str:
+    """libxl's default: Xen's OUI 00:16:3e and three random bytes."""
+    return format_mac(b"\x00\x16\x3e" + bytes([os.urandom(1)[0] & 0x7F]) + os.urandom(2))
+
+
+def nic_spec(domid: int, devid: int, mac: str | None, queues: int | None, mtu: int | None) -> AttachSpec:
+    if not 0 <= devid <= MAX_DEVID:
+        raise CommandError(f"--devid {devid}: must be 0..{MAX_DEVID}")
+    try:
+        vif_name(domid, devid, None)
+        the_mac = format_mac(parse_mac(mac)) if mac is not None else random_mac()
+    except ProtocolError as exc:
+        raise CommandError(f"{exc} (e.g. --mac 00:16:3e:12:34:56)") from exc
+    if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+        raise CommandError(f"--mtu {mtu}: must be {MIN_MTU}..{MAX_MTU}")
+    if queues is not None and not 1 <= queues <= MAX_QUEUES:
+        raise CommandError(f"--queues {queues}: must be 1..{MAX_QUEUES}")
+    the_mtu = str(mtu if mtu is not None else DEFAULT_MTU)
+    backend = {"mac": the_mac, "mtu": the_mtu, "handle": str(devid), ATTACHED_MARK: "1"}
+    if queues is not None:
+        backend[MAX_QUEUES_KEY] = str(queues)
+    frontend = {"mac": the_mac, "mtu": the_mtu, "handle": str(devid)}
+    return AttachSpec(devid=devid, backend=backend, frontend=frontend)
+
+
+def _add_attach(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mac", help="the guest's MAC (default: 00:16:3e plus three random bytes, as libxl)")
+    p.add_argument("--queues", type=int, help="most queues offered to the frontend (default: [net] max_queues)")
+    p.add_argument("--mtu", type=int, help=f"the NIC's MTU (default {DEFAULT_MTU})")
+    p.add_argument("--devid", type=int, default=0, help="the NIC's number: the tap is vif<domid>.<devid>")
+
+
+def _add_detach(p: argparse.ArgumentParser) -> None:
+    p.add_argument("devid", type=int, nargs="?", default=0)
+
+
+COMMANDS = Commands(
+    add_attach_arguments=_add_attach,
+    attach_spec=lambda args: nic_spec(args.domid, args.devid, args.mac, args.queues, args.mtu),
+    add_detach_arguments=_add_detach,
+    detach_devid=lambda args: int(args.devid),
+    describe=lambda args: f"nic {args.devid}",
+)

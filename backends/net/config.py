@@ -1,0 +1,37 @@
+"""netback's configuration section, `[net]`, with every default documented here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Backend directory types netback can serve: what libxl writes for `vif=[...]`.
+NET_BACKEND_TYPES = ("vif",)
+
+
+@dataclass
+class NetConfig:
+    # Queues offered to a frontend (multi-queue-max-queues), one pump thread each.  Linux offers one per dom0
+    # vCPU; more queues than cores only adds wakeups.  `pvback attach nic --queues` may offer fewer.
+    max_queues: int = 2
+    # Offer feature-gso-tcpv4/6: the guest hands us 64 KiB TCP frames and the host kernel segments them (the
+    # tap takes them with a virtio_net_hdr).  Off: the guest segments (more packets, more CPU on both sides).
+    gso: bool = True
+    # Offer feature-split-event-channels (one channel per direction and queue, as Linux).
+    split_event_channels: bool = True
+    # Offer feature-xdp-headroom (the frontend may ask for room before each RX frame, up to 1024 bytes).
+    xdp_headroom: bool = True
+    # Drop (and count, reason "spoof") TX frames whose source MAC is not the vif's `mac`: what libxl's
+    # vif-route rules or OVN port security enforce.  false: a guest may send with any source MAC (bridging
+    # guests, VRRP).
+    check_mac: bool = True
+    # A frame from the host that has waited this long for the guest to post receive buffers is dropped, with
+    # what the tap queued meanwhile (counted: rx drops, ring_full); Linux's rx_drain_timeout_msecs.  0: wait
+    # for ever (the tap's own queue, txqueuelen frames, then drops on the host side).
+    rx_drain_timeout_ms: int = 10000
+
+
+# Accepted values of the integer keys, inclusive.
+NET_RANGES: dict[str, tuple[int, int]] = {
+    "max_queues": (1, 64),
+    "rx_drain_timeout_ms": (0, 600_000),
+}

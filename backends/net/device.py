@@ -1,0 +1,292 @@
+"""netback's device class: the lifecycle callbacks the bus calls for each `backend/vif` device.
+
+realize: read the toolstack's `mac`/`mtu`/`vifname`/`rate` (`bridge` is not ours to act on yet: the switch comes
+with the OVS work), create the persistent tap `vif<domid>.<devid>` (or re-attach the one a previous daemon
+left), offer netback's features and say `hotplug-status=connected`: the vif exists and is up, which is what
+Linux's hotplug script reports and what libxl waits for before it unpauses the guest.  The class has
+`hotplug_gate`, so Connected is only ever announced once that key says so (an external script may own it).
+connect: the frontend's keys strictly, one tap queue and one C pump per netif queue (rings mapped, event
+channel(s) bound, split or not), the tap's offloads from what the frontend takes.  disconnect: stop the pumps,
+unmap, unbind, let go of the tap's queues (the interface stays).  unrealize: delete the tap, unless the daemon
+is restarting (`dev.restarting`): the next daemon re-attaches to the same interface and rings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError
+from backends.net.commands import MAX_QUEUES_KEY  # `attach nic --queues`: our cap on the queues offered
+from backends.net.dataplane import RULES, NetDataplane, NetQueueConfig
+from backends.net.proto import (
+    HOST_MAC,
+    BackendOffer,
+    FrontendConfig,
+    ProtocolError,
+    Rate,
+    format_mac,
+    frontend_key_names,
+    parse_frontend,
+    parse_mac,
+    parse_mtu,
+    parse_rate,
+    parse_uint,
+    probe_keys,
+    vif_name,
+)
+from backends.xenbus.device import DeviceError
+from backends.xenbus.state import XenbusState
+
+if TYPE_CHECKING:
+    from backends.net.config import NetConfig
+    from backends.platform.base import EventChannel, GrantMapping
+    from backends.xenbus.device import BackendDevice
+
+log = logging.getLogger("pvback.net")
+
+_FE_VALUE_MAX = 32  # a netfront key is a number or 0/1
+HOTPLUG_STATUS = "hotplug-status"
+
+
+def tap_offload(fe: FrontendConfig) -> int:
+    """TUN_F_* bits: what the host may hand us for this frontend (partial checksums, TSO frames)."""
+    if not fe.rx_csum:
+        return 0
+    v4, v6 = fe.rx_gso
+    return TUN_F_CSUM | (TUN_F_TSO4 if v4 else 0) | (TUN_F_TSO6 if v6 else 0)
+
+
+@dataclass
+class NetVif:
+    """Per-device state (BackendDevice.data)."""
+
+    name: str  # the tap's interface name
+    mac: bytes  # the guest's MAC (backend `mac`): the anti-spoofing source address
+    mtu: int
+    offer: BackendOffer
+    rate: Rate | None = None
+    multicast_control: bool = False
+    frontend: FrontendConfig | None = None
+    tap: Tap | None = None
+    queues: list[NetDataplane] = field(default_factory=list)
+    offload: int = 0
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    dead: str | None = None
+    # The queues' last counters once disconnected: a vif disabled for breaking a rule still shows which rule
+    # (until it connects again and its new queues count from zero).
+    last: list[dict[str, Any]] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        out = []
+        for dp in self.queues:
+            s = dp.stats()
+            if s:
+                out.append(metrics_view(s))
+        return {"queues": out or self.last, "net": self.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        fe = self.frontend
+        return {"vif": self.name, "mac": format_mac(self.mac), "mtu": self.mtu, "queues": len(self.queues),
+                "offloads": offload_names(self.offload), "split": bool(fe and any(q.split for q in fe.queues)),
+                "rate": f"{self.rate.bytes},{self.rate.usecs}" if self.rate else ""}
+
+
+def offload_names(flags: int) -> str:
+    names = [n for bit, n in ((TUN_F_CSUM, "csum"), (TUN_F_TSO4, "tso4"), (TUN_F_TSO6, "tso6")) if flags & bit]
+    return ",".join(names) or "none"
+
+
+def metrics_view(s: dict[str, int]) -> dict[str, Any]:
+    """One queue's C counters in the metrics endpoint's shape (backends.daemon.metrics): requests are packets
+    and bytes by netif direction (tx: guest -> host, rx: host -> guest); errors are the slot-rule hits by rule
+    name (every TX drop has one) plus the RX frames the frontend could not take; ring_full is the times a
+    host frame waited for the frontend to post RX buffers."""
+    errors = {name: s.get(f"rule_{name}", 0) for name in RULES[1:]}
+    errors["rx_dropped"] = s.get("rx_dropped", 0)
+    return {
+        "requests": {"tx": s.get("tx_packets", 0), "rx": s.get("rx_packets", 0)},
+        "bytes": {"tx": s.get("tx_bytes", 0), "rx": s.get("rx_bytes", 0)},
+        "errors": {k: v for k, v in errors.items() if v},
+        "drops": {"tx": s.get("tx_dropped", 0), "rx": s.get("rx_dropped", 0)},
+        "ring_full": s.get("rx_stalls", 0),
+    }
+
+
+class NetDeviceClass:
+    connect_states = frozenset({XenbusState.CONNECTED})  # Linux netback connects on the frontend's Connected
+    hotplug_gate = True
+    watch_backend_keys = ("rate",)
+    watch_frontend_keys = ("request-multicast-control",)
+
+    def __init__(self, cfg: NetConfig, type_names: tuple[str, ...] = ("vif",)) -> None:
+        self.cfg = cfg
+        self.type_names = type_names
+        self.taps: dict[str, str] = {}  # interface name -> backend path of the device using it
+
+    # -- realize / unrealize ----------------------------------------------------------------------------
+
+    async def realize(self, dev: BackendDevice) -> None:
+        try:
+            mac = parse_mac(await dev.read_backend("mac"))
+            mtu = parse_mtu(await dev.read_backend("mtu"))
+            name = vif_name(dev.frontend_id, dev.devid, await dev.read_backend("vifname"))
+            cap = await dev.read_backend(MAX_QUEUES_KEY)
+            max_queues = parse_uint(cap, MAX_QUEUES_KEY, 1, 64, self.cfg.max_queues)
+        except ProtocolError as exc:
+            raise DeviceError(f"bad toolstack keys: {exc}") from exc
+        if await dev.read_backend("bridge"):
+            dev.log.info("bridge key ignored: pvback leaves the tap unbridged (plug it with script= or by hand)")
+        owner = self.taps.get(name)
+        if owner is not None and owner != dev.backend_path:
+            raise DeviceError(f"interface {name} is already the tap of {owner}")
+        offer = BackendOffer(max_queues=min(max_queues, self.cfg.max_queues), gso=self.cfg.gso,
+                             split_event_channels=self.cfg.split_event_channels, xdp_headroom=self.cfg.xdp_headroom)
+        tap = Tap(name, mac=HOST_MAC, mtu=mtu, queues=1)
+        try:
+            info = await asyncio.to_thread(tap.open)
+        except TapError as exc:
+            raise DeviceError(f"cannot create the tap: {exc}") from exc
+        tap.close()  # the interface stays; connect attaches one fd per negotiated queue
+        self.taps[name] = dev.backend_path
+        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer)
+        await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
+        dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
+                                        "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
+
+    async def unrealize(self, dev: BackendDevice) -> None:
+        vif: NetVif | None = dev.data
+        if vif is None:
+            return
+        await self.disconnect(dev)
+        if not dev.restarting:
+            try:
+                await asyncio.to_thread(Tap(vif.name, mac=HOST_MAC, mtu=vif.mtu).remove)
+            except TapError as exc:
+                dev.log.warning("cannot delete the tap: %s", exc, extra={"vif": vif.name})
+        if self.taps.get(vif.name) == dev.backend_path:
+            del self.taps[vif.name]
+        dev.log.info("unrealized", extra={"vif": vif.name, "tap_kept": dev.restarting})
+        dev.data = None
+
+    # -- connect / disconnect ---------------------------------------------------------------------------
+
+    async def _frontend_keys(self, dev: BackendDevice, max_queues: int) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        nq_text = await dev.read_frontend("multi-queue-num-queues", max_len=_FE_VALUE_MAX)
+        try:
+            nq = parse_uint(nq_text, "multi-queue-num-queues", 1, max_queues, 1)
+        except ProtocolError as exc:
+            raise DeviceError(f"frontend keys: {exc}") from exc
+        for k in frontend_key_names(nq):
+            v = await dev.read_frontend(k, max_len=_FE_VALUE_MAX)
+            if v is not None:
+                keys[k] = v
+        return keys
+
+    async def connect(self, dev: BackendDevice) -> None:
+        vif: NetVif = dev.data
+        keys = await self._frontend_keys(dev, vif.offer.max_queues)
+        try:
+            fe = parse_frontend(keys, max_queues=vif.offer.max_queues)
+        except ProtocolError as exc:
+            raise DeviceError(f"frontend keys: {exc}") from exc
+        if any(q.split for q in fe.queues) and not vif.offer.split_event_channels:
+            raise DeviceError("frontend uses split event channels, which were not offered")
+        if (fe.gso_tcpv4 or fe.gso_tcpv6) and not fe.sg:
+            dev.log.info("frontend asks for GSO without feature-sg: GSO frames not sent to it")
+        vif.frontend, vif.dead = fe, None
+        v4, v6 = fe.rx_gso
+        qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
+                              rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
+                              check_mac=self.cfg.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms)
+        loop = asyncio.get_running_loop()
+
+        def on_dead(message: str) -> None:
+            # Linux disables the whole vif (xenvif_fatal_tx_err: carrier off) when one queue breaks a fatal rule.
+            vif.dead = message
+            task = loop.create_task(dev.fail(f"frontend broke netif: {message}"))
+            vif.tasks.add(task)
+            task.add_done_callback(vif.tasks.discard)
+
+        tap = Tap(vif.name, mac=HOST_MAC, mtu=vif.mtu, queues=len(fe.queues))
+        try:
+            await asyncio.to_thread(tap.open)
+            vif.tap = tap
+            vif.offload = tap_offload(fe)
+            tap.set_offload(vif.offload)
+        except TapError as exc:
+            await self.disconnect(dev)
+            raise DeviceError(f"cannot attach the tap: {exc}") from exc
+        platform = dev.platform
+        try:
+            for qi, q in enumerate(fe.queues):
+                tx, ev_tx = dev.connect_ring([q.tx_ring_ref], q.event_channel_tx)
+                rx: GrantMapping | None = None
+                ev_rx: EventChannel | None = None
+                try:
+                    rx = platform.map_grants(dev.frontend_id, [q.rx_ring_ref], writable=True)
+                    if q.split:
+                        ev_rx = platform.bind_interdomain(dev.frontend_id, q.event_channel_rx)
+                    dp = NetDataplane(tx, rx, ev_tx, ev_rx, platform.gnt, tap.fds[qi], qcfg, on_dead=on_dead,
+                                      name=f"{vif.name} q{qi}")
+                except BaseException:
+                    for m in (tx, rx):
+                        if m is not None:
+                            m.unmap()
+                    for e in (ev_tx, ev_rx):
+                        if e is not None:
+                            e.close()
+                    raise
+                vif.queues.append(dp)
+                dp.start(loop)
+                # A daemon killed between publishing responses and notifying left the guest waiting for an
+                # event nobody would send (restart recovery); a spurious event costs a frontend nothing.
+                ev_tx.notify()
+                if ev_rx is not None:
+                    ev_rx.notify()
+        except (OSError, ValueError) as exc:
+            await self.disconnect(dev)
+            raise DeviceError(f"cannot connect the rings: {exc}") from exc
+        dev.log.info("connected", extra={"vif": vif.name, "queues": len(fe.queues),
+                                         "split": any(q.split for q in fe.queues), "sg": fe.sg,
+                                         "offloads": offload_names(vif.offload), "xdp_headroom": fe.xdp_headroom})
+
+    async def disconnect(self, dev: BackendDevice) -> None:
+        vif: NetVif | None = dev.data
+        if vif is None:
+            return
+        queues, vif.queues = vif.queues, []
+        if queues:
+            vif.last = [metrics_view(dp.stats()) for dp in queues]
+        for dp in queues:
+            await dp.stop()
+        for t in list(vif.tasks):
+            t.cancel()
+        if vif.tap is not None:
+            vif.tap.close()
+            vif.tap = None
+        dev.release_frontend_domain()
+
+    # -- watched keys -----------------------------------------------------------------------------------
+
+    async def key_changed(self, dev: BackendDevice, side: str, key: str, value: str | None) -> None:
+        vif: NetVif | None = dev.data
+        if vif is None:
+            return
+        if side == "backend" and key == "rate":
+            try:
+                vif.rate = parse_rate(value)
+            except ProtocolError as exc:
+                # Linux: a rate it cannot parse is a warning, and traffic stays unlimited.
+                vif.rate = None
+                dev.log.warning("rate ignored: %s", exc, extra={"vif": vif.name})
+                return
+            if vif.rate is not None:
+                dev.log.warning("rate %d bytes per %d us is not enforced yet (#13)", vif.rate.bytes,
+                                vif.rate.usecs, extra={"vif": vif.name})
+        elif side == "frontend" and key == "request-multicast-control":
+            # Not offered (feature-multicast-control is absent): recorded; every multicast frame is delivered.
+            vif.multicast_control = value == "1"
