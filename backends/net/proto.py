@@ -10,6 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The key grammar every device type shares, re-exported as net's own.
+from backends.xenbus.keys import ProtocolError as ProtocolError
+from backends.xenbus.keys import frontend_queue_dirs as frontend_queue_dirs
+from backends.xenbus.keys import parse_bool as parse_bool
+from backends.xenbus.keys import parse_uint as parse_uint
+
 EVTCHN_MAX_PORT = (1 << 17) - 1  # FIFO ABI: 2^17 ports
 GRANT_REF_MAX = (1 << 32) - 1
 DEFAULT_MTU = 1500  # io/netif.h: "If this node is absent the frontend should assume an MTU value of 1500"
@@ -22,10 +28,6 @@ MAX_XDP_HEADROOM = 1024
 # The host-side MAC of every vif (Xen's vif scripts, XenServer): the guest's own MAC is the backend `mac` key.
 HOST_MAC = "fe:ff:ff:ff:ff:ff"
 IFNAMSIZ = 16
-
-
-class ProtocolError(ValueError):
-    """A key's value breaks the protocol: the device (only it) fails."""
 
 
 @dataclass(frozen=True)
@@ -90,33 +92,6 @@ class FrontendConfig:
         xenvif_fix_features)."""
         ok = self.sg and self.rx_csum
         return ok and self.gso_tcpv4, ok and self.gso_tcpv6
-
-
-def parse_uint(value: str | None, what: str, lo: int, hi: int, default: int | None = None) -> int:
-    """Decimal digits only (no sign, space, hex or leading '+'), within [lo, hi]."""
-    if value is None:
-        if default is None:
-            raise ProtocolError(f"{what} missing")
-        return default
-    if not value.isascii() or not value.isdigit() or len(value) > 20:
-        raise ProtocolError(f"{what} {value[:32]!r} is not an unsigned decimal")
-    n = int(value)
-    if not lo <= n <= hi:
-        raise ProtocolError(f"{what} {n} not in {lo}..{hi}")
-    return n
-
-
-def parse_bool(value: str | None, what: str, default: bool = False) -> bool:
-    if value is None:
-        return default
-    if value in ("0", "1"):
-        return value == "1"
-    raise ProtocolError(f"{what} {value[:32]!r} is neither 0 nor 1")
-
-
-def frontend_queue_dirs(nr_queues: int) -> list[str]:
-    """Where each queue's keys live: the top directory for one queue, `queue-N/` otherwise (Linux)."""
-    return [""] if nr_queues == 1 else [f"queue-{i}/" for i in range(nr_queues)]
 
 
 def frontend_key_names(nr_queues: int) -> list[str]:
