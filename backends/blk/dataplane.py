@@ -20,7 +20,7 @@ from backends.blk.proto import DEFAULT_MAX_PERSISTENT_GRANTS, OP_NAMES, Abi
 from backends.native import CData, ffi, lib, struct_pv_blk_queue, struct_pv_evtchn, struct_pv_gnt, struct_pv_io_engine
 from backends.native.handle import CHandle
 from backends.platform.base import EventChannel, GrantMapping
-from backends.xenbus.pump import PumpThread
+from backends.xenbus.pump import QueueDataplane
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
         lib.pv_blk_queue_destroy(c)
 
 
-class BlkDataplane:
+class BlkDataplane(QueueDataplane):
     """One queue of a connected disk: owns the ring mapping, the bound event channel, the C queue and the
     queue's pump thread (backends.xenbus.pump).
 
@@ -276,39 +276,14 @@ class BlkDataplane:
     ) -> None:
         if ring.npages != cfg.nr_ring_pages:
             raise ValueError(f"ring mapping has {ring.npages} pages, config says {cfg.nr_ring_pages}")
-        self.name = name
-        self._ring = ring
-        self._evtchn = evtchn
         self._queue = BlkQueue(ring.address, cfg, gnt, evtchn.c, engine.c)
-        self._pump = PumpThread(name, self._queue.run, on_dead=on_dead, errors=(QueueDeadError, OSError))
-        self._stopped = False
+        super().__init__(name, self._queue, [ring], [evtchn], on_dead=on_dead, errors=(QueueDeadError, OSError))
 
     @property
     def queue(self) -> BlkQueue:
         return self._queue
 
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start the pump thread; it first serves what is already queued."""
-        if not self._stopped:
-            self._pump.start(loop)
-
-    def stats(self) -> dict[str, int]:
-        return {} if self._queue.closed else self._queue.stats()
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the pump, wait for in-flight I/O (answering it), unmap and unbind.  Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self._pump.stop()
+    async def _quiesce(self, timeout: float) -> None:
+        # In-flight I/O is answered before the ring is let go of.
         if not self._queue.closed and self._queue.inflight:
             await asyncio.to_thread(self._queue.drain, int(timeout * 1000))
-        self.close()
-
-    def close(self) -> None:
-        """Synchronous teardown (joins the pump, blocks on in-flight I/O).  Idempotent."""
-        self._stopped = True
-        self._pump.join()
-        self._queue.close()
-        self._ring.unmap()
-        self._evtchn.close()

@@ -7,14 +7,13 @@ packet.  The loop thread only starts and stops pumps and reads counters.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from backends.native import ffi, lib
 from backends.platform.base import EventChannel, GrantMapping
-from backends.xenbus.pump import PumpThread
+from backends.xenbus.pump import QueueDataplane
 
 RULES = tuple(ffi.string(lib.pv_netif_reason_name(i)).decode() for i in range(int(lib.PV_NETIF_NR_REASONS)))
 _COUNTERS = (
@@ -115,7 +114,7 @@ class NetQueue:
             lib.pv_net_queue_destroy(q)
 
 
-class NetDataplane:
+class NetDataplane(QueueDataplane):
     """One queue of a connected vif: owns its two ring mappings, its event channel(s), the C queue and the
     queue's pump thread.  `on_dead` is called once, on the event loop, when the frontend broke a fatal rule or
     the event channel / tap failed: the device disables the vif."""
@@ -123,39 +122,11 @@ class NetDataplane:
     def __init__(self, tx_ring: GrantMapping, rx_ring: GrantMapping, ev_tx: EventChannel, ev_rx: EventChannel | None,
                  gnt: Any, tap_fd: int, cfg: NetQueueConfig, *, on_dead: Callable[[str], None] | None = None,
                  name: str = "net") -> None:
-        self.name = name
-        self._rings = [tx_ring, rx_ring]
-        self._events = [ev_tx] + ([ev_rx] if ev_rx is not None else [])
         self._queue = NetQueue(tx_ring.address, rx_ring.address, cfg, tap_fd, gnt, ev_tx.c,
                                ev_rx.c if ev_rx is not None else None)
-        self._pump = PumpThread(name, self._queue.run, on_dead=on_dead, errors=(QueueDeadError, OSError))
-        self._stopped = False
+        super().__init__(name, self._queue, [tx_ring, rx_ring], [ev_tx] + ([ev_rx] if ev_rx is not None else []),
+                         on_dead=on_dead, errors=(QueueDeadError, OSError))
 
     @property
     def queue(self) -> NetQueue:
         return self._queue
-
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        if not self._stopped:
-            self._pump.start(loop)
-
-    def stats(self) -> dict[str, int]:
-        return {} if self._queue.closed else self._queue.stats()
-
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        await self._pump.stop()
-        self.close()
-
-    def close(self) -> None:
-        """Synchronous teardown.  Idempotent."""
-        self._stopped = True
-        self._pump.join()
-        self._queue.close()
-        for r in self._rings:
-            r.unmap()
-        for e in self._events:
-            e.close()
-        self._rings, self._events = [], []

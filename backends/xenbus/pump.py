@@ -10,6 +10,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from backends.platform.base import EventChannel, GrantMapping
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +94,63 @@ class PumpThread:
             os.close(self._stop_fd)
             self._stop_fd = -1
         self._loop = None
+
+
+class PumpedQueue(Protocol):
+    """What QueueDataplane needs from a data path's C queue wrapper."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def run(self, stop_fd: int) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class QueueDataplane:
+    """One queue of a connected device: owns its C queue, the ring mappings and event channels it runs on, and
+    its pump thread.  Teardown order: the pump stops, `_quiesce` lets in-flight work finish (blk answers its
+    I/O), the C queue is freed, then the rings are unmapped and the channels unbound.  `on_dead` is called
+    once, on the event loop, when the pump fails with one of `errors` (the device fails)."""
+
+    def __init__(self, name: str, queue: PumpedQueue, rings: list[GrantMapping], events: list[EventChannel], *,
+                 on_dead: Callable[[str], None] | None, errors: tuple[type[BaseException], ...]) -> None:
+        self.name = name
+        self._queue_obj = queue
+        self._rings = rings
+        self._events = events
+        self._pump = PumpThread(name, queue.run, on_dead=on_dead, errors=errors)
+        self._stopped = False
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the pump thread; it first serves what is already queued."""
+        if not self._stopped:
+            self._pump.start(loop)
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._queue_obj.closed else self._queue_obj.stats()
+
+    async def _quiesce(self, timeout: float) -> None:
+        """After the pump stopped, before the queue is freed: let in-flight work finish (default: none)."""
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the pump, quiesce, free, unmap and unbind.  Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._pump.stop()
+        await self._quiesce(timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous teardown (joins the pump).  Idempotent."""
+        self._stopped = True
+        self._pump.join()
+        self._queue_obj.close()
+        for ring in self._rings:
+            ring.unmap()
+        for ev in self._events:
+            ev.close()
+        self._rings, self._events = [], []
