@@ -3,7 +3,8 @@
 Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
     {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
                                "errors": {reason: n}, "shapes": {shape: n}, "ring_full": n,
-                               "latency_us_log2": [n0, n1, ...], "drops": {direction: n}}]}
+                               "latency_us_log2": [n0, n1, ...], "drops": {direction: n}}],
+     "status": {key: number}}      (optional: pvback_device_status{key=...}, for the type's `pvback status` columns)
 where latency bucket 0 counts requests that took < 1 µs and bucket i those in [2**(i-1), 2**i) µs, so the
 cumulative count through bucket i is the Prometheus bucket le=2**i µs.  The C path keeps no latency sum;
 when a queue does not report `latency_us_sum`, the histogram's _sum is estimated from bucket midpoints
@@ -68,6 +69,8 @@ class BusCollector(Collector):
         connects = CounterMetricFamily("pvback_device_connects", "Times the device connected", labels=labels)
         failures = CounterMetricFamily("pvback_device_failures", "Lifecycle steps that failed the device",
                                        labels=labels)
+        status = GaugeMetricFamily("pvback_device_status", "Device-specific values its type shows in `pvback status`",
+                                   labels=[*labels, "key"])
         for dev in _devices(self.get_bus()):
             base = [str(dev.type_name), str(dev.frontend_id), str(dev.devid)]
             state.add_metric(base, float(int(dev.state)))
@@ -80,6 +83,9 @@ class BusCollector(Collector):
             except Exception:  # a device being torn down must not break the scrape
                 log.debug("stats unavailable", exc_info=True)
                 continue
+            for key, v in (st.get("status") or {}).items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    status.add_metric([*base, str(key)], float(v))
             for qi, q in enumerate(st.get("queues", [])):
                 ql = [*base, str(qi)]
                 for op, n in q.get("requests", {}).items():
@@ -105,7 +111,7 @@ class BusCollector(Collector):
                     if total_us is None:
                         total_us = sum(n * (0.5 if i == 0 else 1.5 * 2 ** (i - 1)) for i, n in enumerate(hist))
                     lat.add_metric(ql, buckets, sum_value=float(total_us) / 1e6)
-        yield from (state, connects, failures, reqs, nbytes, errs, shapes, drops, full, lat)
+        yield from (state, connects, failures, status, reqs, nbytes, errs, shapes, drops, full, lat)
 
 
 def render(get_bus: Callable[[], Any]) -> bytes:

@@ -8,6 +8,7 @@ import asyncio
 import re
 import time
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from backends.daemon.config import Config
@@ -214,16 +215,22 @@ _COUNTED = {"pvback_requests_total": "requests", "pvback_bytes_total": "bytes", 
 
 
 def parse_metrics(text: str) -> Totals:
-    """Per-device totals (all queues and ops summed) from the Prometheus text a daemon serves."""
+    """Per-device totals (all queues and ops summed) from the Prometheus text a daemon serves, plus per-op
+    request counts ("requests:<op>") and the device's status values ("status:<key>", StatusColumns.extra)."""
     out: Totals = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
-        if m is None or m.group(1) not in _COUNTED:
+        if m is None or (m.group(1) not in _COUNTED and m.group(1) != "pvback_device_status"):
             continue
         labels = dict(_LABEL.findall(m.group(2) or ""))
         key = (labels.get("type", ""), labels.get("domid", ""), labels.get("devid", ""))
         slot = out.setdefault(key, dict.fromkeys(_COUNTED.values(), 0.0))
+        if m.group(1) == "pvback_device_status":
+            slot[f"status:{labels.get('key', '')}"] = float(m.group(3))
+            continue
         slot[_COUNTED[m.group(1)]] += float(m.group(3))
+        if m.group(1) == "pvback_requests_total" and "op" in labels:
+            slot[f"requests:{labels['op']}"] = slot.get(f"requests:{labels['op']}", 0.0) + float(m.group(3))
     return out
 
 
@@ -293,6 +300,22 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
 
+def _extra_columns(backend_type: str, values: Mapping[str, float] | None) -> str:
+    """The device type's own live columns (StatusColumns.extra), from what the metrics endpoint said of it."""
+    if not values:
+        return ""
+    try:
+        extra = for_backend_type(backend_type).status.extra
+    except KeyError:
+        return ""
+    if extra is None:
+        return ""
+    try:
+        return extra(values)
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        return f"(status columns unavailable: {exc})"
+
+
 def render_status(domains: list[dict[str, str]], rows: list[dict[str, Any]], totals: Totals, prev: Totals,
                   dt: float, note: str = "") -> str:
     kinds = [dt.kind for dt in device_types()]
@@ -318,6 +341,9 @@ def render_status(domains: list[dict[str, str]], rows: list[dict[str, Any]], tot
                 iops = f"{(t['requests'] - p['requests']) / dt:.0f}"
                 rate = f"{(t['bytes'] - p['bytes']) / 1e6 / dt:.1f}"
             extra = r["params"] + ("  " + r["features"] if r["features"] else "")
+            more = _extra_columns(r["type"], t)
+            if more:
+                extra += "  " + more
             if r["error"]:
                 extra += f"  ERROR: {r['error']}"
             table.append([r["type"], r["domid"], r["devid"], r["dev"], r["state"], r["fe_state"], reqs, mb, errs,

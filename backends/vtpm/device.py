@@ -1,8 +1,11 @@
 """The vTPM backend's device class: the lifecycle callbacks the bus calls for each `backend/vtpm` device.
 
-realize: read the toolstack's `uuid`/`version`/`resume`, create the vTPM's state once (swtpm_setup: EK and
-certificates), start its swtpm (or adopt the one a previous daemon left running), advertise
-`feature-protocol-v2`.  connect: map the frontend's one page and bind its event channel (both or neither),
+realize: read the toolstack's `uuid`/`version`/`resume`, advertise `feature-protocol-v2`, and start preparing the
+vTPM in the background: create its state once (swtpm_setup: EK and certificates), start its swtpm (or adopt the
+one a previous daemon left running).  realize does not wait for that: libxl gives a backend 10 s to reach
+InitWait (LIBXL_INIT_TIMEOUT) and `xl create` fails past it, while swtpm_setup took 15 s in the real-Xen e2e
+(dom0 under QEMU TCG; ~1.5 s natively).  connect waits for the preparation (a failure fails the device).
+connect: map the frontend's one page and bind its event channel (both or neither),
 answer what a previous daemon left in the page (restart note), then serve: every event copies the page once
 into private memory and hands the copy to `proto.Machine`; a command goes to swtpm from a task, so the loop
 never waits on a TPM.  disconnect: wait (bounded) for the command in flight, unmap, unbind.  unrealize: stop
@@ -30,6 +33,7 @@ from backends.vtpm.proto import (
     OFF_STATE,
     PAGE_SIZE,
     Action,
+    Answered12,
     CancelTpm,
     ClearNote,
     Execute,
@@ -88,10 +92,12 @@ class VtpmData:
     failed: bool = False
     commands: int = 0
     cancels: int = 0
+    tpm12: dict[str, int] = field(default_factory=dict)  # TPM 1.2 commands to a 2.0 vTPM, answered here
     notes: dict[str, int] = field(default_factory=dict)
     latencies_us: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     hist: list[int] = field(default_factory=lambda: [0] * 32)
     restarts: list[float] = field(default_factory=list)
+    prepare: asyncio.Task[None] | None = None  # state creation + swtpm start (realize does not wait for it)
 
     @property
     def errors(self) -> int:
@@ -109,18 +115,30 @@ class VtpmData:
     def stats(self) -> dict[str, Any]:
         return {
             "queues": [{
-                "requests": {"command": self.commands, "cancel": self.cancels},
+                "requests": {"command": self.commands, "cancel": self.cancels,
+                             **{f"tpm12_{k}": v for k, v in self.tpm12.items()}},
                 "errors": {k.replace(" ", "_"): v for k, v in self.notes.items()},
                 "latency_us_log2": list(self.hist) if any(self.hist) else [],
                 "inflight": int(self.command_task is not None and not self.command_task.done()),
             }],
             "vtpm": self.summary(),
+            "status": self.status_values(),
         }
+
+    def status_values(self) -> dict[str, float]:
+        """Numbers for `pvback status` (pvback_device_status; devtype.status_columns renders them)."""
+        out: dict[str, float] = {"version": 2.0 if self.version is Version.TPM2 else 1.2,
+                                 "swtpm_pid": float(self.swtpm.pid or 0), "swtpm_restarts": float(len(self.restarts))}
+        p50 = self.p50_us()
+        if p50 is not None:
+            out["p50_us"] = float(p50)
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "version": self.version.value, "swtpm_pid": self.swtpm.pid,
                 "commands": self.commands, "errors": self.errors, "cancels": self.cancels,
-                "p50_us": self.p50_us(), "swtpm_restarts": len(self.restarts)}
+                "p50_us": self.p50_us(), "swtpm_restarts": len(self.restarts),
+                "tpm12_answered": sum(self.tpm12.values())}
 
 
 class VtpmDeviceClass:
@@ -173,32 +191,57 @@ class VtpmDeviceClass:
         paths = SwtpmPaths(state_dir=state_dir, run_dir=Path(self.cfg.run_dir) / uuid)
         if len(str(paths.ctrl)) > SOCKET_PATH_MAX:
             raise DeviceError(f"[vtpm] run_dir is too long for unix sockets ({paths.ctrl})")
-        setup_cfg = Path(self.cfg.setup_config) if self.cfg.setup_config else None
-        try:
-            if setup_cfg is None:
-                setup_cfg = await asyncio.to_thread(private_setup_config, Path(self.cfg.state_dir) / "ca")
-            vmid = f"d{dev.frontend_id}:{uuid}"
-            created = await ensure_state(state_dir, tpm2=tpm2, vmid=vmid, setup_config=setup_cfg,
-                                         swtpm_setup=self.cfg.swtpm_setup)
-        except (SwtpmError, OSError) as exc:
-            raise DeviceError(f"cannot create the vTPM state: {exc}") from exc
         swtpm = Swtpm(paths, tpm2=tpm2, swtpm_bin=self.cfg.swtpm)
-        try:
-            await swtpm.start()
-        except (SwtpmError, OSError) as exc:
-            raise DeviceError(f"cannot start swtpm: {exc}") from exc
-        data = VtpmData(uuid=uuid, version=version, swtpm=swtpm, resume=resume, fresh=not swtpm.adopted)
+        data = VtpmData(uuid=uuid, version=version, swtpm=swtpm, resume=resume, fresh=True)
         swtpm.on_exit = lambda _s: self._on_swtpm_exit(dev, data)
+        data.prepare = asyncio.get_running_loop().create_task(self._prepare(dev, data, state_dir))
         dev.data = data
         await dev.write_backend(probe_keys())
-        dev.log.info("realized", extra={"uuid": uuid, "version": version.value, "swtpm_pid": swtpm.pid,
-                                        "adopted": swtpm.adopted, "state_created": created})
+        dev.log.info("realized", extra={"uuid": uuid, "version": version.value})
+
+    async def _prepare(self, dev: BackendDevice, data: VtpmData, state_dir: Path) -> None:
+        """The slow half of realize, in the background: the vTPM's state (once) and its swtpm.  A failure fails
+        the device (error node, Closing) whether or not the frontend has come yet; connect re-raises it."""
+        t0 = time.monotonic()
+        tpm2 = data.version is Version.TPM2
+        setup_cfg = Path(self.cfg.setup_config) if self.cfg.setup_config else None
+        try:
+            try:
+                if setup_cfg is None:
+                    setup_cfg = await asyncio.to_thread(private_setup_config, Path(self.cfg.state_dir) / "ca")
+                vmid = f"d{dev.frontend_id}:{data.uuid}"
+                created = await ensure_state(state_dir, tpm2=tpm2, vmid=vmid, setup_config=setup_cfg,
+                                             swtpm_setup=self.cfg.swtpm_setup)
+            except (SwtpmError, OSError) as exc:
+                raise DeviceError(f"cannot create the vTPM state: {exc}") from exc
+            try:
+                await data.swtpm.start()
+            except (SwtpmError, OSError) as exc:
+                raise DeviceError(f"cannot start swtpm: {exc}") from exc
+        except DeviceError as exc:
+            await dev.fail(str(exc))
+            raise
+        data.fresh = not data.swtpm.adopted
+        dev.log.info("vtpm ready", extra={"uuid": data.uuid, "swtpm_pid": data.swtpm.pid,
+                                          "adopted": data.swtpm.adopted, "state_created": created,
+                                          "seconds": round(time.monotonic() - t0, 2)})
+
+    @staticmethod
+    async def _prepared(data: VtpmData) -> None:
+        """Wait for the background half of realize (each of its steps is bounded); its DeviceError, if any."""
+        if data.prepare is not None:
+            await asyncio.shield(data.prepare)
 
     async def unrealize(self, dev: BackendDevice) -> None:
         data: VtpmData | None = dev.data
         if data is None:
             return
         await self.disconnect(dev)
+        if data.prepare is not None and not data.prepare.done():
+            data.prepare.cancel()
+        if data.prepare is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await data.prepare
         if data.restart_task is not None:
             data.restart_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -215,6 +258,7 @@ class VtpmDeviceClass:
 
     async def connect(self, dev: BackendDevice) -> None:
         data: VtpmData = dev.data
+        await self._prepared(data)
         keys: dict[str, str] = {}
         for key in ("ring-ref", "event-channel", "feature-protocol-v2"):
             v = await dev.read_frontend(key, max_len=_FE_VALUE_MAX)
@@ -314,6 +358,12 @@ class VtpmDeviceClass:
                     dev.log.warning("vtpm: %s", a.reason, extra={"reason": a.reason})
             elif isinstance(a, ClearNote):
                 self._set_pad(data, 0)
+            elif isinstance(a, Answered12):
+                data.tpm12[a.kind] = data.tpm12.get(a.kind, 0) + 1
+                if sum(data.tpm12.values()) == 1:
+                    dev.log.info("vtpm: the guest sends TPM 1.2 commands to this TPM 2.0 (Linux xen-tpmfront "
+                                 "registers a 1.2 chip): answered by pvback", extra={"ordinal": a.ordinal,
+                                                                                     "answer": a.kind})
             elif isinstance(a, Fail):
                 data.failed = True
                 data.notes["protocol"] = data.notes.get("protocol", 0) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from backends.vtpm.commands import COMMANDS
@@ -22,6 +23,26 @@ def _reconfigure(cls: Any, section: Any) -> None:
     cls.cfg = section
 
 
+def status_columns(values: Mapping[str, float]) -> str:
+    """`pvback status`'s live columns of one vTPM, from the daemon's metrics (VtpmData.status_values and the
+    request/error counters): swtpm pid, TPM version, commands, errors, cancels, p50 latency."""
+    def n(key: str) -> str:
+        return f"{values[key]:.0f}" if key in values else "-"
+
+    version = values.get("status:version")
+    p50 = values.get("status:p50_us")
+    parts = [f"swtpm_pid={n('status:swtpm_pid')}",
+             f"tpm={'-' if version is None else ('2.0' if version >= 2 else '1.2')}",
+             f"commands={n('requests:command')}", f"errors={n('errors')}", f"cancels={n('requests:cancel')}",
+             f"p50={'-' if p50 is None else f'{p50:.0f}us'}"]
+    tpm12 = sum(v for k, v in values.items() if k.startswith("requests:tpm12_"))
+    if tpm12:
+        parts.append(f"tpm12_answered={tpm12:.0f}")  # TPM 1.2 commands of the guest kernel (proto.py)
+    if values.get("status:swtpm_restarts"):
+        parts.append(f"swtpm_restarts={n('status:swtpm_restarts')}")
+    return " ".join(parts)
+
+
 DEVICE_TYPE = register(DeviceType(
     name="vtpm",
     kind="tpm",
@@ -35,5 +56,5 @@ DEVICE_TYPE = register(DeviceType(
     reconfigure=_reconfigure,
     commands=COMMANDS,
     status=StatusColumns(summary_key="uuid", backend_keys=("version", "feature-protocol-v2", "ready"),
-                         frontend_keys=("feature-protocol-v2",)),
+                         frontend_keys=("feature-protocol-v2",), extra=status_columns),
 ))

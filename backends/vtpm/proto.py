@@ -155,6 +155,54 @@ def parse_command(copy: bytes, page: Page, version: Version, allowed: frozenset[
     return Command(data=data, locality=page.locality, ordinal=ordinal)
 
 
+# -- TPM 1.2 commands to a TPM 2.0 vTPM (what Linux xen-tpmfront sends) -----------------------------------
+#
+# Linux's xen-tpmfront registers a TPM 1.2 chip whatever the backend runs (it never sets TPM_CHIP_FLAG_TPM2),
+# so the guest kernel itself talks TPM 1.2 to a TPM 2.0 vTPM: at probe GetCapability(TIS_TIMEOUT) (then
+# TIS_DURATION), then TPM_GetRandom twice when it registers the chip as a hwrng, and later sysfs reads or
+# kernel TPM users.  swtpm --tpm2 answers each with a TPM 2.0 error (0x84), which the kernel logs as "A TPM
+# error (132) occurred attempting to determine the timeouts" / "... get random" (seen in the real-Xen e2e,
+# Debian 12's 6.1 kernel).  TPM 2.0 commands from user space through /dev/tpm0 pass untouched.  So for a TPM 2.0
+# device the backend answers 1.2-tagged commands itself and swtpm never sees them:
+# - GetCapability(TPM_CAP_PROPERTY, TIS_TIMEOUT / TIS_DURATION): the TPM 2.0 timeouts and durations (µs), so the
+#   probe succeeds and the kernel keeps sane timeouts;
+# - anything else: TPM_DEACTIVATED, the 1.2 code the kernel takes quietly (tpm_transmit_cmd logs every error but
+#   TPM_DISABLED and TPM_DEACTIVATED): the guest's TPM 1.2 personality is "deactivated", its TPM 2.0 is whole.
+# A 1.2 device (version=1.2) gets every command through to its swtpm --tpm (1.2).
+
+TPM12_COMMAND_TAGS = frozenset({0x00C1, 0x00C2, 0x00C3})  # TPM_TAG_RQU_COMMAND, _AUTH1_, _AUTH2_
+TPM12_RSP_COMMAND = 0x00C4
+TPM12_ORD_GET_CAPABILITY = 0x65
+TPM12_CAP_PROPERTY = 5
+TPM12_CAP_PROP_TIS_TIMEOUT = 0x115
+TPM12_CAP_PROP_TIS_DURATION = 0x120
+TPM12_DEACTIVATED = 0x06
+# Timeouts A-D: the TIS defaults the kernel itself uses for a 1.2 chip (750 ms, 2 s, 750 ms, 750 ms).  Not TPM
+# 2.0's C = 200 ms: xen-tpmfront waits timeout_c for the page to be idle before each send, and with 200 ms the
+# real-Xen e2e's second boot got "tpm_try_transmit: send(): error -62" (ETIME) under TCG.  Durations short/
+# medium/long: TPM 2.0's (only 1.2 ordinals use them, and those are answered here at once).
+TPM2_TIMEOUTS_US = (750_000, 2_000_000, 750_000, 750_000)
+TPM2_DURATIONS_US = (20_000, 750_000, 2_000_000)
+
+
+def is_tpm12_command(data: bytes) -> bool:
+    return len(data) >= TPM_HEADER_SIZE and TPM_HEADER.unpack_from(data)[0] in TPM12_COMMAND_TAGS
+
+
+def tpm12_answer_on_tpm2(data: bytes) -> tuple[bytes, str]:
+    """The backend's own answer to a TPM 1.2 command sent to a TPM 2.0 vTPM, and what it was (for metrics)."""
+    _tag, _size, ordinal = TPM_HEADER.unpack_from(data)
+    if ordinal == TPM12_ORD_GET_CAPABILITY and len(data) == TPM_HEADER_SIZE + 12:
+        cap, sub_size, sub = struct.unpack_from(">III", data, TPM_HEADER_SIZE)
+        if cap == TPM12_CAP_PROPERTY and sub_size == 4 and sub in (TPM12_CAP_PROP_TIS_TIMEOUT,
+                                                                   TPM12_CAP_PROP_TIS_DURATION):
+            values = TPM2_TIMEOUTS_US if sub == TPM12_CAP_PROP_TIS_TIMEOUT else TPM2_DURATIONS_US
+            body = struct.pack(f">I{len(values)}I", 4 * len(values), *values)
+            kind = "timeouts" if sub == TPM12_CAP_PROP_TIS_TIMEOUT else "durations"
+            return TPM_HEADER.pack(TPM12_RSP_COMMAND, TPM_HEADER_SIZE + len(body), 0) + body, kind
+    return TPM_HEADER.pack(TPM12_RSP_COMMAND, TPM_HEADER_SIZE, TPM12_DEACTIVATED), "deactivated"
+
+
 def parse_localities(text: str) -> frozenset[int]:
     """`"0"`, `"0,1,2"`: the localities a guest may use; 4 is never allowed."""
     out: set[int] = set()
@@ -276,7 +324,15 @@ class ClearNote:
     """Clear a restart note left behind by a daemon that died after writing an answer's state."""
 
 
-Action = Execute | CancelTpm | Respond | Note | Fail | ClearNote
+@dataclass(frozen=True)
+class Answered12:
+    """A TPM 1.2 command to a TPM 2.0 vTPM, answered by the backend (tpm12_answer_on_tpm2): count it."""
+
+    ordinal: int
+    kind: str  # "timeouts", "durations" or "deactivated"
+
+
+Action = Execute | CancelTpm | Respond | Note | Fail | ClearNote | Answered12
 
 
 class Machine:
@@ -314,6 +370,9 @@ class Machine:
                 if isinstance(cmd, Reject):
                     return [Note(f"rejected: {cmd.reason}"),
                             Respond(error_response(self.version, cmd.rc), State.FINISH)]
+                if self.version is Version.TPM2 and is_tpm12_command(cmd.data):
+                    answer, kind = tpm12_answer_on_tpm2(cmd.data)
+                    return [Answered12(cmd.ordinal, kind), Respond(answer, State.FINISH)]
                 self.phase = Phase.BUSY
                 return [Execute(cmd)]
             if state is State.CANCEL:
@@ -324,7 +383,11 @@ class Machine:
             self.phase = Phase.CANCELLING
             return [CancelTpm()]
         if state is State.SUBMIT:
-            return [Note("submit while busy")]
+            # The page still holds the command being run: a repeated event for it, not a new command (the
+            # frontend cannot submit another before our answer).  Linux xen-tpmfront causes one at each boot:
+            # its probe submits before the backend has connected, recover takes that command at connect, and
+            # the event of its notify arrives after.
+            return []
         if state in (State.IDLE, State.FINISH):
             return [Note(f"frontend wrote {state.name} while a command runs")]
         return []  # CANCEL again while cancelling

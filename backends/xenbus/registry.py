@@ -53,6 +53,11 @@ class StatusColumns:
     summary_key: str = ""  # a backend key shown first (blk: params)
     backend_keys: tuple[str, ...] = ()  # negotiated features worth showing, from the backend dir
     frontend_keys: tuple[str, ...] = ()  # ... and from the frontend dir ("fe:" prefixed)
+    # Text added to the device's row from what the daemon's metrics endpoint reports for it (`pvback status` runs
+    # apart from the daemon, so this is all it knows of the device's live state).  The mapping holds the
+    # device's totals "requests", "bytes", "errors", "ring_full", per operation "requests:<op>", and the
+    # numbers its class data reports under stats()["status"] as "status:<key>" (the pvback_device_status gauge).
+    extra: Callable[[Mapping[str, float]], str] | None = None
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,11 @@ fi
 # gcc/python3-dev: pvback's C module is built in here against dom0's own python (see stage native).
 # python3-uvloop/python3-prometheus-client: what `pvback serve` runs on (uvloop is optional, metrics are not).
 # dmsetup: the durability checks put dm-log-writes (a module of Debian's kernel) under one guest disk.
+# swtpm/swtpm-tools: the guest's vTPM (pvback serve --types ...,vtpm runs one swtpm per vTPM, swtpm_setup makes
+# its EK); tpm2-tools: its binaries and TCTI modules are copied into the domU initramfs (stage domU-initramfs).
 DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
-python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup"
+python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup \
+swtpm swtpm-tools tpm2-tools libtss2-tcti-device0"
 if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else
@@ -220,6 +223,22 @@ for b in /sbin/mke2fs /sbin/e2fsck; do
         cp -L "$ROOTFS$lib" "$D$lib"
     done
 done
+# tpm2-tools for the vTPM checks: one multi-call binary `tpm2` (tpm2_* are symlinks to it), its libraries, and
+# the TCTI module libtss2-tctildr dlopens for TPM2TOOLS_TCTI=device:/dev/tpm0 (ldd cannot see a dlopen).
+TCTI=$(cd "$ROOTFS" && ls usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 2>/dev/null) \
+    || die "no libtss2-tcti-device.so.0 in the rootfs (libtss2-tcti-device0)"
+cp "$ROOTFS/usr/bin/tpm2" "$D/bin/tpm2"
+for t in getrandom pcrextend pcrread nvdefine nvwrite nvread nvundefine getcap; do
+    ln -sf tpm2 "$D/bin/tpm2_$t"
+done
+for b in /usr/bin/tpm2 "/$TCTI"; do
+    for lib in $(in_chroot ldd "$b" 2>>"$LOG" | grep -o '/[^ ]*\.so[^ ]*'); do
+        mkdir -p "$D$(dirname "$lib")"
+        cp -L "$ROOTFS$lib" "$D$lib"
+    done
+done
+mkdir -p "$D/$(dirname "$TCTI")"
+cp -L "$ROOTFS/$TCTI" "$D/$TCTI"
 ln -sf mke2fs "$D/sbin/mkfs.ext4"
 ln -sf e2fsck "$D/sbin/fsck.ext4"
 # Debian's own mke2fs.conf: ext4 with a journal (has_journal), so the guest's fsyncs go through jbd2

@@ -11,11 +11,15 @@
 #         write it: tagged 4 KiB blocks at [28,29) MiB one fsync each, then an ext4 of 16 MiB at the start
 #   xvde  rw, `pvback attach`ed by dom0 right after `xl create` and never detached: [1,2) MiB written; dom0
 #         checks it goes with the domain (the reboot destroys this domain)
+#   vtpm 0 from `xl create` (vtpm=["backend=Domain-0,uuid=..."]), served by pvback + swtpm in dom0: xen-tpmfront
+#         gives /dev/tpm0; tpm2-tools through TCTI device:/dev/tpm0 (getrandom, pcrextend, an NV index); the
+#         NV value must still be there after the reboot (it rides along in the boot marker), PCR 16 reset
 # Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote.
 # Console lines (hvc0, logged by xenconsoled in dom0):
 #   DOMU-RESULT <check> PASS|FAIL <detail>   the domU's verdict on one check
 #   DOMU-KV <key> <value>                     facts dom0 checks against the image files
 #   DOMU-KLOG <step> error|info: <line>       the guest kernel's block/fs lines (`quiet` keeps them off hvc0)
+#   DOMU-TPMLOG <step> error|info: <line>    the guest kernel's tpm lines (probe of xen-tpmfront and after)
 #   DOMU-PHASE <name>                         where dom0 has to act (attach, detach...) or synchronises
 #   DOMU-DONE                                 last line before poweroff
 /bin/busybox --install -s /bin
@@ -55,6 +59,7 @@ wrote() { # wrote DEV...: this step writes these disks
 }
 klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one is an error
     dmesg -c > /tmp/klog 2>/dev/null || { say "DOMU-KLOG $1 error: cannot read dmesg"; return 1; }
+    cat /tmp/klog >> /tmp/klog.all # every line of this boot, for the vTPM steps' tpm lines
     grep -E 'blkfront|op failed|barrier or flush|I/O error|blk_update_request|EXT4-fs error|wrong operation|disabled for further use|Kernel panic|BUG:|Oops' \
         /tmp/klog > /tmp/klog.rel
     bad=0
@@ -170,6 +175,99 @@ fs_check() {
     e2fsck -fn $C > /tmp/fsck.log 2>&1 || { echo "e2fsck -fn: $(tail -n 3 /tmp/fsck.log | tr '\n' ' ')"; return 1; }
 }
 
+# ---- vTPM: xen-tpmfront's /dev/tpm0, tpm2-tools through TCTI device:/dev/tpm0 ----
+TPM=/dev/tpm0
+NV_INDEX=0x1500016
+PCR=16 # the debug PCR: resettable, zero after each TPM Startup(CLEAR), i.e. after each guest boot
+export TPM2TOOLS_TCTI=device:$TPM
+TPM_SEEN=0
+tpm_klog() { # tpm_klog STEP: report the kernel's tpm lines not reported yet; false if one is an error
+    dmesg -c >> /tmp/klog.all 2>/dev/null
+    grep -iE 'tpm|xen_tpmfront|vtpm' /tmp/klog.all | grep -v 'pvsteps=' > /tmp/tpmlog
+    bad=0
+    n=0
+    while IFS= read -r line; do
+        n=$((n + 1))
+        [ $n -le $TPM_SEEN ] && continue
+        case $line in
+        *rror* | *fail* | *Fail* | *imeout* | *"timed out"* | *WARNING* | *"Call Trace"* | *BUG:* | *Oops*) kind=error ;;
+        *) kind=info ;;
+        esac
+        say "DOMU-TPMLOG $1 $kind: $line"
+        if [ $kind = error ]; then
+            [ $bad = 1 ] || tpm_first=$line
+            bad=1
+        fi
+    done < /tmp/tpmlog
+    TPM_SEEN=$n
+    return $bad
+}
+tpm_result() { # tpm_result STEP PASS|FAIL DETAIL: a PASS becomes a FAIL on a tpm error line in the kernel log
+    step=$1 verdict=$2
+    shift 2
+    detail=$*
+    if ! tpm_klog "$step"; then
+        [ "$verdict" = PASS ] && detail="guest kernel: $tpm_first (the step itself passed: $detail)"
+        verdict=FAIL
+    fi
+    result "$step" "$verdict" "$detail"
+}
+hex2bin() { printf "$(echo "$1" | sed 's/../\\x&/g')"; }
+pcr_hex() { # the sha256 bank's PCR $PCR as 64 hex digits
+    tpm2_pcrread "sha256:$PCR" -o /tmp/pcr.bin > /dev/null 2>/tmp/tpm.err || return 1
+    od -An -tx1 -v /tmp/pcr.bin | tr -d ' \n'
+}
+tpm_wait() { # /dev/tpm0 there, or why not
+    if ! wait_for "[ -c $TPM ]" 60; then
+        WHY="$TPM did not appear within 60 s (xen-tpmfront loaded: $(grep -c xen_tpmfront /proc/modules); device/vtpm: $(ls /sys/bus/xen/devices 2>/dev/null | tr '\n' ' '))"
+        return 1
+    fi
+    major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo '?')
+    say "DOMU-KV tpm-major $major"
+    [ -e /dev/tpmrm0 ] && say "DOMU-KV tpm-rm present" || say "DOMU-KV tpm-rm absent"
+}
+tpm_nvread() { # the NV index's 32 bytes as hex
+    tpm2_nvread $NV_INDEX -C o -s 32 -o /tmp/nv.out > /dev/null 2>/tmp/tpm.err || return 1
+    od -An -tx1 -v /tmp/nv.out | tr -d ' \n'
+}
+# tpm_tools: the first boot's check; sets NV on success, WHY on failure
+tpm_tools() {
+    tpm_wait || return 1
+    rnd=$(tpm2_getrandom 16 --hex 2>/tmp/tpm.err) || { WHY="tpm2_getrandom: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    [ ${#rnd} = 32 ] || { WHY="tpm2_getrandom 16 --hex gave '$rnd'"; return 1; }
+    say "DOMU-KV tpm-random $rnd"
+    before=$(pcr_hex) || { WHY="tpm2_pcrread: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    digest=$(echo "pvback e2e $rnd" | sha256sum | cut -d' ' -f1)
+    tpm2_pcrextend "$PCR:sha256=$digest" 2>/tmp/tpm.err || { WHY="tpm2_pcrextend: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    after=$(pcr_hex) || { WHY="tpm2_pcrread after extend: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    want=$({ hex2bin "$before"; hex2bin "$digest"; } | sha256sum | cut -d' ' -f1)
+    [ "$after" = "$want" ] || { WHY="PCR $PCR after extend is $after, want sha256($before || $digest) = $want"; return 1; }
+    say "DOMU-KV tpm-pcr $after"
+    # The NV index: defined once per vTPM (a rerun on a kept state finds it defined), written with a fresh value.
+    # (tpm2_getcap, not tpm2_nvreadpublic: tpm2-tools 5.4's nvreadpublic of a missing index segfaults.)
+    if ! tpm2_getcap handles-nv-index 2>/dev/null | grep -qi "$NV_INDEX"; then
+        tpm2_nvdefine $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" > /dev/null 2>/tmp/tpm.err \
+            || { WHY="tpm2_nvdefine: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    fi
+    head -c 32 /dev/urandom > /tmp/nv.in
+    nv=$(od -An -tx1 -v /tmp/nv.in | tr -d ' \n')
+    tpm2_nvwrite $NV_INDEX -C o -i /tmp/nv.in 2>/tmp/tpm.err || { WHY="tpm2_nvwrite: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    got=$(tpm_nvread) || { WHY="tpm2_nvread: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    [ "$got" = "$nv" ] || { WHY="NV index $NV_INDEX reads $got, wrote $nv"; return 1; }
+    say "DOMU-KV tpm-nv $nv"
+    NV=$nv
+}
+# tpm_after_reboot NV: the second boot's check; sets WHY on failure
+tpm_after_reboot() {
+    tpm_wait || return 1
+    got=$(tpm_nvread) || { WHY="tpm2_nvread after reboot: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    say "DOMU-KV tpm-nv-after $got"
+    [ "$got" = "$1" ] || { WHY="NV index $NV_INDEX reads $got after the reboot, the first boot wrote $1"; return 1; }
+    pcr=$(pcr_hex) || { WHY="tpm2_pcrread after reboot: $(tail -n 2 /tmp/tpm.err | tr '\n' ' ')"; return 1; }
+    zero=0000000000000000000000000000000000000000000000000000000000000000
+    [ "$pcr" = "$zero" ] || { WHY="PCR $PCR is $pcr after the reboot: the TPM was not reset"; return 1; }
+}
+
 say "DOMU-PHASE init $(uname -r)"
 result boot PASS "kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vcpu, /init at $(now) s"
 
@@ -181,7 +279,7 @@ say "DOMU-PHASE modules"
 
 if ! wait_for "[ -b $A ] && [ -b $B ]" 60; then
     why="xvda/xvdb did not appear within 60 s of loading xen-blkfront (present: $(ls /sys/block | tr '\n' ' '))"
-    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot; do result $c FAIL "$why"; done
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot; do result $c FAIL "$why"; done
     finish
 fi
 # Linux reads a block device through the page cache in read_ahead_kb pieces (128 KiB): one request in flight
@@ -192,11 +290,22 @@ say "DOMU-KV sectors-a $(cat /sys/block/xvda/size)"
 say "DOMU-KV ro-b $(cat /sys/block/xvdb/ro)"
 
 # ---- second boot: the reboot check ----
-mark=$(dd if=$A bs=512 skip=$((200 * 2048)) count=1 2>/dev/null | tr -d '\0' | head -c 80)
+mark=$(dd if=$A bs=512 skip=$((200 * 2048)) count=1 2>/dev/null | tr -d '\0' | head -c 160)
 case $mark in
 BOOT1*)
     say "DOMU-PHASE second-boot"
     want_sha=${mark#BOOT1 }
+    want_nv=${want_sha#* }
+    want_sha=${want_sha%% *}
+    if want tpm-reboot; then
+        if [ "$want_nv" = "$want_sha" ] || [ "$want_nv" = none ]; then
+            result tpm-reboot FAIL "the first boot wrote no NV value (its tpm step failed)"
+        elif tpm_after_reboot "$want_nv"; then
+            tpm_result tpm-reboot PASS "after the reboot /dev/tpm0 (tpm_version_major $major) reads the NV value the first boot wrote, PCR $PCR back to zero"
+        else
+            tpm_result tpm-reboot FAIL "$WHY"
+        fi
+    fi
     got=$(region_sha $A 2 1)
     if [ "$got" != "$want_sha" ]; then
         result reboot FAIL "after reboot xvda [2,3) MiB has sha $got, before the reboot it was $want_sha"
@@ -209,12 +318,23 @@ BOOT1*)
     ;;
 BOOT0*) ;;
 *)
-    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot; do
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot; do
         result $c FAIL "unexpected boot marker '$mark'"
     done
     finish
     ;;
 esac
+
+# ---- the vTPM, first boot ----
+NV=none
+if want tpm; then
+    t0=$(now)
+    if tpm_tools; then
+        tpm_result tpm PASS "/dev/tpm0 (tpm_version_major $major): tpm2_getrandom, tpm2_pcrextend (PCR $PCR as computed), NV index $NV_INDEX define/write/read through TCTI device:$TPM ($(since "$t0") s)"
+    else
+        tpm_result tpm FAIL "$WHY"
+    fi
+fi
 
 # ---- xvda: read/write, 64 MiB, discard ----
 if want rw; then
@@ -443,7 +563,7 @@ fi
 # ---- reboot: the marker carries the sha of xvda [2,3) MiB to the next boot ----
 if want reboot; then
     w=$(region_sha $A 2 1)
-    printf 'BOOT1 %s' "$w" | dd of=$A bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
+    printf 'BOOT1 %s %s' "$w" "$NV" | dd of=$A bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
         || { result reboot FAIL "cannot write the boot marker"; finish; }
     say "DOMU-PHASE rebooting"
     sync

@@ -72,6 +72,12 @@ async def test_qcow2_image(shared_bed: Bed, tmp_path: Path) -> None:
     await _exercise(d, shadow, seed=5)
     assert await shared_bed.serve.errors(d.domid) == {}
     await _detach(shared_bed, d)
+    # The frontend's close already left the backend Closed (its driver still open, ready for a reconnect), so
+    # the removal did not wait for the driver: qemu-nbd goes once the daemon sees the directory gone.  Until
+    # then it holds qemu's write lock on the image, and `qemu-img info` (a shared lock) fails.
+    async with asyncio.timeout(10):
+        while subprocess.run(["qemu-img", "info", str(image)], capture_output=True, timeout=30).returncode:
+            await asyncio.sleep(0.05)
     raw = tmp_path / "back.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True,
                    timeout=60)

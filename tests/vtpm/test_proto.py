@@ -10,6 +10,7 @@ import pytest
 
 from backends.vtpm import proto
 from backends.vtpm.proto import (
+    Answered12,
     CancelTpm,
     ClearNote,
     Command,
@@ -141,7 +142,7 @@ def test_states_out_of_order() -> None:
     assert m.on_page(page(state=2)) == []  # FINISH written by the frontend while idle: nothing to do
     assert m.on_page(page(state=0)) == []
     m.on_page(page())
-    assert m.on_page(page()) == [Note("submit while busy")]
+    assert m.on_page(page()) == []  # a repeated event for the command being run (see below)
     assert m.on_page(page(state=2)) == [Note("frontend wrote FINISH while a command runs")]
     assert m.on_page(page(state=0)) == [Note("frontend wrote IDLE while a command runs")]
     [f] = Machine(Version.TPM2, ALL).on_page(page(state=4))
@@ -203,3 +204,47 @@ def test_toolstack_keys() -> None:
     with pytest.raises(ProtocolError):
         proto.parse_version("3.0", Version.TPM2)
     assert proto.parse_resume("False") is False and proto.parse_resume("True") is True
+
+
+def test_a_command_submitted_before_connect_is_run_once_without_a_note() -> None:
+    """Linux xen-tpmfront submits its probe command before the backend connects: recover takes it at connect,
+    then the event of its notify (or the one after bind) finds the page still in SUBMIT: no second run, no note."""
+    m = Machine(Version.TPM2, ALL)
+    assert m.recover(page()) == [Execute(Command(GETRANDOM8, 0, 0x17B))]
+    assert m.on_page(page()) == []
+    assert m.on_answer(b"\x80\x01" + bytes(8), cancel_seen=False)[-1] == Respond(b"\x80\x01" + bytes(8),
+                                                                                    State.FINISH)
+
+
+# The exact TPM 1.2 commands Linux 6.1's tpm1-cmd.c sends a xen-tpmfront chip (tpm1_getcap, tpm1_get_random).
+GETCAP_TIS_TIMEOUT = struct.pack(">HIIIII", 0x00C1, 22, 0x65, 5, 4, 0x115)
+GETCAP_TIS_DURATION = struct.pack(">HIIIII", 0x00C1, 22, 0x65, 5, 4, 0x120)
+GETRANDOM12 = struct.pack(">HIII", 0x00C1, 14, 0x46, 32)
+
+
+def test_tpm12_probe_on_a_tpm2_vtpm_is_answered_by_the_backend() -> None:
+    m = Machine(Version.TPM2, ALL)
+    [counted, resp] = m.on_page(page(GETCAP_TIS_TIMEOUT))
+    assert counted == Answered12(0x65, "timeouts")
+    assert isinstance(resp, Respond) and resp.state is State.FINISH
+    # TPM_TAG_RSP_COMMAND, size, TPM_SUCCESS, respSize 16, timeouts A-D in µs (>= 1000: the kernel takes µs)
+    tag, size, rc, n, a, b, c, d = struct.unpack(">HIIIIIII", resp.data)
+    assert (tag, size, rc, n) == (0x00C4, 30, 0, 16) and size == len(resp.data)
+    assert (a, b, c, d) == (750_000, 2_000_000, 750_000, 750_000)  # the kernel's TIS defaults (C: xen-tpmfront)
+    [counted, resp] = m.on_page(page(GETCAP_TIS_DURATION))
+    assert counted == Answered12(0x65, "durations") and isinstance(resp, Respond)
+    tag, size, rc, n, short, medium, long_ = struct.unpack(">HIIIIII", resp.data)
+    assert (tag, size, rc, n) == (0x00C4, 26, 0, 12)
+    assert short >= 10_000 and short < medium < long_  # the kernel rescales a short under 10 ms (ms-reporting chips)
+    # Everything else 1.2: TPM_DEACTIVATED, the code the kernel does not log.
+    for cmd in (GETRANDOM12, struct.pack(">HIIIII", 0x00C1, 22, 0x65, 4, 4, 0x108), bytes.fromhex("00c2000000") +
+                bytes.fromhex("0a00000099") + bytes(0)):
+        out = m.on_page(page(cmd))
+        assert isinstance(out[-1], Respond) and out[-1].data == struct.pack(">HII", 0x00C4, 10, 6), (cmd.hex(), out)
+    # The machine stayed idle: the next TPM 2.0 command goes to the TPM.
+    assert m.on_page(page()) == [Execute(Command(GETRANDOM8, 0, 0x17B))]
+
+
+def test_tpm12_commands_reach_a_tpm12_vtpm() -> None:
+    m = Machine(Version.TPM12, ALL)
+    assert m.on_page(page(GETCAP_TIS_TIMEOUT)) == [Execute(Command(GETCAP_TIS_TIMEOUT, 0, 0x65))]

@@ -92,6 +92,11 @@ async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
             proc.kill()
         await proc.wait()
         raise SwtpmError(f"{argv[0]} did not finish in {timeout} s") from None
+    except asyncio.CancelledError:  # the device went away while swtpm_setup ran: it goes too
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     return int(proc.returncode or 0), out.decode(errors="replace")
 
 

@@ -60,16 +60,20 @@ DOMAIN_GONE_TIMEOUT_S = 30  # from the domain's death to pvback letting go of it
 DOMAIN_DEATH_TIMEOUT_S = 120  # from the guest's reboot (or the loop's end) to libxl having destroyed the domain
 GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
 HOTPLUG_ACTION_TIMEOUT_S = 60
+# The guest's vTPM (xl's vtpm=[...]), served by `pvback serve --types qdisk,vtpm` with one swtpm: a fixed uuid,
+# so its state dir is known (/var/lib/pvback/vtpm/<uuid>, fresh in every run: dom0.img is rebuilt).
+VTPM_UUID = "6f1c3b2a-9d4e-4f7a-8b21-5c0e7d9a4e16"
+VTPM_DEVID = 0
 
 # Checks, in the order they are reported; the host test makes one pytest test of each.
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
           "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
-          "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes"]
+          "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot"]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
               "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
               "blk-rw-attach": "rw-attach", "blk-fs": "fs", "blk-hotplug": "hotplug", "guest-klog": "klog",
-              "blk-reboot": "reboot"}
+              "blk-reboot": "reboot", "vtpm-tools": "tpm", "vtpm-reboot": "tpm-reboot"}
 STEP_CHECK = {v: k for k, v in GUEST_STEP.items()}
 NEEDS_GUEST = set(GUEST_STEP) | {"xl-qdisk-stub", "pvback-status", "blk-shapes"}
 
@@ -231,7 +235,7 @@ class Daemon:
         t0 = time.monotonic()
         with SERVE_LOG.open("wb") as f:
             self.proc = subprocess.Popen(
-                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk", "--metrics", METRICS],
+                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm", "--metrics", METRICS],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
@@ -446,6 +450,7 @@ class Scenario:
             f'extra = "{extra}"', "memory = 384", "vcpus = 1",
             'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
             "disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]",
+            *([f'vtpm = [ "backend=Domain-0,uuid={VTPM_UUID}" ]'] if {"tpm", "tpm-reboot"} & set(self.steps) else []),
             # libxl starts a "device model" for a PV guest's qdisk disks: pvback's stand-in answers its QMP,
             # the disks themselves are served by `pvback serve` watching backend/qdisk.
             f'device_model_override = "{DM_STUB}"', 'device_model_version = "qemu-xen"',
@@ -563,6 +568,8 @@ class Scenario:
             if bad:
                 raise TestFailure("; ".join(bad))
             return ", ".join(f"{k} {v[3:]}" for k, v in self.actions.items())
+        if step in ("tpm", "tpm-reboot"):
+            return self.verify_tpm(step)
         if step == "reboot":
             if "DOMU-PHASE rebooting" not in console_text(GUEST):
                 raise TestFailure("the domU passed without having rebooted")
@@ -574,6 +581,40 @@ class Scenario:
                 raise TestFailure("no second domain id seen after the reboot")
             return f"domain {self.domids[0]} -> {self.domids[1]}"
         return "ok"
+
+    def verify_tpm(self, step: str) -> str:
+        """What libxl wrote for the guest's vtpm=[...] and what pvback made of it: the backend dir, swtpm running
+        on the state of this uuid, the commands counted."""
+        domid = self.domids[-1]
+        be = f"/local/domain/0/backend/vtpm/{domid}/{VTPM_DEVID}"
+        keys = {k: xs_read(f"{be}/{k}") for k in ("uuid", "resume", "feature-protocol-v2", "ready", "state")}
+        if keys["uuid"] != VTPM_UUID:
+            raise TestFailure(f"{be}/uuid is {keys['uuid']!r}, xl cfg says {VTPM_UUID}")
+        if keys["feature-protocol-v2"] != "1" or keys["state"] != "4":
+            raise TestFailure(f"{be}: {keys}")
+        state = Path("/var/lib/pvback/vtpm") / VTPM_UUID / "tpm2"
+        if not (state / "tpm2-00.permall").exists():
+            raise TestFailure(f"no swtpm state in {state}")
+        pids = run(["pgrep", "-f", f"swtpm socket .*{VTPM_UUID}"], check=False).stdout.split()
+        if len(pids) != 1:
+            raise TestFailure(f"{len(pids)} swtpm processes for vTPM {VTPM_UUID}: {pids}")
+        metrics = self.daemon.metrics()
+        cmds = requests_of(metrics, domid, VTPM_DEVID, "command")
+        errors = errors_of(metrics, domid, VTPM_DEVID)
+        if cmds < 3:
+            raise TestFailure(f"pvback counted {cmds:.0f} TPM commands for {domid}/vtpm {VTPM_DEVID}")
+        major = self.kv.get("tpm-major", "?")
+        tpmlog = "; ".join(line for _, _, line in re.findall(r"DOMU-TPMLOG (\S+) (error|info): ([^\n]*)",
+                                                             console_text(GUEST)))
+        if step == "tpm-reboot":
+            if len(self.domids) < 2:
+                raise TestFailure("no second domain id seen after the reboot")
+            if self.kv.get("tpm-nv") != self.kv.get("tpm-nv-after"):
+                raise TestFailure(f"NV value {self.kv.get('tpm-nv')} before the reboot, "
+                                  f"{self.kv.get('tpm-nv-after')} after")
+        return (f"dom0: {be} uuid/resume={keys['resume']}/protocol-v2/Connected, swtpm pid {pids[0]}, "
+                f"{cmds:.0f} commands, errors {errors or 'none'}; kernel: tpm_version_major={major}, "
+                f"/dev/tpmrm0 {self.kv.get('tpm-rm', '?')}; tpm lines: {tpmlog or 'none'}")
 
     def verify_flush(self, detail: str) -> None:
         """pvback counted the guest's flushes on xvdd, without an error; the log replay comes at the end."""
