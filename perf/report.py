@@ -173,3 +173,47 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
                      f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
     return "\n".join(lines) + "\n"
+
+
+def tpm_markdown(result: dict[str, Any]) -> str:
+    """`pvback bench tpm`'s tables from a bench-tpm.json."""
+    h = result["host"]
+    pp = result["pingpong"]
+    ref = result["pingpong_ref"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}  ",
+        f"Host: {h['cpu_model']}, {h['cpus_online']} vCPUs ({h['virtualization']}), {h['mem_gib']} GiB, "
+        f"kernel {h['kernel']}, {h['os']}; {result.get('swtpm', '')}  ",
+        f"Plan: {result['plan']['reps']} repetition(s) x {result['plan']['rounds']} commands "
+        f"(+{result['plan']['warmup']} warm-up) per cell; cells are medians over the repetitions.  ",
+        "eventfd ping-pong: " + ", ".join(f"{m} p50 {r['p50_us']:.2f} us p99 {r['p99_us']:.2f} us"
+                                          for m, r in pp.items()) + f" (reference: {ref})",
+        "",
+        "| command | path | cmds/s | p50 us | p99 us | CPU us/cmd | added p50 us | added p99 us | p50 vs direct | "
+        "added p50 / ping-pong p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        lines.append(
+            f"| {c['workload']} | {c['system']} | {c['iops']:.0f} | {c['p50_us']:.1f} | {c['p99_us']:.1f} | "
+            f"{c['cpu_us_per_op']:.1f} | {f2(c.get('added_p50_us'))} | {f2(c.get('added_p99_us'))} | "
+            f"{f2(c.get('ratio_p50_to_direct'))} | {f2(c.get('ratio_added_p50_to_pingpong'))} |")
+    sc = result.get("scale") or {}
+    if sc and "error" not in sc:
+        lines += ["", f"Scale: {sc['n']} vTPMs attached at once (attach -> first answered command; "
+                      "swtpm_setup + swtpm start + xenbus connect)", "",
+                  "| vTPMs | all up (s) | wall / N (s) | start-up p50 (s) | start-up max (s) | swtpm RSS / vTPM (KiB) "
+                  "| daemon RSS growth / vTPM (KiB) | memory / vTPM (KiB) |", "|---|---|---|---|---|---|---|---|",
+                  f"| {sc['n']} | {sc['wall_s']:.2f} | {sc['wall_per_vtpm_s']:.2f} | {sc['startup_p50_s']:.2f} | "
+                  f"{sc['startup_max_s']:.2f} | {sc['swtpm_rss_per_vtpm_kib']:.0f} | "
+                  f"{sc['daemon_rss_growth_per_vtpm_kib']:.0f} | {sc['memory_per_vtpm_kib']:.0f} |"]
+    elif sc:
+        lines += ["", f"Scale: {sc['n']} vTPMs FAILED: {sc['error']}"]
+    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
+                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    if result.get("failures"):
+        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    return "\n".join(lines) + "\n"

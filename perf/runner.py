@@ -135,14 +135,16 @@ def simulator(work: Path) -> Iterator[Path]:
 class Serve:
     """`pvback serve` on the simulator with a bench configuration (one process, optionally pinned).
 
-    sections: the device types' config sections (e.g. {"blk": {...}}), written after [serve]; `settings` is
-    what the result records about this process.
+    sections: the device types' config sections (e.g. {"blk": {...}}), written after [serve]; serve_keys:
+    more keys of [serve] (e.g. backend_types); `settings` is what the result records about this process.
     """
 
     def __init__(self, work: Path, sim_dir: Path, name: str, *, sections: Mapping[str, Mapping[str, int | str]],
-                 settings: dict[str, Any], cpus: set[int] | None = None) -> None:
+                 settings: dict[str, Any], cpus: set[int] | None = None,
+                 serve_keys: Mapping[str, object] | None = None) -> None:
         self.cfg = work / f"serve-{name}.toml"
         text = "[serve]\nmetrics_listen = \"\"\nlog_level = \"warning\"\n"
+        text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in (serve_keys or {}).items())
         for section, keys in sections.items():
             text += f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
         self.cfg.write_text(text)

@@ -1,4 +1,5 @@
-"""`pvback bench`: the benchmark matrix (perf/matrix.py) against fio, nbdkit and the null driver.
+"""`pvback bench`: the benchmark matrix (perf/matrix.py) against fio, nbdkit and the null driver; `pvback bench
+tpm`: the vTPM latency and scale benchmark (perf/tpm_cells.py).
 
 The benchmark code lives in the source tree's perf/ directory (it builds small C programs and drives fio and
 nbdkit); this command finds it next to the `backends` package and runs it.
@@ -20,6 +21,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if getattr(args, "what", "blk") == "tpm":
+        from perf import tpm_cells
+
+        argv = ["pvback", "bench", "tpm"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
+        return tpm_cells.main(bool(args.quick), str(args.out), argv=argv)
     from perf import matrix
 
     argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
