@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import struct
 import tempfile
@@ -16,7 +17,7 @@ import pytest
 
 from backends.xenbus.toolstack import wait_for_state
 from tests.system.conftest import SimProc
-from tests.system.vtpmbed import S, TpmBed, Vtpm, make_serve
+from tests.system.vtpmbed import S, TpmBed, Vtpm, kill_swtpms, make_serve
 
 NV = "0x1500016"
 
@@ -30,10 +31,14 @@ def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
     try:
         yield bed
     finally:
-        alive = serve.alive
-        rc = serve.stop()
-        if not serve.killed:
-            assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        try:
+            alive = serve.alive
+            rc = serve.stop()
+            if not serve.killed:
+                assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        finally:
+            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_tpm2_tools_through_the_guest(tbed: TpmBed) -> None:

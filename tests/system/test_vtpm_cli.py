@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import tempfile
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from backends.guests.tpmfront import TpmFront
 from backends.xenbus.toolstack import wait_for_state
 from tests.system.conftest import PY, SimProc
-from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, make_serve, rc_of
+from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, kill_swtpms, make_serve, rc_of
 
 CMD_TIMEOUT = 60.0
 
@@ -32,8 +33,12 @@ def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
     try:
         yield bed
     finally:
-        rc = serve.stop()
-        assert rc == 0, f"pvback serve failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        try:
+            rc = serve.stop()
+            assert rc == 0, f"pvback serve failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        finally:
+            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def pvback(tbed: TpmBed, *args: str) -> tuple[int, str, str]:

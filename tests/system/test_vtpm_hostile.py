@@ -4,6 +4,7 @@ guest's TPM keeps answering.  Every case writes the page by hand, as a malicious
 from __future__ import annotations
 
 import asyncio
+import shutil
 import struct
 import tempfile
 import uuid as uuidlib
@@ -14,7 +15,7 @@ import pytest
 
 from backends.xenbus.toolstack import read_state, wait_for_state
 from tests.system.conftest import SimProc
-from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, Vtpm, make_serve, rc_of
+from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, Vtpm, kill_swtpms, make_serve, rc_of
 
 CONNECTED, CLOSING = S.CONNECTED, S.CLOSING
 
@@ -28,9 +29,13 @@ def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
     try:
         yield bed
     finally:
-        alive = serve.alive
-        rc = serve.stop()
-        assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        try:
+            alive = serve.alive
+            rc = serve.stop()
+            assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        finally:
+            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def write_page(v: Vtpm, data: bytes, *, length: int | None = None, state: int = 1, locality: int = 0,

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import struct
 import tempfile
@@ -156,14 +155,18 @@ class TpmBed(Bed):
                 await v.front.release(revoke_timeout=1.0)
         self.tpms.clear()
         await super().aclose()
-        # swtpm processes a killed daemon left behind (the bed's own run dir only), by PID.
-        for pidfile in self.run_dir.glob("*/swtpm.pid"):
-            with contextlib.suppress(ValueError, OSError):
-                pid = int(pidfile.read_text())
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if str(self.run_dir).encode() in cmd:
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        kill_swtpms(self.run_dir)
+
+
+def kill_swtpms(run_dir: Path) -> None:
+    """swtpm processes of this bed's run dir only, by PID: those a killed daemon left behind, and those a live
+    daemon restarts when one is killed under it (so call it again once the daemon has stopped)."""
+    for pidfile in run_dir.glob("*/swtpm.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pidfile.read_text())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(run_dir).encode() in cmd:
+                os.kill(pid, signal.SIGKILL)
 
 
 def make_serve(sim: SimProc, tmp: Path, run_dir: Path, localities: str = "0,1") -> ServeProc:
