@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import signal
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,28 +15,15 @@ import pytest
 
 from backends.xenbus.toolstack import wait_for_state
 from tests.system.conftest import SimProc
-from tests.system.vtpmbed import S, TpmBed, Vtpm, kill_swtpms, make_serve
+from tests.system.vtpmbed import S, TpmBed, Vtpm, tpm_bed
 
 NV = "0x1500016"
 
 
 @pytest.fixture
 def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
-    run_dir = Path(tempfile.mkdtemp(prefix="pvbt-", dir="/tmp"))
-    serve = make_serve(sim, tmp_path, run_dir)
-    serve.start()
-    bed = TpmBed(sim, serve, tmp_path, run_dir=run_dir)
-    try:
+    with tpm_bed(sim, tmp_path) as bed:
         yield bed
-    finally:
-        try:
-            alive = serve.alive
-            rc = serve.stop()
-            if not serve.killed:
-                assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
-        finally:
-            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_tpm2_tools_through_the_guest(tbed: TpmBed) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import tempfile
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,26 +17,15 @@ import pytest
 from backends.guests.tpmfront import TpmFront
 from backends.xenbus.toolstack import wait_for_state
 from tests.system.conftest import PY, SimProc
-from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, kill_swtpms, make_serve, rc_of
+from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, rc_of, tpm_bed
 
 CMD_TIMEOUT = 60.0
 
 
 @pytest.fixture
 def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
-    run_dir = Path(tempfile.mkdtemp(prefix="pvbt-", dir="/tmp"))
-    serve = make_serve(sim, tmp_path, run_dir)
-    serve.start()
-    bed = TpmBed(sim, serve, tmp_path, run_dir=run_dir)
-    try:
+    with tpm_bed(sim, tmp_path) as bed:
         yield bed
-    finally:
-        try:
-            rc = serve.stop()
-            assert rc == 0, f"pvback serve failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
-        finally:
-            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def pvback(tbed: TpmBed, *args: str) -> tuple[int, str, str]:

@@ -4,9 +4,7 @@ guest's TPM keeps answering.  Every case writes the page by hand, as a malicious
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
-import tempfile
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -15,27 +13,15 @@ import pytest
 
 from backends.xenbus.toolstack import read_state, wait_for_state
 from tests.system.conftest import SimProc
-from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, Vtpm, kill_swtpms, make_serve, rc_of
+from tests.system.vtpmbed import GETRANDOM8, S, TpmBed, Vtpm, rc_of, tpm_bed
 
 CONNECTED, CLOSING = S.CONNECTED, S.CLOSING
 
 
 @pytest.fixture
 def tbed(sim: SimProc, tmp_path: Path) -> Iterator[TpmBed]:
-    run_dir = Path(tempfile.mkdtemp(prefix="pvbt-", dir="/tmp"))
-    serve = make_serve(sim, tmp_path, run_dir, localities="0,1")
-    serve.start()
-    bed = TpmBed(sim, serve, tmp_path, run_dir=run_dir)
-    try:
+    with tpm_bed(sim, tmp_path) as bed:
         yield bed
-    finally:
-        try:
-            alive = serve.alive
-            rc = serve.stop()
-            assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
-        finally:
-            kill_swtpms(run_dir)  # swtpms the daemon restarted while the bed was cleaning up
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def write_page(v: Vtpm, data: bytes, *, length: int | None = None, state: int = 1, locality: int = 0,

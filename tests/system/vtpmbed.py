@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import struct
 import tempfile
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,3 +173,24 @@ def kill_swtpms(run_dir: Path) -> None:
 
 def make_serve(sim: SimProc, tmp: Path, run_dir: Path, localities: str = "0,1") -> ServeProc:
     return ServeProc(sim, tmp, config=config(tmp / "vtpm-state", run_dir, localities))
+
+
+@contextlib.contextmanager
+def tpm_bed(sim: SimProc, tmp: Path) -> Iterator[TpmBed]:
+    """A daemon serving vTPMs from a run dir of its own, and the bed around it; every test module's fixture.
+    At the end the daemon must have lived (unless the test killed it) and stopped cleanly; the bed's swtpms
+    are killed again after it stopped (it restarts one killed under it while the bed cleans up)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="pvbt-", dir="/tmp"))
+    serve = make_serve(sim, tmp, run_dir)
+    serve.start()
+    try:
+        yield TpmBed(sim, serve, tmp, run_dir=run_dir)
+    finally:
+        try:
+            alive = serve.alive
+            rc = serve.stop()
+            if not serve.killed:
+                assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+        finally:
+            kill_swtpms(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
