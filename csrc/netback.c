@@ -5,6 +5,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/if_tun.h>
+#include <sys/ioctl.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -41,8 +43,12 @@ struct pv_net_queue {
     struct pv_back_ring tx, rx;
     int dead;
     struct pv_net_stats st;
-    struct pv_pump_source src[4];
+    struct pv_pump_source src[PV_PUMP_MAX_SOURCES];
     int timer; /* timerfd armed while a frame is held (rx_drain_timeout_ms), -1 without a timeout */
+    int credit_timer;        /* timerfd armed for the next refill while TX waits for credit; -1 without */
+    int tx_throttled;        /* TX waits for credit: passes do nothing until credit_timer fires */
+    uint64_t throttled_since; /* ns */
+    int rx_stalled;           /* counted in the vif's stalled queues (its carrier is off) */
     uint32_t nsrc;
     int tap_src; /* index of the tap in src[] */
 
@@ -292,7 +298,26 @@ static void mark_dead(struct pv_net_queue *q, int reason)
     q->dead = 1;
 }
 
-/* Parse the consumed slots [0, n) into the batch.  Returns -1 when a fatal rule killed the queue. */
+/* Spend `size` bytes of the vif's credit, or (no credit left) arm the credit timer for the next refill and
+ * return 1: the packet waits, as Linux's tx_credit_exceeded. */
+static int tx_wait_credit(struct pv_net_queue *q, uint32_t size)
+{
+    uint64_t now = pv_net_now_ns(), wake = 0;
+    if (pv_net_vif_take_credit(q->cfg.vif, size, now, &wake))
+        return 0;
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(wake / 1000000000u),
+                                          .tv_nsec = (long)(wake % 1000000000u)}};
+    if (!its.it_value.tv_sec && !its.it_value.tv_nsec)
+        its.it_value.tv_nsec = 1; /* 0 would disarm */
+    (void)timerfd_settime(q->credit_timer, TFD_TIMER_ABSTIME, &its, NULL);
+    q->tx_throttled = 1;
+    q->throttled_since = now;
+    q->st.tx_credit_waits++;
+    return 1;
+}
+
+/* Parse the consumed slots [0, n) into the batch.  Returns -1 when a fatal rule killed the queue, 1 when a
+ * packet waits for credit (it and the slots after it are back on the ring). */
 static int tx_process(struct pv_net_queue *q, uint32_t n)
 {
     uint32_t idx = 0;
@@ -317,6 +342,11 @@ static int tx_process(struct pv_net_queue *q, uint32_t n)
             q->st.tx_mcast++;
             tx_answer_slots(q, slots, &pkt, PV_NETIF_RSP_OKAY);
             continue;
+        }
+        if (q->cfg.vif && tx_wait_credit(q, pkt.len)) {
+            /* Put this packet and the rest back: the frontend sees its ring fill up (back-pressure). */
+            q->tx.req_cons -= n - (idx - pkt.nr_slots);
+            return 1;
         }
         if (q->txoff + PV_VNET_HDR_LEN + pkt.len > TX_BUF_SIZE)
             tx_flush(q);
@@ -359,6 +389,8 @@ int32_t pv_net_queue_tx(struct pv_net_queue *q)
     if (q->dead)
         return -PV_NET_EDEAD;
     uint64_t before = q->st.tx_packets;
+    if (q->tx_throttled)
+        return 0; /* the credit timer resumes TX */
     for (;;) {
         int32_t n = pv_back_ring_consume(&q->tx, q->txslots, q->tx.size);
         if (n < 0) {
@@ -367,8 +399,13 @@ int32_t pv_net_queue_tx(struct pv_net_queue *q)
             return -PV_NET_EDEAD;
         }
         if (n > 0) {
-            if (tx_process(q, (uint32_t)n) < 0)
+            int r = tx_process(q, (uint32_t)n);
+            if (r < 0)
                 return -PV_NET_EDEAD;
+            if (r > 0) {
+                tx_flush(q); /* what passed before the credit ran out */
+                break;
+            }
             continue;
         }
         tx_flush(q);
@@ -567,12 +604,30 @@ static void rx_purge(struct pv_net_queue *q)
         q->st.rx_dropped++;
     }
     q->src[q->tap_src].fd = q->tap;
+    if (q->cfg.vif && !q->rx_stalled) {
+        q->rx_stalled = 1;
+        if (pv_net_vif_queue_stalled(q->cfg.vif))
+            (void)ioctl(q->tap, TUNSETCARRIER, &(int){0});
+    }
+}
+
+/* A stalled queue whose guest posted a buffer again: the carrier comes back once no queue of the vif is
+ * stalled (xenvif_rx_queue_ready). */
+static void rx_ready_check(struct pv_net_queue *q)
+{
+    if (q->rxreq_n == 0 && pv_back_ring_pending(&q->rx) <= 0)
+        return;
+    q->rx_stalled = 0;
+    if (pv_net_vif_queue_ready(q->cfg.vif))
+        (void)ioctl(q->tap, TUNSETCARRIER, &(int){1});
 }
 
 int32_t pv_net_queue_rx(struct pv_net_queue *q)
 {
     if (q->dead)
         return -PV_NET_EDEAD;
+    if (q->rx_stalled)
+        rx_ready_check(q);
     uint64_t before = q->st.rx_packets;
     int32_t rc = 0;
     for (;;) {
@@ -669,6 +724,28 @@ static int32_t on_timer(void *ctx)
     return 0;
 }
 
+static int32_t on_credit_timer(void *ctx)
+{
+    struct pv_net_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->credit_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
+        return 0;
+    if (q->tx_throttled) {
+        q->tx_throttled = 0;
+        q->st.tx_throttled_ns += pv_net_now_ns() - q->throttled_since;
+    }
+    int32_t rc = pv_net_queue_tx(q);
+    return rc < 0 ? rc : 0;
+}
+
+void pv_net_queue_credit_kick(struct pv_net_queue *q)
+{
+    if (q->credit_timer < 0)
+        return;
+    struct itimerspec its = {.it_value = {.tv_nsec = 1}};
+    (void)timerfd_settime(q->credit_timer, 0, &its, NULL);
+}
+
 static int32_t on_tap(void *ctx)
 {
     struct pv_net_queue *q = ctx;
@@ -699,10 +776,14 @@ void pv_net_queue_destroy(struct pv_net_queue *q)
 {
     if (!q)
         return;
+    if (q->rx_stalled)
+        (void)pv_net_vif_queue_ready(q->cfg.vif); /* the count only: a tap with no queue left has no carrier */
     if (q->tap >= 0)
         close(q->tap);
     if (q->timer >= 0)
         close(q->timer);
+    if (q->credit_timer >= 0)
+        close(q->credit_timer);
     free(q->txslots);
     free(q->txrsp);
     free(q->txseg);
@@ -747,6 +828,7 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
         FAIL("out of memory");
     q->tap = -1;
     q->timer = -1;
+    q->credit_timer = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->ev_tx = evtchn_tx;
@@ -786,6 +868,12 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
         if (q->timer < 0)
             FAIL("timerfd: %s", strerror(errno));
         q->src[n++] = (struct pv_pump_source){.fd = q->timer, .ready = on_timer, .ctx = q, .hangup_rc = 0};
+    }
+    if (cfg->vif) {
+        q->credit_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->credit_timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+        q->src[n++] = (struct pv_pump_source){.fd = q->credit_timer, .ready = on_credit_timer, .ctx = q};
     }
     q->nsrc = n;
     return q;

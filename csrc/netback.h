@@ -17,7 +17,13 @@
  * posts more (req_event is set for that): the host's tap queue, not us, then bounds the backlog.  A stall
  * longer than rx_drain_timeout_ms (a timerfd in the pump) drops the held frame and what the tap queued
  * (counted in rx_dropped and rx_purges), as Linux's rx_drain_timeout purges a queue nobody drains; then the
- * tap is polled again (the next frame may stall again).
+ * tap is polled again (the next frame may stall again).  With a vif object (netvif.h) the queue also counts
+ * as stalled: the tap's carrier goes off until the guest posts an RX buffer, so the host drops frames for a
+ * guest that takes none instead of queueing them for us.
+ *
+ * TX credit (`rate`, netvif.h): a packet the vif has no credit for stops the pass with its slots put back on
+ * the ring (req_cons rewound to its first slot), and TX sleeps until a timerfd fires at the next refill;
+ * events meanwhile are acknowledged and ignored (Linux: the credit timer is pending).
  *
  * A fatal TX rule (netif.h) or a runaway req_prod kills the queue: the run call returns -PV_NET_EDEAD and
  * the device disables the vif from the control path (XSA-90: never inline).
@@ -30,6 +36,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "netvif.h"
 #include "netif.h"
 #include "platform.h"
 #include "ring.h"
@@ -58,6 +65,8 @@ struct pv_net_queue_config {
     uint8_t mac[6];
     uint32_t rx_drain_timeout_ms; /* a frame held this long for want of posted buffers is dropped, with what
                                    * the tap queued meanwhile (Linux rx_drain_timeout_msecs); 0: never */
+    struct pv_net_vif *vif; /* what the vif's queues share (netvif.h: `rate`, carrier); NULL: no rate, no
+                             * carrier changes (tests driving one queue) */
 };
 
 struct pv_net_stats {
@@ -73,7 +82,8 @@ struct pv_net_stats {
     uint64_t rx_dropped; /* frames the frontend could not take (too big without SG, bad offload) */
     uint64_t rx_gso;
     uint64_t rx_stalls; /* times a frame waited for posted buffers */
-    uint64_t rx_purges; /* stalls that outlasted rx_drain_timeout_ms: the held and queued frames dropped */
+    uint64_t rx_purges; /* stalls that outlasted rx_drain_timeout_ms: the held and queued frames dropped (and
+                         * the tap's carrier off until the guest posts buffers again, with a vif) */
     uint64_t rules[PV_NETIF_NR_REASONS]; /* hits per PV_NETIF_E_* rule */
     uint64_t tx_events;
     uint64_t rx_events;
@@ -82,6 +92,8 @@ struct pv_net_stats {
     uint64_t grant_copy_segs;
     uint64_t tx_notifies;
     uint64_t rx_notifies;
+    uint64_t tx_credit_waits;  /* times a packet waited for TX credit (`rate`) */
+    uint64_t tx_throttled_ns;  /* time TX spent waiting for credit */
     uint32_t dead_reason; /* the fatal PV_NETIF_E_* that killed the queue (0: alive) */
 };
 
@@ -101,6 +113,8 @@ int32_t pv_net_queue_rx(struct pv_net_queue *q);
  * or -PV_NET_EDEAD / -PV_NET_EEVTCHN / -PV_NET_ETAP. */
 int32_t pv_net_queue_run(struct pv_net_queue *q, int stop_fd);
 int pv_net_queue_dead(const struct pv_net_queue *q);
+/* Make a queue waiting for TX credit look again now (after pv_net_vif_set_rate): safe from any thread. */
+void pv_net_queue_credit_kick(struct pv_net_queue *q);
 void pv_net_queue_get_stats(const struct pv_net_queue *q, struct pv_net_stats *out);
 
 /* Where the L4 header of an Ethernet frame starts and what it is (IPv4 without fragments, IPv6 with the

@@ -167,7 +167,8 @@ async def collect_status(xs: Any, backend_domid: int = 0) -> list[dict[str, Any]
                 fe = await xs.read_str(f"{be}/frontend") or ""
                 summary = await xs.read_str(f"{be}/{columns.summary_key}") if columns.summary_key else None
                 row: dict[str, Any] = {"type": btype, "domid": dom, "devid": dev,
-                                       "dev": await xs.read_str(f"{be}/dev") or "",
+                                       "dev": _dev_name(columns, dom, dev,
+                                                        await xs.read_str(f"{be}/{columns.dev_key}")),
                                        "params": summary or "",
                                        "state": _state(await xs.read_str(f"{be}/state")),
                                        "fe_state": _state(await xs.read_str(f"{fe}/state")) if fe else "-",
@@ -185,6 +186,12 @@ async def collect_status(xs: Any, backend_domid: int = 0) -> list[dict[str, Any]
                 row["features"] = " ".join(feats)
                 rows.append(row)
     return rows
+
+
+def _dev_name(columns: Any, domid: str, devid: str, value: str | None) -> str:
+    if columns.dev_name is None:
+        return value or ""
+    return str(columns.dev_name(domid, devid, value))
 
 
 async def _ls(xs: Any, path: str) -> list[str]:

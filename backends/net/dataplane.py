@@ -7,6 +7,7 @@ packet.  The loop thread only starts and stops pumps and reads counters.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,30 @@ RULES = tuple(ffi.string(lib.pv_netif_reason_name(i)).decode() for i in range(in
 _COUNTERS = (
     "tx_packets", "tx_bytes", "tx_dropped", "tx_gso", "tx_csum_blank", "tx_zero_frags", "tx_mcast",
     "rx_packets", "rx_bytes", "rx_dropped", "rx_gso", "rx_stalls", "rx_purges", "tx_events", "rx_events", "tap_wakeups",
-    "grant_copy_calls", "grant_copy_segs", "tx_notifies", "rx_notifies",
+    "grant_copy_calls", "grant_copy_segs", "tx_notifies", "rx_notifies", "tx_credit_waits", "tx_throttled_ns",
 )  # fmt: skip
+
+
+class VifShared:
+    """What the queues of one vif share (csrc/netvif.h): the TX credit of the toolstack's `rate` (unlimited
+    until `set_rate`, changed live) and the count of RX-stalled queues that turns the tap's carrier off."""
+
+    def __init__(self) -> None:
+        v = lib.pv_net_vif_create()
+        if v == ffi.NULL:
+            raise MemoryError("net vif")
+        self.c: Any = v
+        # Freed with the last reference (the vif's, and each NetQueueConfig's: no queue outlives it).
+        weakref.finalize(self, lib.pv_net_vif_destroy, v)
+
+    def set_rate(self, nbytes: int, usecs: int) -> None:
+        """`nbytes` every `usecs`; 0 bytes: unlimited.  Queues waiting for credit see it at their next look
+        (NetQueue.credit_kick makes that now)."""
+        lib.pv_net_vif_set_rate(self.c, nbytes, usecs)
+
+    @property
+    def carrier_offs(self) -> int:
+        return int(lib.pv_net_vif_carrier_offs(self.c))
 
 
 class QueueDeadError(Exception):
@@ -38,6 +61,7 @@ class NetQueueConfig:
     rx_csum: bool = False
     check_mac: bool = True
     rx_drain_timeout_ms: int = 0  # 0: a frame waits for posted buffers for ever (the tap queue bounds the rest)
+    vif: VifShared | None = None  # the vif's `rate` and carrier; None: TX never limited, carrier left alone
 
 
 class NetQueue:
@@ -55,6 +79,7 @@ class NetQueue:
         c.rx_csum = cfg.rx_csum
         c.check_mac = cfg.check_mac
         c.rx_drain_timeout_ms = cfg.rx_drain_timeout_ms
+        c.vif = cfg.vif.c if cfg.vif is not None else ffi.NULL
         c.mac[0:6] = bytes(cfg.mac)
         err = ffi.new("char[]", 256)
         q = lib.pv_net_queue_create(tx_ring, rx_ring, c, gnt, ev_tx if ev_tx is not None else ffi.NULL,
@@ -93,6 +118,10 @@ class NetQueue:
     def run(self, stop_fd: int) -> None:
         """Pump until `stop_fd` is readable (blocks; releases the GIL)."""
         self._check(int(lib.pv_net_queue_run(self.c, stop_fd)))
+
+    def credit_kick(self) -> None:
+        """Re-check the TX credit now (after the rate changed); the pump thread does it."""
+        lib.pv_net_queue_credit_kick(self.c)
 
     def dead_reason(self) -> str:
         lib.pv_net_queue_get_stats(self.c, self._stats)

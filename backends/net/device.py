@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError
-from backends.net.commands import MAX_QUEUES_KEY  # `attach nic --queues`: our cap on the queues offered
-from backends.net.dataplane import RULES, NetDataplane, NetQueueConfig
+from backends.net.commands import (  # `attach nic --queues` / `--allow-spoof`: our own backend keys
+    ALLOW_SPOOF_KEY,
+    MAX_QUEUES_KEY,
+)
+from backends.net.dataplane import RULES, NetDataplane, NetQueueConfig, VifShared
 from backends.net.proto import (
     HOST_MAC,
     BackendOffer,
@@ -68,6 +71,9 @@ class NetVif:
     mtu: int
     offer: BackendOffer
     rate: Rate | None = None
+    # The queues' shared C state: the TX credit that enforces `rate` and the RX-stall count behind the carrier.
+    shared: VifShared = field(default_factory=VifShared)
+    check_mac: bool = True  # drop TX frames whose source MAC is not `mac` ([net] check_mac, per-vif key)
     multicast_control: bool = False
     frontend: FrontendConfig | None = None
     tap: Tap | None = None
@@ -78,14 +84,27 @@ class NetVif:
     # The queues' last counters once disconnected: a vif disabled for breaking a rule still shows which rule
     # (until it connects again and its new queues count from zero).
     last: list[dict[str, Any]] = field(default_factory=list)
+    last_raw: list[dict[str, int]] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         out = []
+        raw = []
         for dp in self.queues:
             s = dp.stats()
             if s:
+                raw.append(s)
                 out.append(metrics_view(s))
-        return {"queues": out or self.last, "net": self.summary()}
+        if raw:
+            self.last_raw = raw
+        # Per-vif numbers (the pvback_device_status gauge and `pvback status`): the credit scheduler's waits
+        # and the time TX spent throttled, summed over the queues, and the times the carrier went off.
+        src = raw or self.last_raw
+        status = {"tx_credit_waits": sum(s.get("tx_credit_waits", 0) for s in src),
+                  "tx_throttled_ms": sum(s.get("tx_throttled_ns", 0) for s in src) // 1_000_000,
+                  "rx_purges": sum(s.get("rx_purges", 0) for s in src),
+                  "carrier_offs": self.shared.carrier_offs,
+                  "rate_bytes_per_s": (self.rate.bytes * 1_000_000 // self.rate.usecs) if self.rate else 0}
+        return {"queues": out or self.last, "net": self.summary(), "status": status}
 
     def summary(self) -> dict[str, Any]:
         fe = self.frontend
@@ -135,6 +154,10 @@ class NetDeviceClass:
             name = vif_name(dev.frontend_id, dev.devid, await dev.read_backend("vifname"))
             cap = await dev.read_backend(MAX_QUEUES_KEY)
             max_queues = parse_uint(cap, MAX_QUEUES_KEY, 1, 64, self.cfg.max_queues)
+            # Per vif: `pvback attach nic --allow-spoof` writes 1 (a bridging or VRRP guest), 0 forces the check;
+            # absent, [net] check_mac decides.
+            allow = await dev.read_backend(ALLOW_SPOOF_KEY)
+            check_mac = not parse_uint(allow, ALLOW_SPOOF_KEY, 0, 1, 0 if self.cfg.check_mac else 1)
         except ProtocolError as exc:
             raise DeviceError(f"bad toolstack keys: {exc}") from exc
         if await dev.read_backend("bridge"):
@@ -151,7 +174,7 @@ class NetDeviceClass:
             raise DeviceError(f"cannot create the tap: {exc}") from exc
         tap.close()  # the interface stays; connect attaches one fd per negotiated queue
         self.taps[name] = dev.backend_path
-        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer)
+        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac)
         await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
         dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
                                         "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
@@ -201,7 +224,8 @@ class NetDeviceClass:
         v4, v6 = fe.rx_gso
         qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
                               rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
-                              check_mac=self.cfg.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms)
+                              check_mac=vif.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms,
+                              vif=vif.shared)
         loop = asyncio.get_running_loop()
 
         def on_dead(message: str) -> None:
@@ -260,7 +284,8 @@ class NetDeviceClass:
             return
         queues, vif.queues = vif.queues, []
         if queues:
-            vif.last = [metrics_view(dp.stats()) for dp in queues]
+            vif.last_raw = [dp.stats() for dp in queues]
+            vif.last = [metrics_view(s) for s in vif.last_raw]
         for dp in queues:
             await dp.stop()
         for t in list(vif.tasks):
@@ -280,13 +305,15 @@ class NetDeviceClass:
             try:
                 vif.rate = parse_rate(value)
             except ProtocolError as exc:
-                # Linux: a rate it cannot parse is a warning, and traffic stays unlimited.
+                # Linux: a rate it cannot parse is a warning, and traffic is unlimited.
                 vif.rate = None
                 dev.log.warning("rate ignored: %s", exc, extra={"vif": vif.name})
-                return
-            if vif.rate is not None:
-                dev.log.warning("rate %d bytes per %d us is not enforced yet (#13)", vif.rate.bytes,
-                                vif.rate.usecs, extra={"vif": vif.name})
+            # Live: the queues' shared credit changes at once and queues waiting for credit look again now.
+            vif.shared.set_rate(vif.rate.bytes if vif.rate else 0, vif.rate.usecs if vif.rate else 0)
+            for dp in vif.queues:
+                dp.queue.credit_kick()
+            dev.log.info("rate %s", f"{vif.rate.bytes} bytes per {vif.rate.usecs} us" if vif.rate else "unlimited",
+                         extra={"vif": vif.name})
         elif side == "frontend" and key == "request-multicast-control":
             # Not offered (feature-multicast-control is absent): recorded; every multicast frame is delivered.
             vif.multicast_control = value == "1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from backends.net.commands import COMMANDS
@@ -13,6 +14,31 @@ def _device_class(cfg: Any, type_names: tuple[str, ...]) -> Any:
     from backends.net.device import NetDeviceClass
 
     return NetDeviceClass(cfg, type_names=type_names)
+
+
+def _tap_name(domid: str, devid: str, vifname: str | None) -> str:
+    """The DEV column: the vif's tap, named as the daemon names it (the toolstack's `vifname`, else
+    vif<domid>.<devid>)."""
+    from backends.net.proto import ProtocolError, vif_name
+
+    try:
+        return vif_name(int(domid), int(devid), vifname)
+    except (ProtocolError, ValueError):
+        return vifname or "?"
+
+
+def _live(t: Mapping[str, float]) -> str:
+    """What the daemon reports of the vif beyond the counters: its enforced rate, the time TX waited for
+    credit, and the times the guest's RX stalled long enough to turn the carrier off."""
+    parts = []
+    if t.get("status:rate_bytes_per_s"):
+        parts.append(f"rate={t['status:rate_bytes_per_s'] / 1e6:.3g}MB/s")
+    if t.get("status:tx_credit_waits"):
+        parts.append(f"credit_waits={t['status:tx_credit_waits']:.0f} "
+                     f"throttled={t.get('status:tx_throttled_ms', 0) / 1000:.1f}s")
+    if t.get("status:carrier_offs"):
+        parts.append(f"rx_stalls_carrier_off={t['status:carrier_offs']:.0f}")
+    return " ".join(parts)
 
 
 DEVICE_TYPE = register(DeviceType(
@@ -30,6 +56,9 @@ DEVICE_TYPE = register(DeviceType(
     commands=COMMANDS,
     status=StatusColumns(
         summary_key="mac",
+        dev_key="vifname",
+        dev_name=_tap_name,
+        extra=_live,
         backend_keys=("mtu", "multi-queue-max-queues", "feature-gso-tcpv4", "feature-gso-tcpv6", "hotplug-status"),
         frontend_keys=("multi-queue-num-queues", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
                        "feature-no-csum-offload", "feature-ipv6-csum-offload"),

@@ -51,6 +51,10 @@ class StatusColumns:
     """What `pvback status` shows of a device of this type."""
 
     summary_key: str = ""  # a backend key shown first (blk: params)
+    # The DEV column: the backend key `dev_key` (blk: the vdev libxl writes), or what `dev_name` makes of
+    # (domid, devid, that key's value or None) for a type whose device name is derived (net: its tap).
+    dev_key: str = "dev"
+    dev_name: Callable[[str, str, str | None], str] | None = None
     backend_keys: tuple[str, ...] = ()  # negotiated features worth showing, from the backend dir
     frontend_keys: tuple[str, ...] = ()  # ... and from the frontend dir ("fe:" prefixed)
     # Text added to the device's row from what the daemon's metrics endpoint reports for it (`pvback status` runs

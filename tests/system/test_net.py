@@ -102,12 +102,13 @@ class NetBed(Bed):
                               capture_output=True, text=True, timeout=30, env=_env(), cwd=REPO,
                               stdin=subprocess.DEVNULL)
 
-    async def nic(self, *, queues: int = 1, mtu: int = 1500, offload: bool = True, split: bool = True) -> Nic:
-        """A guest with one NIC attached by `pvback attach nic` and its netfront connected; the vif tap gets
-        the peer's addresses."""
+    async def nic(self, *, queues: int = 1, mtu: int = 1500, offload: bool = True, split: bool = True,
+                  attach_args: tuple[str, ...] = ()) -> Nic:
+        """A guest with one NIC attached by `pvback attach nic` (plus `attach_args`) and its netfront
+        connected; the vif tap gets the peer's addresses."""
         g, xs = await self.guest(name="netguest", mem_pages=640 * queues, gnt_entries=1024 * queues)
         res = await asyncio.to_thread(self.cli, "attach", "nic", str(g.domid), "--mac", GUEST_MAC, "--queues",
-                                      str(queues), "--mtu", str(mtu))
+                                      str(queues), "--mtu", str(mtu), *attach_args)
         assert res.returncode == 0, res.stderr
         gfds = guest_tap(self.gns, mtu, queues)
         fronts = [NetFront(g, 0, fd, offload=offload, split=split) for fd in gfds]
