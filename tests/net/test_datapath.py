@@ -21,7 +21,7 @@ import pytest
 from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from backends.guests.guest import Guest
 from backends.guests.netfront import NetFront
-from backends.net.dataplane import NetDataplane, NetQueueConfig
+from backends.net.dataplane import NetDataplane, NetQueueConfig, VifShared
 from backends.platform.emulated import EmulatedPlatform
 from backends.sim.broker import BrokerThread
 
@@ -70,7 +70,8 @@ class Wire:
     """Guest + netfront + backend queues, started on the running loop."""
 
     def __init__(self, plat: EmulatedPlatform, broker: str, g: NetNS, p: NetNS, *, mtu: int = 1500,
-                 queues: int = 1, offload: bool = False, split: bool = False, drain_ms: int = 0) -> None:
+                 queues: int = 1, offload: bool = False, split: bool = False, drain_ms: int = 0,
+                 vif: VifShared | None = None) -> None:
         self.plat = plat
         self.gfds = guest_tap(g, mtu, queues)
         self.tap = Tap("vif1.0", mac=HOST_MAC, mtu=mtu, queues=queues)
@@ -95,7 +96,7 @@ class Wire:
                 ev_tx, ev_rx = plat.bind_interdomain(self.guest.domid, int(k["event-channel"])), None
             cfg = NetQueueConfig(frontend_domid=self.guest.domid, mac=bytes.fromhex(GUEST_MAC.replace(":", "")),
                                  rx_gso_tcpv4=offload, rx_gso_tcpv6=offload, rx_csum=offload,
-                                 rx_drain_timeout_ms=drain_ms)
+                                 rx_drain_timeout_ms=drain_ms, vif=vif)
             self.dead: list[str] = []
             self.dps.append(NetDataplane(tx, rx, ev_tx, ev_rx, plat.gnt, self.tap.fds[qi], cfg,
                                          on_dead=self.dead.append, name=f"q{qi}"))

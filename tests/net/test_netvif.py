@@ -4,8 +4,23 @@ carrier."""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
 from backends.native import ffi, lib
 from backends.net.dataplane import VifShared
+from backends.platform.emulated import EmulatedPlatform
+from tests.net import test_datapath
+from tests.net.netns import NetNS
+
+
+@pytest.fixture
+def bed() -> Iterator[tuple[EmulatedPlatform, str, NetNS, NetNS]]:
+    """test_datapath's bed: namespaces, a broker, an emulated platform."""
+    yield from test_datapath.bed.__wrapped__()  # type: ignore[attr-defined]
 
 MS = 1_000_000  # ns
 
@@ -71,3 +86,51 @@ def test_stalled_queue_count_turns_the_carrier() -> None:
     assert lib.pv_net_vif_queue_ready(v.c) == 0
     assert lib.pv_net_vif_queue_ready(v.c) == 1  # last one ready: carrier on
     assert v.carrier_offs == 1
+
+
+def test_a_packet_without_credit_stays_on_the_ring_until_the_refill(bed: Any) -> None:
+    """Three 600-byte packets at 1000 bytes per 10 s: the first passes, the second waits with its slots (and
+    the third's) left unconsumed on the ring, not answered, not dropped; further passes do nothing.  Lifting
+    the rate and kicking the queue lets the pump send the rest."""
+    import asyncio
+
+    from tests.net import wire
+    from tests.net.test_datapath import GUEST_MAC, Wire, run
+
+    plat, broker, g, p = bed
+    v = VifShared()
+    v.set_rate(1000, 10_000_000)
+
+    async def main() -> None:
+        w = Wire(plat, broker, g, p, vif=v)
+        try:
+            nf, dp = w.fronts[0], w.dps[0]
+            q = dp.queue
+            mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+            page = nf._tx_free[0]
+            nf.guest.page_view(page)[:600] = b"\xff" * 6 + mac + b"\x88\xb5" + bytes(586)
+            reqs = [wire.Tx(nf._tx_ref[page], 0, 0, i, 600).pack() for i in range(3)]
+            nf.tx.put(reqs, wire.TX_SLOT)
+            nf.tx.push()
+            assert q.tx() == 1
+            assert len(nf.tx.consume(wire.TX_SLOT)) == 1
+            assert q.tx() == 0  # waiting for the credit timer: nothing read
+            s = q.stats()
+            assert (s["tx_packets"], s["tx_dropped"], s["tx_credit_waits"]) == (1, 0, 1), s
+            dp.start(asyncio.get_running_loop())
+            await asyncio.sleep(0.2)
+            assert not nf.tx.consume(wire.TX_SLOT)  # the pump too waits for the refill (10 s away)
+            v.set_rate(0, 0)
+            q.credit_kick()
+            got: list[bytes] = []
+            async with asyncio.timeout(5):
+                while len(got) < 2:
+                    got += nf.tx.consume(wire.TX_SLOT)
+                    await asyncio.sleep(0.01)
+            assert [struct.unpack_from("<Hh", r) for r in got] == [(1, 0), (2, 0)]
+            s = q.stats()
+            assert (s["tx_packets"], s["tx_dropped"]) == (3, 0) and s["tx_throttled_ns"] >= 200_000_000, s
+        finally:
+            await w.close(p)
+
+    run(main())
