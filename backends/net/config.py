@@ -22,11 +22,13 @@ class NetConfig:
     xdp_headroom: bool = True
     # Drop (and count, reason "spoof") TX frames whose source MAC is not the vif's `mac`: what libxl's
     # vif-route rules or OVN port security enforce.  false: a guest may send with any source MAC (bridging
-    # guests, VRRP).
+    # guests, VRRP).  A vif's own backend key `pvback-allow-spoof` (`pvback attach nic --allow-spoof` /
+    # `--check-mac`) overrides this for that vif.
     check_mac: bool = True
     # A frame from the host that has waited this long for the guest to post receive buffers is dropped, with
-    # what the tap queued meanwhile (counted: rx drops, ring_full); Linux's rx_drain_timeout_msecs.  0: wait
-    # for ever (the tap's own queue, txqueuelen frames, then drops on the host side).
+    # what the tap queued meanwhile (counted: rx drops, ring_full), and the tap's carrier goes off until the guest
+    # posts buffers again (the host drops for it instead of queueing); Linux's rx_drain_timeout_msecs and
+    # rx-stall carrier-off.  0: wait for ever (the tap's own queue, txqueuelen frames, then drops on the host).
     rx_drain_timeout_ms: int = 10000
 
 

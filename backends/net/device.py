@@ -9,6 +9,8 @@ connect: the frontend's keys strictly, one tap queue and one C pump per netif qu
 channel(s) bound, split or not), the tap's offloads from what the frontend takes.  disconnect: stop the pumps,
 unmap, unbind, let go of the tap's queues (the interface stays).  unrealize: delete the tap, unless the daemon
 is restarting (`dev.restarting`): the next daemon re-attaches to the same interface and rings.
+`rate` (watched) is the vif's TX credit, shared by its queues and changed live (csrc/netvif.h); the per-vif key
+`pvback-allow-spoof` decides the anti-spoofing check at realize.
 """
 
 from __future__ import annotations
