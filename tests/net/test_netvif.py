@@ -134,3 +134,32 @@ def test_a_packet_without_credit_stays_on_the_ring_until_the_refill(bed: Any) ->
             await w.close(p)
 
     run(main())
+
+
+def test_the_credit_is_the_vifs_not_each_queues(bed: Any) -> None:
+    """Two queues of one vif draw on one credit (Linux gives each queue the whole rate; `rate=` here limits the
+    vif): what queue 0 spent, queue 1 cannot."""
+    from tests.net import wire
+    from tests.net.test_datapath import GUEST_MAC, Wire, run
+
+    plat, broker, g, p = bed
+    v = VifShared()
+    v.set_rate(1000, 10_000_000)
+
+    async def main() -> None:
+        w = Wire(plat, broker, g, p, queues=2, vif=v)
+        try:
+            mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+            for nf in w.fronts:
+                page = nf._tx_free[0]
+                nf.guest.page_view(page)[:600] = b"\xff" * 6 + mac + b"\x88\xb5" + bytes(586)
+                nf.tx.put([wire.Tx(nf._tx_ref[page], 0, 0, 0, 600).pack()], wire.TX_SLOT)
+                nf.tx.push()
+            q0, q1 = (dp.queue for dp in w.dps)
+            assert q0.tx() == 1
+            assert q1.tx() == 0
+            assert (q0.stats()["tx_credit_waits"], q1.stats()["tx_credit_waits"]) == (0, 1)
+        finally:
+            await w.close(p)
+
+    run(main())
