@@ -304,7 +304,7 @@ async def test_dropping_rules_fail_only_the_packet(hbed: NetBed) -> None:
             finally:
                 stop.set()
                 await asyncio.to_thread(th.join, 10)
-            assert count[0] >= 50_000, count
+            assert count[0] >= 20_000, count
             assert worst < 2.0, f"a metrics scrape took {worst:.2f} s during the storm"
             await valid("storm")
             assert await asyncio.to_thread(catch.drain) == [b"valid after storm"]
