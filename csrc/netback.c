@@ -10,6 +10,7 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "netctrl.h"
 #include "pump.h"
 
 #define TX_BUF_SIZE (1u << 20)                            /* frames of one grant-copy batch */
@@ -51,6 +52,9 @@ struct pv_net_queue {
     int rx_stalled;           /* counted in the vif's stalled queues (its carrier is off) */
     uint32_t nsrc;
     int tap_src; /* index of the tap in src[] */
+    int handoff_src; /* index of the hand-off eventfd in src[] (netctrl.h), -1 without */
+    struct pv_netctrl_q ctl; /* the vif's steering, multicast filter and hash (netctrl.h) */
+    struct pv_netctrl_meta held_meta;
 
     /* TX batch */
     uint8_t *txslots;
@@ -340,7 +344,10 @@ static int tx_process(struct pv_net_queue *q, uint32_t n)
         }
         if (pkt.extra_types & ((1u << PV_NETIF_EXTRA_TYPE_MCAST_ADD) | (1u << PV_NETIF_EXTRA_TYPE_MCAST_DEL))) {
             q->st.tx_mcast++;
-            tx_answer_slots(q, slots, &pkt, PV_NETIF_RSP_OKAY);
+            int16_t st = pv_netctrl_tx_mcast(&q->ctl, &pkt);
+            if (st != PV_NETIF_RSP_OKAY)
+                q->st.rules[PV_NETIF_E_MCAST]++;
+            tx_answer_slots(q, slots, &pkt, st);
             continue;
         }
         if (q->cfg.vif && tx_wait_credit(q, pkt.len)) {
@@ -516,7 +523,9 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
         xgso = PV_NETIF_GSO_TYPE_TCPV4;
     else if (vgso == PV_VNET_GSO_TCPV6 && q->cfg.rx_gso_tcpv6)
         xgso = PV_NETIF_GSO_TYPE_TCPV6;
-    uint32_t first_room = PV_NETIF_PAGE_SIZE - q->cfg.rx_headroom;
+    /* The headroom may change under a running pump (XDP attached: Reconfiguring), one value per frame. */
+    uint16_t headroom = __atomic_load_n(&q->cfg.rx_headroom, __ATOMIC_RELAXED);
+    uint32_t first_room = PV_NETIF_PAGE_SIZE - headroom;
     /* Frames the frontend did not agree to take: the tap's offloads should never produce them. */
     if (len < 14 || (vgso != PV_VNET_GSO_NONE && xgso == PV_NETIF_GSO_TYPE_NONE) ||
         ((vflags & PV_VNET_F_NEEDS_CSUM) && !q->cfg.rx_csum) || (!q->cfg.rx_sg && len > first_room) ||
@@ -525,7 +534,9 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
         return 1;
     }
     uint32_t chunks = 1 + (len > first_room ? (len - first_room + PV_NETIF_PAGE_SIZE - 1) / PV_NETIF_PAGE_SIZE : 0);
-    uint32_t need = chunks + (xgso != PV_NETIF_GSO_TYPE_NONE);
+    struct pv_netif_extra_info ex[3];
+    uint32_t nex = pv_netctrl_rx_extras(&q->ctl, xgso, gso_size, headroom, ex);
+    uint32_t need = chunks + nex;
     if (need > RX_MAX_CHUNKS || need > q->rx.size) {
         q->st.rx_dropped++;
         return 1;
@@ -546,7 +557,7 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
     uint32_t done = 0;
     for (uint32_t c = 0; c < chunks; c++) {
         struct pv_netif_rx_request req = rx_take(q);
-        uint32_t boff = c == 0 ? q->cfg.rx_headroom : 0;
+        uint32_t boff = c == 0 ? headroom : 0;
         uint32_t n = len - done < PV_NETIF_PAGE_SIZE - boff ? len - done : PV_NETIF_PAGE_SIZE - boff;
         struct pv_gcopy_seg *s = &q->rxseg[q->nrxseg++];
         memset(s, 0, sizeof(*s));
@@ -559,16 +570,19 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
         uint16_t f = (uint16_t)(c == 0 ? fl : 0);
         if (c + 1 < chunks)
             f |= PV_NETRXF_more_data;
-        if (c == 0 && xgso != PV_NETIF_GSO_TYPE_NONE)
+        if (c == 0 && nex)
             f |= PV_NETRXF_extra_info;
         pv_netif_make_rx_response(&q->rxrsp[q->nrxrsp++], req.id, (uint16_t)boff, f, (int16_t)n);
         done += n;
-        if (c == 0 && xgso != PV_NETIF_GSO_TYPE_NONE) {
-            /* The extra follows the first response, in the slot of the next request (whose buffer the
+        if (c == 0 && nex) {
+            /* The extras follow the first response, in the slots of the next requests (whose buffers the
              * frontend recycles). */
-            (void)rx_take(q);
-            pv_netif_make_rx_gso_extra(&q->rxrsp[q->nrxrsp++], xgso, gso_size);
-            q->st.rx_gso++;
+            for (uint32_t e = 0; e < nex; e++) {
+                (void)rx_take(q);
+                memcpy(&q->rxrsp[q->nrxrsp++], &ex[e], sizeof(ex[e]));
+            }
+            if (xgso != PV_NETIF_GSO_TYPE_NONE)
+                q->st.rx_gso++;
         }
     }
     fr->nseg = q->nrxseg - fr->seg_first;
@@ -587,6 +601,14 @@ static void drain_timer(struct pv_net_queue *q, uint32_t ms)
     (void)timerfd_settime(q->timer, 0, &its, NULL);
 }
 
+/* Stop (1) or resume (0) polling the tap and the hand-off ring while a frame waits for posted buffers. */
+static void rx_pause(struct pv_net_queue *q, int pause)
+{
+    q->src[q->tap_src].fd = pause ? -1 : q->tap;
+    if (q->handoff_src >= 0)
+        q->src[q->handoff_src].fd = pause ? -1 : pv_netctrl_handoff_fd(&q->ctl);
+}
+
 /* The stall outlasted rx_drain_timeout_ms: drop the held frame and what the tap queued meanwhile (bounded:
  * a flood cannot keep us here), then poll the tap again. */
 static void rx_purge(struct pv_net_queue *q)
@@ -603,7 +625,8 @@ static void rx_purge(struct pv_net_queue *q)
             break; /* EAGAIN: drained; an error shows at the next read of the data path */
         q->st.rx_dropped++;
     }
-    q->src[q->tap_src].fd = q->tap;
+    q->st.rx_dropped += pv_netctrl_handoff_purge(&q->ctl);
+    rx_pause(q, 0);
     if (q->cfg.vif && !q->rx_stalled) {
         q->rx_stalled = 1;
         if (pv_net_vif_queue_stalled(q->cfg.vif))
@@ -630,27 +653,41 @@ int32_t pv_net_queue_rx(struct pv_net_queue *q)
         rx_ready_check(q);
     uint64_t before = q->st.rx_packets;
     int32_t rc = 0;
+    pv_netctrl_q_refresh(&q->ctl);
     for (;;) {
         uint32_t off, total;
         if (q->held_len) {
             off = q->held_off;
             total = q->held_len;
+            q->ctl.meta = q->held_meta;
         } else {
             if (q->rxoff + RX_READ_MAX > RX_BUF_SIZE || q->nrxfr >= q->rx.size)
                 rx_flush(q);
-            ssize_t n = read(q->tap, q->rxbuf + q->rxoff, RX_READ_MAX);
-            if (n < 0) {
-                if (errno == EAGAIN || errno == EINTR)
+            /* Frames other queues' pumps steered here first (they were read earlier), then our tap. */
+            uint32_t got = pv_netctrl_handoff_pop(&q->ctl, q->rxbuf + q->rxoff);
+            if (!got) {
+                ssize_t n = read(q->tap, q->rxbuf + q->rxoff, RX_READ_MAX);
+                if (n < 0) {
+                    if (errno == EAGAIN || errno == EINTR)
+                        break;
+                    rc = -PV_NET_ETAP;
                     break;
-                rc = -PV_NET_ETAP;
-                break;
-            }
-            if ((uint32_t)n <= PV_VNET_HDR_LEN) {
-                q->st.rx_dropped++;
-                continue;
+                }
+                if ((uint32_t)n <= PV_VNET_HDR_LEN) {
+                    q->st.rx_dropped++;
+                    continue;
+                }
+                got = (uint32_t)n;
+                int32_t dest = pv_netctrl_rx_steer(&q->ctl, q->rxbuf + q->rxoff, got);
+                if (dest < 0)
+                    continue; /* multicast the frontend did not ask for */
+                if ((uint32_t)dest != q->ctl.index) {
+                    (void)pv_netctrl_handoff_push(&q->ctl, (uint32_t)dest, q->rxbuf + q->rxoff, got);
+                    continue;
+                }
             }
             off = q->rxoff;
-            total = (uint32_t)n;
+            total = got;
             q->rxoff += (total + 63u) & ~63u;
         }
         int r = rx_frame(q, off, total);
@@ -667,16 +704,18 @@ int32_t pv_net_queue_rx(struct pv_net_queue *q)
             }
             q->held_off = off;
             q->held_len = total;
-            q->src[q->tap_src].fd = -1;
+            q->held_meta = q->ctl.meta;
+            rx_pause(q, 1);
             break;
         }
         if (q->held_len) {
             q->held_len = 0;
-            q->src[q->tap_src].fd = q->tap;
+            rx_pause(q, 0);
             drain_timer(q, 0);
         }
     }
     rx_flush(q);
+    pv_netctrl_kick(&q->ctl);
     if (rc < 0)
         return rc;
     return (int32_t)(q->st.rx_packets - before);
@@ -744,6 +783,14 @@ void pv_net_queue_credit_kick(struct pv_net_queue *q)
         return;
     struct itimerspec its = {.it_value = {.tv_nsec = 1}};
     (void)timerfd_settime(q->credit_timer, 0, &its, NULL);
+}
+
+static int32_t on_handoff(void *ctx)
+{
+    struct pv_net_queue *q = ctx;
+    pv_netctrl_handoff_ack(&q->ctl); /* before draining: a frame pushed meanwhile signals again */
+    int32_t rc = pv_net_queue_rx(q);
+    return rc < 0 ? rc : 0;
 }
 
 static int32_t on_tap(void *ctx)
@@ -829,6 +876,7 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
     q->tap = -1;
     q->timer = -1;
     q->credit_timer = -1;
+    q->handoff_src = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->ev_tx = evtchn_tx;
@@ -878,4 +926,40 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
     q->nsrc = n;
     return q;
 #undef FAIL
+}
+
+/* ---- the vif's control plane (netctrl.h) --------------------------------------------------------------- */
+
+int pv_net_queue_join_vif(struct pv_net_queue *q, struct pv_net_vif *v, uint32_t index)
+{
+    if (q->ctl.vif)
+        return -EBUSY;
+    pv_netctrl_q_join(&q->ctl, v, index);
+    int fds[2];
+    int32_t (*handlers[2])(void *);
+    uint32_t nctrl = index == 0 ? pv_netctrl_ctrl_sources(v, fds, handlers) : 0;
+    int hfd = pv_netctrl_handoff_fd(&q->ctl);
+    if (q->nsrc + nctrl + (hfd >= 0) > PV_PUMP_MAX_SOURCES)
+        return -E2BIG;
+    if (hfd >= 0) {
+        q->handoff_src = (int)q->nsrc;
+        q->src[q->nsrc++] = (struct pv_pump_source){.fd = hfd, .ready = on_handoff, .ctx = q, .hangup_rc = 0};
+    }
+    for (uint32_t i = 0; i < nctrl; i++)
+        q->src[q->nsrc++] =
+            (struct pv_pump_source){.fd = fds[i], .ready = handlers[i], .ctx = v, .hangup_rc = -PV_NET_EEVTCHN};
+    return 0;
+}
+
+int pv_net_queue_set_rx_headroom(struct pv_net_queue *q, uint16_t headroom)
+{
+    if (headroom > 2048) /* as at create: the first buffer must keep room for a frame */
+        return -EINVAL;
+    __atomic_store_n(&q->cfg.rx_headroom, headroom, __ATOMIC_RELAXED);
+    return 0;
+}
+
+void pv_net_queue_get_ctrl_stats(const struct pv_net_queue *q, struct pv_netctrl_stats *out)
+{
+    pv_netctrl_q_stats(&q->ctl, out);
 }
