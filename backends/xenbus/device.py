@@ -23,6 +23,7 @@ from backends.xenbus.state import (
     Connect,
     Disconnect,
     Observation,
+    Reconfigure,
     Phase,
     Realize,
     ReportError,
@@ -64,6 +65,10 @@ class DeviceClass(Protocol):
     - `watch_backend_keys` / `watch_frontend_keys: tuple[str, ...]` [()]: keys whose changes while the device
       is realized are delivered to `async key_changed(dev, side, key, value)` (side "backend"/"frontend",
       value None when absent): netback's `rate` and `request-multicast-control`.
+    - `async reconfigure_frontend(dev)`: a connected frontend went Reconfiguring (it rewrote some keys and
+      waits); the class re-reads what it honours while its data path keeps running, then the bus answers
+      Reconfigured, and Connected once the frontend is.  A class without it leaves such a frontend waiting.
+      Raising DeviceError fails the device.
     """
 
     type_names: tuple[str, ...]
@@ -124,7 +129,8 @@ class BackendDevice:
         self.data: Any = None
         self.frontend_state = XenbusState.UNKNOWN
         self.hotplug_gate = bool(getattr(cls, "hotplug_gate", False))
-        self.machine = BackendMachine(cls.connect_states, hotplug_gate=self.hotplug_gate)
+        self.machine = BackendMachine(cls.connect_states, hotplug_gate=self.hotplug_gate,
+                                      reconfigurable=hasattr(cls, "reconfigure_frontend"))
         self._watched = [("backend", k) for k in getattr(cls, "watch_backend_keys", ())] + \
             [("frontend", k) for k in getattr(cls, "watch_frontend_keys", ())]
         self._watched_values: dict[tuple[str, str], bytes | None] = {}
@@ -457,6 +463,9 @@ class BackendDevice:
             self._watched_values.clear()  # a new connection hears every watched key afresh
             await self.cls.connect(self)
             self.stats["connects"] = self.stats.get("connects", 0) + 1
+        elif isinstance(action, Reconfigure):
+            self.log.info("reconfigure")
+            await self.cls.reconfigure_frontend(self)  # type: ignore[attr-defined]
         elif isinstance(action, Disconnect):
             self.log.info("disconnect")
             await self.cls.disconnect(self)

@@ -61,6 +61,12 @@ class Disconnect:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Call DeviceClass.reconfigure_frontend: the connected frontend changed its keys and waits in
+    Reconfiguring (Linux netfront attaching XDP: a new `xdp-headroom`)."""
+
+
+@dataclass(frozen=True)
 class Unrealize:
     """Call DeviceClass.unrealize (close the driver); the device is finished after this."""
 
@@ -77,7 +83,7 @@ class ReportError:
     message: str
 
 
-Action = Realize | Connect | Disconnect | Unrealize | SetState | ReportError
+Action = Realize | Connect | Disconnect | Reconfigure | Unrealize | SetState | ReportError
 
 
 # --- observations (in) ---------------------------------------------------------------------------------------
@@ -105,9 +111,13 @@ class BackendMachine:
     (`hotplug-status=connected` in the backend dir, as Linux netback's hotplug_status_changed waits for the
     vif script), so a frontend never sends on a NIC that is not in its switch yet."""
 
-    def __init__(self, connect_states: frozenset[XenbusState], *, hotplug_gate: bool = False) -> None:
+    def __init__(self, connect_states: frozenset[XenbusState], *, hotplug_gate: bool = False,
+                 reconfigurable: bool = False) -> None:
         self.connect_states = connect_states
         self.hotplug_gate = hotplug_gate
+        # The class can take new frontend keys while connected (Reconfiguring -> Reconfigured -> Connected);
+        # without it a frontend in Reconfiguring is left waiting, as before.
+        self.reconfigurable = reconfigurable
         self.phase = Phase.NEW
         self.backend = S.UNKNOWN  # last backend state written or observed
         self.connected = False  # DeviceClass.connect completed and disconnect not yet run
@@ -150,12 +160,16 @@ class BackendMachine:
                 return out
             out.append(Realize())
             self.phase = Phase.LIVE
-            if fe in self.connect_states:
+            reconfiguring = fe is S.RECONFIGURING and self.reconfigurable
+            if fe in self.connect_states or reconfiguring:
                 # Restart recovery: a frontend that is already connected keeps its rings; reconnect to them
-                # instead of announcing InitWait, which a connected frontend would ignore.
+                # instead of announcing InitWait, which a connected frontend would ignore.  One caught in
+                # Reconfiguring gets its answer after the connect (which read its keys afresh).
                 out.append(Connect())
                 self.connected = True
-                if self._may_announce(ob):
+                if reconfiguring:
+                    self._set(out, S.RECONFIGURED)
+                elif self._may_announce(ob):
                     out.append(SetState(S.CONNECTED))
                     self.backend = S.CONNECTED
             else:
@@ -177,6 +191,19 @@ class BackendMachine:
                 self._disconnect(out)
                 self.failed = False
                 self._set(out, S.INIT_WAIT)
+        elif fe is S.RECONFIGURING:
+            # A connected frontend asks us to re-read its keys without tearing the rings down (Linux netback's
+            # frontend_changed: read the XDP headroom, answer Reconfigured).  The data path keeps running.
+            if (self.reconfigurable and self.phase is Phase.LIVE and not self.failed and self.connected
+                    and self.backend in (S.CONNECTED, S.RECONFIGURED)):
+                if self.backend is S.CONNECTED:
+                    out.append(Reconfigure())
+                    self._set(out, S.RECONFIGURED)
+        elif fe in self.connect_states and self.backend is S.RECONFIGURED and self.connected and not self.failed:
+            # The frontend took our Reconfigured and is Connected again: so are we, without a reconnect.  (Linux
+            # netback leaves its state at Reconfigured; Connected is what every frontend expects to see of a
+            # working backend and what `xl network-list` reports.)
+            self._set(out, S.CONNECTED)
         elif fe in self.connect_states:
             if self.phase is not Phase.LIVE or self.failed:
                 pass
@@ -190,7 +217,8 @@ class BackendMachine:
                 self.connected = True
                 if self._may_announce(ob):
                     self._set(out, S.CONNECTED)
-        # Reconfiguring/Reconfigured, or a connect state this class waits past (net ignores Initialised): nothing.
+        # Reconfigured from the frontend, or a connect state this class waits past (net ignores Initialised):
+        # nothing.
         return out
 
     def _may_announce(self, ob: Observation) -> bool:

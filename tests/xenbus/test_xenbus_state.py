@@ -10,6 +10,7 @@ from backends.xenbus.state import (
     Observation,
     Phase,
     Realize,
+    Reconfigure,
     ReportError,
     SetState,
     Unrealize,
@@ -24,8 +25,8 @@ NET = frozenset({S.CONNECTED})
 class Harness:
     """Feeds observations like the bus does: the backend key reflects what the machine last wrote."""
 
-    def __init__(self, connect_states: frozenset[XenbusState] = BLK) -> None:
-        self.m = BackendMachine(connect_states)
+    def __init__(self, connect_states: frozenset[XenbusState] = BLK, *, reconfigurable: bool = False) -> None:
+        self.m = BackendMachine(connect_states, reconfigurable=reconfigurable)
         self.backend = S.INITIALISING
         self.online = True
 
@@ -214,3 +215,50 @@ def test_hotplug_gate_announces_connected_once_plugged() -> None:
     h = Harness(NET)
     h.see(S.INITIALISING)
     assert h.m.observe(Observation(S.CONNECTED, S.INIT_WAIT, True, plugged=False)) == [Connect(), SetState(S.CONNECTED)]
+
+
+def test_reconfiguring_round_trip_keeps_the_connection() -> None:
+    """Linux netfront attaching XDP: Reconfiguring -> we re-read (class hook) and answer Reconfigured -> the
+    frontend is Connected again -> so are we, with no disconnect/connect in between."""
+    h = Harness(NET, reconfigurable=True)
+    h.see(S.INITIALISING)
+    assert h.see(S.CONNECTED) == [Connect(), SetState(S.CONNECTED)]
+    assert h.see(S.RECONFIGURING) == [Reconfigure(), SetState(S.RECONFIGURED)]
+    assert h.see(S.RECONFIGURING) == []  # spurious watch: the hook runs once
+    assert h.see(S.CONNECTED) == [SetState(S.CONNECTED)]
+    assert h.see(S.CONNECTED) == []
+    assert h.see(S.RECONFIGURING) == [Reconfigure(), SetState(S.RECONFIGURED)]  # again (XDP detached)
+    assert h.see(S.CLOSING) == [SetState(S.CLOSING)]
+    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED)]
+
+
+def test_reconfiguring_ignored_without_the_hook_or_before_connect() -> None:
+    h = Harness(NET)  # a class without reconfigure_frontend: the frontend waits, nothing breaks
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    assert h.see(S.RECONFIGURING) == []
+    assert h.backend is S.CONNECTED
+    h2 = Harness(NET, reconfigurable=True)
+    h2.see(S.INITIALISING)
+    assert h2.see(S.RECONFIGURING) == []  # never connected: nothing to reconfigure
+    assert h2.backend is S.INIT_WAIT
+
+
+def test_restart_finds_frontend_reconfiguring() -> None:
+    h = Harness(NET, reconfigurable=True)
+    h.backend = S.CONNECTED  # the killed daemon had not answered yet
+    assert h.see(S.RECONFIGURING) == [Realize(), Connect(), SetState(S.RECONFIGURED)]
+    assert h.see(S.CONNECTED) == [SetState(S.CONNECTED)]
+    h2 = Harness(NET, reconfigurable=True)
+    h2.backend = S.RECONFIGURED  # it had answered: nothing to write again
+    assert h2.see(S.RECONFIGURING) == [Realize(), Connect()]
+
+
+def test_failed_reconfigure_closes() -> None:
+    h = Harness(NET, reconfigurable=True)
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.see(S.RECONFIGURING)
+    assert h.fail("bad xdp-headroom", Reconfigure()) == [ReportError("bad xdp-headroom"), Disconnect(),
+                                                          SetState(S.CLOSING)]
+    assert h.see(S.CONNECTED) == []  # failed: no reconnect until the frontend restarts
