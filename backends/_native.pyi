@@ -1507,6 +1507,7 @@ class _Lib:
         nr_queues: int,
         frontend_domid: int,
         gnt: CData,
+        handoff: int,
         err: CData,
         errlen: int,
         /,

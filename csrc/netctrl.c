@@ -108,8 +108,8 @@ void pv_net_vif_destroy(struct pv_net_vif *v)
     free(v);
 }
 
-struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt, char *err,
-                                     size_t errlen)
+struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
+                                     uint8_t handoff, char *err, size_t errlen)
 {
     if (nr_queues == 0 || nr_queues > PV_NETCTRL_MAX_QUEUES || !gnt) {
         snprintf(err, errlen, "bad vif: %u queues", nr_queues);
@@ -125,7 +125,7 @@ struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid
     v->gnt = gnt;
     v->ctrl_kick = -1;
     pthread_mutex_init(&v->mc_lock, NULL);
-    if (nr_queues > 1) {
+    if (nr_queues > 1 && handoff) {
         v->ho = calloc(nr_queues, sizeof(*v->ho));
         if (!v->ho)
             goto oom;
@@ -193,7 +193,10 @@ uint32_t pv_net_vif_mcast_count(struct pv_net_vif *v)
     return n;
 }
 
-uint32_t pv_net_vif_ctrl_errors(struct pv_net_vif *v) { return (uint32_t)__atomic_load_n(&v->ctrl_errors, __ATOMIC_RELAXED); }
+uint32_t pv_net_vif_ctrl_errors(struct pv_net_vif *v)
+{
+    return (uint32_t)__atomic_load_n(&v->ctrl_errors, __ATOMIC_RELAXED);
+}
 
 /* ---- ctrl ring (hash.c's setters, process_ctrl_request) ---------------------------------------------- */
 

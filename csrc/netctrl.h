@@ -86,8 +86,8 @@ struct pv_netctrl_q {
 
 /* ---- the vif (Python-facing) -------------------------------------------------------------------------- */
 
-struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt, char *err,
-                                     size_t errlen);
+struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
+                                     uint8_t handoff, char *err, size_t errlen);
 void pv_net_vif_destroy(struct pv_net_vif *v);
 /* The frontend's request-multicast-control (it may change it any time: feature-dynamic-multicast-control). */
 void pv_net_vif_set_mcast_control(struct pv_net_vif *v, uint8_t on);

@@ -3,6 +3,9 @@
 The pump is one C call (`pv_net_queue_run`) that waits on the event channel(s) and the queue's tap fd and, per
 wakeup, drains the TX ring into the tap and the tap into the RX ring.  It holds no GIL; Python never runs per
 packet.  The loop thread only starts and stops pumps and reads counters.
+
+The queues of one vif share a `VifControl` (csrc/netctrl.h): the ctrl ring (served by queue 0's pump), the
+Toeplitz steering with its hand-off rings between queues, and the multicast list and filter.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ _COUNTERS = (
     "tx_packets", "tx_bytes", "tx_dropped", "tx_gso", "tx_csum_blank", "tx_zero_frags", "tx_mcast",
     "rx_packets", "rx_bytes", "rx_dropped", "rx_gso", "rx_stalls", "rx_purges", "tx_events", "rx_events", "tap_wakeups",
     "grant_copy_calls", "grant_copy_segs", "tx_notifies", "rx_notifies", "tx_credit_waits", "tx_throttled_ns",
+)  # fmt: skip
+_CTRL_COUNTERS = (
+    "rx_steered", "rx_handoff_in", "rx_handoff_drops", "rx_mcast_filtered", "rx_hash_extras", "mcast_add",
+    "mcast_del", "mcast_full", "ctrl_requests", "ctrl_errors",
 )  # fmt: skip
 
 
@@ -64,6 +71,56 @@ class NetQueueConfig:
     vif: VifShared | None = None  # the vif's `rate` and carrier; None: TX never limited, carrier left alone
 
 
+class VifControl:
+    """The C per-vif control plane shared by a vif's queues.  Create before the queues, close after every
+    queue's pump has stopped and its C queue is freed (they hold pointers into it)."""
+
+    def __init__(self, nr_queues: int, frontend_domid: int, gnt: Any, *, handoff: bool = True) -> None:
+        """`handoff`: allocate the hand-off rings (2 MiB per queue) that steering needs; without a ctrl ring the
+        frontend cannot select a hash, and each queue keeps the frames its tap queue gets."""
+        err = ffi.new("char[]", 256)
+        v = lib.pv_net_vif_create(nr_queues, frontend_domid, gnt, 1 if handoff else 0, err, 256)
+        if v == ffi.NULL:
+            raise ValueError(f"net vif: {ffi.string(err).decode(errors='replace')}")
+        self._v: Any = v
+        self.nr_queues = nr_queues
+
+    @property
+    def c(self) -> Any:
+        if self._v is None:
+            raise ValueError("vif control closed")
+        return self._v
+
+    def attach_ctrl(self, ring: Any, ev: Any) -> None:
+        """The ctrl ring page (mapped) and its event channel's C handle (None: tests without events)."""
+        if lib.pv_net_vif_attach_ctrl(self.c, ring, ev if ev is not None else ffi.NULL) < 0:
+            raise ValueError("net vif: cannot attach the ctrl ring")
+
+    def ctrl_run(self) -> int:
+        n = int(lib.pv_net_vif_ctrl_run(self.c))
+        if n < 0:
+            raise QueueDeadError("ctrl ring: req_prod ran away")
+        return n
+
+    def set_multicast_control(self, on: bool) -> None:
+        lib.pv_net_vif_set_mcast_control(self.c, 1 if on else 0)
+
+    def hash_config(self) -> dict[str, Any]:
+        h = ffi.new("struct pv_net_hash *")
+        lib.pv_net_vif_get_hash(self.c, h)
+        return {"alg": int(h.alg), "flags": int(h.flags), "size": int(h.size), "key": bytes(h.key),
+                "mapping": [int(h.mapping[i]) for i in range(int(h.size))]}
+
+    @property
+    def mcast_count(self) -> int:
+        return int(lib.pv_net_vif_mcast_count(self.c))
+
+    def close(self) -> None:
+        if self._v is not None:
+            v, self._v = self._v, None
+            lib.pv_net_vif_destroy(v)
+
+
 class NetQueue:
     """The C queue object; every method is one C call."""
 
@@ -89,6 +146,16 @@ class NetQueue:
         self._q: Any = q
         self.cfg = cfg
         self._stats = ffi.new("struct pv_net_stats *")
+        self._cstats = ffi.new("struct pv_netctrl_stats *")
+
+    def join(self, vif: VifControl, index: int) -> None:
+        """Become queue `index` of `vif` (before the pump runs)."""
+        if lib.pv_net_queue_join_vif(self.c, vif.c, index) < 0:
+            raise ValueError("net queue: cannot join the vif")
+
+    def set_rx_headroom(self, headroom: int) -> None:
+        if lib.pv_net_queue_set_rx_headroom(self.c, headroom) < 0:
+            raise ValueError(f"rx headroom {headroom} too large")
 
     @property
     def c(self) -> Any:
@@ -107,6 +174,8 @@ class NetQueue:
             raise OSError("event channel: pending/unmask/poll failed")
         if n == -lib.PV_NET_ETAP:
             raise OSError("tap: read failed (interface deleted?)")
+        if n == -lib.PV_NET_ECTRL:
+            raise QueueDeadError("ctrl ring: req_prod ran away (more requests than the ring holds)")
         return n
 
     def tx(self) -> int:
@@ -132,6 +201,9 @@ class NetQueue:
         s = self._stats
         lib.pv_net_queue_get_stats(self.c, s)
         out = {name: int(getattr(s, name)) for name in _COUNTERS}
+        c = self._cstats
+        lib.pv_net_queue_get_ctrl_stats(self.c, c)
+        out.update({name: int(getattr(c, name)) for name in _CTRL_COUNTERS})
         for i, name in enumerate(RULES):
             if i:
                 out[f"rule_{name}"] = int(s.rules[i])
@@ -150,11 +222,26 @@ class NetDataplane(QueueDataplane):
 
     def __init__(self, tx_ring: GrantMapping, rx_ring: GrantMapping, ev_tx: EventChannel, ev_rx: EventChannel | None,
                  gnt: Any, tap_fd: int, cfg: NetQueueConfig, *, on_dead: Callable[[str], None] | None = None,
-                 name: str = "net") -> None:
+                 name: str = "net", vif: VifControl | None = None, index: int = 0,
+                 ctrl: tuple[GrantMapping, EventChannel] | None = None) -> None:
+        """`vif`: join it as queue `index`.  `ctrl` (queue 0 only): the ctrl ring and its event channel, served by
+        this queue's pump and released with it (after the C queue)."""
         self._queue = NetQueue(tx_ring.address, rx_ring.address, cfg, tap_fd, gnt, ev_tx.c,
                                ev_rx.c if ev_rx is not None else None)
-        super().__init__(name, self._queue, [tx_ring, rx_ring], [ev_tx] + ([ev_rx] if ev_rx is not None else []),
-                         on_dead=on_dead, errors=(QueueDeadError, OSError))
+        rings, events = [tx_ring, rx_ring], [ev_tx] + ([ev_rx] if ev_rx is not None else [])
+        try:
+            if ctrl is not None:
+                if vif is None or index != 0:
+                    raise ValueError("the ctrl ring goes with queue 0 of a vif")
+                vif.attach_ctrl(ctrl[0].address, ctrl[1].c)
+                rings.append(ctrl[0])
+                events.append(ctrl[1])
+            if vif is not None:
+                self._queue.join(vif, index)
+        except BaseException:
+            self._queue.close()
+            raise
+        super().__init__(name, self._queue, rings, events, on_dead=on_dead, errors=(QueueDeadError, OSError))
 
     @property
     def queue(self) -> NetQueue:

@@ -25,7 +25,7 @@ from backends.net.commands import (  # `attach nic --queues` / `--allow-spoof`: 
     ALLOW_SPOOF_KEY,
     MAX_QUEUES_KEY,
 )
-from backends.net.dataplane import RULES, NetDataplane, NetQueueConfig, VifShared
+from backends.net.dataplane import RULES, NetDataplane, NetQueueConfig, VifControl, VifShared
 from backends.net.proto import (
     HOST_MAC,
     BackendOffer,
@@ -39,6 +39,7 @@ from backends.net.proto import (
     parse_mtu,
     parse_rate,
     parse_uint,
+    parse_xdp_headroom,
     probe_keys,
     vif_name,
 )
@@ -80,6 +81,8 @@ class NetVif:
     frontend: FrontendConfig | None = None
     tap: Tap | None = None
     queues: list[NetDataplane] = field(default_factory=list)
+    control: VifControl | None = None  # ctrl ring, steering, multicast list (shared by the queues)
+    xdp_headroom: int = 0  # what RX frames start after (connect, then each Reconfiguring)
     offload: int = 0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     dead: str | None = None
@@ -112,7 +115,9 @@ class NetVif:
         fe = self.frontend
         return {"vif": self.name, "mac": format_mac(self.mac), "mtu": self.mtu, "queues": len(self.queues),
                 "offloads": offload_names(self.offload), "split": bool(fe and any(q.split for q in fe.queues)),
-                "rate": f"{self.rate.bytes},{self.rate.usecs}" if self.rate else ""}
+                "rate": f"{self.rate.bytes},{self.rate.usecs}" if self.rate else "",
+                "ctrl_ring": bool(fe and fe.ctrl), "multicast_control": self.multicast_control,
+                "xdp_headroom": self.xdp_headroom}
 
 
 def offload_names(flags: int) -> str:
@@ -127,11 +132,25 @@ def metrics_view(s: dict[str, int]) -> dict[str, Any]:
     host frame waited for the frontend to post RX buffers."""
     errors = {name: s.get(f"rule_{name}", 0) for name in RULES[1:]}
     errors["rx_dropped"] = s.get("rx_dropped", 0)
+    # The control plane (netctrl.c): ctrl ring requests answered with an error status, MCAST_ADDs refused.
+    errors["ctrl"] = s.get("ctrl_errors", 0)
+    errors["mcast_full"] = s.get("mcast_full", 0)
+    requests = {"tx": s.get("tx_packets", 0), "rx": s.get("rx_packets", 0)}
+    for op, key in (("ctrl", "ctrl_requests"), ("mcast_add", "mcast_add"), ("mcast_del", "mcast_del")):
+        if s.get(key):
+            requests[op] = s[key]
     return {
-        "requests": {"tx": s.get("tx_packets", 0), "rx": s.get("rx_packets", 0)},
+        "requests": requests,
         "bytes": {"tx": s.get("tx_bytes", 0), "rx": s.get("rx_bytes", 0)},
         "errors": {k: v for k, v in errors.items() if v},
-        "drops": {"tx": s.get("tx_dropped", 0), "rx": s.get("rx_dropped", 0)},
+        # handoff: frames steered to a queue whose hand-off ring was full; mcast_filtered: multicast frames the
+        # frontend's list does not hold (multicast control on).
+        "drops": {"tx": s.get("tx_dropped", 0), "rx": s.get("rx_dropped", 0),
+                  "handoff": s.get("rx_handoff_drops", 0), "mcast_filtered": s.get("rx_mcast_filtered", 0)},
+        # RX steering by the Toeplitz hash: frames this queue read and handed to another (steered_out), frames
+        # handed to it (steered_in), frames that carried a HASH extra to the frontend.
+        "shapes": {"steered_out": s.get("rx_steered", 0), "steered_in": s.get("rx_handoff_in", 0),
+                   "rx_hash": s.get("rx_hash_extras", 0)},
         "ring_full": s.get("rx_stalls", 0),
     }
 
@@ -223,6 +242,7 @@ class NetDeviceClass:
         if (fe.gso_tcpv4 or fe.gso_tcpv6) and not fe.sg:
             dev.log.info("frontend asks for GSO without feature-sg: GSO frames not sent to it")
         vif.frontend, vif.dead = fe, None
+        vif.xdp_headroom = fe.xdp_headroom
         v4, v6 = fe.rx_gso
         qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
                               rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
@@ -248,21 +268,34 @@ class NetDeviceClass:
             raise DeviceError(f"cannot attach the tap: {exc}") from exc
         platform = dev.platform
         try:
+            # The control plane first: every queue joins it (steering needs them all; hand-off rings only when
+            # a ctrl ring can select the hash), queue 0 serves the ctrl ring.
+            vif.control = VifControl(len(fe.queues), dev.frontend_id, platform.gnt, handoff=fe.ctrl is not None)
+            vif.control.set_multicast_control(fe.multicast_control and vif.offer.multicast_control)
+            if fe.ctrl is not None and not vif.offer.ctrl_ring:
+                raise ValueError("frontend set up a ctrl ring, which was not offered")
             for qi, q in enumerate(fe.queues):
                 tx, ev_tx = dev.connect_ring([q.tx_ring_ref], q.event_channel_tx)
                 rx: GrantMapping | None = None
                 ev_rx: EventChannel | None = None
+                cring: GrantMapping | None = None
+                cev: EventChannel | None = None
                 try:
                     rx = platform.map_grants(dev.frontend_id, [q.rx_ring_ref], writable=True)
                     if q.split:
                         ev_rx = platform.bind_interdomain(dev.frontend_id, q.event_channel_rx)
+                    if qi == 0 and fe.ctrl is not None:
+                        # A ctrl grant we cannot map, or a port we cannot bind, fails this vif (OSError below).
+                        cring = platform.map_grants(dev.frontend_id, [fe.ctrl.ring_ref], writable=True)
+                        cev = platform.bind_interdomain(dev.frontend_id, fe.ctrl.event_channel)
                     dp = NetDataplane(tx, rx, ev_tx, ev_rx, platform.gnt, tap.fds[qi], qcfg, on_dead=on_dead,
-                                      name=f"{vif.name} q{qi}")
+                                      name=f"{vif.name} q{qi}", vif=vif.control, index=qi,
+                                      ctrl=(cring, cev) if cring is not None and cev is not None else None)
                 except BaseException:
-                    for m in (tx, rx):
+                    for m in (tx, rx, cring):
                         if m is not None:
                             m.unmap()
-                    for e in (ev_tx, ev_rx):
+                    for e in (ev_tx, ev_rx, cev):
                         if e is not None:
                             e.close()
                     raise
@@ -273,12 +306,15 @@ class NetDeviceClass:
                 ev_tx.notify()
                 if ev_rx is not None:
                     ev_rx.notify()
+                if cev is not None:
+                    cev.notify()
         except (OSError, ValueError) as exc:
             await self.disconnect(dev)
             raise DeviceError(f"cannot connect the rings: {exc}") from exc
         dev.log.info("connected", extra={"vif": vif.name, "queues": len(fe.queues),
                                          "split": any(q.split for q in fe.queues), "sg": fe.sg,
-                                         "offloads": offload_names(vif.offload), "xdp_headroom": fe.xdp_headroom})
+                                         "offloads": offload_names(vif.offload), "xdp_headroom": fe.xdp_headroom,
+                                         "ctrl_ring": fe.ctrl is not None, "multicast_control": fe.multicast_control})
 
     async def disconnect(self, dev: BackendDevice) -> None:
         vif: NetVif | None = dev.data
@@ -290,6 +326,9 @@ class NetDeviceClass:
             vif.last = [metrics_view(s) for s in vif.last_raw]
         for dp in queues:
             await dp.stop()
+        if vif.control is not None:  # after every pump stopped and C queue was freed: they pointed into it
+            vif.control.close()
+            vif.control = None
         for t in list(vif.tasks):
             t.cancel()
         if vif.tap is not None:
@@ -317,5 +356,28 @@ class NetDeviceClass:
             dev.log.info("rate %s", f"{vif.rate.bytes} bytes per {vif.rate.usecs} us" if vif.rate else "unlimited",
                          extra={"vif": vif.name})
         elif side == "frontend" and key == "request-multicast-control":
-            # Not offered (feature-multicast-control is absent): recorded; every multicast frame is delivered.
-            vif.multicast_control = value == "1"
+            # feature-dynamic-multicast-control: the frontend may turn the filter on and off while connected
+            # (Linux xen_mcast_ctrl_changed; anything but "1" is off, as xenbus_read_unsigned's 0 default).
+            vif.multicast_control = value == "1" and vif.offer.multicast_control
+            if vif.control is not None:
+                vif.control.set_multicast_control(vif.multicast_control)
+
+    # -- Reconfiguring (the bus's generic hook) ------------------------------------------------------------
+
+    async def reconfigure_frontend(self, dev: BackendDevice) -> None:
+        """Linux netfront attaching or detaching an XDP program: it writes `xdp-headroom` and goes Reconfiguring;
+        netback reads the headroom (read_xenbus_frontend_xdp) and answers Reconfigured.  The pumps keep
+        running: each RX frame after this starts at the new offset."""
+        vif: NetVif | None = dev.data
+        if vif is None or not vif.queues:
+            raise DeviceError("reconfigure: the vif is not connected")
+        try:
+            headroom = parse_xdp_headroom(await dev.read_frontend("xdp-headroom", max_len=_FE_VALUE_MAX))
+        except ProtocolError as exc:
+            raise DeviceError(f"frontend keys: {exc}") from exc
+        if headroom and not vif.offer.xdp_headroom:
+            raise DeviceError("frontend asks for xdp-headroom, which was not offered")
+        for dp in vif.queues:
+            dp.queue.set_rx_headroom(headroom)
+        vif.xdp_headroom = headroom
+        dev.log.info("reconfigured", extra={"vif": vif.name, "xdp_headroom": headroom})

@@ -38,12 +38,14 @@ class BackendOffer:
     gso: bool = True  # feature-gso-tcpv4/6: only when the host side can carry GSO frames (a plain tap can)
     split_event_channels: bool = True
     xdp_headroom: bool = True
+    ctrl_ring: bool = True  # feature-ctrl-ring: the Toeplitz hash, its key, flags and mapping table (netctrl.c)
+    multicast_control: bool = True  # feature-(dynamic-)multicast-control: MCAST_ADD/DEL and the RX filter
 
 
 def probe_keys(offer: BackendOffer) -> dict[str, str]:
-    """Linux netback_probe's keys.  Not offered (yet): feature-ctrl-ring (Toeplitz steering) and
-    feature-multicast-control; a backend must not advertise what it does not honour."""
+    """Linux netback_probe's keys (a backend advertises only what it honours)."""
     gso = "1" if offer.gso else "0"
+    mcast = "1" if offer.multicast_control else "0"
     return {
         "feature-sg": "1",
         "feature-gso-tcpv4": gso,
@@ -54,6 +56,9 @@ def probe_keys(offer: BackendOffer) -> dict[str, str]:
         "feature-xdp-headroom": "1" if offer.xdp_headroom else "0",
         "feature-split-event-channels": "1" if offer.split_event_channels else "0",
         "multi-queue-max-queues": str(offer.max_queues),
+        "feature-ctrl-ring": "1" if offer.ctrl_ring else "0",
+        "feature-multicast-control": mcast,
+        "feature-dynamic-multicast-control": mcast,
     }
 
 
@@ -70,6 +75,12 @@ class QueueRings:
 
 
 @dataclass(frozen=True)
+class CtrlRing:
+    ring_ref: int
+    event_channel: int
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     queues: tuple[QueueRings, ...]
     rx_notify: bool  # feature-rx-notify: the frontend notifies when it posts RX buffers
@@ -80,6 +91,7 @@ class FrontendConfig:
     ipv6_csum: bool
     xdp_headroom: int
     multicast_control: bool
+    ctrl: CtrlRing | None = None  # the frontend's control ring (ctrl-ring-ref + event-channel-ctrl)
 
     @property
     def rx_csum(self) -> bool:
@@ -98,7 +110,7 @@ def frontend_key_names(nr_queues: int) -> list[str]:
     """Every frontend key parse_frontend may read (read them once: a frontend can rewrite them any time)."""
     names = ["multi-queue-num-queues", "request-rx-copy", "feature-rx-notify", "feature-sg", "feature-gso-tcpv4",
              "feature-gso-tcpv6", "feature-no-csum-offload", "feature-ipv6-csum-offload", "xdp-headroom",
-             "request-multicast-control"]
+             "request-multicast-control", "ctrl-ring-ref", "event-channel-ctrl"]
     for d in frontend_queue_dirs(nr_queues):
         names += [d + k for k in ("tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx",
                                   "event-channel-rx")]
@@ -132,10 +144,14 @@ def parse_frontend(keys: dict[str, str], *, max_queues: int) -> FrontendConfig:
             if port in seen:
                 raise ProtocolError(f"event channel {port} used by two queues")
             seen.add(port)
-    headroom = parse_uint(keys.get("xdp-headroom"), "xdp-headroom", 0, 0xFFFF, 0)
-    headroom = min(headroom, 0x7FFF)  # XEN_NETIF_MAX_XDP_HEADROOM, as Linux clamps
-    if headroom > MAX_XDP_HEADROOM:
-        raise ProtocolError(f"xdp-headroom {headroom} leaves too little of an RX page (at most {MAX_XDP_HEADROOM})")
+    headroom = parse_xdp_headroom(keys.get("xdp-headroom"))
+    ctrl: CtrlRing | None = None
+    if "ctrl-ring-ref" in keys:
+        # Linux connect_ctrl_ring: no ctrl-ring-ref = no control ring; with one, event-channel-ctrl is required.
+        ctrl = CtrlRing(parse_uint(keys.get("ctrl-ring-ref"), "ctrl-ring-ref", 0, GRANT_REF_MAX),
+                        parse_uint(keys.get("event-channel-ctrl"), "event-channel-ctrl", 1, EVTCHN_MAX_PORT))
+        if ctrl.event_channel in seen:
+            raise ProtocolError(f"event-channel-ctrl {ctrl.event_channel} is also a queue's event channel")
     return FrontendConfig(
         queues=queues,
         rx_notify=parse_bool(keys.get("feature-rx-notify"), "feature-rx-notify"),
@@ -146,7 +162,17 @@ def parse_frontend(keys: dict[str, str], *, max_queues: int) -> FrontendConfig:
         ipv6_csum=parse_bool(keys.get("feature-ipv6-csum-offload"), "feature-ipv6-csum-offload"),
         xdp_headroom=headroom,
         multicast_control=parse_bool(keys.get("request-multicast-control"), "request-multicast-control"),
+        ctrl=ctrl,
     )
+
+
+def parse_xdp_headroom(value: str | None) -> int:
+    """`xdp-headroom` (at connect, and again when the frontend goes Reconfiguring to attach or detach XDP)."""
+    headroom = parse_uint(value, "xdp-headroom", 0, 0xFFFF, 0)
+    headroom = min(headroom, 0x7FFF)  # XEN_NETIF_MAX_XDP_HEADROOM, as Linux clamps
+    if headroom > MAX_XDP_HEADROOM:
+        raise ProtocolError(f"xdp-headroom {headroom} leaves too little of an RX page (at most {MAX_XDP_HEADROOM})")
+    return headroom
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

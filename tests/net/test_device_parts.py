@@ -84,5 +84,12 @@ def test_metrics_view_shape() -> None:
     v = metrics_view(s)
     assert v["requests"] == {"tx": 10, "rx": 20} and v["bytes"] == {"tx": 1000, "rx": 2000}
     assert v["errors"] == {"slots": 2, "spoof": 1, "rx_dropped": 1}
-    assert v["drops"] == {"tx": 3, "rx": 1} and v["ring_full"] == 4
+    assert v["drops"] == {"tx": 3, "rx": 1, "handoff": 0, "mcast_filtered": 0} and v["ring_full"] == 4
+    c = metrics_view({**s, "rx_steered": 5, "rx_handoff_in": 6, "rx_handoff_drops": 7, "rx_mcast_filtered": 8,
+                      "rx_hash_extras": 9, "mcast_add": 2, "mcast_del": 1, "mcast_full": 1, "ctrl_requests": 11,
+                      "ctrl_errors": 3})
+    assert c["drops"] == {"tx": 3, "rx": 1, "handoff": 7, "mcast_filtered": 8}
+    assert c["shapes"] == {"steered_out": 5, "steered_in": 6, "rx_hash": 9}
+    assert c["requests"] == {"tx": 10, "rx": 20, "ctrl": 11, "mcast_add": 2, "mcast_del": 1}
+    assert c["errors"]["ctrl"] == 3 and c["errors"]["mcast_full"] == 1
     assert offload_names(0) == "none" and offload_names(TUN_F_CSUM | TUN_F_TSO6) == "csum,tso6"

@@ -23,7 +23,10 @@ def test_probe_keys_match_linux_netback() -> None:
               "feature-split-event-channels", "feature-xdp-headroom"):
         assert keys[k] == "1", k
     assert keys["multi-queue-max-queues"] == "4"
-    assert "feature-ctrl-ring" not in keys and "feature-multicast-control" not in keys
+    for k in ("feature-ctrl-ring", "feature-multicast-control", "feature-dynamic-multicast-control"):
+        assert keys[k] == "1", k  # honoured: csrc/netctrl.c
+    off = proto.probe_keys(proto.BackendOffer(ctrl_ring=False, multicast_control=False))
+    assert off["feature-ctrl-ring"] == off["feature-multicast-control"] == "0"
     assert proto.probe_keys(proto.BackendOffer(gso=False))["feature-gso-tcpv4"] == "0"
 
 
@@ -32,6 +35,19 @@ def test_single_queue_one_channel() -> None:
     assert cfg.queues == (proto.QueueRings(8, 9, 5, 5),) and not cfg.queues[0].split
     assert cfg.sg and cfg.rx_notify and cfg.ip_csum and not cfg.ipv6_csum and not cfg.rx_csum
     assert cfg.rx_gso == (False, False)
+
+
+def test_ctrl_ring_multicast_and_xdp_keys() -> None:
+    cfg = proto.parse_frontend(fe(), max_queues=1)
+    assert cfg.ctrl is None and not cfg.multicast_control and cfg.xdp_headroom == 0  # all optional
+    cfg = proto.parse_frontend(fe(**{"ctrl-ring-ref": "12", "event-channel-ctrl": "6",
+                                     "request-multicast-control": "1", "xdp-headroom": "256"}), max_queues=1)
+    assert cfg.ctrl == proto.CtrlRing(12, 6) and cfg.multicast_control and cfg.xdp_headroom == 256
+    assert {"ctrl-ring-ref", "event-channel-ctrl"} <= set(proto.frontend_key_names(1))
+    assert proto.parse_xdp_headroom(None) == 0 and proto.parse_xdp_headroom("256") == 256
+    for bad in ("1025", "-1", "0x100", "65536"):
+        with pytest.raises(ProtocolError):
+            proto.parse_xdp_headroom(bad)
 
 
 def test_split_channels_and_queues() -> None:
@@ -50,6 +66,9 @@ def test_split_channels_and_queues() -> None:
     {"request-rx-copy": "0"}, {"request-rx-copy": None}, {"tx-ring-ref": "0x10"}, {"tx-ring-ref": None},
     {"rx-ring-ref": "4294967296"}, {"event-channel": "0"}, {"event-channel": " 5"}, {"feature-sg": "yes"},
     {"event-channel-tx": "6"}, {"xdp-headroom": "4000"}, {"feature-no-csum-offload": "2"},
+    {"ctrl-ring-ref": "7"}, {"ctrl-ring-ref": "x", "event-channel-ctrl": "6"},
+    {"ctrl-ring-ref": "7", "event-channel-ctrl": "5"}, {"ctrl-ring-ref": "7", "event-channel-ctrl": "0"},
+    {"request-multicast-control": "2"},
 ])
 def test_garbage_fails(bad: dict[str, str | None]) -> None:
     keys = fe()
