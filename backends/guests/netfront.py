@@ -4,16 +4,24 @@ and segmentation offloads) runs inside the "guest".
 
 Slots are built field by field from Xen's io/netif.h layouts (not from the backend's constants).  The data
 path is Python per packet (a thread): enough for functional tests; the benchmark will need it in C.
+
+Beyond xen-netfront's usual keys it speaks what Windows PV drivers and XDP-enabled Linux netfronts use: a
+control ring (`NetCtrl`: the Toeplitz hash key, flags and mapping table), MCAST_ADD/DEL extra infos on TX
+(`NetFront.mcast`), and XDP headroom through Reconfiguring (`reconfigure_xdp`); RX frames are logged with
+their first response's offset and their HASH/XDP extras so tests can check steering and the headroom.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import fcntl
+import itertools
 import os
 import select
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from backends.guests.guest import Guest, GuestPort
@@ -26,7 +34,7 @@ PAGE = 4096
 # io/netif.h
 NETTXF_CSUM_BLANK, NETTXF_DATA_VALIDATED, NETTXF_MORE_DATA, NETTXF_EXTRA_INFO = 1, 2, 4, 8
 NETRXF_DATA_VALIDATED, NETRXF_CSUM_BLANK, NETRXF_MORE_DATA, NETRXF_EXTRA_INFO = 1, 2, 4, 8
-EXTRA_GSO, EXTRA_FLAG_MORE = 1, 1
+EXTRA_GSO, EXTRA_MCAST_ADD, EXTRA_MCAST_DEL, EXTRA_HASH, EXTRA_XDP, EXTRA_FLAG_MORE = 1, 2, 3, 4, 5, 1
 GSO_TCPV4, GSO_TCPV6 = 1, 2
 RSP_NULL = 1
 TX_REQ = struct.Struct("<IHHHH")  # gref, offset, flags, id, size (12 bytes)
@@ -34,7 +42,15 @@ TX_RSP = struct.Struct("<Hh")  # id, status
 RX_REQ = struct.Struct("<HHI")  # id, pad, gref (8 bytes)
 RX_RSP = struct.Struct("<HHHh")  # id, offset, flags, status
 EXTRA = struct.Struct("<BBHBBH")  # type, flags, gso.size, gso.type, gso.pad, gso.features
-TX_SLOT, RX_SLOT = 12, 8
+TX_SLOT, RX_SLOT, CTRL_SLOT = 12, 8, 16
+CTRL_REQ = struct.Struct("<HHIII")  # id, type, data[3]
+CTRL_RSP = struct.Struct("<HHII")  # id, type, status, data
+# XEN_NETIF_CTRL_TYPE_* / _STATUS_* / _HASH_TYPE_* / _HASH_ALGORITHM_*
+CTRL_GET_HASH_FLAGS, CTRL_SET_HASH_FLAGS, CTRL_SET_HASH_KEY = 1, 2, 3
+CTRL_GET_HASH_MAPPING_SIZE, CTRL_SET_HASH_MAPPING_SIZE, CTRL_SET_HASH_MAPPING, CTRL_SET_HASH_ALGORITHM = 4, 5, 6, 7
+CTRL_SUCCESS, CTRL_NOT_SUPPORTED, CTRL_INVALID_PARAMETER, CTRL_BUFFER_OVERFLOW = 0, 1, 2, 3
+HASH_IPV4, HASH_IPV4_TCP, HASH_IPV6, HASH_IPV6_TCP = 1, 2, 4, 8
+HASH_ALG_NONE, HASH_ALG_TOEPLITZ = 0, 1
 # linux/virtio_net.h and if_tun.h
 VNET = struct.Struct("<BBHHHH")
 VNET_F_NEEDS_CSUM, VNET_F_DATA_VALID = 1, 2
@@ -71,8 +87,11 @@ class NetFront:
     Connected, `stop()`."""
 
     def __init__(self, guest: Guest, backend_domid: int, tap_fd: int, *, offload: bool = False,
-                 split: bool = False, tx_pages: int = 64, rx_buffers: int = 256) -> None:
+                 split: bool = False, tx_pages: int = 64, rx_buffers: int = 256, multicast_control: bool = False,
+                 xdp_headroom: int = 0) -> None:
         self.guest = guest
+        self.multicast_control = multicast_control
+        self.xdp_headroom = xdp_headroom
         self.backend = backend_domid
         self.tap = tap_fd
         self.offload = offload
@@ -96,11 +115,22 @@ class NetFront:
         self._rx_posted: collections.deque[int] = collections.deque()
         self._rx_parts: list[tuple[int, int, int, int]] = []  # (buf, offset, flags, status) of a frame so far
         self._rx_gso: tuple[int, int] | None = None
+        self._rx_hash: tuple[int, int] | None = None  # (XEN_NETIF_CTRL_HASH_TYPE_*, value) of the frame so far
+        self._rx_xdp: int | None = None
+        # The RX frames delivered: (first response's offset, hash (type, value) or None, XDP extra's headroom or
+        # None, the frame's first 96 bytes), newest last.
+        self.rx_log: collections.deque[tuple[int, tuple[int, int] | None, int | None, bytes]] = \
+            collections.deque(maxlen=4096)
+        # Control requests for the TX thread (MCAST_ADD/DEL), and the statuses of the answered ones by slot id.
+        self._cmds: collections.deque[tuple[int, bool, bytes]] = collections.deque()
+        self._mcast_ids: dict[int, int] = {}  # slot id -> token
+        self._tokens = itertools.count(1)
+        self.mcast_status: dict[int, int] = {}  # token -> the first slot's status
         self._rx_extra = False
         self._rx_more = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"tx": 0, "rx": 0, "tx_errors": 0, "rx_errors": 0}
+        self.stats = {"tx": 0, "rx": 0, "tx_errors": 0, "rx_errors": 0, "rx_hash": 0, "rx_xdp": 0}
         self.error: BaseException | None = None
         fcntl.ioctl(tap_fd, TUNSETOFFLOAD, (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) if offload else 0)
 
@@ -121,7 +151,18 @@ class NetFront:
             k |= {"feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1", "feature-ipv6-csum-offload": "1"}
         else:
             k["feature-no-csum-offload"] = "1"
+        if self.multicast_control:
+            k["request-multicast-control"] = "1"
+        if self.xdp_headroom:
+            k["xdp-headroom"] = str(self.xdp_headroom)
         return k
+
+    def mcast(self, add: bool, mac: bytes) -> int:
+        """Queue an MCAST_ADD / MCAST_DEL (a first slot of size 0 and one extra, as netif.h and Windows PV
+        drivers send it) for the TX thread; returns a token whose answer lands in `mcast_status`."""
+        token = next(self._tokens)
+        self._cmds.append((token, add, mac))
+        return token
 
     def start(self) -> None:
         self._post_rx(list(range(len(self._rx_bufs))))
@@ -159,16 +200,33 @@ class NetFront:
                     port.pending()
                 self._tx_responses()
                 self._rx_responses()
+                self._tx_cmds()
                 if self.tap in r:
                     self._tx_frames()
         except BaseException as exc:  # reported to the test
             self.error = exc
+
+    def _tx_cmds(self) -> None:
+        sent = False
+        while self._cmds and self.tx.free_slots() >= 2:
+            token, add, mac = self._cmds.popleft()
+            rid = self._next_id
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            self._mcast_ids[rid] = token
+            extra = struct.pack("<BB6s", EXTRA_MCAST_ADD if add else EXTRA_MCAST_DEL, 0, mac).ljust(TX_SLOT, b"\0")
+            self.tx.put([TX_REQ.pack(0, 0, NETTXF_EXTRA_INFO, rid, 0), extra], TX_SLOT)
+            sent = True
+        if sent and self.tx.push():
+            self.ev_tx.notify()
 
     def _tx_responses(self) -> None:
         while True:
             for raw in self.tx.consume(TX_SLOT):
                 rid, status = TX_RSP.unpack_from(raw)
                 if status == RSP_NULL:
+                    continue
+                if rid in self._mcast_ids:
+                    self.mcast_status[self._mcast_ids.pop(rid)] = status
                     continue
                 if status < 0:
                     self.stats["tx_errors"] += 1
@@ -233,6 +291,11 @@ class NetFront:
                     etype, eflags, size, gtype, _p, _f = EXTRA.unpack_from(raw)
                     if etype == EXTRA_GSO:
                         self._rx_gso = (gtype, size)
+                    elif etype == EXTRA_HASH:
+                        htype, _alg, value = struct.unpack_from("<BBI", raw, 2)
+                        self._rx_hash = (htype, value)
+                    elif etype == EXTRA_XDP:
+                        self._rx_xdp = size  # u.xdp.headroom: the u16 at the union's start
                     self._rx_extra = bool(eflags & EXTRA_FLAG_MORE)
                 else:
                     _rid, off, flags, status = RX_RSP.unpack_from(raw)
@@ -241,7 +304,7 @@ class NetFront:
                     self._rx_more = bool(flags & NETRXF_MORE_DATA)
                 if not self._rx_more and not self._rx_extra and self._rx_parts:
                     self._deliver(self._rx_parts, self._rx_gso)
-                    self._rx_parts, self._rx_gso = [], None
+                    self._rx_parts, self._rx_gso, self._rx_hash, self._rx_xdp = [], None, None, None
             if not got and not self.rx.final_check():
                 break
         if done:
@@ -252,6 +315,9 @@ class NetFront:
             self.stats["rx_errors"] += 1
             return
         frame = b"".join(bytes(self.guest.page_view(self._rx_bufs[b][0])[o:o + s]) for b, o, _f, s in parts)
+        self.rx_log.append((parts[0][1], self._rx_hash, self._rx_xdp, frame[:96]))
+        self.stats["rx_hash"] += self._rx_hash is not None
+        self.stats["rx_xdp"] += self._rx_xdp is not None
         flags = parts[0][2]
         vflags, cs, co, hl, gtype, gsize = 0, 0, 0, 0, 0, 0
         if flags & NETRXF_CSUM_BLANK or gso is not None:
@@ -285,8 +351,108 @@ class NetFront:
         self.close()
 
 
+class NetCtrl:
+    """The vif's control ring (feature-ctrl-ring): one page, one event channel, requests answered one at a time
+    (a Windows PV driver's pattern).  `request` blocks until the answer (run it off the event loop)."""
+
+    def __init__(self, guest: Guest, backend_domid: int) -> None:
+        self.guest = guest
+        self.backend = backend_domid
+        self.page = guest.alloc_page()
+        self.ref = guest.grant(self.page, backend_domid)
+        self.ring = FrontRing(guest.page_address(self.page), 1, CTRL_SLOT)
+        self.ev: GuestPort = guest.alloc_unbound(backend_domid)
+        self.data_page = guest.alloc_page()  # the key / mapping table travel in this page, read-only
+        self.data_ref = guest.grant(self.data_page, backend_domid, readonly=True)
+        self._next = 0
+
+    def keys(self) -> dict[str, str]:
+        return {"ctrl-ring-ref": str(self.ref), "event-channel-ctrl": str(self.ev.port)}
+
+    def post(self, reqs: list[tuple[int, int, int, int]]) -> list[int]:
+        """Put requests (type, data0..2) without waiting; returns their ids."""
+        ids = []
+        raw = []
+        for rtype, d0, d1, d2 in reqs:
+            ids.append(self._next)
+            raw.append(CTRL_REQ.pack(self._next, rtype, d0, d1, d2))
+            self._next = (self._next + 1) & 0xFFFF
+        if self.ring.put(raw, CTRL_SLOT) != len(raw):
+            raise RuntimeError("netfront: ctrl ring full")
+        if self.ring.push():
+            self.ev.notify()
+        return ids
+
+    def collect(self, n: int, timeout: float = 5.0) -> list[tuple[int, int, int, int]]:
+        """Wait for `n` responses: (id, type, status, data) each."""
+        out: list[tuple[int, int, int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            got = self.ring.consume(CTRL_SLOT)
+            out += [CTRL_RSP.unpack_from(r) for r in got]
+            if got or len(out) >= n:
+                continue
+            if self.ring.final_check():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ctrl ring: {len(out)} of {n} responses")
+            select.select([self.ev.fileno()], [], [], min(left, 0.1))
+            self.ev.pending()
+        return out
+
+    def request(self, rtype: int, d0: int = 0, d1: int = 0, d2: int = 0) -> tuple[int, int]:
+        """(status, data) of one request."""
+        (rid,) = self.post([(rtype, d0, d1, d2)])
+        ((got_id, got_type, status, data),) = self.collect(1)
+        if (got_id, got_type) != (rid, rtype):
+            raise RuntimeError(f"ctrl ring: answer {got_id}/{got_type} to request {rid}/{rtype}")
+        return status, data
+
+    def set_key(self, key: bytes, length: int | None = None) -> int:
+        self.guest.page_view(self.data_page)[: len(key)] = key
+        return self.request(CTRL_SET_HASH_KEY, self.data_ref, len(key) if length is None else length)[0]
+
+    def set_mapping(self, entries: list[int], offset: int = 0) -> int:
+        raw = struct.pack(f"<{len(entries)}I", *entries)
+        self.guest.page_view(self.data_page)[: len(raw)] = raw
+        return self.request(CTRL_SET_HASH_MAPPING, self.data_ref, len(entries), offset)[0]
+
+    def toeplitz(self, key: bytes, flags: int, mapping: list[int]) -> None:
+        """What a Windows PV driver does to turn RSS on; every step must succeed."""
+        steps = [self.request(CTRL_SET_HASH_ALGORITHM, HASH_ALG_TOEPLITZ)[0], self.request(CTRL_SET_HASH_FLAGS,
+                 flags)[0], self.set_key(key), self.request(CTRL_SET_HASH_MAPPING_SIZE, len(mapping))[0],
+                 self.set_mapping(mapping)]
+        if any(steps):
+            raise RuntimeError(f"ctrl ring: hash set-up failed {steps}")
+
+    def close(self) -> None:
+        self.ev.close()
+
+
+async def reconfigure_xdp(xs: XenStoreClient, fe_path: str, headroom: int, *, timeout: float = 10.0) -> None:
+    """Linux netfront's xennet_xdp_set: write `xdp-headroom`, go Reconfiguring, wait for the backend's
+    Reconfigured, go Connected again."""
+    from backends.xenbus.state import XenbusState
+    from backends.xenbus.toolstack import wait_for_state
+
+    be = await xs.read_str(f"{fe_path}/backend")
+    if be is None:
+        raise FileNotFoundError(f"{fe_path}/backend: no such device")
+
+    async def body(tx: Any) -> None:
+        await tx.write(f"{fe_path}/xdp-headroom", str(headroom))
+        await tx.write(f"{fe_path}/state", str(int(XenbusState.RECONFIGURING)))
+
+    await xs.transaction(body)
+    await wait_for_state(xs, be, XenbusState.RECONFIGURED, timeout)
+    await xs.write(f"{fe_path}/state", str(int(XenbusState.CONNECTED)))
+    await wait_for_state(xs, be, XenbusState.CONNECTED, timeout)
+    await asyncio.sleep(0)
+
+
 async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront], *, timeout: float = 20.0,
-                         start: bool = True) -> str:
+                         start: bool = True, ctrl: NetCtrl | None = None) -> str:
     """xen-netfront's side of the handshake for one vif with `len(fronts)` queues: wait for the backend's
     InitWait, write the keys in one transaction (`queue-N/` for several queues), go Connected, wait for the
     backend's Connected (netback holds it until the vif is plugged), then start the queues (unless `start`
@@ -300,6 +466,8 @@ async def xenbus_connect(xs: XenStoreClient, fe_path: str, fronts: list[NetFront
         raise FileNotFoundError(f"{fe_path}/backend: no such device")
     await wait_for_state(xs, be, {XenbusState.INIT_WAIT, XenbusState.CONNECTED}, timeout)
     values = dict(fronts[0].vif_keys)
+    if ctrl is not None:
+        values |= ctrl.keys()
     if len(fronts) == 1:
         values |= fronts[0].queue_keys
     else:

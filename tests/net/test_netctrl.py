@@ -1,0 +1,207 @@
+"""netback's control plane in C (csrc/netctrl.c) without a network: the frame hash against Microsoft's RSS
+vectors, the queue pick, and the ctrl ring's requests with Linux's status codes, served from a real emulated
+guest's granted ring and pages (the hostile ones included: XSA-270 mappings, overflowing ranges, a key longer
+than 40 bytes, a grant that does not exist, a request storm, a runaway req_prod)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backends.guests import netfront as nfm
+from backends.guests.guest import Guest
+from backends.guests.netfront import NetCtrl
+from backends.native import ffi, lib
+from backends.net.dataplane import QueueDeadError, VifControl
+from backends.platform.emulated import EmulatedPlatform
+from backends.sim.broker import BrokerThread
+
+from .toeplitz import MS_KEY, MS_V4, MS_V6, flow_hash, frame
+
+V4, V4_TCP, V6, V6_TCP = 1, 2, 4, 8
+
+
+def c_hash(key: bytes, flags: int, f: bytes, size: int = 0, mapping: list[int] | None = None) -> tuple[int, int]:
+    h = ffi.new("struct pv_net_hash *")
+    h.alg, h.flags, h.size = 1, flags, size
+    h.key[0:len(key)] = key
+    for i, q in enumerate(mapping or []):
+        h.mapping[i] = q
+    out = ffi.new("uint32_t *")
+    t = int(lib.pv_netctrl_frame_hash(h, f, len(f), out))
+    return t, int(out[0])
+
+
+def test_frame_hash_matches_microsoft_vectors() -> None:
+    for table, l3, l4 in ((MS_V4, V4, V4_TCP), (MS_V6, V6, V6_TCP)):
+        for src, sport, dst, dport, h3, h4 in table:
+            tcp = frame(src, dst, 6, sport, dport)
+            assert c_hash(MS_KEY, l3 | l4, tcp) == (l4, h4)
+            assert c_hash(MS_KEY, l3, tcp) == (l3, h3)  # TCP type off: the addresses only
+            udp = frame(src, dst, 17, sport, dport)
+            assert c_hash(MS_KEY, l3 | l4, udp) == (l3, h3)  # not TCP: L3
+            assert c_hash(MS_KEY, l4, udp) == (0, 0)  # not TCP and L3 off: no hash
+            assert c_hash(MS_KEY, 0, tcp) == (0, 0)
+            assert flow_hash(MS_KEY, l3 | l4, tcp) == (l4, h4)  # the tests' reference agrees
+
+
+def test_frame_hash_refuses_what_linux_does_not_hash() -> None:
+    tcp = bytearray(frame("66.9.149.187", "161.142.100.80", 6, 2794, 1766))
+    arp = bytes(tcp[:12]) + b"\x08\x06" + bytes(28)
+    assert c_hash(MS_KEY, 15, arp) == (0, 0)
+    frag = bytearray(tcp)
+    frag[20] |= 0x20  # More Fragments: no ports to hash, the addresses are
+    assert c_hash(MS_KEY, V4 | V4_TCP, bytes(frag))[0] == V4
+    assert c_hash(MS_KEY, 15, bytes(tcp[:20])) == (0, 0)  # truncated
+    h = ffi.new("struct pv_net_hash *")
+    h.alg = 0
+    out = ffi.new("uint32_t *")
+    assert lib.pv_netctrl_frame_hash(h, bytes(tcp), len(tcp), out) == 0  # no algorithm selected
+
+
+def test_pick_follows_the_mapping() -> None:
+    h = ffi.new("struct pv_net_hash *")
+    h.size = 4
+    for i, q in enumerate((1, 0, 1, 1)):
+        h.mapping[i] = q
+    assert [lib.pv_netctrl_pick(h, x, 2) for x in range(8)] == [1, 0, 1, 1] * 2
+    h.size = 0
+    assert [lib.pv_netctrl_pick(h, x, 3) for x in range(6)] == [0, 1, 2, 0, 1, 2]  # no table: hash % queues
+
+
+class CtrlBed:
+    def __init__(self, plat: EmulatedPlatform, broker: str, queues: int = 2) -> None:
+        self.plat = plat
+        self.guest = Guest(broker, name="ctrlguest", mem_pages=16, gnt_entries=32)
+        plat.open_domain(self.guest.domid)
+        self.ctrl = NetCtrl(self.guest, 0)
+        self.ring = plat.map_grants(self.guest.domid, [self.ctrl.ref], writable=True)
+        self.vif = VifControl(queues, self.guest.domid, plat.gnt)
+        self.vif.attach_ctrl(self.ring.address, None)
+
+    def ask(self, *reqs: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+        """Post, serve once (what queue 0's pump does per event), collect (status, data) in order."""
+        ids = self.ctrl.post(list(reqs))
+        self.vif.ctrl_run()
+        got = self.ctrl.collect(len(reqs), timeout=1.0)
+        assert [g[0] for g in got] == ids and [g[1] for g in got] == [r[0] for r in reqs]
+        return [(g[2], g[3]) for g in got]
+
+    def one(self, rtype: int, d0: int = 0, d1: int = 0, d2: int = 0) -> int:
+        return self.ask((rtype, d0, d1, d2))[0][0]
+
+    def close(self) -> None:
+        self.vif.close()
+        self.ring.unmap()
+        self.ctrl.close()
+        self.plat.close_domain(self.guest.domid)
+        self.guest.close()
+
+
+@pytest.fixture
+def cbed() -> Iterator[CtrlBed]:
+    d = Path(tempfile.mkdtemp(prefix="pvb-ctrl-", dir="/tmp"))
+    with BrokerThread(str(d / "broker.sock")):
+        plat = EmulatedPlatform(str(d))
+        b = CtrlBed(plat, str(d / "broker.sock"))
+        try:
+            yield b
+        finally:
+            b.close()
+            plat.close()
+            shutil.rmtree(d, ignore_errors=True)
+
+
+OK, NOT_SUPPORTED, INVALID = nfm.CTRL_SUCCESS, nfm.CTRL_NOT_SUPPORTED, nfm.CTRL_INVALID_PARAMETER
+
+
+def key_into(b: CtrlBed, key: bytes) -> int:
+    b.guest.page_view(b.ctrl.data_page)[: len(key)] = key
+    return b.ctrl.data_ref
+
+
+def mapping_into(b: CtrlBed, entries: list[int]) -> int:
+    raw = struct.pack(f"<{len(entries)}I", *entries)
+    b.guest.page_view(b.ctrl.data_page)[: len(raw)] = raw
+    return b.ctrl.data_ref
+
+
+def test_ctrl_requests_answer_as_linux(cbed: CtrlBed) -> None:
+    b = cbed
+    # Before an algorithm is chosen: no flags to get, none may be set (hash.c).
+    assert b.one(nfm.CTRL_GET_HASH_FLAGS) == NOT_SUPPORTED
+    assert b.one(nfm.CTRL_SET_HASH_FLAGS, V4) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_ALGORITHM, 2) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_ALGORITHM, nfm.HASH_ALG_TOEPLITZ) == OK
+    assert b.one(nfm.CTRL_SET_HASH_FLAGS, 0x10) == INVALID  # an unknown type bit
+    assert b.one(nfm.CTRL_SET_HASH_FLAGS, V4 | V4_TCP | V6) == OK
+    assert b.ask((nfm.CTRL_GET_HASH_FLAGS, 0, 0, 0)) == [(OK, V4 | V4_TCP | V6)]
+    # The key: at most 40 bytes, copied from the grant; shorter keys are zero-padded.
+    assert b.one(nfm.CTRL_SET_HASH_KEY, key_into(b, MS_KEY), 41) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_KEY, 100000, 40) == INVALID  # a grant that does not exist: that request only
+    assert b.one(nfm.CTRL_SET_HASH_KEY, key_into(b, MS_KEY), 40) == OK
+    assert b.vif.hash_config()["key"] == MS_KEY
+    assert b.one(nfm.CTRL_SET_HASH_KEY, key_into(b, MS_KEY), 16) == OK
+    assert b.vif.hash_config()["key"] == MS_KEY[:16] + bytes(24)
+    assert b.one(nfm.CTRL_SET_HASH_KEY, key_into(b, MS_KEY), 40) == OK
+    # The mapping table.
+    assert b.ask((nfm.CTRL_GET_HASH_MAPPING_SIZE, 0, 0, 0)) == [(OK, 128)]
+    for huge in (129, 0xFFFFFFFF):
+        assert b.one(nfm.CTRL_SET_HASH_MAPPING_SIZE, huge) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING_SIZE, 8) == OK
+    assert b.vif.hash_config()["mapping"] == [0] * 8
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [1, 0, 1, 1, 0, 0, 1, 0]), 8, 0) == OK
+    assert b.vif.hash_config()["mapping"] == [1, 0, 1, 1, 0, 0, 1, 0]
+    # XSA-270: an entry naming a queue the vif does not have is refused and changes nothing.
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0, 2]), 2, 0) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0xFFFFFFFF]), 1, 3) == INVALID
+    assert b.vif.hash_config()["mapping"] == [1, 0, 1, 1, 0, 0, 1, 0]
+    # Ranges: off + len wrapping around u32, running past the table, a grant that does not exist.
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0, 0]), 2, 0xFFFFFFFF) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0] * 4), 4, 6) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0] * 4), 0xFFFFFFFF, 0) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, 100000, 2, 0) == INVALID
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [0, 0]), 2, 6) == OK  # the tail, exactly
+    assert b.vif.hash_config()["mapping"] == [1, 0, 1, 1, 0, 0, 0, 0]
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, 100000, 0, 8) == OK  # nothing to copy: Linux succeeds
+    # Everything else is not supported (the grant-mapping requests, INVALID, unknown types).
+    for t in (0, 8, 9, 10, 11, 0xFFFF):
+        assert b.one(t, 1, 2, 3) == NOT_SUPPORTED
+    cfg = b.vif.hash_config()
+    assert (cfg["alg"], cfg["flags"], cfg["size"]) == (1, V4 | V4_TCP | V6, 8)
+    assert lib.pv_net_vif_ctrl_errors(b.vif.c) == 20
+    # Setting the size again zeroes the table (Linux's memset).
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING_SIZE, 4) == OK
+    assert b.vif.hash_config()["mapping"] == [0] * 4
+
+
+def test_ctrl_request_storm_is_served_in_bounded_rounds(cbed: CtrlBed) -> None:
+    b = cbed
+    size = b.ctrl.ring.free_slots()
+    assert size == 128  # (4096 - 64) / 16, rounded down to a power of two
+    total = 0
+    for _ in range(20):  # 2560 requests, a ring's worth at a time
+        reqs = [(nfm.CTRL_GET_HASH_MAPPING_SIZE, 0, 0, 0)] * size
+        ids = b.ctrl.post(reqs)
+        assert b.vif.ctrl_run() == size
+        got = b.ctrl.collect(size, timeout=1.0)
+        assert [g[0] for g in got] == ids and all(g[2:] == (OK, 128) for g in got)
+        total += size
+    assert lib.pv_net_vif_ctrl_errors(b.vif.c) == 0
+
+
+def test_ctrl_runaway_req_prod_kills_only_the_ctrl_ring(cbed: CtrlBed) -> None:
+    b = cbed
+    assert b.one(nfm.CTRL_SET_HASH_ALGORITHM, 1) == OK
+    view = b.guest.page_view(b.ctrl.page)
+    prod = struct.unpack_from("<I", view, 0)[0]
+    struct.pack_into("<I", view, 0, prod + 1000)  # more requests than the ring holds
+    with pytest.raises(QueueDeadError):
+        b.vif.ctrl_run()
+    with pytest.raises(QueueDeadError):  # and it stays dead
+        b.vif.ctrl_run()
