@@ -33,7 +33,7 @@ def c_hash(key: bytes, flags: int, f: bytes, size: int = 0, mapping: list[int] |
     for i, q in enumerate(mapping or []):
         h.mapping[i] = q
     out = ffi.new("uint32_t *")
-    t = int(lib.pv_netctrl_frame_hash(h, f, len(f), out))
+    t = int(lib.pv_netctrl_frame_hash(h, ffi.from_buffer(f), len(f), out))
     return t, int(out[0])
 
 
@@ -61,7 +61,7 @@ def test_frame_hash_refuses_what_linux_does_not_hash() -> None:
     h = ffi.new("struct pv_net_hash *")
     h.alg = 0
     out = ffi.new("uint32_t *")
-    assert lib.pv_netctrl_frame_hash(h, bytes(tcp), len(tcp), out) == 0  # no algorithm selected
+    assert lib.pv_netctrl_frame_hash(h, ffi.from_buffer(bytes(tcp)), len(tcp), out) == 0  # no algorithm selected
 
 
 def test_pick_follows_the_mapping() -> None:
