@@ -583,6 +583,8 @@ static int rx_frame(struct pv_net_queue *q, uint32_t off, uint32_t total)
             }
             if (xgso != PV_NETIF_GSO_TYPE_NONE)
                 q->st.rx_gso++;
+            if (q->ctl.meta.htype)
+                q->ctl.st.rx_hash_extras++;
         }
     }
     fr->nseg = q->nrxseg - fr->seg_first;

@@ -592,7 +592,6 @@ uint32_t pv_netctrl_rx_extras(struct pv_netctrl_q *c, uint8_t gso_type, uint16_t
         out[n].u.hash.algorithm = PV_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ;
         memcpy(out[n].u.hash.value, &c->meta.hash, 4); /* little-endian u32, as Linux stores it */
         n++;
-        c->st.rx_hash_extras++;
     }
     if (headroom) {
         /* The XDP extra (u16 headroom in the union): Linux netfront takes the RX offset from it. */

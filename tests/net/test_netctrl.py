@@ -5,25 +5,32 @@ than 40 bytes, a grant that does not exist, a request storm, a runaway req_prod)
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from backends.guests import netfront as nfm
 from backends.guests.guest import Guest
-from backends.guests.netfront import NetCtrl
+from backends.guests.netfront import NetCtrl, NetFront
 from backends.native import ffi, lib
 from backends.net.dataplane import QueueDeadError, VifControl
 from backends.platform.emulated import EmulatedPlatform
 from backends.sim.broker import BrokerThread
 
+from . import test_datapath
+from .test_datapath import GUEST_MAC
 from .toeplitz import MS_KEY, MS_V4, MS_V6, flow_hash, frame
 
 V4, V4_TCP, V6, V6_TCP = 1, 2, 4, 8
+bed = test_datapath.bed  # the network-namespace bed
 
 
 def c_hash(key: bytes, flags: int, f: bytes, size: int = 0, mapping: list[int] | None = None) -> tuple[int, int]:
@@ -205,3 +212,98 @@ def test_ctrl_runaway_req_prod_kills_only_the_ctrl_ring(cbed: CtrlBed) -> None:
         b.vif.ctrl_run()
     with pytest.raises(QueueDeadError):  # and it stays dead
         b.vif.ctrl_run()
+
+
+def test_handoff_ring_is_bounded_and_drops_are_counted(bed: Any) -> None:
+    """Every frame steered to queue 1 (mapping [1]) whose frontend posts no RX buffers: queue 1 holds one frame
+    and stops polling; its hand-off ring fills (32 frames) and the rest are dropped and counted by the queue
+    that read them, never queued without bound.  Once the frontend posts, the held and handed-off frames reach
+    the guest's kernel."""
+    import asyncio
+
+    from backends.drivers.net.tap import Tap
+    from backends.net.dataplane import NetDataplane, NetQueueConfig
+
+    from .test_datapath import HOST_MAC, guest_tap, run
+
+    plat, broker, g, p = bed
+
+    async def main() -> None:
+        gfds = guest_tap(g, 1500, 2)
+        tap = Tap("vif1.0", mac=HOST_MAC, mtu=1500, queues=2)
+        p.run(tap.open)
+        p.ip("addr", "add", "198.18.0.1/24", "dev", "vif1.0")
+        p.ip("neigh", "add", "198.18.0.2", "lladdr", GUEST_MAC, "dev", "vif1.0")  # no ARP through queue 1
+        guest = Guest(broker, name="steer", mem_pages=1400, gnt_entries=2100)
+        plat.open_domain(guest.domid)
+        fronts = [NetFront(guest, 0, fd) for fd in gfds]
+        ctrl = NetCtrl(guest, 0)
+        vif = VifControl(2, guest.domid, plat.gnt)
+        dps: list[NetDataplane] = []
+        dead: list[str] = []
+        closing = contextlib.ExitStack()
+        try:
+            for qi, nf in enumerate(fronts):
+                k = nf.keys()
+                tx = plat.map_grants(guest.domid, [int(k["tx-ring-ref"])], writable=True)
+                rx = plat.map_grants(guest.domid, [int(k["rx-ring-ref"])], writable=True)
+                ev = plat.bind_interdomain(guest.domid, int(k["event-channel"]))
+                c = None
+                if qi == 0:
+                    c = (plat.map_grants(guest.domid, [ctrl.ref], writable=True),
+                         plat.bind_interdomain(guest.domid, ctrl.ev.port))
+                cfg = NetQueueConfig(frontend_domid=guest.domid, mac=bytes.fromhex(GUEST_MAC.replace(":", "")))
+                dps.append(NetDataplane(tx, rx, ev, None, plat.gnt, tap.fds[qi], cfg, on_dead=dead.append,
+                                        name=f"q{qi}", vif=vif, index=qi, ctrl=c))
+            loop = asyncio.get_running_loop()
+            for dp in dps:
+                dp.start(loop)
+            fronts[0].start()  # queue 1's frontend posts nothing yet
+            await asyncio.to_thread(ctrl.toeplitz, MS_KEY, 15, [1])
+            base0 = dps[0].stats()["rx_packets"]  # what queue 0 delivered before the hash was selected
+            rcv = g.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            closing.callback(rcv.close)
+            rcv.bind(("198.18.0.2", 7000))
+            rcv.settimeout(0.5)
+
+            def flood() -> None:  # 400 flows (a source port each): the tap spreads them over both queues
+                for i in range(400):
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.sendto(struct.pack(">I", i), ("198.18.0.2", 7000))
+
+            await asyncio.to_thread(p.run, flood)
+            await asyncio.sleep(0.5)
+            s0, s1 = dps[0].stats(), dps[1].stats()
+            assert s1["rx_packets"] == 0 and s1["rx_stalls"] == 1  # holding one frame, nothing delivered
+            steered, drops = s0["rx_steered"] + s1["rx_steered"], s0["rx_handoff_drops"] + s1["rx_handoff_drops"]
+            # The ring's bound: 32 cells, plus the frame queue 1 took out of it and holds.
+            assert 0 < s0["rx_steered"] <= 33 and steered <= 33, (s0, s1)
+            assert drops > 0 and s0["rx_steered"] + s0["rx_handoff_drops"] <= 400, (s0, s1)
+            fronts[1].start()
+            got = set()
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    got.add(struct.unpack(">I", rcv.recv(64))[0])
+            s0, s1 = dps[0].stats(), dps[1].stats()
+            assert s1["rx_handoff_in"] == s0["rx_steered"] and len(got) >= s0["rx_steered"], (len(got), s1)
+            assert s0["rx_packets"] == base0  # every frame queue 0 read since went to queue 1
+            ours = [(h, head) for _o, h, _x, head in list(fronts[1].rx_log)
+                    if head[23] == 17 and head[36:38] == b"\x1b\x58"]  # UDP to port 7000
+            assert len(ours) == len(got) and all(h == flow_hash(MS_KEY, 15, head) for h, head in ours)
+            assert not dead
+            assert all(nf.error is None for nf in fronts)
+        finally:
+            closing.close()
+            for nf in fronts:
+                nf.close()
+            for dp in dps:
+                await dp.stop()
+            vif.close()
+            ctrl.close()
+            plat.close_domain(guest.domid)
+            guest.close()
+            for fd in gfds:
+                os.close(fd)
+            p.run(tap.remove)
+
+    run(main())
