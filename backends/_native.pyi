@@ -378,6 +378,23 @@ class struct_pv_netctrl_stats(CData):
     ctrl_errors: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_netctrl_stats: ...
 
+class struct_pv_net_mcast(CData):
+    """`struct pv_net_mcast`; a pointer to it indexes to it."""
+
+    n: int
+    def __getitem__(self, index: SupportsIndex) -> struct_pv_net_mcast: ...
+
+class struct_pv_net_vif_state(CData):
+    """`struct pv_net_vif_state`; a pointer to it indexes to it."""
+
+    magic: int
+    ident: IntArray
+    hash_seq: int
+    hash: struct_pv_net_hash
+    mcast_seq: int
+    mcast: struct_pv_net_mcast
+    def __getitem__(self, index: SupportsIndex) -> struct_pv_net_vif_state: ...
+
 class struct_pv_net_vif(CData):
     """`struct pv_net_vif` (opaque); a pointer to it indexes to it."""
 
@@ -745,6 +762,18 @@ class _FFI(FFIBase):
         init: object = ...,
     ) -> StructArray[struct_pv_netctrl_stats]: ...
     @overload
+    def new(self, cdecl: Literal["struct pv_net_mcast *"], init: object = ...) -> struct_pv_net_mcast: ...
+    @overload
+    def new(self, cdecl: Literal["struct pv_net_mcast[]"], init: object = ...) -> StructArray[struct_pv_net_mcast]: ...
+    @overload
+    def new(self, cdecl: Literal["struct pv_net_vif_state *"], init: object = ...) -> struct_pv_net_vif_state: ...
+    @overload
+    def new(
+        self,
+        cdecl: Literal["struct pv_net_vif_state[]"],
+        init: object = ...,
+    ) -> StructArray[struct_pv_net_vif_state]: ...
+    @overload
     def new(self, cdecl: Literal["struct pv_netif_tx_request *"], init: object = ...) -> struct_pv_netif_tx_request: ...
     @overload
     def new(
@@ -1075,6 +1104,10 @@ class _FFI(FFIBase):
     @overload
     def cast(self, cdecl: Literal["struct pv_netctrl_stats *"], value: CData | int) -> struct_pv_netctrl_stats: ...
     @overload
+    def cast(self, cdecl: Literal["struct pv_net_mcast *"], value: CData | int) -> struct_pv_net_mcast: ...
+    @overload
+    def cast(self, cdecl: Literal["struct pv_net_vif_state *"], value: CData | int) -> struct_pv_net_vif_state: ...
+    @overload
     def cast(self, cdecl: Literal["struct pv_net_vif *"], value: CData | int) -> struct_pv_net_vif: ...
     @overload
     def cast(
@@ -1273,6 +1306,7 @@ class _Lib:
     PV_NETCTRL_HANDOFF_SLOTS: int
     PV_NETIF_EXTRA_TYPE_XDP: int
     PV_NET_ECTRL: int
+    PV_NETCTRL_STATE_MAGIC: int
     PV_NETTXF_csum_blank: int
     PV_NETTXF_data_validated: int
     PV_NETTXF_more_data: int
@@ -1502,6 +1536,7 @@ class _Lib:
     def pv_net_queue_credit_kick(self, q: CData, /) -> None: ...
     def pv_net_queue_get_stats(self, q: CData, out: CData, /) -> None: ...
     def pv_net_l4(self, frame: CData, len: int, l4off: CData, proto: CData, hdr_end: CData, v6: CData, /) -> int: ...
+    def pv_net_vif_use_state(self, v: CData, mem: CData, len: int, ident: CData, load: int, /) -> int: ...
     def pv_net_vif_create(
         self,
         nr_queues: int,

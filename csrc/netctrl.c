@@ -12,6 +12,9 @@
 #include "netback.h"
 
 #define HANDOFF_MASK (PV_NETCTRL_HANDOFF_SLOTS - 1u)
+#define ALL_HASH_TYPES                                                                                        \
+    (PV_NETIF_CTRL_HASH_TYPE_IPV4 | PV_NETIF_CTRL_HASH_TYPE_IPV4_TCP | PV_NETIF_CTRL_HASH_TYPE_IPV6 |         \
+     PV_NETIF_CTRL_HASH_TYPE_IPV6_TCP)
 _Static_assert((PV_NETCTRL_HANDOFF_SLOTS & HANDOFF_MASK) == 0, "hand-off slots: a power of two");
 
 struct handoff_cell {
@@ -35,15 +38,13 @@ struct pv_net_vif {
     struct pv_gnt *gnt;
     struct handoff *ho; /* per queue; NULL with one queue */
 
-    /* Hash: written by the ctrl ring's server only (queue 0's pump), published under hash_seq. */
-    uint32_t hash_seq;
-    struct pv_net_hash hash_pub;
+    /* What the queues read: in `own`, or in the caller's memory (a file mapping that outlives the daemon). */
+    struct pv_net_vif_state *pub;
+    struct pv_net_vif_state own;
+    /* Hash: written by the ctrl ring's server only (queue 0's pump), published under pub->hash_seq. */
     struct pv_net_hash hash; /* the writer's own copy */
-
-    /* Multicast list: writers serialised by mc_lock (TX paths of any queue), published under mcast_seq. */
+    /* Multicast list: writers serialised by mc_lock (TX paths of any queue), published under pub->mcast_seq. */
     pthread_mutex_t mc_lock;
-    uint32_t mcast_seq;
-    struct pv_net_mcast mcast_pub;
     struct pv_net_mcast mcast;
     uint8_t mcast_control;
 
@@ -124,6 +125,7 @@ struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid
     v->domid = frontend_domid;
     v->gnt = gnt;
     v->ctrl_kick = -1;
+    v->pub = &v->own;
     pthread_mutex_init(&v->mc_lock, NULL);
     if (nr_queues > 1 && handoff) {
         v->ho = calloc(nr_queues, sizeof(*v->ho));
@@ -155,6 +157,41 @@ oom:
     return NULL;
 }
 
+static int state_valid(const struct pv_net_vif_state *st, uint32_t nr_queues)
+{
+    const struct pv_net_hash *h = &st->hash;
+    if ((st->hash_seq & 1) || (st->mcast_seq & 1)) /* killed in the middle of a publication */
+        return 0;
+    if (h->alg > PV_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ || (h->flags & ~ALL_HASH_TYPES) ||
+        h->size > PV_NETCTRL_MAX_MAPPING || st->mcast.n > PV_NETCTRL_MCAST_MAX)
+        return 0;
+    for (uint32_t i = 0; i < PV_NETCTRL_MAX_MAPPING; i++)
+        if (h->mapping[i] >= nr_queues)
+            return 0;
+    return 1;
+}
+
+int pv_net_vif_use_state(struct pv_net_vif *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load)
+{
+    if (!mem || len < sizeof(struct pv_net_vif_state) || v->pub != &v->own)
+        return -EINVAL;
+    struct pv_net_vif_state *st = mem;
+    /* Only the state of this very vif (the caller's identity: frontend, rings, ports) and only when intact;
+     * anything else starts afresh, as a frontend that just connected expects. */
+    int ok = load && st->magic == PV_NETCTRL_STATE_MAGIC && memcmp(st->ident, ident, 16) == 0 &&
+             state_valid(st, v->nr_queues);
+    if (ok) {
+        v->hash = st->hash;
+        v->mcast = st->mcast;
+    } else {
+        memset(st, 0, sizeof(*st));
+        memcpy(st->ident, ident, 16);
+        __atomic_store_n(&st->magic, PV_NETCTRL_STATE_MAGIC, __ATOMIC_RELEASE);
+    }
+    v->pub = st;
+    return ok;
+}
+
 void pv_net_vif_set_mcast_control(struct pv_net_vif *v, uint8_t on)
 {
     __atomic_store_n(&v->mcast_control, (uint8_t)(on != 0), __ATOMIC_RELEASE);
@@ -182,7 +219,7 @@ int pv_net_vif_attach_ctrl(struct pv_net_vif *v, void *ctrl_sring, struct pv_evt
 void pv_net_vif_get_hash(struct pv_net_vif *v, struct pv_net_hash *out)
 {
     uint32_t seen = UINT32_MAX;
-    snapshot(&v->hash_seq, &v->hash_pub, out, sizeof(*out), &seen);
+    snapshot(&v->pub->hash_seq, &v->pub->hash, out, sizeof(*out), &seen);
 }
 
 uint32_t pv_net_vif_mcast_count(struct pv_net_vif *v)
@@ -217,10 +254,6 @@ static int gcopy_in(struct pv_net_vif *v, uint32_t gref, void *dst, uint32_t len
         return -1;
     return 0;
 }
-
-#define ALL_HASH_TYPES                                                                                        \
-    (PV_NETIF_CTRL_HASH_TYPE_IPV4 | PV_NETIF_CTRL_HASH_TYPE_IPV4_TCP | PV_NETIF_CTRL_HASH_TYPE_IPV6 |         \
-     PV_NETIF_CTRL_HASH_TYPE_IPV6_TCP)
 
 static uint32_t ctrl_request(struct pv_net_vif *v, const struct pv_netif_ctrl_request *r, uint32_t *data)
 {
@@ -283,7 +316,7 @@ static uint32_t ctrl_request(struct pv_net_vif *v, const struct pv_netif_ctrl_re
         /* INVALID (0), the grant-mapping requests (8-10) and anything unknown. */
         return PV_NETIF_CTRL_STATUS_NOT_SUPPORTED;
     }
-    publish(&v->hash_seq, &v->hash_pub, h, sizeof(*h));
+    publish(&v->pub->hash_seq, &v->pub->hash, h, sizeof(*h));
     return PV_NETIF_CTRL_STATUS_SUCCESS;
 }
 
@@ -443,10 +476,10 @@ void pv_netctrl_q_refresh(struct pv_netctrl_q *c)
     struct pv_net_vif *v = c->vif;
     if (!v)
         return;
-    snapshot(&v->hash_seq, &v->hash_pub, &c->hash, sizeof(c->hash), &c->hash_seq);
+    snapshot(&v->pub->hash_seq, &v->pub->hash, &c->hash, sizeof(c->hash), &c->hash_seq);
     c->mcast_control = __atomic_load_n(&v->mcast_control, __ATOMIC_ACQUIRE);
     if (c->mcast_control)
-        snapshot(&v->mcast_seq, &v->mcast_pub, &c->mcast, sizeof(c->mcast), &c->mcast_seq);
+        snapshot(&v->pub->mcast_seq, &v->pub->mcast, &c->mcast, sizeof(c->mcast), &c->mcast_seq);
 }
 
 int32_t pv_netctrl_rx_steer(struct pv_netctrl_q *c, const uint8_t *buf, uint32_t total)
@@ -632,7 +665,7 @@ int16_t pv_netctrl_tx_mcast(struct pv_netctrl_q *c, const struct pv_netif_tx_pkt
         c->st.mcast_del++;
     }
     if (status == PV_NETIF_RSP_OKAY)
-        publish(&v->mcast_seq, &v->mcast_pub, m, sizeof(*m));
+        publish(&v->pub->mcast_seq, &v->pub->mcast, m, sizeof(*m));
     pthread_mutex_unlock(&v->mc_lock);
     return status;
 }

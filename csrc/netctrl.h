@@ -50,6 +50,19 @@ struct pv_net_mcast {
     uint8_t addr[PV_NETCTRL_MCAST_MAX][6];
 };
 
+/* What the queues read, published under the two sequence counters.  It may live in a file mapping the caller
+ * provides (pv_net_vif_use_state), so that a daemon killed and restarted serves the frontend's hash and
+ * multicast list as it had set them: the frontend will not send them again. */
+#define PV_NETCTRL_STATE_MAGIC 0x6e657463u /* "netc" */
+struct pv_net_vif_state {
+    uint32_t magic;
+    uint8_t ident[16]; /* the caller's identity of the vif: state of another vif is never loaded */
+    uint32_t hash_seq;
+    struct pv_net_hash hash;
+    uint32_t mcast_seq;
+    struct pv_net_mcast mcast;
+};
+
 /* Counters of one queue (the ctrl ring's on queue 0). */
 struct pv_netctrl_stats {
     uint64_t rx_steered;        /* frames this queue read from the tap and handed to another queue */
@@ -89,6 +102,10 @@ struct pv_netctrl_q {
 struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
                                      uint8_t handoff, char *err, size_t errlen);
 void pv_net_vif_destroy(struct pv_net_vif *v);
+/* Publish into `mem` (len >= sizeof(struct pv_net_vif_state)) from now on, before any queue joins.  With `load`,
+ * a valid state of the same `ident` found there is taken up (restart recovery): returns 1; else `mem` is
+ * initialised afresh: 0.  -EINVAL for bad arguments. */
+int pv_net_vif_use_state(struct pv_net_vif *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load);
 /* The frontend's request-multicast-control (it may change it any time: feature-dynamic-multicast-control). */
 void pv_net_vif_set_mcast_control(struct pv_net_vif *v, uint8_t on);
 /* The ctrl ring page (mapped) and its event channel (may be NULL in tests).  Before queue 0 joins. */

@@ -30,6 +30,11 @@ class NetConfig:
     # posts buffers again (the host drops for it instead of queueing); Linux's rx_drain_timeout_msecs and
     # rx-stall carrier-off.  0: wait for ever (the tap's own queue, txqueuelen frames, then drops on the host).
     rx_drain_timeout_ms: int = 10000
+    # Where each connected vif keeps its control state (the frontend's Toeplitz key/flags/mapping, its multicast
+    # list) in a small mapped file, <run_dir>/<vif>.ctrl, 0600, locked while served: a daemon killed and restarted
+    # takes it up, since the frontend will not send it again.  Removed when the vif disconnects.  "": in memory
+    # only (a restart forgets it: RX steering falls back to the tap's queues, the multicast list is empty).
+    run_dir: str = "/run/pvback/net"
 
 
 # Accepted values of the integer keys, inclusive.

@@ -10,9 +10,13 @@ Toeplitz steering with its hand-off rings between queues, and the multicast list
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from backends.native import ffi, lib
@@ -84,7 +88,31 @@ class VifControl:
             raise ValueError(f"net vif: {ffi.string(err).decode(errors='replace')}")
         self._v: Any = v
         self.nr_queues = nr_queues
+        self._state: tuple[int, mmap.mmap, Any] | None = None  # fd (locked), mapping, its C view
 
+    def use_state(self, path: Path, ident: bytes, *, load: bool) -> bool:
+        """Publish the control state into `path` (created 0600, locked: a second daemon serving a vif of the
+        same name gets OSError and the caller keeps it in memory).  With `load`, a valid state of the same
+        16-byte `ident` found there is taken up: True."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            size = ffi.sizeof("struct pv_net_vif_state")
+            fresh = os.fstat(fd).st_size != size
+            if fresh:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        view = ffi.from_buffer(mm)
+        who = ffi.new("uint8_t[16]", ident[:16].ljust(16, b"\0"))
+        rc = int(lib.pv_net_vif_use_state(self.c, view, size, who, 1 if load and not fresh else 0))
+        self._state = (fd, mm, view)
+        if rc < 0:
+            raise ValueError("net vif: cannot use the state file")
+        return rc == 1
     @property
     def c(self) -> Any:
         if self._v is None:
@@ -115,10 +143,20 @@ class VifControl:
     def mcast_count(self) -> int:
         return int(lib.pv_net_vif_mcast_count(self.c))
 
-    def close(self) -> None:
+    def close(self, *, discard: Path | None = None) -> None:
+        """Free the C object (after every queue), then let go of the state file (`discard`: delete it first, the
+        vif is gone for good)."""
         if self._v is not None:
             v, self._v = self._v, None
             lib.pv_net_vif_destroy(v)
+        if self._state is not None:
+            fd, mm, view = self._state
+            self._state = None
+            if discard is not None:
+                discard.unlink(missing_ok=True)
+            ffi.release(view)
+            mm.close()
+            os.close(fd)  # the lock goes with it
 
 
 class NetQueue:

@@ -16,8 +16,10 @@ is restarting (`dev.restarting`): the next daemon re-attaches to the same interf
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError
@@ -83,6 +85,10 @@ class NetVif:
     queues: list[NetDataplane] = field(default_factory=list)
     control: VifControl | None = None  # ctrl ring, steering, multicast list (shared by the queues)
     xdp_headroom: int = 0  # what RX frames start after (connect, then each Reconfiguring)
+    # At realize the backend state said Connected: a previous daemon served this vif (it was killed or
+    # restarted), so its control state file is taken up at connect.
+    recovering: bool = False
+    state_file: Path | None = None
     offload: int = 0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     dead: str | None = None
@@ -195,7 +201,9 @@ class NetDeviceClass:
             raise DeviceError(f"cannot create the tap: {exc}") from exc
         tap.close()  # the interface stays; connect attaches one fd per negotiated queue
         self.taps[name] = dev.backend_path
-        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac)
+        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac,
+                          recovering=await dev.read_backend("state") in (str(int(XenbusState.CONNECTED)),
+                                                                         str(int(XenbusState.RECONFIGURED))))
         await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
         dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
                                         "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
@@ -272,6 +280,7 @@ class NetDeviceClass:
             # a ctrl ring can select the hash), queue 0 serves the ctrl ring.
             vif.control = VifControl(len(fe.queues), dev.frontend_id, platform.gnt, handoff=fe.ctrl is not None)
             vif.control.set_multicast_control(fe.multicast_control and vif.offer.multicast_control)
+            await self._state_file(dev, vif, fe)
             if fe.ctrl is not None and not vif.offer.ctrl_ring:
                 raise ValueError("frontend set up a ctrl ring, which was not offered")
             for qi, q in enumerate(fe.queues):
@@ -327,14 +336,42 @@ class NetDeviceClass:
         for dp in queues:
             await dp.stop()
         if vif.control is not None:  # after every pump stopped and C queue was freed: they pointed into it
-            vif.control.close()
+            vif.control.close(discard=None if dev.restarting else vif.state_file)
             vif.control = None
+            vif.state_file = None
         for t in list(vif.tasks):
             t.cancel()
         if vif.tap is not None:
             vif.tap.close()
             vif.tap = None
         dev.release_frontend_domain()
+
+    async def _state_file(self, dev: BackendDevice, vif: NetVif, fe: FrontendConfig) -> None:
+        """Keep the control state in <run_dir>/<vif>.ctrl; a recovering vif takes up what is there when it is
+        this vif's: the same platform, device, rings and ports."""
+        if not self.cfg.run_dir or vif.control is None:
+            vif.recovering = False
+            return
+        path = Path(self.cfg.run_dir) / f"{vif.name}.ctrl"
+        who = [dev.platform.xenstore_path(), dev.backend_path, str(dev.frontend_id),
+               *(f"{q.tx_ring_ref},{q.rx_ring_ref},{q.event_channel_tx},{q.event_channel_rx}" for q in fe.queues),
+               f"{fe.ctrl.ring_ref},{fe.ctrl.event_channel}" if fe.ctrl else "-"]
+        ident = hashlib.sha256("|".join(who).encode()).digest()[:16]
+        load, vif.recovering = vif.recovering, False
+        control = vif.control
+        try:
+            def open_state() -> bool:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                return control.use_state(path, ident, load=load)
+
+            loaded = await asyncio.to_thread(open_state)
+        except OSError as exc:
+            dev.log.warning("control state kept in memory only (%s: %s)", path, exc, extra={"vif": vif.name})
+            return
+        vif.state_file = path
+        if loaded:
+            dev.log.info("control state taken up", extra={"vif": vif.name, "hash": control.hash_config()["alg"],
+                                                          "mcast": control.mcast_count})
 
     # -- watched keys -----------------------------------------------------------------------------------
 

@@ -307,3 +307,44 @@ def test_handoff_ring_is_bounded_and_drops_are_counted(bed: Any) -> None:
             p.run(tap.remove)
 
     run(main())
+
+
+def test_state_file_is_taken_up_only_by_the_same_vif(cbed: CtrlBed, tmp_path: Path) -> None:
+    b = cbed
+    path = tmp_path / "vif1.0.ctrl"
+    me, other = b"A" * 16, b"B" * 16
+    b.vif.close()
+    b.vif = VifControl(2, b.guest.domid, b.plat.gnt)
+    b.vif.attach_ctrl(b.ring.address, None)
+    assert not b.vif.use_state(path, me, load=True)  # nothing there yet
+    assert path.stat().st_mode & 0o777 == 0o600
+    b.ask((nfm.CTRL_SET_HASH_ALGORITHM, 1, 0, 0), (nfm.CTRL_SET_HASH_FLAGS, V4 | V6_TCP, 0, 0),
+          (nfm.CTRL_SET_HASH_MAPPING_SIZE, 3, 0, 0))
+    assert b.one(nfm.CTRL_SET_HASH_KEY, key_into(b, MS_KEY), 40) == OK
+    assert b.one(nfm.CTRL_SET_HASH_MAPPING, mapping_into(b, [1, 1, 0]), 3, 0) == OK
+    want = b.vif.hash_config()
+    second = VifControl(2, b.guest.domid, b.plat.gnt)
+    with pytest.raises(OSError):  # served (locked): a second daemon keeps its state in memory
+        second.use_state(path, me, load=True)
+    second.close()
+    b.vif.close()  # a killed daemon: the file stays
+
+    def reopen(ident: bytes, nq: int = 2) -> tuple[VifControl, bool]:
+        v = VifControl(nq, b.guest.domid, b.plat.gnt)
+        return v, v.use_state(path, ident, load=True)
+
+    v, loaded = reopen(me)
+    assert loaded and v.hash_config() == want
+    v.close()
+    v, loaded = reopen(me, nq=1)  # fewer queues: the mapping would name a missing one
+    assert not loaded and v.hash_config()["alg"] == 0
+    v.close()
+    v, loaded = reopen(other)  # written afresh: the old state is gone for everyone
+    assert not loaded and v.hash_config()["alg"] == 0
+    v.close()
+    v, loaded = reopen(me)
+    assert not loaded
+    v.close(discard=path)
+    assert not path.exists()
+    b.vif = VifControl(2, b.guest.domid, b.plat.gnt)
+    b.vif.attach_ctrl(b.ring.address, None)

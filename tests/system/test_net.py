@@ -146,7 +146,9 @@ class NetBed(Bed):
 def nbed(sim: SimProc, tmp_path: Path) -> Iterator[NetBed]:
     tag = f"{os.getpid()}"
     with NetNS(f"pvbs-g-{tag}") as g, NetNS(f"pvbs-p-{tag}") as p:
-        serve = NetnsServe(sim, tmp_path, p, '[serve]\nbackend_types = ["vif"]\n')
+        # run_dir: the vifs' control state files stay in the test's own directory.
+        config = f'[serve]\nbackend_types = ["vif"]\n[net]\nrun_dir = "{tmp_path}/net"\n'
+        serve = NetnsServe(sim, tmp_path, p, config)
         serve.start()
         bed = NetBed(sim, serve, tmp_path, g=g, p=p)
         try:

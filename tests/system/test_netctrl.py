@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import struct
 import time
@@ -303,3 +304,44 @@ async def test_hostile_ctrl_requests_fail_only_their_vif(nbed: NetBed) -> None:
     assert metric(text, "pvback_requests_total", bad.domid, op="ctrl") == 6 + 4096
     assert metric(text, "pvback_errors_total", bad.domid, reason="ctrl") == 3
     assert metric(text, "pvback_drops_total", healthy.domid) == 0
+
+
+@pytest.mark.system_timeout(150)
+async def test_sigkill_restart_keeps_the_hash_and_multicast_list(nbed: NetBed) -> None:
+    """The frontend set its Toeplitz hash and multicast list once; the daemon is SIGKILLed and restarted: the new
+    daemon takes both up from the vif's state file (the frontend will not send them again)."""
+    nic, ctrl = await ctrl_nic(nbed, queues=2, mcast=True)
+    g, p = nbed.gns, nbed.peer
+    mapping = [1, 0, 0, 1, 0, 1, 1, 0]
+    try:
+        await asyncio.to_thread(ctrl.toeplitz, MS_KEY, V4 | V4_TCP, mapping)
+        assert await _mcast(nic.fronts[0], True, GROUP_MAC) == 0
+        assert await asyncio.to_thread(g.run, lambda: pingtcp.ping(PEER_V4, count=1)) == 1
+        rcv = g.run(lambda: _receiver(5500, GROUP))
+        with rcv:
+            assert await _deliveries(nbed, rcv, GROUP, 5500) == 5
+            assert nbed.serve.kill(signal.SIGKILL) == -signal.SIGKILL
+            nbed.serve.start()
+            async with asyncio.timeout(20):  # the state key still says Connected: wait for the new daemon's
+                while "msg=connected" not in nbed.serve.log_text().split("==== serve start #2")[-1]:
+                    await asyncio.sleep(0.05)
+            assert await _deliveries(nbed, rcv, GROUP, 5500) == 5  # the list survived
+            assert await _deliveries(nbed, rcv, "239.9.9.9", 5500) == 0  # and the filter is on
+        assert await asyncio.to_thread(ctrl.request, nfm.CTRL_GET_HASH_FLAGS) == (nfm.CTRL_SUCCESS, V4 | V4_TCP)
+        for nf in nic.fronts:
+            nf.rx_log.clear()
+        await tcp(p, g, GUEST_V4, 1 << 20, 5501)
+        await asyncio.sleep(0.2)
+        hashed = 0
+        for qi, nf in enumerate(nic.fronts):
+            for _o, got, _x, head in list(nf.rx_log):
+                htype, h = flow_hash(MS_KEY, V4 | V4_TCP, head)
+                if htype:
+                    assert got == (htype, h) and qi == mapping[h % len(mapping)], (qi, got, hex(h))
+                    hashed += 1
+        assert hashed > 10
+        second = nbed.serve.log_text().split("==== serve start #2")[1]
+        assert "control state taken up" in second, second[-2000:]
+        assert all(nf.error is None for nf in nic.fronts)
+    finally:
+        ctrl.close()
