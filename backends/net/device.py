@@ -357,7 +357,11 @@ class NetDeviceClass:
                *(f"{q.tx_ring_ref},{q.rx_ring_ref},{q.event_channel_tx},{q.event_channel_rx}" for q in fe.queues),
                f"{fe.ctrl.ring_ref},{fe.ctrl.event_channel}" if fe.ctrl else "-"]
         ident = hashlib.sha256("|".join(who).encode()).digest()[:16]
-        load, vif.recovering = vif.recovering, False
+        # Recovery connects straight from realize, before the bus writes a state: the key still says what the
+        # previous daemon wrote.  A frontend that restarted meanwhile went through InitWait: afresh.
+        connected = (str(int(XenbusState.CONNECTED)), str(int(XenbusState.RECONFIGURED)))
+        load = vif.recovering and await dev.read_backend("state") in connected
+        vif.recovering = False
         control = vif.control
         try:
             def open_state() -> bool:
