@@ -932,7 +932,7 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
 
 /* ---- the vif's control plane (netctrl.h) --------------------------------------------------------------- */
 
-int pv_net_queue_join_vif(struct pv_net_queue *q, struct pv_net_vif *v, uint32_t index)
+int pv_net_queue_join_ctrl(struct pv_net_queue *q, struct pv_netctrl *v, uint32_t index)
 {
     if (q->ctl.vif)
         return -EBUSY;

@@ -32,15 +32,15 @@ struct handoff {
     uint8_t *mem;
 };
 
-struct pv_net_vif {
+struct pv_netctrl {
     uint32_t nr_queues;
     uint32_t domid;
     struct pv_gnt *gnt;
     struct handoff *ho; /* per queue; NULL with one queue */
 
     /* What the queues read: in `own`, or in the caller's memory (a file mapping that outlives the daemon). */
-    struct pv_net_vif_state *pub;
-    struct pv_net_vif_state own;
+    struct pv_netctrl_state *pub;
+    struct pv_netctrl_state own;
     /* Hash: written by the ctrl ring's server only (queue 0's pump), published under pub->hash_seq. */
     struct pv_net_hash hash; /* the writer's own copy */
     /* Multicast list: writers serialised by mc_lock (TX paths of any queue), published under pub->mcast_seq. */
@@ -89,7 +89,7 @@ static void snapshot(const uint32_t *seq, const void *pub, void *dst, size_t n, 
 
 /* ---- the vif ------------------------------------------------------------------------------------------ */
 
-void pv_net_vif_destroy(struct pv_net_vif *v)
+void pv_netctrl_destroy(struct pv_netctrl *v)
 {
     if (!v)
         return;
@@ -109,14 +109,14 @@ void pv_net_vif_destroy(struct pv_net_vif *v)
     free(v);
 }
 
-struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
+struct pv_netctrl *pv_netctrl_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
                                      uint8_t handoff, char *err, size_t errlen)
 {
     if (nr_queues == 0 || nr_queues > PV_NETCTRL_MAX_QUEUES || !gnt) {
         snprintf(err, errlen, "bad vif: %u queues", nr_queues);
         return NULL;
     }
-    struct pv_net_vif *v = calloc(1, sizeof(*v));
+    struct pv_netctrl *v = calloc(1, sizeof(*v));
     if (!v) {
         snprintf(err, errlen, "out of memory");
         return NULL;
@@ -138,7 +138,7 @@ struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid
             h->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
             if (h->efd < 0) {
                 snprintf(err, errlen, "eventfd: %s", strerror(errno));
-                pv_net_vif_destroy(v);
+                pv_netctrl_destroy(v);
                 return NULL;
             }
             h->mem = malloc((size_t)PV_NETCTRL_HANDOFF_SLOTS * PV_NETCTRL_FRAME_MAX);
@@ -153,11 +153,11 @@ struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid
     return v;
 oom:
     snprintf(err, errlen, "out of memory");
-    pv_net_vif_destroy(v);
+    pv_netctrl_destroy(v);
     return NULL;
 }
 
-static int state_valid(const struct pv_net_vif_state *st, uint32_t nr_queues)
+static int state_valid(const struct pv_netctrl_state *st, uint32_t nr_queues)
 {
     const struct pv_net_hash *h = &st->hash;
     if ((st->hash_seq & 1) || (st->mcast_seq & 1)) /* killed in the middle of a publication */
@@ -171,11 +171,11 @@ static int state_valid(const struct pv_net_vif_state *st, uint32_t nr_queues)
     return 1;
 }
 
-int pv_net_vif_use_state(struct pv_net_vif *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load)
+int pv_netctrl_use_state(struct pv_netctrl *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load)
 {
-    if (!mem || len < sizeof(struct pv_net_vif_state) || v->pub != &v->own)
+    if (!mem || len < sizeof(struct pv_netctrl_state) || v->pub != &v->own)
         return -EINVAL;
-    struct pv_net_vif_state *st = mem;
+    struct pv_netctrl_state *st = mem;
     /* Only the state of this very vif (the caller's identity: frontend, rings, ports) and only when intact;
      * anything else starts afresh, as a frontend that just connected expects. */
     int ok = load && st->magic == PV_NETCTRL_STATE_MAGIC && memcmp(st->ident, ident, 16) == 0 &&
@@ -192,12 +192,12 @@ int pv_net_vif_use_state(struct pv_net_vif *v, void *mem, size_t len, const uint
     return ok;
 }
 
-void pv_net_vif_set_mcast_control(struct pv_net_vif *v, uint8_t on)
+void pv_netctrl_set_mcast_control(struct pv_netctrl *v, uint8_t on)
 {
     __atomic_store_n(&v->mcast_control, (uint8_t)(on != 0), __ATOMIC_RELEASE);
 }
 
-int pv_net_vif_attach_ctrl(struct pv_net_vif *v, void *ctrl_sring, struct pv_evtchn *ev)
+int pv_netctrl_attach_ctrl(struct pv_netctrl *v, void *ctrl_sring, struct pv_evtchn *ev)
 {
     if (!ctrl_sring || v->ctrl.sring)
         return -EINVAL;
@@ -216,13 +216,13 @@ int pv_net_vif_attach_ctrl(struct pv_net_vif *v, void *ctrl_sring, struct pv_evt
     return 0;
 }
 
-void pv_net_vif_get_hash(struct pv_net_vif *v, struct pv_net_hash *out)
+void pv_netctrl_get_hash(struct pv_netctrl *v, struct pv_net_hash *out)
 {
     uint32_t seen = UINT32_MAX;
     snapshot(&v->pub->hash_seq, &v->pub->hash, out, sizeof(*out), &seen);
 }
 
-uint32_t pv_net_vif_mcast_count(struct pv_net_vif *v)
+uint32_t pv_netctrl_mcast_count(struct pv_netctrl *v)
 {
     pthread_mutex_lock(&v->mc_lock);
     uint32_t n = v->mcast.n;
@@ -230,14 +230,14 @@ uint32_t pv_net_vif_mcast_count(struct pv_net_vif *v)
     return n;
 }
 
-uint32_t pv_net_vif_ctrl_errors(struct pv_net_vif *v)
+uint32_t pv_netctrl_ctrl_errors(struct pv_netctrl *v)
 {
     return (uint32_t)__atomic_load_n(&v->ctrl_errors, __ATOMIC_RELAXED);
 }
 
 /* ---- ctrl ring (hash.c's setters, process_ctrl_request) ---------------------------------------------- */
 
-static int gcopy_in(struct pv_net_vif *v, uint32_t gref, void *dst, uint32_t len)
+static int gcopy_in(struct pv_netctrl *v, uint32_t gref, void *dst, uint32_t len)
 {
     /* The data starts at the beginning of the granted page (netif.h), and never runs past it. */
     if (len > PV_NETIF_PAGE_SIZE)
@@ -255,7 +255,7 @@ static int gcopy_in(struct pv_net_vif *v, uint32_t gref, void *dst, uint32_t len
     return 0;
 }
 
-static uint32_t ctrl_request(struct pv_net_vif *v, const struct pv_netif_ctrl_request *r, uint32_t *data)
+static uint32_t ctrl_request(struct pv_netctrl *v, const struct pv_netif_ctrl_request *r, uint32_t *data)
 {
     struct pv_net_hash *h = &v->hash;
     *data = 0;
@@ -320,7 +320,7 @@ static uint32_t ctrl_request(struct pv_net_vif *v, const struct pv_netif_ctrl_re
     return PV_NETIF_CTRL_STATUS_SUCCESS;
 }
 
-int32_t pv_net_vif_ctrl_run(struct pv_net_vif *v)
+int32_t pv_netctrl_ctrl_run(struct pv_netctrl *v)
 {
     if (!v->ctrl.sring)
         return 0;
@@ -370,10 +370,10 @@ int32_t pv_net_vif_ctrl_run(struct pv_net_vif *v)
 
 static int32_t on_ctrl_event(void *ctx)
 {
-    struct pv_net_vif *v = ctx;
+    struct pv_netctrl *v = ctx;
     if (pv_evtchn_do_pending(v->ctrl_ev) < 0)
         return -PV_NET_EEVTCHN;
-    int32_t rc = pv_net_vif_ctrl_run(v);
+    int32_t rc = pv_netctrl_ctrl_run(v);
     if (rc < 0)
         return rc;
     return pv_evtchn_do_unmask(v->ctrl_ev) < 0 ? -PV_NET_EEVTCHN : 0;
@@ -381,14 +381,14 @@ static int32_t on_ctrl_event(void *ctx)
 
 static int32_t on_ctrl_kick(void *ctx)
 {
-    struct pv_net_vif *v = ctx;
+    struct pv_netctrl *v = ctx;
     uint64_t n;
     (void)!read(v->ctrl_kick, &n, sizeof(n));
-    int32_t rc = pv_net_vif_ctrl_run(v);
+    int32_t rc = pv_netctrl_ctrl_run(v);
     return rc < 0 ? rc : 0;
 }
 
-uint32_t pv_netctrl_ctrl_sources(struct pv_net_vif *v, int fds[2], int32_t (*handlers[2])(void *))
+uint32_t pv_netctrl_ctrl_sources(struct pv_netctrl *v, int fds[2], int32_t (*handlers[2])(void *))
 {
     if (!v || !v->ctrl.sring)
         return 0;
@@ -462,7 +462,7 @@ uint32_t pv_netctrl_pick(const struct pv_net_hash *h, uint32_t hash, uint32_t nr
     return q < nr_queues ? q : 0; /* entries were checked when set; belt and braces */
 }
 
-void pv_netctrl_q_join(struct pv_netctrl_q *c, struct pv_net_vif *v, uint32_t index)
+void pv_netctrl_q_join(struct pv_netctrl_q *c, struct pv_netctrl *v, uint32_t index)
 {
     c->vif = v;
     c->index = index;
@@ -473,7 +473,7 @@ void pv_netctrl_q_join(struct pv_netctrl_q *c, struct pv_net_vif *v, uint32_t in
 
 void pv_netctrl_q_refresh(struct pv_netctrl_q *c)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     if (!v)
         return;
     snapshot(&v->pub->hash_seq, &v->pub->hash, &c->hash, sizeof(c->hash), &c->hash_seq);
@@ -509,7 +509,7 @@ int32_t pv_netctrl_rx_steer(struct pv_netctrl_q *c, const uint8_t *buf, uint32_t
 
 int pv_netctrl_handoff_push(struct pv_netctrl_q *c, uint32_t dest, const uint8_t *buf, uint32_t total)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     if (!v || !v->ho || dest >= v->nr_queues || total > PV_NETCTRL_FRAME_MAX) {
         c->st.rx_handoff_drops++;
         return -1;
@@ -543,7 +543,7 @@ int pv_netctrl_handoff_push(struct pv_netctrl_q *c, uint32_t dest, const uint8_t
 
 uint32_t pv_netctrl_handoff_pop(struct pv_netctrl_q *c, uint8_t *out)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     if (!v || !v->ho)
         return 0;
     struct handoff *h = &v->ho[c->index];
@@ -563,7 +563,7 @@ uint32_t pv_netctrl_handoff_pop(struct pv_netctrl_q *c, uint8_t *out)
 
 uint32_t pv_netctrl_handoff_purge(struct pv_netctrl_q *c)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     if (!v || !v->ho)
         return 0;
     struct handoff *h = &v->ho[c->index];
@@ -582,7 +582,7 @@ uint32_t pv_netctrl_handoff_purge(struct pv_netctrl_q *c)
 
 void pv_netctrl_kick(struct pv_netctrl_q *c)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     uint64_t k = c->kick;
     c->kick = 0;
     if (!v || !v->ho)
@@ -639,7 +639,7 @@ uint32_t pv_netctrl_rx_extras(struct pv_netctrl_q *c, uint8_t gso_type, uint16_t
 
 int16_t pv_netctrl_tx_mcast(struct pv_netctrl_q *c, const struct pv_netif_tx_pkt *pkt)
 {
-    struct pv_net_vif *v = c->vif;
+    struct pv_netctrl *v = c->vif;
     if (!v)
         return PV_NETIF_RSP_OKAY; /* no vif (C-level tests): answered, nothing kept */
     int16_t status = PV_NETIF_RSP_OKAY;

@@ -51,10 +51,10 @@ struct pv_net_mcast {
 };
 
 /* What the queues read, published under the two sequence counters.  It may live in a file mapping the caller
- * provides (pv_net_vif_use_state), so that a daemon killed and restarted serves the frontend's hash and
+ * provides (pv_netctrl_use_state), so that a daemon killed and restarted serves the frontend's hash and
  * multicast list as it had set them: the frontend will not send them again. */
 #define PV_NETCTRL_STATE_MAGIC 0x6e657463u /* "netc" */
-struct pv_net_vif_state {
+struct pv_netctrl_state {
     uint32_t magic;
     uint8_t ident[16]; /* the caller's identity of the vif: state of another vif is never loaded */
     uint32_t hash_seq;
@@ -82,11 +82,11 @@ struct pv_netctrl_meta {
     uint8_t htype; /* PV_NETIF_CTRL_HASH_TYPE_* of the hash, 0: none */
 };
 
-struct pv_net_vif;
+struct pv_netctrl;
 
 /* A queue's private view of its vif (embedded in the queue; zeroed = no vif: no steering, no filter). */
 struct pv_netctrl_q {
-    struct pv_net_vif *vif;
+    struct pv_netctrl *vif;
     uint32_t index;
     uint32_t hash_seq, mcast_seq;
     struct pv_net_hash hash; /* private copies, refreshed when the vif's counters move */
@@ -99,22 +99,22 @@ struct pv_netctrl_q {
 
 /* ---- the vif (Python-facing) -------------------------------------------------------------------------- */
 
-struct pv_net_vif *pv_net_vif_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
+struct pv_netctrl *pv_netctrl_create(uint32_t nr_queues, uint32_t frontend_domid, struct pv_gnt *gnt,
                                      uint8_t handoff, char *err, size_t errlen);
-void pv_net_vif_destroy(struct pv_net_vif *v);
-/* Publish into `mem` (len >= sizeof(struct pv_net_vif_state)) from now on, before any queue joins.  With `load`,
+void pv_netctrl_destroy(struct pv_netctrl *v);
+/* Publish into `mem` (len >= sizeof(struct pv_netctrl_state)) from now on, before any queue joins.  With `load`,
  * a valid state of the same `ident` found there is taken up (restart recovery): returns 1; else `mem` is
  * initialised afresh: 0.  -EINVAL for bad arguments. */
-int pv_net_vif_use_state(struct pv_net_vif *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load);
+int pv_netctrl_use_state(struct pv_netctrl *v, void *mem, size_t len, const uint8_t ident[16], uint8_t load);
 /* The frontend's request-multicast-control (it may change it any time: feature-dynamic-multicast-control). */
-void pv_net_vif_set_mcast_control(struct pv_net_vif *v, uint8_t on);
+void pv_netctrl_set_mcast_control(struct pv_netctrl *v, uint8_t on);
 /* The ctrl ring page (mapped) and its event channel (may be NULL in tests).  Before queue 0 joins. */
-int pv_net_vif_attach_ctrl(struct pv_net_vif *v, void *ctrl_sring, struct pv_evtchn *ev);
+int pv_netctrl_attach_ctrl(struct pv_netctrl *v, void *ctrl_sring, struct pv_evtchn *ev);
 /* One pass over the ctrl ring, as queue 0's pump does per event: returns requests answered or -PV_NET_ECTRL. */
-int32_t pv_net_vif_ctrl_run(struct pv_net_vif *v);
-void pv_net_vif_get_hash(struct pv_net_vif *v, struct pv_net_hash *out);
-uint32_t pv_net_vif_mcast_count(struct pv_net_vif *v);
-uint32_t pv_net_vif_ctrl_errors(struct pv_net_vif *v);
+int32_t pv_netctrl_ctrl_run(struct pv_netctrl *v);
+void pv_netctrl_get_hash(struct pv_netctrl *v, struct pv_net_hash *out);
+uint32_t pv_netctrl_mcast_count(struct pv_netctrl *v);
+uint32_t pv_netctrl_ctrl_errors(struct pv_netctrl *v);
 
 /* ---- pure helpers (tests) ----------------------------------------------------------------------------- */
 
@@ -127,7 +127,7 @@ uint32_t pv_netctrl_pick(const struct pv_net_hash *h, uint32_t hash, uint32_t nr
 
 /* ---- the data path's hooks (netback.c) ---------------------------------------------------------------- */
 
-void pv_netctrl_q_join(struct pv_netctrl_q *c, struct pv_net_vif *v, uint32_t index);
+void pv_netctrl_q_join(struct pv_netctrl_q *c, struct pv_netctrl *v, uint32_t index);
 /* Once per RX batch: pick up a new hash configuration or multicast list. */
 void pv_netctrl_q_refresh(struct pv_netctrl_q *c);
 /* A frame (vnet header + frame) read from this queue's tap: the queue it belongs to, or -1 when the multicast
@@ -156,14 +156,14 @@ uint32_t pv_netctrl_rx_extras(struct pv_netctrl_q *c, uint8_t gso_type, uint16_t
 int16_t pv_netctrl_tx_mcast(struct pv_netctrl_q *c, const struct pv_netif_tx_pkt *pkt);
 /* Queue 0's pump sources for the ctrl ring: its event channel and a self-kick eventfd (a request storm is
  * served in bounded rounds).  Fills up to 2 fds/handlers; returns how many. */
-uint32_t pv_netctrl_ctrl_sources(struct pv_net_vif *v, int fds[2], int32_t (*handlers[2])(void *));
+uint32_t pv_netctrl_ctrl_sources(struct pv_netctrl *v, int fds[2], int32_t (*handlers[2])(void *));
 
 /* ---- on a queue (netback.c) ---------------------------------------------------------------------------- */
 
 struct pv_net_queue;
 /* Before the pump runs: the queue becomes queue `index` of `v` (hand-off source; queue 0 also serves the ctrl
  * ring).  0, or -errno. */
-int pv_net_queue_join_vif(struct pv_net_queue *q, struct pv_net_vif *v, uint32_t index);
+int pv_net_queue_join_ctrl(struct pv_net_queue *q, struct pv_netctrl *v, uint32_t index);
 /* Where RX frames start in the first buffer from now on (Reconfiguring with a new xdp-headroom). */
 int pv_net_queue_set_rx_headroom(struct pv_net_queue *q, uint16_t headroom);
 void pv_net_queue_get_ctrl_stats(const struct pv_net_queue *q, struct pv_netctrl_stats *out);

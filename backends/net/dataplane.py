@@ -83,7 +83,7 @@ class VifControl:
         """`handoff`: allocate the hand-off rings (2 MiB per queue) that steering needs; without a ctrl ring the
         frontend cannot select a hash, and each queue keeps the frames its tap queue gets."""
         err = ffi.new("char[]", 256)
-        v = lib.pv_net_vif_create(nr_queues, frontend_domid, gnt, 1 if handoff else 0, err, 256)
+        v = lib.pv_netctrl_create(nr_queues, frontend_domid, gnt, 1 if handoff else 0, err, 256)
         if v == ffi.NULL:
             raise ValueError(f"net vif: {ffi.string(err).decode(errors='replace')}")
         self._v: Any = v
@@ -97,7 +97,7 @@ class VifControl:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            size = ffi.sizeof("struct pv_net_vif_state")
+            size = ffi.sizeof("struct pv_netctrl_state")
             fresh = os.fstat(fd).st_size != size
             if fresh:
                 os.ftruncate(fd, 0)
@@ -108,7 +108,7 @@ class VifControl:
             raise
         view = ffi.from_buffer(mm)
         who = ffi.new("uint8_t[16]", ident[:16].ljust(16, b"\0"))
-        rc = int(lib.pv_net_vif_use_state(self.c, view, size, who, 1 if load and not fresh else 0))
+        rc = int(lib.pv_netctrl_use_state(self.c, view, size, who, 1 if load and not fresh else 0))
         self._state = (fd, mm, view)
         if rc < 0:
             raise ValueError("net vif: cannot use the state file")
@@ -121,34 +121,34 @@ class VifControl:
 
     def attach_ctrl(self, ring: Any, ev: Any) -> None:
         """The ctrl ring page (mapped) and its event channel's C handle (None: tests without events)."""
-        if lib.pv_net_vif_attach_ctrl(self.c, ring, ev if ev is not None else ffi.NULL) < 0:
+        if lib.pv_netctrl_attach_ctrl(self.c, ring, ev if ev is not None else ffi.NULL) < 0:
             raise ValueError("net vif: cannot attach the ctrl ring")
 
     def ctrl_run(self) -> int:
-        n = int(lib.pv_net_vif_ctrl_run(self.c))
+        n = int(lib.pv_netctrl_ctrl_run(self.c))
         if n < 0:
             raise QueueDeadError("ctrl ring: req_prod ran away")
         return n
 
     def set_multicast_control(self, on: bool) -> None:
-        lib.pv_net_vif_set_mcast_control(self.c, 1 if on else 0)
+        lib.pv_netctrl_set_mcast_control(self.c, 1 if on else 0)
 
     def hash_config(self) -> dict[str, Any]:
         h = ffi.new("struct pv_net_hash *")
-        lib.pv_net_vif_get_hash(self.c, h)
+        lib.pv_netctrl_get_hash(self.c, h)
         return {"alg": int(h.alg), "flags": int(h.flags), "size": int(h.size), "key": bytes(h.key),
                 "mapping": [int(h.mapping[i]) for i in range(int(h.size))]}
 
     @property
     def mcast_count(self) -> int:
-        return int(lib.pv_net_vif_mcast_count(self.c))
+        return int(lib.pv_netctrl_mcast_count(self.c))
 
     def close(self, *, discard: Path | None = None) -> None:
         """Free the C object (after every queue), then let go of the state file (`discard`: delete it first, the
         vif is gone for good)."""
         if self._v is not None:
             v, self._v = self._v, None
-            lib.pv_net_vif_destroy(v)
+            lib.pv_netctrl_destroy(v)
         if self._state is not None:
             fd, mm, view = self._state
             self._state = None
@@ -188,7 +188,7 @@ class NetQueue:
 
     def join(self, vif: VifControl, index: int) -> None:
         """Become queue `index` of `vif` (before the pump runs)."""
-        if lib.pv_net_queue_join_vif(self.c, vif.c, index) < 0:
+        if lib.pv_net_queue_join_ctrl(self.c, vif.c, index) < 0:
             raise ValueError("net queue: cannot join the vif")
 
     def set_rx_headroom(self, headroom: int) -> None:

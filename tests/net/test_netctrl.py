@@ -181,7 +181,7 @@ def test_ctrl_requests_answer_as_linux(cbed: CtrlBed) -> None:
         assert b.one(t, 1, 2, 3) == NOT_SUPPORTED
     cfg = b.vif.hash_config()
     assert (cfg["alg"], cfg["flags"], cfg["size"]) == (1, V4 | V4_TCP | V6, 8)
-    assert lib.pv_net_vif_ctrl_errors(b.vif.c) == 20
+    assert lib.pv_netctrl_ctrl_errors(b.vif.c) == 20
     # Setting the size again zeroes the table (Linux's memset).
     assert b.one(nfm.CTRL_SET_HASH_MAPPING_SIZE, 4) == OK
     assert b.vif.hash_config()["mapping"] == [0] * 4
@@ -199,7 +199,7 @@ def test_ctrl_request_storm_is_served_in_bounded_rounds(cbed: CtrlBed) -> None:
         got = b.ctrl.collect(size, timeout=1.0)
         assert [g[0] for g in got] == ids and all(g[2:] == (OK, 128) for g in got)
         total += size
-    assert lib.pv_net_vif_ctrl_errors(b.vif.c) == 0
+    assert lib.pv_netctrl_ctrl_errors(b.vif.c) == 0
 
 
 def test_ctrl_runaway_req_prod_kills_only_the_ctrl_ring(cbed: CtrlBed) -> None:
