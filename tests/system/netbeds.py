@@ -27,7 +27,8 @@ SERVE_VIF = '[serve]\nbackend_types = ["vif"]\n'
 def net_bed(sim: SimProc, tmp_path: Path, net: str = "") -> Iterator[NetBed]:
     tag = f"{os.getpid()}"
     with NetNS(f"pvbs-g-{tag}") as g, NetNS(f"pvbs-p-{tag}") as p:
-        serve = NetnsServe(sim, tmp_path, p, SERVE_VIF + (f"[net]\n{net}\n" if net else ""))
+        # run_dir: the vifs' control state files stay in the test's own directory.
+        serve = NetnsServe(sim, tmp_path, p, SERVE_VIF + f'[net]\nrun_dir = "{tmp_path}/net"\n{net}\n')
         serve.start()
         bed = NetBed(sim, serve, tmp_path, g=g, p=p)
         try:
