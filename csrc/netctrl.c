@@ -504,6 +504,8 @@ int32_t pv_netctrl_rx_steer(struct pv_netctrl_q *c, const uint8_t *buf, uint32_t
     if (c->hash.alg != PV_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ)
         return (int32_t)c->index; /* no hash selected: the queue the tap chose */
     c->meta.htype = pv_netctrl_frame_hash(&c->hash, f, len, &c->meta.hash);
+    if (!c->vif->ho)
+        return (int32_t)c->index; /* no hand-off rings (no ctrl ring): the hash only travels as an extra */
     return (int32_t)pv_netctrl_pick(&c->hash, c->meta.hash, c->vif->nr_queues);
 }
 

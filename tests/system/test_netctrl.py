@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import struct
@@ -26,11 +27,11 @@ from tests.net import pingtcp
 from tests.net.test_datapath import GUEST_MAC, guest_tap, tcp
 from tests.net.toeplitz import MS_KEY, flow_hash
 from tests.system import test_net
-from tests.system.test_net import GUEST_V4, PEER_V4, NetBed, Nic, metric, spare_tap
+from tests.system.test_net import GUEST_V4, GUEST_V6, PEER_V4, PEER_V6, NetBed, Nic, metric, spare_tap
 
 S = XenbusState
 nbed = test_net.nbed  # the same bed: a daemon serving vif in a peer namespace, a guest namespace
-V4, V4_TCP = nfm.HASH_IPV4, nfm.HASH_IPV4_TCP
+V4, V4_TCP, V6, V6_TCP = nfm.HASH_IPV4, nfm.HASH_IPV4_TCP, nfm.HASH_IPV6, nfm.HASH_IPV6_TCP
 GROUP, GROUP_MAC = "239.1.2.3", bytes.fromhex("01005e010203")
 
 
@@ -46,6 +47,7 @@ async def ctrl_nic(nbed: NetBed, *, queues: int, mcast: bool = False) -> tuple[N
     nic = Nic(g, xs, fronts, gfds, 0, backend=res.stdout.strip())
     nbed.nics.append(nic)
     nbed.peer.ip("addr", "add", f"{PEER_V4}/24", "dev", nic.vif)
+    nbed.peer.ip("addr", "add", f"{PEER_V6}/64", "dev", nic.vif, "nodad")
     assert await xenbus_connect(xs, nic.fe_path, fronts, ctrl=ctrl) == nic.backend
     return nic, ctrl
 
@@ -56,38 +58,45 @@ async def test_toeplitz_steering_puts_each_flow_on_its_mapped_queue(nbed: NetBed
     g, p = nbed.gns, nbed.peer
     try:
         mapping = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0, 1]
-        await asyncio.to_thread(ctrl.toeplitz, MS_KEY, V4 | V4_TCP, mapping)
-        assert await asyncio.to_thread(ctrl.request, nfm.CTRL_GET_HASH_FLAGS) == (nfm.CTRL_SUCCESS, V4 | V4_TCP)
+        flags = V4 | V4_TCP | V6 | V6_TCP
+        await asyncio.to_thread(ctrl.toeplitz, MS_KEY, flags, mapping)
+        assert await asyncio.to_thread(ctrl.request, nfm.CTRL_GET_HASH_FLAGS) == (nfm.CTRL_SUCCESS, flags)
         for nf in nic.fronts:
             nf.rx_log.clear()
-        # 24 TCP flows from the peer (each its own source port) and UDP, which hashes on the addresses only.
-        lst = g.run(lambda: pingtcp.listener(GUEST_V4, 5100))
+        # 16 TCP flows per family from the peer (each its own source port), and UDP and ICMP, which hash on the
+        # addresses only.
         conns = []
-        try:
-            def connect() -> socket.socket:
-                return pingtcp.connect(GUEST_V4, 5100)
+        for fam, addr, port in ((socket.AF_INET, GUEST_V4, 5100), (socket.AF_INET6, GUEST_V6, 5102)):
+            lst = g.run(functools.partial(pingtcp.listener, addr, port))
+            try:
+                def connect(addr: str = addr, port: int = port) -> socket.socket:
+                    return pingtcp.connect(addr, port)
 
-            for _ in range(24):
-                conns.append(await asyncio.to_thread(p.run, connect))
-                a, _ = await asyncio.to_thread(lst.accept)
-                a.close()
-            udp = p.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-            with udp:
-                for i in range(8):
-                    udp.sendto(b"x" * 32, (GUEST_V4, 6000 + i))
-            await tcp(p, g, GUEST_V4, 4 << 20, 5101)  # a hashed transfer through the steered path
+                for _ in range(16):
+                    conns.append(await asyncio.to_thread(p.run, connect))
+                    a, _ = await asyncio.to_thread(lst.accept)
+                    a.close()
+                udp = p.run(functools.partial(socket.socket, fam, socket.SOCK_DGRAM))
+                with udp:
+                    for i in range(8):
+                        udp.sendto(b"x" * 32, (addr, 6000 + i))
+            finally:
+                lst.close()
+        try:
+            await tcp(p, g, GUEST_V4, 4 << 20, 5101)  # hashed transfers through the steered path
+            await tcp(p, g, GUEST_V6, 4 << 20, 5103)
+            assert await asyncio.to_thread(p.run, lambda: pingtcp.ping(GUEST_V6, count=2)) == 2
         finally:
             for c in conns:
                 c.close()
-            lst.close()
         await asyncio.sleep(0.3)
         seen = {0: 0, 1: 0}
         types: set[int] = set()
         for qi, nf in enumerate(nic.fronts):
             for _off, got, _xdp, head in list(nf.rx_log):
-                htype, h = flow_hash(MS_KEY, V4 | V4_TCP, head)
+                htype, h = flow_hash(MS_KEY, flags, head)
                 if htype == 0:
-                    assert got is None, (qi, head[:40].hex())  # ARP, IPv6: no hash; queue mapping[0] (hash 0)
+                    assert got is None, (qi, head[:40].hex())  # ARP: no hash; queue mapping[0] (hash 0)
                     assert qi == mapping[0]
                     continue
                 assert got == (htype, h), (qi, got, htype, hex(h))
@@ -95,7 +104,7 @@ async def test_toeplitz_steering_puts_each_flow_on_its_mapped_queue(nbed: NetBed
                 seen[qi] += 1
                 types.add(htype)
         assert seen[0] > 10 and seen[1] > 10, seen  # both queues got flows
-        assert types == {V4, V4_TCP}
+        assert types == {V4, V4_TCP, V6, V6_TCP}
         text = await nbed.serve.metrics()
         d = nic.domid
         steered = metric(text, "pvback_request_shapes_total", d, shape="steered_out")
