@@ -95,6 +95,10 @@ struct pv_netctrl_q {
     uint64_t kick; /* queues this batch handed frames to (signalled once at its end) */
     struct pv_netctrl_meta meta; /* the current frame's hash */
     struct pv_netctrl_stats st;
+    /* The Toeplitz hash by table (netctrl.c), built from tab_key. */
+    uint8_t tab_ready;
+    uint8_t tab_key[PV_NETCTRL_MAX_KEY];
+    uint32_t tab[36][256];
 };
 
 /* ---- the vif (Python-facing) -------------------------------------------------------------------------- */
