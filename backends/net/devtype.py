@@ -61,6 +61,7 @@ DEVICE_TYPE = register(DeviceType(
         extra=_live,
         backend_keys=("mtu", "multi-queue-max-queues", "feature-gso-tcpv4", "feature-gso-tcpv6", "hotplug-status"),
         frontend_keys=("multi-queue-num-queues", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
-                       "feature-no-csum-offload", "feature-ipv6-csum-offload"),
+                       "feature-no-csum-offload", "feature-ipv6-csum-offload", "ctrl-ring-ref",
+                       "request-multicast-control", "xdp-headroom"),
     ),
 ))
