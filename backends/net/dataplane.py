@@ -85,7 +85,7 @@ class VifControl:
         err = ffi.new("char[]", 256)
         v = lib.pv_netctrl_create(nr_queues, frontend_domid, gnt, 1 if handoff else 0, err, 256)
         if v == ffi.NULL:
-            raise ValueError(f"net vif: {ffi.string(err).decode(errors='replace')}")
+            raise ValueError(f"net control: {ffi.string(err).decode(errors='replace')}")
         self._v: Any = v
         self.nr_queues = nr_queues
         self._state: tuple[int, mmap.mmap, Any] | None = None  # fd (locked), mapping, its C view
@@ -111,8 +111,9 @@ class VifControl:
         rc = int(lib.pv_netctrl_use_state(self.c, view, size, who, 1 if load and not fresh else 0))
         self._state = (fd, mm, view)
         if rc < 0:
-            raise ValueError("net vif: cannot use the state file")
+            raise ValueError("net control: cannot use the state file")
         return rc == 1
+
     @property
     def c(self) -> Any:
         if self._v is None:
@@ -122,7 +123,7 @@ class VifControl:
     def attach_ctrl(self, ring: Any, ev: Any) -> None:
         """The ctrl ring page (mapped) and its event channel's C handle (None: tests without events)."""
         if lib.pv_netctrl_attach_ctrl(self.c, ring, ev if ev is not None else ffi.NULL) < 0:
-            raise ValueError("net vif: cannot attach the ctrl ring")
+            raise ValueError("net control: cannot attach the ctrl ring")
 
     def ctrl_run(self) -> int:
         n = int(lib.pv_netctrl_ctrl_run(self.c))
