@@ -25,8 +25,9 @@ struct handoff_cell {
 };
 
 struct handoff {
-    uint32_t enq; /* producers' position (CAS) */
-    uint32_t deq; /* the consumer's, private to it */
+    /* Apart on their own cache lines: the producers' CASes must not bounce the consumer's line. */
+    _Alignas(64) uint32_t enq; /* producers' position (CAS) */
+    _Alignas(64) uint32_t deq; /* the consumer's, private to it */
     int efd;
     struct handoff_cell cells[PV_NETCTRL_HANDOFF_SLOTS];
     uint8_t *mem;
@@ -36,7 +37,7 @@ struct pv_netctrl {
     uint32_t nr_queues;
     uint32_t domid;
     struct pv_gnt *gnt;
-    struct handoff *ho; /* per queue; NULL with one queue */
+    struct handoff *ho; /* per queue (64-byte aligned); NULL with one queue or without a ctrl ring */
 
     /* What the queues read: in `own`, or in the caller's memory (a file mapping that outlives the daemon). */
     struct pv_netctrl_state *pub;
@@ -128,9 +129,11 @@ struct pv_netctrl *pv_netctrl_create(uint32_t nr_queues, uint32_t frontend_domid
     v->pub = &v->own;
     pthread_mutex_init(&v->mc_lock, NULL);
     if (nr_queues > 1 && handoff) {
-        v->ho = calloc(nr_queues, sizeof(*v->ho));
+        size_t bytes = nr_queues * sizeof(*v->ho); /* a multiple of 64: the struct's alignment */
+        v->ho = aligned_alloc(64, bytes);
         if (!v->ho)
             goto oom;
+        memset(v->ho, 0, bytes);
         for (uint32_t i = 0; i < nr_queues; i++)
             v->ho[i].efd = -1;
         for (uint32_t i = 0; i < nr_queues; i++) {
