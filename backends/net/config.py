@@ -35,7 +35,21 @@ class NetConfig:
     # takes it up, since the frontend will not send it again.  Removed when the vif disconnects.  "": in memory
     # only (a restart forgets it: RX steering falls back to the tap's queues, the multicast list is empty).
     run_dir: str = "/run/pvback/net"
+    # -- the switch a vif is plugged into (backends.net.switch), from the toolstack's `bridge` key -----------
+    # "auto": a Linux bridge of that name if there is one, else an Open vSwitch bridge through `ovsdb`;
+    # "ovs" / "linux": only that kind; "none": ignore `bridge` (an external script= plugs the tap).
+    switch: str = "auto"
+    # The OVSDB server (unix:PATH or tcp:HOST:PORT): Debian's openvswitch-switch listens on this socket.
+    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    # Seconds a port change may take until ovs-vswitchd applied it (vif-openvswitch's ovs-vsctl --timeout=30);
+    # past it the vif fails with an error node.
+    ovs_timeout: float = 30.0
+    # Interface external_ids:iface-id when the backend dir has no `iface-id` key: OVN binds the logical port
+    # of this name.  Fields: {vm_uuid} {vm_name} {domid} {devid} {vif}; a domain without a UUID gets {vif}.
+    iface_id: str = "{vm_uuid}-{devid}"
 
+
+NET_CHOICES: dict[str, tuple[str, ...]] = {"switch": ("auto", "ovs", "linux", "none")}
 
 # Accepted values of the integer keys, inclusive.
 NET_RANGES: dict[str, tuple[int, int]] = {

@@ -16,6 +16,7 @@ is restarting (`dev.restarting`): the next daemon re-attaches to the same interf
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from backends.net.proto import (
     probe_keys,
     vif_name,
 )
+from backends.net.switch import Attachment, SwitchPlug
 from backends.xenbus.device import DeviceError
 from backends.xenbus.state import XenbusState
 
@@ -79,6 +81,7 @@ class NetVif:
     # The queues' shared C state: the TX credit that enforces `rate` and the RX-stall count behind the carrier.
     shared: VifShared = field(default_factory=VifShared)
     check_mac: bool = True  # drop TX frames whose source MAC is not `mac` ([net] check_mac, per-vif key)
+    switch: Attachment = field(default_factory=Attachment)  # where the tap is plugged (backends.net.switch)
     multicast_control: bool = False
     frontend: FrontendConfig | None = None
     tap: Tap | None = None
@@ -171,6 +174,7 @@ class NetDeviceClass:
         self.cfg = cfg
         self.type_names = type_names
         self.taps: dict[str, str] = {}  # interface name -> backend path of the device using it
+        self.switch = SwitchPlug(cfg)
 
     # -- realize / unrealize ----------------------------------------------------------------------------
 
@@ -187,8 +191,6 @@ class NetDeviceClass:
             check_mac = not parse_uint(allow, ALLOW_SPOOF_KEY, 0, 1, 0 if self.cfg.check_mac else 1)
         except ProtocolError as exc:
             raise DeviceError(f"bad toolstack keys: {exc}") from exc
-        if await dev.read_backend("bridge"):
-            dev.log.info("bridge key ignored: pvback leaves the tap unbridged (plug it with script= or by hand)")
         owner = self.taps.get(name)
         if owner is not None and owner != dev.backend_path:
             raise DeviceError(f"interface {name} is already the tap of {owner}")
@@ -200,8 +202,20 @@ class NetDeviceClass:
         except TapError as exc:
             raise DeviceError(f"cannot create the tap: {exc}") from exc
         tap.close()  # the interface stays; connect attaches one fd per negotiated queue
+        # -- switch (backends.net.switch): plug the tap where `bridge` says before saying connected ----------
+        try:
+            att = await self.switch.attach(dev, vif=name, mac=format_mac(mac), tap_created=info.created)
+        except DeviceError:
+            if info.created:  # nothing of ours is left behind for a vif that never worked
+                await asyncio.to_thread(self._remove_tap, name, mtu, dev)
+            raise
+        if offer.gso and not att.gso:  # no frame larger than the MTU may reach a switch that drops them
+            offer = dataclasses.replace(offer, gso=False)
+            dev.log.info("GSO not offered: bridge %s cannot carry frames above the MTU (netdev datapath without "
+                         "userspace-tso-enable)", att.bridge, extra={"vif": name})
+        # -- end switch ----------------------------------------------------------------------------------------
         self.taps[name] = dev.backend_path
-        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac,
+        dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac, switch=att,
                           recovering=await dev.read_backend("state") in (str(int(XenbusState.CONNECTED)),
                                                                          str(int(XenbusState.RECONFIGURED))))
         await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
@@ -213,15 +227,20 @@ class NetDeviceClass:
         if vif is None:
             return
         await self.disconnect(dev)
+        await self.switch.detach(dev, vif.switch, keep=dev.restarting)  # the port goes before its tap
         if not dev.restarting:
-            try:
-                await asyncio.to_thread(Tap(vif.name, mac=HOST_MAC, mtu=vif.mtu).remove)
-            except TapError as exc:
-                dev.log.warning("cannot delete the tap: %s", exc, extra={"vif": vif.name})
+            await asyncio.to_thread(self._remove_tap, vif.name, vif.mtu, dev)
         if self.taps.get(vif.name) == dev.backend_path:
             del self.taps[vif.name]
         dev.log.info("unrealized", extra={"vif": vif.name, "tap_kept": dev.restarting})
         dev.data = None
+
+    @staticmethod
+    def _remove_tap(name: str, mtu: int, dev: BackendDevice) -> None:
+        try:
+            Tap(name, mac=HOST_MAC, mtu=mtu).remove()
+        except TapError as exc:
+            dev.log.warning("cannot delete the tap: %s", exc, extra={"vif": name})
 
     # -- connect / disconnect ---------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends.net.commands import COMMANDS
-from backends.net.config import NET_BACKEND_TYPES, NET_RANGES, NetConfig
+from backends.net.config import NET_BACKEND_TYPES, NET_CHOICES, NET_RANGES, NetConfig
 from backends.xenbus.registry import DeviceType, StatusColumns, register
 
 
@@ -52,6 +52,7 @@ DEVICE_TYPE = register(DeviceType(
     default_backend_types=(),
     config=NetConfig,
     config_ranges=NET_RANGES,
+    config_choices=NET_CHOICES,
     device_class=_device_class,
     commands=COMMANDS,
     status=StatusColumns(
