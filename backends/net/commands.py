@@ -18,6 +18,7 @@ from backends.net.proto import (
     parse_rate,
     vif_name,
 )
+from backends.net.switch import parse_bridge
 from backends.xenbus.registry import AttachSpec, CommandError, Commands
 from backends.xenbus.toolstack import ATTACHED_MARK
 
@@ -35,7 +36,8 @@ def random_mac() -> str:
 
 
 def nic_spec(domid: int, devid: int, mac: str | None, queues: int | None, mtu: int | None,
-             rate: str | None = None, allow_spoof: bool | None = None) -> AttachSpec:
+             rate: str | None = None, allow_spoof: bool | None = None, bridge: str | None = None,
+             iface_id: str | None = None) -> AttachSpec:
     if not 0 <= devid <= MAX_DEVID:
         raise CommandError(f"--devid {devid}: must be 0..{MAX_DEVID}")
     try:
@@ -60,6 +62,17 @@ def nic_spec(domid: int, devid: int, mac: str | None, queues: int | None, mtu: i
         backend["rate"] = rate
     if allow_spoof is not None:
         backend[ALLOW_SPOOF_KEY] = "1" if allow_spoof else "0"
+    # The switch (backends.net.switch): libxl's `bridge=` key, and the OVN binding id.
+    if bridge is not None:
+        try:
+            parse_bridge(bridge)
+        except ProtocolError as exc:
+            raise CommandError(f"--bridge {exc}") from exc
+        backend["bridge"] = bridge
+    if iface_id is not None:
+        if not iface_id or len(iface_id) > 255 or not iface_id.isprintable():
+            raise CommandError("--iface-id: 1..255 printable characters")
+        backend["iface-id"] = iface_id
     frontend = {"mac": the_mac, "mtu": the_mtu, "handle": str(devid)}
     return AttachSpec(devid=devid, backend=backend, frontend=frontend)
 
@@ -76,6 +89,9 @@ def _add_attach(p: argparse.ArgumentParser) -> None:
                        help="let the guest send frames with any source MAC (default: [net] check_mac)")
     spoof.add_argument("--check-mac", dest="allow_spoof", action="store_false",
                        help="drop the guest's frames whose source MAC is not --mac, whatever [net] check_mac says")
+    p.add_argument("--bridge", help="plug the tap into this OVS or Linux bridge: BR, BR.VLAN, BR:T1:T2 (as xl's "
+                   "bridge=)")
+    p.add_argument("--iface-id", help="OVS external_ids:iface-id (default: the domain's UUID and the devid)")
 
 
 def _add_detach(p: argparse.ArgumentParser) -> None:
@@ -85,7 +101,7 @@ def _add_detach(p: argparse.ArgumentParser) -> None:
 COMMANDS = Commands(
     add_attach_arguments=_add_attach,
     attach_spec=lambda args: nic_spec(args.domid, args.devid, args.mac, args.queues, args.mtu, args.rate,
-                                      args.allow_spoof),
+                                      args.allow_spoof, args.bridge, args.iface_id),
     add_detach_arguments=_add_detach,
     detach_devid=lambda args: int(args.devid),
     describe=lambda args: f"nic {args.devid}",

@@ -118,7 +118,7 @@ class NetVif:
                   "rx_purges": sum(s.get("rx_purges", 0) for s in src),
                   "carrier_offs": self.shared.carrier_offs,
                   "rate_bytes_per_s": (self.rate.bytes * 1_000_000 // self.rate.usecs) if self.rate else 0}
-        return {"queues": out or self.last, "net": self.summary(), "status": status}
+        return {"queues": out or self.last, "net": self.summary(), "status": {**status, **self.switch.status()}}
 
     def summary(self) -> dict[str, Any]:
         fe = self.frontend

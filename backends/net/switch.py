@@ -19,7 +19,8 @@ import asyncio
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backends.drivers.net import linuxbridge
@@ -107,6 +108,12 @@ class Attachment:
     iface_id: str = ""
     ofport: int | None = None
     gso: bool = True  # the switch carries frames larger than the MTU (TSO/GSO to and from the guest)
+    counters: Callable[[], dict[str, int]] | None = field(default=None, repr=False, compare=False)
+
+    def status(self) -> dict[str, int]:
+        """Numbers for the metrics endpoint (pvback_device_status) and `pvback status`."""
+        out = {"ovs_ofport": self.ofport} if self.ofport is not None else {}
+        return {**out, **(self.counters() if self.counters is not None else {})}
 
     def summary(self) -> dict[str, Any]:
         return {"switch": self.kind, "bridge": self.bridge, "port": self.port,
@@ -122,12 +129,6 @@ class SwitchPlug:
         self.cfg = cfg
         self.ovs: OvsdbSwitch | None = None
         self._users: set[str] = set()  # vifs plugged into OVS (the connection lives while one is)
-
-    def stats(self) -> dict[str, int]:
-        if self.ovs is None:
-            return {}
-        return {"ovsdb_reconnects": self.ovs.reconnects, "ovs_port_repairs": self.ovs.repairs,
-                "ovsdb_connected": int(self.ovs.connected)}
 
     async def _switch(self) -> OvsdbSwitch:
         if self.ovs is None:
@@ -212,7 +213,14 @@ class SwitchPlug:
                             "trunks": ",".join(map(str, spec.trunks)), "iface_id": iface_id,
                             "adopted": info.adopted, "datapath": br.datapath_type or "system",
                             "gso": br.carries_gso})
-        return Attachment("ovs", spec.name, vif, spec.tag, spec.trunks, iface_id, info.ofport, br.carries_gso)
+
+        def counters() -> dict[str, int]:
+            # The connection's reconnects (shared by its vifs) and this port's repairs.
+            return {"ovsdb_reconnects": sw.reconnects, "ovs_port_repairs": sw.port_repairs.get(vif, 0),
+                    "ovsdb_connected": int(sw.connected)}
+
+        return Attachment("ovs", spec.name, vif, spec.tag, spec.trunks, iface_id, info.ofport, br.carries_gso,
+                          counters)
 
     async def detach(self, dev: BackendDevice, att: Attachment, *, keep: bool) -> None:
         """Unplug (the port leaves the switch); `keep`: a restarting daemon leaves the port for its successor."""

@@ -148,6 +148,7 @@ class OvsdbSwitch:
         self.probe_interval_ms = probe_interval_ms
         self.reconnects = 0
         self.repairs = 0
+        self.port_repairs: dict[str, int] = {}  # by port name, kept after an unplug (a vif may come back)
         self.connected = False
         self._ports: dict[str, OvsPort] = {}  # what we plugged and keep plugged (thread-owned)
         self._requests: deque[_Op] = deque()
@@ -448,6 +449,7 @@ class OvsdbSwitch:
             raise OvsError(f"port {op.name} vanished from {op.port.bridge} right after it was added")
         if op.kind == "repair":
             self.repairs += 1
+            self.port_repairs[op.name] = self.port_repairs.get(op.name, 0) + 1
             log.warning("put back the missing port %s on %s (repair #%d, ofport %s)", op.name, op.port.bridge,
                         self.repairs, info.ofport, extra={"vif": op.name, "bridge": op.port.bridge})
             return True
