@@ -182,6 +182,22 @@ static void pseudo_csum(uint8_t *f, uint32_t len, uint32_t l4off, uint8_t proto,
     f[at + 1] = (uint8_t)acc;
 }
 
+/* Finish a partial checksum (what Linux's skb_checksum_help does): the pseudo-header sum is written into the
+ * field first, so a frontend's value there is never trusted, then the one's complement over the L4 bytes. */
+static void full_csum(uint8_t *f, uint32_t len, uint32_t l4off, uint8_t proto, uint8_t v6)
+{
+    pseudo_csum(f, len, l4off, proto, v6);
+    uint32_t acc = sum16(f + l4off, len - l4off, 0);
+    while (acc >> 16)
+        acc = (acc & 0xffff) + (acc >> 16);
+    uint16_t c = (uint16_t)~acc;
+    if (proto == 17 && c == 0)
+        c = 0xffff; /* UDP: 0 means "no checksum" */
+    uint32_t at = l4off + (proto == 6 ? 16 : 6);
+    f[at] = (uint8_t)(c >> 8);
+    f[at + 1] = (uint8_t)c;
+}
+
 /* ---- TX ------------------------------------------------------------------------------------------------ */
 
 static void tx_add_rsp(struct pv_net_queue *q, uint16_t id, int16_t status)
@@ -221,6 +237,12 @@ static void tx_deliver(struct pv_net_queue *q, struct tx_pkt *p)
         if (pv_net_l4(frame, p->len, &l4off, &proto, &hdr_end, &v6) < 0 ||
             (p->gso_type != PV_NETIF_GSO_TYPE_NONE && proto != 6)) {
             reason = PV_NETIF_E_CSUM;
+        } else if (q->cfg.tx_csum_full && p->gso_type != PV_NETIF_GSO_TYPE_NONE) {
+            reason = PV_NETIF_E_TAP; /* GSO was not offered, and the switch would drop it anyway */
+        } else if (q->cfg.tx_csum_full) {
+            full_csum(frame, p->len, l4off, proto, v6);
+            h[0] = PV_VNET_F_DATA_VALID;
+            q->st.tx_csum_blank++;
         } else {
             if (!(p->flags & PV_NETTXF_csum_blank))
                 pseudo_csum(frame, p->len, l4off, proto, v6);

@@ -67,6 +67,9 @@ struct pv_net_queue_config {
                                    * the tap queued meanwhile (Linux rx_drain_timeout_msecs); 0: never */
     struct pv_net_vif *vif; /* what the vif's queues share (netvif.h: `rate`, carrier); NULL: no rate, no
                              * carrier changes (tests driving one queue) */
+    uint8_t tx_csum_full;  /* the host side loses partial checksums and drops frames above the MTU (an OVS netdev
+                            * bridge without userspace TSO): csum_blank frames are written with their checksum
+                            * finished, GSO frames (not offered then) are dropped as "tap" */
 };
 
 struct pv_net_stats {

@@ -274,7 +274,7 @@ class NetDeviceClass:
         qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
                               rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
                               check_mac=vif.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms,
-                              vif=vif.shared)
+                              vif=vif.shared, tx_csum_full=not vif.switch.gso)
         loop = asyncio.get_running_loop()
 
         def on_dead(message: str) -> None:

@@ -46,6 +46,7 @@ PEER_V4, PEER_V6 = "198.18.0.1", "fd00::1"
 GUEST_V4, GUEST_V6 = "198.18.0.2", "fd00::2"
 VM_UUID = "5c0ffee0-51f1-4d0a-9a3e-3f1f2b6f8c11"
 SOL_PACKET = 263
+TUNSETOFFLOAD, TUN_F_CSUM = 0x400454D0, 0x01
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 
 
@@ -223,10 +224,15 @@ async def test_ping_tcp_external_ids_detach_with_userspace_tso(obed: OvsNetBed) 
 
 @pytest.mark.system_timeout(150)
 async def test_ping_tcp_without_userspace_tso_offers_no_gso(obed_notso: OvsNetBed) -> None:
-    """OVS 3.1's netdev datapath without userspace TSO drops frames above the MTU: GSO is not offered, so the
-    guest segments itself and nothing oversized reaches the switch."""
+    """OVS 3.1's netdev datapath without userspace TSO drops frames above the MTU and loses partial checksums
+    (ovs-userspace.md §3e): GSO is not offered, and the guest's csum_blank frames are written to the tap with
+    their checksum finished, so the peer's TCP sees no checksum error and vswitchd drops nothing as too big."""
     bed = obed_notso
-    nic = await bed.ovs_nic("br0", offload=False)
+    nic = await bed.ovs_nic("br0", offload=True, connect=False)
+    # What Linux's netfront does when the backend offers no GSO (xennet_fix_features): TSO off, checksum
+    # offload kept, so the guest still hands over partial checksums (NETTXF_csum_blank).
+    fcntl.ioctl(nic.gfds[0], TUNSETOFFLOAD, TUN_F_CSUM)
+    assert await xenbus_connect(nic.xs, nic.fe_path, nic.fronts) == nic.backend
     q = bed.peer_on("br0", tx_csum=False)
     g = gns(nic)
     dom0 = await bed.dom0()
@@ -236,8 +242,24 @@ async def test_ping_tcp_without_userspace_tso_offers_no_gso(obed_notso: OvsNetBe
     assert await ping(q, GUEST_V6) == 3
     await tcp(g, q, PEER_V4, 8 << 20, 5111)
     await tcp(q, g, GUEST_V4, 8 << 20, 5112)
+    await tcp(g, q, PEER_V6, 4 << 20, 5113)
+    assert csum_errors(q) == 0
     assert "Dropped packet: Too big" not in bed.ovs.log("ovs-vswitchd")
+    text = await bed.serve.metrics()
+    assert metric(text, "pvback_drops_total", nic.domid, direction="tx") == 0
+    assert metric(text, "pvback_requests_total", nic.domid, op="tx") > (8 << 20) // 1514  # MTU-sized frames
     assert all(nf.error is None for nf in nic.fronts)
+
+
+def csum_errors(ns: NetNS) -> int:
+    """InCsumErrors of TCP and UDP (v4) in the namespace."""
+    lines = ns.exec("cat", "/proc/net/snmp").stdout.splitlines()
+    total = 0
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        names, values = head.split()[1:], vals.split()[1:]
+        if head.startswith(("Tcp:", "Udp:")) and "InCsumErrors" in names:
+            total += int(values[names.index("InCsumErrors")])
+    return total
 
 
 # -- VLANs --------------------------------------------------------------------------------------------------
