@@ -218,7 +218,10 @@ class NetDeviceClass:
         dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac, switch=att,
                           recovering=await dev.read_backend("state") in (str(int(XenbusState.CONNECTED)),
                                                                          str(int(XenbusState.RECONFIGURED))))
-        await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
+        # iface-id: the id the port was bound with, for `pvback status` and the toolstack (a later realize reads it
+        # back as the override, so it stays stable).
+        plugged = {"iface-id": att.iface_id} if att.kind == "ovs" else {}
+        await dev.write_backend({**probe_keys(offer), **plugged, HOTPLUG_STATUS: "connected"})
         dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
                                         "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
 

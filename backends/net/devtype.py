@@ -38,6 +38,20 @@ def _live(t: Mapping[str, float]) -> str:
                      f"throttled={t.get('status:tx_throttled_ms', 0) / 1000:.1f}s")
     if t.get("status:carrier_offs"):
         parts.append(f"rx_stalls_carrier_off={t['status:carrier_offs']:.0f}")
+    switch = _switch_columns(t)
+    if switch:
+        parts.append(switch)
+    return " ".join(parts)
+
+
+def _switch_columns(v: Mapping[str, float]) -> str:
+    """Live switch columns from the metrics endpoint (backends.net.switch.Attachment.status)."""
+    parts = []
+    if "status:ovs_ofport" in v:
+        parts.append(f"ofport={int(v['status:ovs_ofport'])}")
+    for key, name in (("ovs_port_repairs", "ovs-repairs"), ("ovsdb_reconnects", "ovsdb-reconnects")):
+        if v.get(f"status:{key}"):
+            parts.append(f"{name}={int(v[f'status:{key}'])}")
     return " ".join(parts)
 
 
@@ -60,7 +74,8 @@ DEVICE_TYPE = register(DeviceType(
         dev_key="vifname",
         dev_name=_tap_name,
         extra=_live,
-        backend_keys=("mtu", "multi-queue-max-queues", "feature-gso-tcpv4", "feature-gso-tcpv6", "hotplug-status"),
+        backend_keys=("mtu", "multi-queue-max-queues", "feature-gso-tcpv4", "feature-gso-tcpv6", "hotplug-status",
+                      "bridge", "iface-id"),
         frontend_keys=("multi-queue-num-queues", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
                        "feature-no-csum-offload", "feature-ipv6-csum-offload", "ctrl-ring-ref",
                        "request-multicast-control", "xdp-headroom"),

@@ -214,6 +214,16 @@ async def test_ping_tcp_external_ids_detach_with_userspace_tso(obed: OvsNetBed) 
     log = obed.serve.log_text()
     assert "plugged into OVS bridge br0" in log and f"iface_id={VM_UUID}-0" in log, log[-2000:]
 
+    # `pvback status`: the bridge (with its VLAN syntax), the iface-id, and the live ofport from the metrics.
+    res = await asyncio.to_thread(obed.cli, "status", "--metrics", f"127.0.0.1:{obed.serve.port}", ns=obed.peer)
+    assert res.returncode == 0, res.stderr
+    row = next((ln for ln in res.stdout.splitlines() if ln.startswith("vif ") and f" {d} " in ln), None)
+    assert row is not None, res.stdout
+    ofport = ovs.get("Interface", vif, "ofport")
+    assert "bridge=br0" in row and f"iface-id={VM_UUID}-0" in row and f"ofport={ofport}" in row, row
+    assert metric(text, "pvback_device_status", d, key="ovs_ofport") == int(ofport)
+    assert metric(text, "pvback_device_status", d, key="ovsdb_connected") == 1
+
     # Detach: the port leaves the bridge with the tap.
     await obed.unplug(nic)
     res = await asyncio.to_thread(obed.cli, "detach", "nic", str(d), "0")
