@@ -240,8 +240,8 @@ static void tx_deliver(struct pv_net_queue *q, struct tx_pkt *p)
         } else if (q->cfg.tx_csum_full && p->gso_type != PV_NETIF_GSO_TYPE_NONE) {
             reason = PV_NETIF_E_TAP; /* GSO was not offered, and the switch would drop it anyway */
         } else if (q->cfg.tx_csum_full) {
+            /* flags stay 0, not DATA_VALID: whoever receives it checks the checksum we wrote. */
             full_csum(frame, p->len, l4off, proto, v6);
-            h[0] = PV_VNET_F_DATA_VALID;
             q->st.tx_csum_blank++;
         } else {
             if (!(p->flags & PV_NETTXF_csum_blank))

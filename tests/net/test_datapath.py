@@ -71,7 +71,7 @@ class Wire:
 
     def __init__(self, plat: EmulatedPlatform, broker: str, g: NetNS, p: NetNS, *, mtu: int = 1500,
                  queues: int = 1, offload: bool = False, split: bool = False, drain_ms: int = 0,
-                 vif: VifShared | None = None) -> None:
+                 vif: VifShared | None = None, csum_full: bool = False) -> None:
         self.plat = plat
         self.gfds = guest_tap(g, mtu, queues)
         self.tap = Tap("vif1.0", mac=HOST_MAC, mtu=mtu, queues=queues)
@@ -96,7 +96,7 @@ class Wire:
                 ev_tx, ev_rx = plat.bind_interdomain(self.guest.domid, int(k["event-channel"])), None
             cfg = NetQueueConfig(frontend_domid=self.guest.domid, mac=bytes.fromhex(GUEST_MAC.replace(":", "")),
                                  rx_gso_tcpv4=offload, rx_gso_tcpv6=offload, rx_csum=offload,
-                                 rx_drain_timeout_ms=drain_ms, vif=vif)
+                                 rx_drain_timeout_ms=drain_ms, vif=vif, tx_csum_full=csum_full)
             self.dead: list[str] = []
             self.dps.append(NetDataplane(tx, rx, ev_tx, ev_rx, plat.gnt, self.tap.fds[qi], cfg,
                                          on_dead=self.dead.append, name=f"q{qi}"))
