@@ -1,8 +1,9 @@
 """netback's device class: the lifecycle callbacks the bus calls for each `backend/vif` device.
 
-realize: read the toolstack's `mac`/`mtu`/`vifname`/`rate` (`bridge` is not ours to act on yet: the switch comes
-with the OVS work), create the persistent tap `vif<domid>.<devid>` (or re-attach the one a previous daemon
-left), offer netback's features and say `hotplug-status=connected`: the vif exists and is up, which is what
+realize: read the toolstack's `mac`/`mtu`/`vifname`/`rate`, create the persistent tap `vif<domid>.<devid>` (or
+re-attach the one a previous daemon left), plug it where `bridge` says (backends.net.switch: an OVS port through
+OVSDB, a Linux bridge, or nothing), offer netback's features and say `hotplug-status=connected`: the vif exists,
+is up and is on its switch, which is what
 Linux's hotplug script reports and what libxl waits for before it unpauses the guest.  The class has
 `hotplug_gate`, so Connected is only ever announced once that key says so (an external script may own it).
 connect: the frontend's keys strictly, one tap queue and one C pump per netif queue (rings mapped, event
