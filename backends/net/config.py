@@ -47,6 +47,11 @@ class NetConfig:
     # Interface external_ids:iface-id when the backend dir has no `iface-id` key: OVN binds the logical port
     # of this name.  Fields: {vm_uuid} {vm_name} {domid} {devid} {vif}; a domain without a UUID gets {vif}.
     iface_id: str = "{vm_uuid}-{devid}"
+    # Seconds to wait, after the port is applied, for ovn-controller to mark the Interface
+    # external_ids:ovn-installed=true (its flows for the iface-id are in) before `hotplug-status=connected`: the
+    # guest then boots onto a working logical port.  Past it the vif is connected anyway, with a warning (OVN
+    # down must not keep guests off the network).  0: do not wait (no OVN).
+    ovn_installed_timeout: float = 0.0
 
 
 NET_CHOICES: dict[str, tuple[str, ...]] = {"switch": ("auto", "ovs", "linux", "none")}

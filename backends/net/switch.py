@@ -208,6 +208,16 @@ class SwitchPlug:
         except OvsError as exc:
             self._release(vif)
             raise DeviceError(f"Open vSwitch: {exc}") from exc
+        if self.cfg.ovn_installed_timeout > 0:
+            t = self.cfg.ovn_installed_timeout
+            try:
+                seen = await asyncio.wrap_future(sw.wait_external_id(vif, "ovn-installed", "true", t))
+            except OvsError as exc:
+                self._release(vif)
+                raise DeviceError(f"Open vSwitch: {exc}") from exc
+            if not seen:
+                dev.log.warning("ovn-installed not set on %s within %g s (iface-id %s): connected anyway", vif, t,
+                                iface_id, extra={"vif": vif, "iface_id": iface_id})
         dev.log.info("plugged into OVS bridge %s", spec.name,
                      extra={"vif": vif, "bridge": spec.name, "ofport": info.ofport, "tag": spec.tag,
                             "trunks": ",".join(map(str, spec.trunks)), "iface_id": iface_id,

@@ -168,3 +168,20 @@ async def plug_while_ticking(sw: OvsdbSwitch) -> tuple[float, int]:
     finally:
         t.cancel()
     return took, ticks
+
+
+def test_wait_external_id(bed: Bed) -> None:
+    """What waiting for ovn-controller's ovn-installed looks like to the driver: True once the key appears,
+    False when the time runs out; other requests are not held up meanwhile."""
+    sw, ovs = bed.sw, bed.ovs
+    sw.plug(OvsPort("br0", "vif5.0", None, (), IDS)).result(15)
+    never = sw.wait_external_id("vif5.0", "ovn-installed", "true", 1.0)
+    soon = sw.wait_external_id("vif5.0", "ovn-installed", "true", 10.0)
+    bed.tap("vif5.1")
+    start = time.monotonic()
+    sw.plug(OvsPort("br0", "vif5.1", None, (), IDS)).result(15)  # not queued behind the waits
+    assert time.monotonic() - start < 0.9 and not never.done()
+    assert never.result(5) is False
+    ovs.vsctl("set", "Interface", "vif5.0", "external_ids:ovn-installed=true")
+    assert soon.result(5) is True
+    assert sw.wait_external_id("vif5.0", "ovn-installed", "true", 1.0).result(5) is True

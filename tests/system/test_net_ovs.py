@@ -140,15 +140,15 @@ def ext_ids(ovs: PrivateOvs, table: str, name: str) -> dict[str, str]:
     return out
 
 
-def make_bed(sim: SimProc, tmp: Path, *, userspace_tso: bool, bridges: tuple[str, ...] = ("br0",)
-             ) -> Iterator[OvsNetBed]:
+def make_bed(sim: SimProc, tmp: Path, *, userspace_tso: bool, bridges: tuple[str, ...] = ("br0",),
+             net: str = "") -> Iterator[OvsNetBed]:
     tag = f"{os.getpid()}"
     with NetNS(f"pvbo-unused-{tag}") as g, NetNS(f"pvbo-host-{tag}") as h:
         ovs = PrivateOvs(h, userspace_tso=userspace_tso).start()
         try:
             for br in bridges:
                 ovs.add_bridge(br)
-            config = f'[serve]\nbackend_types = ["vif"]\n[net]\novsdb = "{ovs.remote}"\novs_timeout = 10.0\n'
+            config = f'[serve]\nbackend_types = ["vif"]\n[net]\novsdb = "{ovs.remote}"\novs_timeout = 10.0\n{net}'
             serve = NetnsServe(sim, tmp, h, config)
             serve.start()
             bed = OvsNetBed(sim, serve, tmp, g=g, p=h)
@@ -542,3 +542,46 @@ async def test_linux_bridge_ping_tcp(obed: OvsNetBed) -> None:
     await tcp(g, q, PEER_V4, 16 << 20, 5161)
     await tcp(q, g, GUEST_V4, 16 << 20, 5162)
     assert "plugged into Linux bridge lxbr0" in obed.serve.log_text()
+
+
+@pytest.fixture
+def obed_ovn(sim: SimProc, tmp_path: Path) -> Iterator[OvsNetBed]:
+    yield from make_bed(sim, tmp_path, userspace_tso=True, net="ovn_installed_timeout = 3.0\n")
+
+
+@pytest.mark.system_timeout(120)
+async def test_hotplug_connected_waits_for_ovn_installed(obed_ovn: OvsNetBed) -> None:
+    """With [net] ovn_installed_timeout, `hotplug-status=connected` comes only once ovn-controller (played by the
+    test) marked the Interface ovn-installed=true; without it, after the timeout, with a warning."""
+    bed, ovs = obed_ovn, obed_ovn.ovs
+    dom0 = await bed.dom0()
+    g, _xs = await bed.guest(name="ovn", mem_pages=64, gnt_entries=64)
+    vif = f"vif{g.domid}.0"
+    attach = asyncio.create_task(asyncio.to_thread(bed.cli, "attach", "nic", str(g.domid), "--bridge", "br0",
+                                                   "--iface-id", "lsp-web-0"))
+    deadline = time.monotonic() + 15
+    while vif not in await asyncio.to_thread(ovs.vsctl, "list-ports", "br0"):
+        assert time.monotonic() < deadline and not attach.done(), bed.serve.log_text()[-2000:]
+        await asyncio.sleep(0.05)
+    be = f"/local/domain/0/backend/vif/{g.domid}/0"
+    await asyncio.sleep(0.5)
+    assert await dom0.read_str(f"{be}/hotplug-status") is None  # plugged, but OVN has not installed it yet
+    assert ext_ids(ovs, "Interface", vif)["iface-id"] == "lsp-web-0"
+    await asyncio.to_thread(ovs.vsctl, "set", "Interface", vif, "external_ids:ovn-installed=true")
+    res = await attach
+    assert res.returncode == 0, res.stderr
+    assert await dom0.read_str(f"{be}/hotplug-status") == "connected"
+    assert "ovn-installed not set" not in bed.serve.log_text()
+
+    g2, _xs2 = await bed.guest(name="noovn", mem_pages=64, gnt_entries=64)
+    start = time.monotonic()
+    res = await asyncio.to_thread(bed.cli, "attach", "nic", str(g2.domid), "--bridge", "br0")
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start >= 2.5
+    be2 = f"/local/domain/0/backend/vif/{g2.domid}/0"
+    assert await dom0.read_str(f"{be2}/hotplug-status") == "connected"
+    assert f"ovn-installed not set on vif{g2.domid}.0 within 3 s" in bed.serve.log_text()
+    for d in (g.domid, g2.domid):
+        res = await asyncio.to_thread(bed.cli, "detach", "nic", str(d), "0")
+        assert res.returncode == 0, res.stderr
+    assert ovs.ports("br0") == []

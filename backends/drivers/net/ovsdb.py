@@ -152,12 +152,15 @@ class OvsdbSwitch:
         self.connected = False
         self._ports: dict[str, OvsPort] = {}  # what we plugged and keep plugged (thread-owned)
         self._requests: deque[_Op] = deque()
+        self._new_waits: list[tuple[str, str, str, Future[bool], float]] = []
         self._lock = threading.Lock()
         self._stop = False
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._idl: Any = None
         self._ops: deque[_Op] = deque()
+        # (interface, key, value, future, deadline): waits that must not hold up the transaction queue
+        self._waits: list[tuple[str, str, str, Future[bool], float]] = []
         self._ever_connected = False
         self._reconciled_seqno = -1
         self._missing_logged: set[str] = set()
@@ -212,6 +215,18 @@ class OvsdbSwitch:
     def port(self, name: str) -> Future[PortInfo | None]:
         return self._post(_Op("port", Future(), 0.0, name=name))
 
+    def wait_external_id(self, name: str, key: str, value: str, timeout: float) -> Future[bool]:
+        """True once Interface `name` has external_ids:key=value (ovn-controller's `ovn-installed=true` once
+        the port's flows are in), False if `timeout` seconds pass first."""
+        fut: Future[bool] = Future()
+        with self._lock:
+            if self._stop or self._thread is None:
+                fut.set_exception(OvsError("the OVSDB connection is closed"))
+                return fut
+            self._new_waits.append((name, key, value, fut, time.monotonic() + timeout))
+        self._wake()
+        return fut
+
     def _post(self, op: _Op) -> Future[Any]:
         assert op.fut is not None
         op.deadline = time.monotonic() + self.timeout
@@ -240,11 +255,14 @@ class OvsdbSwitch:
                     stop = self._stop
                     self._ops.extend(self._requests)
                     self._requests.clear()
+                    self._waits.extend(self._new_waits)
+                    self._new_waits.clear()
                 if stop:
                     break
                 self._idl.run()
                 self._track_connection()
                 self._step()
+                self._check_waits()
                 self._expire()
                 poller = ovs.poller.Poller()
                 poller.fd_wait(self._rfd, ovs.poller.POLLIN)
@@ -252,8 +270,9 @@ class OvsdbSwitch:
                 if self._ops and self._ops[0].txn is not None:
                     self._ops[0].txn.wait(poller)
                 poller.timer_wait(1000)
-                if self._ops:
-                    poller.timer_wait(max(0, int((min(o.deadline for o in self._ops) - time.monotonic()) * 1000)))
+                deadlines = [o.deadline for o in self._ops] + [w[4] for w in self._waits]
+                if deadlines:
+                    poller.timer_wait(max(0, int((min(deadlines) - time.monotonic()) * 1000)))
                 poller.block()
                 try:
                     while os.read(self._rfd, 512):
@@ -266,6 +285,9 @@ class OvsdbSwitch:
             for op in self._ops:
                 _fail(op, OvsError("the OVSDB connection is closed"))
             self._ops.clear()
+            for *_, fut, _d in self._waits + self._new_waits:
+                if not fut.done():
+                    fut.set_exception(OvsError("the OVSDB connection is closed"))
             with self._lock:
                 for op in self._requests:
                     _fail(op, OvsError("the OVSDB connection is closed"))
@@ -292,6 +314,23 @@ class OvsdbSwitch:
             self._reconciled_seqno = -1
         else:
             log.warning("lost the OVSDB connection to %s", self.remote, extra={"ovsdb": self.remote})
+
+    def _check_waits(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for w in self._waits:
+            name, key, value, fut, deadline = w
+            if fut.done():
+                continue
+            iface = next((i for i in self._idl.tables["Interface"].rows.values() if i.name == name), None) \
+                if self.connected else None
+            if iface is not None and dict(iface.external_ids).get(key) == value:
+                fut.set_result(True)
+            elif deadline <= now:
+                fut.set_result(False)
+            else:
+                keep.append(w)
+        self._waits = keep
 
     def _expire(self) -> None:
         now = time.monotonic()
