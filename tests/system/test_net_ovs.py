@@ -542,6 +542,12 @@ async def test_linux_bridge_ping_tcp(obed: OvsNetBed) -> None:
     await tcp(g, q, PEER_V4, 16 << 20, 5161)
     await tcp(q, g, GUEST_V4, 16 << 20, 5162)
     assert "plugged into Linux bridge lxbr0" in obed.serve.log_text()
+    # VLAN syntax on a Linux bridge: refused for that vif, clearly; the first NIC carries on.
+    g2, _xs2 = await obed.guest(name="lxvlan", mem_pages=64, gnt_entries=64)
+    res = await asyncio.to_thread(obed.cli, "attach", "nic", str(g2.domid), "--bridge", "lxbr0.10")
+    assert res.returncode != 0 and "VLAN tags and trunks need an Open vSwitch bridge" in res.stderr, res.stderr
+    assert f"vif{g2.domid}.0" not in h.ip("-br", "link", "show")
+    assert await ping(g, PEER_V4, 2) == 2
 
 
 @pytest.fixture
