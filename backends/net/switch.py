@@ -131,6 +131,9 @@ class SwitchPlug:
         self._users: set[str] = set()  # vifs plugged into OVS (the connection lives while one is)
 
     async def _switch(self) -> OvsdbSwitch:
+        if self.ovs is not None and not self.ovs.alive:  # its thread died (logged): start a new connection
+            dead, self.ovs = self.ovs, None
+            dead.close()
         if self.ovs is None:
             try:
                 schema = await asyncio.to_thread(fetch_schema, self.cfg.ovsdb)

@@ -185,3 +185,23 @@ def test_wait_external_id(bed: Bed) -> None:
     ovs.vsctl("set", "Interface", "vif5.0", "external_ids:ovn-installed=true")
     assert soon.result(5) is True
     assert sw.wait_external_id("vif5.0", "ovn-installed", "true", 1.0).result(5) is True
+
+
+def test_a_thread_that_died_fails_requests_at_once(bed: Bed) -> None:
+    """A bug in the thread must not leave callers waiting for ever: pending and later requests fail, `alive`
+    says so (the device side then starts a new connection)."""
+    sw = bed.sw
+    assert sw.alive
+
+    def boom() -> None:
+        raise RuntimeError("injected")
+
+    sw._step = boom  # type: ignore[method-assign]
+    sw._wake()
+    wait_for(lambda: not sw.alive, 5)
+    start = time.monotonic()
+    with pytest.raises(OvsError, match="closed"):
+        sw.plug(OvsPort("br0", "vif5.0")).result(5)
+    with pytest.raises(OvsError, match="closed"):
+        sw.wait_external_id("vif5.0", "k", "v", 5).result(5)
+    assert time.monotonic() - start < 1

@@ -180,6 +180,11 @@ class OvsdbSwitch:
         self._thread = threading.Thread(target=self._main, name=f"ovsdb {self.remote}", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The thread serves requests (False once closed, or if it died on a bug: see the log)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
     def close(self) -> None:
         """Stop the thread (pending requests fail) and close the connection.  The ports stay in the database."""
         with self._lock:
@@ -282,16 +287,19 @@ class OvsdbSwitch:
         except Exception:
             log.exception("OVSDB thread failed")
         finally:
+            with self._lock:  # from here on, requests fail at once instead of waiting for a thread that is gone
+                self._stop = True
+                self._ops.extend(self._requests)
+                self._requests.clear()
+                self._waits.extend(self._new_waits)
+                self._new_waits.clear()
             for op in self._ops:
                 _fail(op, OvsError("the OVSDB connection is closed"))
             self._ops.clear()
-            for *_, fut, _d in self._waits + self._new_waits:
+            for *_, fut, _d in self._waits:
                 if not fut.done():
                     fut.set_exception(OvsError("the OVSDB connection is closed"))
-            with self._lock:
-                for op in self._requests:
-                    _fail(op, OvsError("the OVSDB connection is closed"))
-                self._requests.clear()
+            self._waits.clear()
             if self._idl is not None:
                 self._idl.close()
                 self._idl = None
