@@ -16,6 +16,7 @@ Nothing here touches a ring: the device class calls `attach` in realize (before 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -200,15 +201,19 @@ class SwitchPlug:
             raise DeviceError(str(exc)) from exc
         ids = external_ids(mac=mac, vm_name=vm_name, vm_uuid=vm_uuid, iface_id=iface_id)
         self._users.add(vif)
+        br: BridgeInfo | None = None
         try:
             sw = await self._switch()
-            br: BridgeInfo | None = await asyncio.wrap_future(sw.bridge(spec.name))
+            br = await asyncio.wrap_future(sw.bridge(spec.name))
             if br is None:
                 raise OvsError(f"bridge {spec.name} does not exist (no such OVS bridge in {self.cfg.ovsdb} and no "
                                "Linux bridge of that name)")
             port = OvsPort(spec.name, vif, spec.tag, spec.trunks, ids)
             info: PortInfo = await asyncio.wrap_future(sw.plug(port, replace=tap_created))
         except OvsError as exc:
+            if br is not None:  # a port that was added but never applied (vswitchd down) is not left behind
+                with contextlib.suppress(OvsError):
+                    await asyncio.wrap_future(sw.unplug(vif))
             self._release(vif)
             raise DeviceError(f"Open vSwitch: {exc}") from exc
         if self.cfg.ovn_installed_timeout > 0:

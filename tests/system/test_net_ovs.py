@@ -141,14 +141,15 @@ def ext_ids(ovs: PrivateOvs, table: str, name: str) -> dict[str, str]:
 
 
 def make_bed(sim: SimProc, tmp: Path, *, userspace_tso: bool, bridges: tuple[str, ...] = ("br0",),
-             net: str = "") -> Iterator[OvsNetBed]:
+             net: str = "", ovs_timeout: float = 10.0) -> Iterator[OvsNetBed]:
     tag = f"{os.getpid()}"
     with NetNS(f"pvbo-unused-{tag}") as g, NetNS(f"pvbo-host-{tag}") as h:
         ovs = PrivateOvs(h, userspace_tso=userspace_tso).start()
         try:
             for br in bridges:
                 ovs.add_bridge(br)
-            config = f'[serve]\nbackend_types = ["vif"]\n[net]\novsdb = "{ovs.remote}"\novs_timeout = 10.0\n{net}'
+            config = (f'[serve]\nbackend_types = ["vif"]\n[net]\novsdb = "{ovs.remote}"\n'
+                      f'ovs_timeout = {ovs_timeout}\n{net}')
             serve = NetnsServe(sim, tmp, h, config)
             serve.start()
             bed = OvsNetBed(sim, serve, tmp, g=g, p=h)
@@ -591,3 +592,26 @@ async def test_hotplug_connected_waits_for_ovn_installed(obed_ovn: OvsNetBed) ->
         res = await asyncio.to_thread(bed.cli, "detach", "nic", str(d), "0")
         assert res.returncode == 0, res.stderr
     assert ovs.ports("br0") == []
+
+
+@pytest.fixture
+def obed_short(sim: SimProc, tmp_path: Path) -> Iterator[OvsNetBed]:
+    yield from make_bed(sim, tmp_path, userspace_tso=True, ovs_timeout=2.0)
+
+
+@pytest.mark.system_timeout(120)
+async def test_dead_vswitchd_fails_the_attach_and_leaves_nothing(obed_short: OvsNetBed) -> None:
+    """vswitchd down: the port never gets applied, so the vif fails after [net] ovs_timeout with the reason, and
+    neither its port nor its tap stays behind; with vswitchd back, the same NIC attaches and carries traffic."""
+    bed, ovs = obed_short, obed_short.ovs
+    ovs.kill_vswitchd()
+    g, _xs = await bed.guest(name="novsd", mem_pages=640, gnt_entries=1024)
+    res = await asyncio.to_thread(bed.cli, "attach", "nic", str(g.domid), "--bridge", "br0")
+    assert res.returncode != 0 and "ovs-vswitchd did not apply the change" in res.stderr, res.stderr
+    vif = f"vif{g.domid}.0"
+    assert ovs.port_rows(vif) == 0 and vif not in bed.peer.ip("-br", "link", "show")
+    await asyncio.to_thread(ovs.start_vswitchd)
+    nic = await bed.ovs_nic("br0", role="back")
+    q = bed.peer_on("br0")
+    assert await ping(gns(nic), PEER_V4) == 3
+    await tcp(q, gns(nic), GUEST_V4, 2 << 20, 5171)

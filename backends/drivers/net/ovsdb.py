@@ -42,6 +42,7 @@ COLUMNS: dict[str, list[str]] = {
     "Interface": ["name", "type", "external_ids", "ofport", "error"],
 }
 MAX_VLAN = 4095  # Port.tag / Port.trunks range in vswitch.ovsschema
+UNPLUG_TIMEOUT = 5.0
 
 
 class OvsError(Exception):
@@ -207,8 +208,10 @@ class OvsdbSwitch:
         return self._post(_Op("plug", Future(), 0.0, port=port, name=port.name, replace=replace))
 
     def unplug(self, name: str) -> Future[None]:
-        """Forget the port and delete it from whichever bridge has it (absent: fine)."""
-        return self._post(_Op("unplug", Future(), 0.0, name=name))
+        """Forget the port and delete it from whichever bridge has it (absent: fine).  Resolved once the
+        database has it deleted; bounded by UNPLUG_TIMEOUT (an unreachable ovsdb-server must not stall a
+        detach: a port left behind is replaced by the next plug of that name)."""
+        return self._post(_Op("unplug", Future(), 0.0, name=name), timeout=min(self.timeout, UNPLUG_TIMEOUT))
 
     def forget(self, name: str) -> Future[None]:
         """Stop keeping the port plugged, but leave it in the database (a daemon restarting over its vifs)."""
@@ -232,9 +235,9 @@ class OvsdbSwitch:
         self._wake()
         return fut
 
-    def _post(self, op: _Op) -> Future[Any]:
+    def _post(self, op: _Op, timeout: float | None = None) -> Future[Any]:
         assert op.fut is not None
-        op.deadline = time.monotonic() + self.timeout
+        op.deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
             if self._stop or self._thread is None:
                 op.fut.set_exception(OvsError("the OVSDB connection is closed"))
@@ -394,6 +397,10 @@ class OvsdbSwitch:
         txn, op.txn = op.txn, None
         if status == T.TRY_AGAIN:
             return False  # rebuilt from fresh rows at the next step
+        if status == T.SUCCESS and op.kind == "unplug":
+            # Deleted from the database is enough: the tap goes next anyway, and a dead vswitchd must not hold
+            # up a detach (it drops the port when it comes back).
+            return self._after_commit(op)
         if status == T.SUCCESS:
             op.want_cfg = txn.get_increment_new_value()
             return self._advance(op)
