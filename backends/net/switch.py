@@ -180,7 +180,7 @@ class SwitchPlug:
             try:
                 await asyncio.to_thread(linuxbridge.enslave, spec.name, vif)
             except linuxbridge.BridgeError as exc:
-                raise DeviceError(f"Linux bridge: {exc}") from exc
+                raise DeviceError(f"Linux bridge: {exc.strerror}") from exc
             dev.log.info("plugged into Linux bridge %s", spec.name, extra={"vif": vif, "bridge": spec.name})
             return Attachment("linux", spec.name, vif)
         return await self._attach_ovs(dev, spec, vif=vif, mac=mac, tap_created=tap_created)
@@ -254,7 +254,7 @@ class SwitchPlug:
             try:
                 await asyncio.to_thread(linuxbridge.release, att.port)
             except linuxbridge.BridgeError as exc:
-                dev.log.warning("%s", exc, extra={"vif": att.port})
+                dev.log.warning("%s", exc.strerror, extra={"vif": att.port})
 
 
 async def domain_identity(dev: BackendDevice) -> tuple[str, str]:

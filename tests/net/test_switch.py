@@ -1,11 +1,18 @@
-"""The `bridge` key as vif-openvswitch parses it, iface-id defaults and the external_ids written (pure)."""
+"""The `bridge` key as vif-openvswitch parses it, iface-id defaults and the external_ids written (pure), and
+which switch a vif goes to (and the clear refusals) without any switch running."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from pathlib import Path
+
 import pytest
 
+from backends.net.config import NetConfig
 from backends.net.proto import ProtocolError
-from backends.net.switch import Attachment, BridgeSpec, default_iface_id, external_ids, parse_bridge
+from backends.net.switch import Attachment, BridgeSpec, SwitchPlug, default_iface_id, external_ids, parse_bridge
+from backends.xenbus.device import DeviceError
 
 UUID = "0b9e4c2a-51f1-4d0a-9a3e-3f1f2b6f8c11"
 
@@ -56,3 +63,45 @@ def test_attachment_summary() -> None:
     a = Attachment("ovs", "br0", "vif5.0", 10, (20, 30), "x-0", 3)
     assert a.summary() == {"switch": "ovs", "bridge": "br0", "port": "vif5.0", "ofport": 3,
                            "tag": "10", "trunks": "20,30", "iface_id": "x-0"}
+
+
+class FakeDev:
+    """What SwitchPlug.attach reads of a device: its backend keys, ids and logger."""
+
+    frontend_id, devid = 5, 0
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.keys = keys
+        self.log = logging.getLogger("test.switch")
+        self.xs = self  # the domain's name and UUID: absent
+
+    async def read_str(self, path: str) -> str | None:
+        return None
+
+    async def read_backend(self, key: str) -> str | None:
+        return self.keys.get(key)
+
+
+def attach(cfg: NetConfig, keys: dict[str, str]) -> Attachment:
+    async def main() -> Attachment:
+        return await SwitchPlug(cfg).attach(FakeDev(keys), vif="vif5.0", mac="00:16:3e:00:00:05",  # type: ignore[arg-type]
+                                            tap_created=True)
+
+    return asyncio.run(main())
+
+
+def test_switch_choice_and_refusals(tmp_path: Path) -> None:
+    nowhere = NetConfig(ovsdb=f"unix:{tmp_path}/no.sock")
+    assert attach(nowhere, {}).kind == "none"  # no bridge key: the tap stays unbridged
+    assert attach(NetConfig(switch="none"), {"bridge": "br0"}).kind == "none"  # a script's job
+    with pytest.raises(DeviceError, match=r"bad toolstack keys: bridge 'br0\.x'"):
+        attach(nowhere, {"bridge": "br0.x"})
+    # auto: neither a Linux bridge of that name nor an OVSDB socket.
+    with pytest.raises(DeviceError, match=r"bridge pvbt-nobr0: no Linux bridge of that name and no OVSDB at unix:"):
+        attach(nowhere, {"bridge": "pvbt-nobr0"})
+    with pytest.raises(DeviceError, match="VLAN tags and trunks need an Open vSwitch bridge"):
+        attach(NetConfig(switch="linux"), {"bridge": "pvbt-nobr0.10"})
+    with pytest.raises(DeviceError, match="Linux bridge: bridge pvbt-nobr0 does not exist"):
+        attach(NetConfig(switch="linux"), {"bridge": "pvbt-nobr0"})
+    with pytest.raises(DeviceError, match="cannot reach OVSDB at unix:"):
+        attach(NetConfig(switch="ovs", ovsdb=f"unix:{tmp_path}/no.sock"), {"bridge": "br0"})
