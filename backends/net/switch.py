@@ -141,8 +141,13 @@ class SwitchPlug:
             except (OSError, ValueError, KeyError) as exc:
                 raise OvsError(f"cannot reach OVSDB at {self.cfg.ovsdb}: {exc}") from exc
             if self.ovs is None:  # another vif's realize may have connected meanwhile
-                self.ovs = OvsdbSwitch(self.cfg.ovsdb, schema, timeout=self.cfg.ovs_timeout)
-                self.ovs.start()  # on the event loop's thread: see OvsdbSwitch.start
+                sw = OvsdbSwitch(self.cfg.ovsdb, schema, timeout=self.cfg.ovs_timeout)
+                try:
+                    sw.start()  # on the event loop's thread: see OvsdbSwitch.start
+                except ImportError as exc:
+                    sw.close()
+                    raise OvsError(f"the Python package `ovs` (OVSDB IDL) is not installed: {exc}") from exc
+                self.ovs = sw
         return self.ovs
 
     def _release(self, vif: str) -> None:
