@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,18 +60,21 @@ async def add_device(xs: XenStoreClient, *, backend_domid: int, frontend_domid: 
     be_keys = {**(backend or {}), "frontend": paths.frontend, "frontend-id": str(frontend_domid),
                "online": "1", "state": str(int(XenbusState.INITIALISING))}
 
+    dirs = ((paths.frontend, frontend_domid, backend_domid, fe_keys),
+            (paths.backend, backend_domid, frontend_domid, be_keys))
+
     async def body(tx: Transaction) -> None:
-        # Stale directories of an earlier device with the same id would leak their keys into this one.
-        for path, owner, reader, keys in (
-            (paths.frontend, frontend_domid, backend_domid, fe_keys),
-            (paths.backend, backend_domid, frontend_domid, be_keys),
-        ):
-            if await tx.exists(path):
-                await tx.rm(path)
-            await tx.mkdir(path)
-            await tx.set_perms(path, [Perm(owner, "n"), Perm(reader, "r")])
-            for k, v in keys.items():
-                await tx.write(f"{path}/{k}", v)
+        # Two round trips, not one per node: the requests are sent back to back on the connection (the server
+        # runs them in order) and then awaited together.  Concurrent attaches conflict by construction (each
+        # adds a child to backend/<type>), and a short transaction loses less often.
+        stale = await asyncio.gather(*(tx.exists(d[0]) for d in dirs))
+        ops: list[Awaitable[None]] = []
+        for (path, owner, reader, keys), old in zip(dirs, stale, strict=True):
+            if old:  # an earlier device's keys would leak into this one
+                ops.append(tx.rm(path))
+            ops += [tx.mkdir(path), tx.set_perms(path, [Perm(owner, "n"), Perm(reader, "r")])]
+            ops += [tx.write(f"{path}/{k}", v) for k, v in keys.items()]
+        await asyncio.gather(*ops)
 
     await xs.transaction(body)
     return paths

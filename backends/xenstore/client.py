@@ -40,6 +40,14 @@ log = logging.getLogger("pvback.xenstore.client")
 T = TypeVar("T")
 
 DEFAULT_RUNDIR = "/var/run/xenstored"
+# A transaction that loses to conflicting commits is run again until it commits, as libxl's callers and
+# xenstore-utils do (they loop on EAGAIN with no cap): N writers adding to one directory at once (64 `pvback
+# attach`es under backend/vtpm) each lose up to N - 1 times, so a count cap only picks who fails.  What bounds it
+# is time; the back-off doubles up to TX_BACKOFF_MAX_S and is drawn at random below that ("full jitter") so the
+# losers spread out instead of colliding again in step.
+TX_RETRY_S = 60.0
+TX_BACKOFF_MIN_S = 0.0005
+TX_BACKOFF_MAX_S = 0.05
 XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 
 
@@ -601,9 +609,14 @@ class XenStoreClient(_Ops):
             raise XenStoreError("EIO", f"bad transaction id {reply[:32]!r}") from None
         return Transaction(self, tx_id)
 
-    async def transaction(self, fn: Callable[[Transaction], Awaitable[T]], *, retries: int = 16) -> T:
-        """Run `fn` in a transaction and commit it; on EAGAIN (a conflicting change) run it again, up to
-        `retries` more times.  If `fn` raises, the transaction is aborted and the exception propagates."""
+    async def transaction(self, fn: Callable[[Transaction], Awaitable[T]], *, retries: int | None = None,
+                          retry_s: float | None = TX_RETRY_S) -> T:
+        """Run `fn` in a transaction and commit it; on EAGAIN (a conflicting change) run it again after a jittered
+        back-off, for up to `retry_s` seconds (None: no time limit) and, if given, `retries` more times.  The last
+        EAGAIN is raised past either limit.  If `fn` raises, the transaction is aborted and the exception
+        propagates."""
+        loop = asyncio.get_running_loop()
+        deadline = None if retry_s is None else loop.time() + retry_s
         attempt = 0
         while True:
             t = await self.transaction_start()
@@ -611,8 +624,9 @@ class XenStoreClient(_Ops):
                 result = await fn(t)
             except XenStoreError as e:
                 t._abort_nowait()
-                if e.name != "EAGAIN" or attempt >= retries:
+                if e.name != "EAGAIN":
                     raise
+                err = e
             except BaseException:
                 t._abort_nowait()
                 raise
@@ -621,11 +635,15 @@ class XenStoreClient(_Ops):
                     await t.commit()
                     return result
                 except XenStoreError as e:
-                    if e.name != "EAGAIN" or attempt >= retries:
+                    if e.name != "EAGAIN":
                         raise
+                    err = e
             attempt += 1
-            # Back off a little, with jitter, so contending writers stop colliding.
-            await asyncio.sleep(random.uniform(0, min(0.0005 * (1 << min(attempt, 6)), 0.03)))
+            pause = random.uniform(0, min(TX_BACKOFF_MIN_S * (1 << min(attempt, 16)), TX_BACKOFF_MAX_S))
+            if (retries is not None and attempt > retries) or (deadline is not None
+                                                               and loop.time() + pause > deadline):
+                raise err
+            await asyncio.sleep(pause)
 
     async def get_domain_path(self, domid: int) -> str:
         reply = await self._request(XsType.GET_DOMAIN_PATH, strings(str(domid)), 0)

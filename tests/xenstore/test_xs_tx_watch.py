@@ -274,3 +274,42 @@ async def test_watch_events_coalesce_in_client(xs_env: EnvFactory) -> None:
         await env.dom0.write("/co/b", "x")
         await env.dom0.read("/")  # every event above has arrived before this reply
         assert [await w.next(1) for _ in range(w.pending)] == ["/co", "/co/a", "/co/b"]
+
+
+async def test_64_concurrent_attaches(xs_env: EnvFactory) -> None:
+    """64 toolstacks (one connection each, as 64 `pvback attach` processes) add a vTPM at the same moment.
+    Each adds a child to backend/vtpm, so their transactions conflict by construction; every one must still
+    commit (libxl and xenstore-utils retry EAGAIN without a cap) and leave a whole, consistent tree."""
+    from backends.xenbus.toolstack import add_device
+
+    n = 64
+    async with xs_env() as env:
+        clients = [await env.client() for _ in range(n)]
+        await env.dom0.mkdir("/local/domain/0/backend")
+        start = asyncio.Event()
+
+        async def attach(i: int) -> None:
+            await start.wait()
+            await add_device(clients[i], backend_domid=0, frontend_domid=100 + i, type_name="vtpm", devid=0,
+                             backend={"uuid": f"00000000-0000-4000-8000-{i:012d}", "resume": "False"},
+                             frontend={}, frontend_type="vtpm")
+
+        tasks = [asyncio.create_task(attach(i)) for i in range(n)]
+        await asyncio.sleep(0.05)
+        start.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r for r in results if r is not None] == []
+        assert env.server.stats()["transactions"] == 0
+        assert sorted(map(int, await env.dom0.directory("/local/domain/0/backend/vtpm"))) == list(range(100, 164))
+        for i in range(n):
+            domid = 100 + i
+            be, fe = f"/local/domain/0/backend/vtpm/{domid}/0", f"/local/domain/{domid}/device/vtpm/0"
+            assert sorted(await env.dom0.directory(be)) == sorted(
+                ["uuid", "resume", "frontend", "frontend-id", "online", "state"])
+            assert await env.dom0.read(f"{be}/uuid") == f"00000000-0000-4000-8000-{i:012d}".encode()
+            assert await env.dom0.read(f"{be}/frontend") == fe.encode()
+            assert await env.dom0.read(f"{be}/frontend-id") == str(domid).encode()
+            assert await env.dom0.read(f"{fe}/backend") == be.encode()
+            assert sorted(await env.dom0.directory(fe)) == ["backend", "backend-id", "state"]
+            assert await env.dom0.get_perms(be) == [Perm(0, "n"), Perm(domid, "r")]
+            assert await env.dom0.get_perms(fe) == [Perm(domid, "n"), Perm(0, "r")]
