@@ -191,7 +191,7 @@ def tpm_markdown(result: dict[str, Any]) -> str:
                                           for m, r in pp.items()) + f" (reference: {ref})",
         "",
         "| command | path | cmds/s | p50 us | p99 us | CPU us/cmd | daemon CPU us/cmd | added p50 us | added p99 us | "
-        "p50 vs direct | added p50 / ping-pong p50 |",
+        "p50 vs peer | added p50 / ping-pong p50 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cells"]:
@@ -200,6 +200,8 @@ def tpm_markdown(result: dict[str, Any]) -> str:
             f"{c['cpu_us_per_op']:.1f} | {f2(c.get('backend_cpu_us_per_op'))} | {f2(c.get('added_p50_us'))} | "
             f"{f2(c.get('added_p99_us'))} | "
             f"{f2(c.get('ratio_p50_to_direct'))} | {f2(c.get('ratio_added_p50_to_pingpong'))} |")
+    lines += ["", "added = p50 - the p50 of the direct path that waits the same way (peer): guest vs direct (both "
+                  "block in poll/recv), guest-asyncio and direct-asyncio vs direct (from an asyncio loop)."]
     sc = result.get("scale") or {}
     if sc and "error" not in sc:
         lines += ["", f"Scale: {sc['n']} vTPMs attached at once (attach -> first answered command; "

@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
+import select
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,8 @@ class TpmFront:
         self.page_no: int | None = None
         self.ref: int | None = None
         self.port: GuestPort | None = None
-        self._changed = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._poller: select.poll | None = None
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events = 0
@@ -79,19 +83,44 @@ class TpmFront:
         assert self.port is not None
         self.port.pending()
         self.events += 1
-        self._changed.set()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def _wait_idle(self, timeout: float) -> bool:
-        """wait_for_tpm_stat(VTPM_STATUS_IDLE): IDLE (cancelled) or FINISH (result)."""
+        """wait_for_tpm_stat(VTPM_STATUS_IDLE): IDLE (cancelled) or FINISH (result), woken by the event channel
+        (Linux sleeps on its irq's wait queue the same way), the state word checked at each wake-up.  No race
+        between the check and the wait: the event's callback runs on this loop, never between the two."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.state not in (VTPM_STATE_IDLE, VTPM_STATE_FINISH):
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, left)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiter = None
+        return True
+
+    def _wait_idle_blocking(self, timeout: float) -> bool:
+        """The same, blocking this thread in poll() on the event channel's fd (a kernel frontend's wait, with
+        no event loop between the event and the waiter)."""
+        assert self.port is not None
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.port.fileno(), select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while self.state not in (VTPM_STATE_IDLE, VTPM_STATE_FINISH):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._poller.poll(math.ceil(left * 1000)):
+                self.port.pending()
+                self.events += 1
         return True
 
     # -- handshake -------------------------------------------------------------------------------------
@@ -202,6 +231,22 @@ class TpmFront:
                 raise TimeoutError(errno.ETIME, "vTPM command timed out (cancelled)")
             return self.response()
 
+    def transmit_blocking(self, cmd: bytes, *, locality: int = 0, timeout_c: float = TIMEOUT_C,
+                          duration: float = DURATION) -> bytes:
+        """transmit() for a caller that may block its thread (the benchmark's guest, like a kernel's
+        tpm_transmit): no event loop hop between the backend's event and the answer.  Not while transmit()
+        runs on the same front (the lock is the loop's)."""
+        if self._lock.locked():
+            raise TpmFrontError(errno.EBUSY, "a command is in flight")
+        if not self._wait_idle_blocking(timeout_c):
+            self.cancel()
+            raise TimeoutError(errno.ETIME, "vTPM busy")
+        self.submit(cmd, locality=locality)
+        if not self._wait_idle_blocking(duration):
+            self.cancel()
+            raise TimeoutError(errno.ETIME, "vTPM command timed out (cancelled)")
+        return self.response()
+
     # -- teardown --------------------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -214,6 +259,7 @@ class TpmFront:
         await self.release()
 
     async def release(self, *, revoke_timeout: float = 5.0) -> None:
+        self._poller = None
         if self.port is not None:
             if self._loop is not None:
                 with contextlib.suppress(Exception):

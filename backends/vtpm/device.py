@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.drivers.tpm.link import SwtpmLink
 from backends.drivers.tpm.swtpm import Swtpm, SwtpmError, SwtpmPaths, ensure_state, private_setup_config
 from backends.vtpm.proto import (
     DATA_OFFSET,
@@ -36,6 +37,7 @@ from backends.vtpm.proto import (
     Answered12,
     CancelTpm,
     ClearNote,
+    Command,
     Execute,
     Fail,
     Machine,
@@ -85,7 +87,9 @@ class VtpmData:
     page: GrantMapping | None = None
     evtchn: EventChannel | None = None
     locality: int | None = None  # what swtpm was last told
-    command_task: asyncio.Task[None] | None = None
+    link: SwtpmLink | None = None  # the data socket to swtpm while connected
+    inflight: asyncio.Future[None] | None = None  # done when the command taken from the page is answered
+    command_task: asyncio.Task[None] | None = None  # a command's slow start (restart wait, locality), if any
     cancel_task: asyncio.Task[None] | None = None
     restart_task: asyncio.Task[None] | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -119,7 +123,7 @@ class VtpmData:
                              **{f"tpm12_{k}": v for k, v in self.tpm12.items()}},
                 "errors": {k.replace(" ", "_"): v for k, v in self.notes.items()},
                 "latency_us_log2": list(self.hist) if any(self.hist) else [],
-                "inflight": int(self.command_task is not None and not self.command_task.done()),
+                "inflight": int(self.inflight is not None and not self.inflight.done()),
             }],
             "vtpm": self.summary(),
             "status": self.status_values(),
@@ -305,18 +309,22 @@ class VtpmDeviceClass:
         if data.evtchn is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(data.evtchn.fileno())
-        task = data.command_task
-        if task is not None and not task.done():
+        inflight = data.inflight
+        if inflight is not None and not inflight.done():
             # Answer the command in flight while the page is still mapped; past DRAIN_S leave the restart note
             # for whoever connects next.
-            done, _ = await asyncio.wait({task}, timeout=DRAIN_S)
-            if not done:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await asyncio.wait({inflight}, timeout=DRAIN_S)
+        task = data.command_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for t in list(data.tasks):
             t.cancel()
-        data.command_task = None
+        data.command_task = data.inflight = None
+        if data.link is not None:
+            data.link.close()  # an answer still owed goes nowhere: the note stays set
+            data.link = None
         if data.page is not None:
             data.page.unmap()
             data.page = None
@@ -346,7 +354,7 @@ class VtpmDeviceClass:
             if isinstance(a, Execute):
                 self._set_pad(data, NOTE_TAKEN)  # before swtpm can see it: the restart note
                 data.commands += 1
-                data.command_task = self._spawn(data, self._run_command(dev, data, a))
+                self._execute(dev, data, a.command)
             elif isinstance(a, Respond):
                 self._respond(data, a.data, a.state)
             elif isinstance(a, CancelTpm):
@@ -396,30 +404,56 @@ class VtpmDeviceClass:
         with contextlib.suppress(OSError):
             data.evtchn.notify()
 
-    async def _run_command(self, dev: BackendDevice, data: VtpmData, ex: Execute) -> None:
-        cmd = ex.command
+    def _execute(self, dev: BackendDevice, data: VtpmData, cmd: Command) -> None:
+        """Send the command to swtpm.  The common case (swtpm up, locality unchanged) is one non-blocking send
+        from this callback, and the answer comes back through the link's reader callback: no task, no
+        coroutine, no future to resume per command (those cost more daemon CPU than the whole event channel
+        round trip).  A restart in progress or a locality change goes through a task first."""
+        data.inflight = asyncio.get_running_loop().create_future()
         t0 = time.monotonic()
-        rsp: bytes | None = None
+        restarting = data.restart_task is not None and not data.restart_task.done()
+        if not restarting and data.locality == cmd.locality:
+            self._send(dev, data, cmd, t0)
+        else:
+            data.command_task = self._spawn(data, self._slow_start(dev, data, cmd, t0))
+
+    async def _slow_start(self, dev: BackendDevice, data: VtpmData, cmd: Command, t0: float) -> None:
         try:
             if data.restart_task is not None and not data.restart_task.done():
                 await asyncio.wait_for(asyncio.shield(data.restart_task), self.cfg.command_timeout_s)
             if data.locality != cmd.locality:
                 await data.swtpm.set_locality(cmd.locality)
                 data.locality = cmd.locality
-            rsp = await data.swtpm.command(cmd.data, timeout=self.cfg.command_timeout_s)
         except asyncio.CancelledError:
             raise
-        except TimeoutError:
+        except (TimeoutError, OSError, SwtpmError) as exc:
+            self._answered(dev, data, cmd, t0, None, exc)
+            return
+        self._send(dev, data, cmd, t0)
+
+    def _send(self, dev: BackendDevice, data: VtpmData, cmd: Command, t0: float) -> None:
+        if data.link is None:
+            data.link = SwtpmLink(data.swtpm.paths.sock)
+        data.link.send(cmd.data, self.cfg.command_timeout_s,
+                       lambda rsp, exc: self._answered(dev, data, cmd, t0, rsp, exc))
+
+    def _answered(self, dev: BackendDevice, data: VtpmData, cmd: Command, t0: float, rsp: bytes | None,
+                  exc: BaseException | None) -> None:
+        """swtpm's answer (or why there is none: timeout, swtpm gone or broken) to the command in the page."""
+        if isinstance(exc, TimeoutError):
             data.notes["timeout"] = data.notes.get("timeout", 0) + 1
             dev.log.warning("vtpm: command %#x timed out after %.0f s", cmd.ordinal, self.cfg.command_timeout_s)
-        except (OSError, SwtpmError, asyncio.IncompleteReadError) as exc:
+        elif exc is not None:
             data.notes["tpm_error"] = data.notes.get("tpm_error", 0) + 1
             dev.log.warning("vtpm: swtpm failed under command %#x: %s", cmd.ordinal, exc)
         data.record(int((time.monotonic() - t0) * 1e6))
+        inflight, data.inflight = data.inflight, None
+        if inflight is not None and not inflight.done():
+            inflight.set_result(None)
         if data.machine is None or data.page is None:
             return
         cancel_seen = data.page.buffer()[OFF_STATE] == State.CANCEL  # one byte: IDLE rather than FINISH
-        self._apply(dev, data, data.machine.on_answer(rsp, cancel_seen=cancel_seen))
+        self._apply(dev, data, data.machine.on_answer(rsp if exc is None else None, cancel_seen=cancel_seen))
 
     async def _cancel(self, dev: BackendDevice, data: VtpmData) -> None:
         try:

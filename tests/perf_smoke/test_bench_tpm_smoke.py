@@ -52,10 +52,12 @@ def test_bench_tpm_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         if system == "direct":
             assert "added_p50_us" not in c
             continue
-        direct = cells[(wl, "direct")]
-        assert c["added_p50_us"] == pytest.approx(c["p50_us"] - direct["p50_us"])
+        peer = cells[(wl, tpm_cells.PEER[system])]
+        assert c["peer"] == tpm_cells.PEER[system]
+        assert c["added_p50_us"] == pytest.approx(c["p50_us"] - peer["p50_us"])
         assert c["ratio_added_p50_to_pingpong"] == pytest.approx(c["added_p50_us"] / ref)
     assert cells[("getrandom32", "guest")]["backend_cpu_us_per_op"] is not None
+    assert cells[("getrandom32", "guest-asyncio")]["backend_cpu_us_per_op"] is not None
     targets = {t["target"]: t for t in data["targets"]}
     assert len(targets) == len(tpm_cells.COMMANDS)
     assert all(t["held"] in (True, False) and t["goal"] == 1.5 for t in targets.values())

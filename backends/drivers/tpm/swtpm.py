@@ -381,7 +381,10 @@ class Swtpm:
         self._drop_data()
         await self.ctrl(CMD_INIT, struct.pack(">I", 0), timeout=timeout)
         await self.set_locality(0, timeout=timeout)  # Startup is refused at localities 1-2 (TPM_RC_LOCALITY)
-        rsp = await self.command(TPM2_STARTUP_CLEAR if self.tpm2 else TPM12_STARTUP_CLEAR, timeout=timeout)
+        try:
+            rsp = await self.command(TPM2_STARTUP_CLEAR if self.tpm2 else TPM12_STARTUP_CLEAR, timeout=timeout)
+        finally:
+            self._drop_data()  # swtpm serves one data client at a time: leave it free for the guest's link
         rc = struct.unpack_from(">I", rsp, 6)[0]
         if rc not in (0, TPM2_RC_INITIALIZE if self.tpm2 else TPM12_INVALID_POSTINIT):
             raise SwtpmError(f"Startup after reset answered {rc:#x}")
