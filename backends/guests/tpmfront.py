@@ -64,6 +64,7 @@ class TpmFront:
         self.port: GuestPort | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._poller: select.poll | None = None
+        self._shr: memoryview | None = None  # the page, viewed once (read several times per command)
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events = 0
@@ -72,8 +73,10 @@ class TpmFront:
 
     @property
     def shr(self) -> memoryview:
-        assert self.page_no is not None
-        return self.guest.page_view(self.page_no)
+        if self._shr is None:
+            assert self.page_no is not None
+            self._shr = self.guest.page_view(self.page_no)
+        return self._shr
 
     @property
     def state(self) -> int:
@@ -276,6 +279,9 @@ class TpmFront:
                         except OSError:
                             await asyncio.sleep(0.01)
             self.ref = None
+        if self._shr is not None:
+            self._shr.release()
+            self._shr = None
         if self.page_no is not None:
             self.guest.free_page(self.page_no)
             self.page_no = None

@@ -29,6 +29,7 @@ import re
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PAGE_SIZE = 4096
 SHARED_HEADER = struct.Struct("<IBBBB")  # length, state, locality, pad, nr_extra_pages
@@ -56,6 +57,9 @@ class State(enum.IntEnum):
     SUBMIT = 1
     FINISH = 2
     CANCEL = 3
+
+
+_STATES = tuple(State)
 
 
 class Version(enum.Enum):
@@ -98,9 +102,9 @@ def response_code(rsp: bytes) -> int | None:
 # -- the page ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Page:
-    """The header of one private copy of the shared page (the data stays in the copy)."""
+class Page(NamedTuple):
+    """The header of one private copy of the shared page (the data stays in the copy).  A tuple: it is built
+    for every event, and a frozen dataclass costs several times more to build."""
 
     length: int
     state: int  # raw byte: may be outside State
@@ -116,18 +120,17 @@ class Page:
 def read_header(copy: bytes) -> Page:
     if len(copy) != PAGE_SIZE:
         raise ValueError(f"a page copy is {PAGE_SIZE} bytes, not {len(copy)}")
-    length, state, locality, pad, nr = SHARED_HEADER.unpack_from(copy, 0)
-    return Page(length, state, locality, pad, nr)
+    return Page._make(SHARED_HEADER.unpack_from(copy, 0))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Command:
     data: bytes
     locality: int
     ordinal: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reject:
     """A command the backend answers itself with a TPM error (the guest can act on it)."""
 
@@ -138,21 +141,21 @@ class Reject:
 def parse_command(copy: bytes, page: Page, version: Version, allowed: frozenset[int]) -> Command | Reject:
     """Validate a SUBMIT page (already copied into private memory).  Layout violations raise ProtocolError;
     a well-formed page whose command the TPM must not see gets a Reject."""
-    if page.nr_extra_pages:
-        raise ProtocolError(f"nr_extra_pages={page.nr_extra_pages}: extra pages are not supported")
-    off = page.data_offset
-    if page.length < TPM_HEADER_SIZE:
-        raise ProtocolError(f"length {page.length} is shorter than a TPM header")
-    if page.length > PAGE_SIZE - off:
-        raise ProtocolError(f"length {page.length} at offset {off} runs past the page")
-    data = copy[off:off + page.length]
+    length, _state, locality, _pad, nr_extra = page
+    if nr_extra:
+        raise ProtocolError(f"nr_extra_pages={nr_extra}: extra pages are not supported")
+    off = DATA_OFFSET  # no extra pages
+    if length < TPM_HEADER_SIZE:
+        raise ProtocolError(f"length {length} is shorter than a TPM header")
+    if length > PAGE_SIZE - off:
+        raise ProtocolError(f"length {length} at offset {off} runs past the page")
+    data = copy[off:off + length]
     _tag, size, ordinal = TPM_HEADER.unpack_from(data, 0)
-    codes = CODES[version]
-    if size != page.length:
-        return Reject(codes.size, f"command size field {size} != shared length {page.length}")
-    if page.locality >= MAX_LOCALITY or page.locality not in allowed:
-        return Reject(codes.locality, f"locality {page.locality} not allowed")
-    return Command(data=data, locality=page.locality, ordinal=ordinal)
+    if size != length:
+        return Reject(CODES[version].size, f"command size field {size} != shared length {length}")
+    if locality >= MAX_LOCALITY or locality not in allowed:
+        return Reject(CODES[version].locality, f"locality {locality} not allowed")
+    return Command(data, locality, ordinal)
 
 
 # -- TPM 1.2 commands to a TPM 2.0 vTPM (what Linux xen-tpmfront sends) -----------------------------------
@@ -289,17 +292,17 @@ class Phase(enum.Enum):
     CANCELLING = "cancelling"  # ... and the frontend asked to cancel it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Execute:
     command: Command
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CancelTpm:
     """Ask the TPM to cancel the running command (its answer is then dropped)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Respond:
     """Write `data` (may be empty) with `state` (FINISH or IDLE) and notify."""
 
@@ -307,24 +310,24 @@ class Respond:
     state: State
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Note:
     """Nothing for the frontend; count `reason` (storms, out-of-order states)."""
 
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fail:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClearNote:
     """Clear a restart note left behind by a daemon that died after writing an answer's state."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answered12:
     """A TPM 1.2 command to a TPM 2.0 vTPM, answered by the backend (tpm12_answer_on_tpm2): count it."""
 
@@ -360,7 +363,7 @@ class Machine:
         page = read_header(copy)
         if page.state > State.CANCEL:
             return [Fail(f"shared page state {page.state} is not a tpmif state")]
-        state = State(page.state)
+        state = _STATES[page.state]  # the members by value: State(n) is an enum lookup per event
         if self.phase is Phase.IDLE:
             if state is State.SUBMIT:
                 try:
