@@ -89,7 +89,7 @@ class VtpmData:
     evtchn: EventChannel | None = None
     locality: int | None = None  # what swtpm was last told
     link: SwtpmLink | None = None  # the data socket to swtpm while connected
-    inflight: asyncio.Future[None] | None = None  # done when the command taken from the page is answered
+    busy: bool = False  # a command taken from the page is not answered yet
     command_task: asyncio.Task[None] | None = None  # a command's slow start (restart wait, locality), if any
     cancel_task: asyncio.Task[None] | None = None
     restart_task: asyncio.Task[None] | None = None
@@ -124,7 +124,7 @@ class VtpmData:
                              **{f"tpm12_{k}": v for k, v in self.tpm12.items()}},
                 "errors": {k.replace(" ", "_"): v for k, v in self.notes.items()},
                 "latency_us_log2": list(self.hist) if any(self.hist) else [],
-                "inflight": int(self.inflight is not None and not self.inflight.done()),
+                "inflight": int(self.busy),
             }],
             "vtpm": self.summary(),
             "status": self.status_values(),
@@ -310,11 +310,12 @@ class VtpmDeviceClass:
         if data.evtchn is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(data.evtchn.fileno())
-        inflight = data.inflight
-        if inflight is not None and not inflight.done():
-            # Answer the command in flight while the page is still mapped; past DRAIN_S leave the restart note
-            # for whoever connects next.
-            await asyncio.wait({inflight}, timeout=DRAIN_S)
+        # Answer the command in flight while the page is still mapped; past DRAIN_S leave the restart note for
+        # whoever connects next.  Polled: a future per command to wait on here would cost every command.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_S
+        while data.busy and loop.time() < deadline:
+            await asyncio.sleep(0.005)
         task = data.command_task
         if task is not None and not task.done():
             task.cancel()
@@ -322,7 +323,8 @@ class VtpmDeviceClass:
                 await task
         for t in list(data.tasks):
             t.cancel()
-        data.command_task = data.inflight = None
+        data.command_task = None
+        data.busy = False
         if data.link is not None:
             data.link.close()  # an answer still owed goes nowhere: the note stays set
             data.link = None
@@ -413,7 +415,7 @@ class VtpmDeviceClass:
         from this callback, and the answer comes back through the link's reader callback: no task, no
         coroutine, no future to resume per command (those cost more daemon CPU than the whole event channel
         round trip).  A restart in progress or a locality change goes through a task first."""
-        data.inflight = asyncio.get_running_loop().create_future()
+        data.busy = True
         t0 = time.monotonic()
         restarting = data.restart_task is not None and not data.restart_task.done()
         if not restarting and data.locality == cmd.locality:
@@ -451,9 +453,7 @@ class VtpmDeviceClass:
             data.notes["tpm_error"] = data.notes.get("tpm_error", 0) + 1
             dev.log.warning("vtpm: swtpm failed under command %#x: %s", cmd.ordinal, exc)
         data.record(int((time.monotonic() - t0) * 1e6))
-        inflight, data.inflight = data.inflight, None
-        if inflight is not None and not inflight.done():
-            inflight.set_result(None)
+        data.busy = False
         if data.machine is None or data.view is None:
             return
         cancel_seen = data.view[OFF_STATE] == State.CANCEL  # one byte: IDLE rather than FINISH

@@ -37,8 +37,14 @@ class SwtpmLink:
         self.loop = loop or asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._buf = bytearray()
+        self._rbuf = bytearray(MAX_RESPONSE)
+        self._rview = memoryview(self._rbuf)
         self._done: Done | None = None
+        # One timer, re-armed lazily: per command only the deadline is set (a TimerHandle made and cancelled
+        # per command costs more than the rest of the send).
+        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._out = b""  # what a full socket buffer left unsent (a command is at most a page: never, in practice)
 
     @property
@@ -67,7 +73,9 @@ class SwtpmLink:
             self._out = data[n:]
             assert self._sock is not None
             self.loop.add_writer(self._sock.fileno(), self._writable)
-        self._timer = self.loop.call_later(timeout, self._timed_out)
+        self._deadline = self.loop.time() + timeout
+        if self._timer is None or self._timer_at > self._deadline:
+            self._arm()
 
     def close(self) -> None:
         """Drop the connection; a command in flight is forgotten (its callback is not called)."""
@@ -86,6 +94,12 @@ class SwtpmLink:
         self._sock = s
         self.loop.add_reader(s.fileno(), self._readable)
 
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._deadline
+        self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+
     def _drop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -103,9 +117,6 @@ class SwtpmLink:
 
     def _finish(self, rsp: bytes | None, exc: BaseException | None) -> None:
         done, self._done = self._done, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if exc is not None:
             self._drop()  # swtpm may still answer: that late answer must never meet the next command
         if done is not None:
@@ -129,13 +140,13 @@ class SwtpmLink:
         if self._sock is None:
             return
         try:
-            chunk = self._sock.recv(MAX_RESPONSE)
+            n = self._sock.recv_into(self._rbuf)
         except BlockingIOError:
             return
         except OSError as exc:
             self._fail(exc)
             return
-        if not chunk:
+        if not n:
             self._fail(LinkError(errno.ECONNRESET, "swtpm closed its data socket"))
             return
         if self._done is None:
@@ -143,7 +154,10 @@ class SwtpmLink:
             # was dropped then): swtpm is not speaking its protocol.
             self._fail(LinkError(errno.EPROTO, "swtpm sent data with no command in flight"))
             return
-        self._buf += chunk
+        if not self._buf and n >= _HEAD and struct.unpack_from(">I", self._rbuf, 2)[0] == n:
+            self._finish(bytes(self._rview[:n]), None)  # the whole answer in one read: the common case
+            return
+        self._buf += self._rview[:n]
         if len(self._buf) < _HEAD:
             return
         size = struct.unpack_from(">I", self._buf, 2)[0]
@@ -161,6 +175,11 @@ class SwtpmLink:
         else:
             self._finish(None, exc)
 
-    def _timed_out(self) -> None:
+    def _check_deadline(self) -> None:
         self._timer = None
+        if self._done is None:
+            return  # idle: the next send arms it again
+        if self.loop.time() < self._deadline:
+            self._arm()
+            return
         self._finish(None, TimeoutError("swtpm did not answer in time"))
