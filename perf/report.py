@@ -188,7 +188,11 @@ def tpm_markdown(result: dict[str, Any]) -> str:
         f"Plan: {result['plan']['reps']} repetition(s) x {result['plan']['rounds']} commands "
         f"(+{result['plan']['warmup']} warm-up) per cell; cells are medians over the repetitions.  ",
         "eventfd ping-pong: " + ", ".join(f"{m} p50 {r['p50_us']:.2f} us p99 {r['p99_us']:.2f} us"
-                                          for m, r in pp.items()) + f" (reference: {ref})",
+                                          for m, r in pp.items()) + f" (reference: {ref})  ",
+        "the same after the latency cells: " + ", ".join(f"{m} p50 {r['p50_us']:.2f} us"
+                                                         for m, r in (result.get("pingpong_after") or {}).items())
+        + "; 1-min load average: " + ", ".join(f"{k} {v:.1f}" for k, v in (result.get("loadavg_1min") or {}).items())
+        + "  ",
         "",
         "| command | path | cmds/s | p50 us | p99 us | CPU us/cmd | daemon CPU us/cmd | added p50 us | added p99 us | "
         "p50 vs peer | added p50 / ping-pong p50 |",

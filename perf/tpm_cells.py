@@ -468,6 +468,8 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
     from perf.bench_event import cpu_modes, pingpong
 
     pp: dict[str, Any] = {}
+    pp_after: dict[str, Any] = {}
+    load = {"before": os.getloadavg()[0]}
     for mode in cpu_modes():
         r = pingpong(mode, plan.pingpong_rounds)
         pp[mode] = r.__dict__
@@ -485,6 +487,13 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
                 samples = asyncio.run(run_latency(plan, work, run_dir, sim_dir, serve, progress))
             finally:
                 serve.close()
+            load["after_latency"] = os.getloadavg()[0]
+            # Again after the latency cells: on a shared machine the ping-pong moves by 2x within minutes, and
+            # the reader should see how far it moved around the cells it is the yardstick of.
+            for mode in cpu_modes():
+                r = pingpong(mode, plan.pingpong_rounds)
+                pp_after[mode] = r.__dict__
+                progress(f"eventfd ping-pong {mode} (after the latency cells): p50 {r.p50_us:.2f} us")
             if plan.scale_n:
                 serve = vtpm_serve(work, sim_dir, "scale", run_dir)
                 settings["scale"] = serve.settings
@@ -496,6 +505,7 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
                         scale = {"n": plan.scale_n, "error": str(exc)}
                 finally:
                     serve.close()
+                load["after_scale"] = os.getloadavg()[0]
     finally:
         if kill_leftover_swtpms(run_dir):
             progress("killed swtpm processes left behind")
@@ -503,8 +513,8 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
     # Added latency vs the ping-pong in the placement the path runs in: unpinned processes on a machine with
     # two CPUs or more meet across CPUs.
     ref = "cross-cpu" if "cross-cpu" in pp else "same-cpu"
-    return {"samples": [s.__dict__ for s in samples], "pingpong": pp, "pingpong_ref": ref, "scale": scale,
-            "serve_settings": settings}
+    return {"samples": [s.__dict__ for s in samples], "pingpong": pp, "pingpong_after": pp_after,
+            "pingpong_ref": ref, "scale": scale, "serve_settings": settings, "loadavg_1min": load}
 
 
 def relate_to(pingpong_p50_us: float) -> analysis.Relate:
@@ -572,7 +582,8 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
             "swtpm": runner.run_text(["swtpm", "--version"]),
             "serve_settings": raw["serve_settings"],
             "failures": list(runner.FAILURES),
-            "pingpong": raw["pingpong"], "pingpong_ref": raw["pingpong_ref"],
+            "pingpong": raw["pingpong"], "pingpong_after": raw["pingpong_after"],
+            "pingpong_ref": raw["pingpong_ref"], "loadavg_1min": raw["loadavg_1min"],
             "cells": cells, "targets": targets, "scale": raw["scale"], "samples": raw["samples"],
         }
         (out_dir / "bench-tpm.json").write_text(json.dumps(result, indent=1))

@@ -43,7 +43,8 @@ def test_bench_tpm_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert data["failures"] == []
     assert (out / "bench-tpm.md").read_text().startswith("Command: `pvback bench tpm (tiny)`")
     ref = data["pingpong"][data["pingpong_ref"]]["p50_us"]
-    assert ref > 0
+    assert ref > 0 and data["pingpong_after"][data["pingpong_ref"]]["p50_us"] > 0
+    assert set(data["loadavg_1min"]) == {"before", "after_latency", "after_scale"}
     cells = {(c["workload"], c["system"]): c for c in data["cells"]}
     assert set(cells) == {(w, s) for w in tpm_cells.COMMANDS for s in tpm_cells.SYSTEMS}
     for (wl, system), c in cells.items():
