@@ -44,6 +44,11 @@ TIMEOUT_C = 2.0
 DURATION = 120.0
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class TpmFrontError(OSError):
     pass
 
@@ -100,12 +105,14 @@ class TpmFront:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            self._waiter = loop.create_future()
+            # A bare future and a timer: asyncio.wait_for costs another future, callbacks and (3.11) a task's
+            # worth of work per wait.
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(deadline, _wake, waiter)
             try:
-                await asyncio.wait_for(self._waiter, left)
-            except TimeoutError:
-                pass
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         return True
 
