@@ -52,6 +52,9 @@ from perf.runner import Progress, Serve, simulator
 
 COMMANDS = ["getrandom32", "pcr_extend", "ecc_sign"]
 SYSTEMS = ["direct", "direct-asyncio", "guest", "guest-asyncio"]
+STORE = "tpm"  # unpinned: the processes go where the scheduler puts them; compared with the cross-CPU ping-pong
+STORE_1CPU = "tpm-1cpu"  # frontend, daemon and both swtpms on one vCPU; compared with the same-CPU ping-pong
+SYSTEMS_1CPU = ["direct", "guest"]
 PEER = {"direct-asyncio": "direct", "guest": "direct", "guest-asyncio": "direct-asyncio"}  # waits the same way
 TARGET_RATIO = 1.5
 
@@ -243,14 +246,28 @@ async def _timed(send: Send, cmd: bytes, rounds: int, warmup: int) -> tuple[list
     return lat, errors, (time.perf_counter_ns() - t0) / 1e9
 
 
-def _sample(cmd: str, system: str, rep: int, lat: list[int], errors: int, secs: float, cpu_s: float,
+def _sample(store: str, cmd: str, system: str, rep: int, lat: list[int], errors: int, secs: float, cpu_s: float,
             cpu_backend_s: float | None) -> Sample:
-    return Sample("tpm", cmd, system, rep, len(lat) / secs if secs else 0.0, 0.0, pct(lat, 0.50), pct(lat, 0.99),
+    return Sample(store, cmd, system, rep, len(lat) / secs if secs else 0.0, 0.0, pct(lat, 0.50), pct(lat, 0.99),
                   pct(lat, 0.999), cpu_s, cpu_backend_s, secs, errors)
 
 
-async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serve: Serve,
-                      progress: Progress) -> list[Sample]:
+async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serve: Serve, progress: Progress, *,
+                      store: str = STORE, systems: list[str] = SYSTEMS, cpu: int | None = None) -> list[Sample]:
+    """The latency cells of `systems`.  `cpu`: this process (the frontend and the direct clients) and the
+    direct swtpm run on that vCPU only (the caller pins `serve`, whose swtpm inherits it)."""
+    if cpu is None:
+        return await _run_latency(plan, work, run_dir, sim_dir, serve, progress, store, systems)
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return await _run_latency(plan, work, run_dir, sim_dir, serve, progress, store, systems)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+async def _run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serve: Serve, progress: Progress,
+                       store: str, systems: list[str]) -> list[Sample]:
     from backends.drivers.tpm.swtpm import Swtpm, SwtpmPaths, ensure_state, private_setup_config
     from backends.guests.guest import Guest
     from backends.guests.tpmfront import TpmFront
@@ -260,7 +277,7 @@ async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serv
 
     samples: list[Sample] = []
     # The direct swtpm: the driver sets it up and starts it as the daemon would.
-    paths = SwtpmPaths(state_dir=work / "direct-state", run_dir=run_dir / "direct")
+    paths = SwtpmPaths(state_dir=work / "direct-state", run_dir=run_dir / f"direct-{store}")
     t0 = time.monotonic()
     await ensure_state(paths.state_dir, tpm2=True, vmid="bench-direct",
                        setup_config=await asyncio.to_thread(private_setup_config, work / "ca"))
@@ -268,7 +285,7 @@ async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serv
     await sw.start()
     progress(f"direct swtpm pid {sw.pid} up in {time.monotonic() - t0:.2f} s")
     dom0 = await XenStoreClient.connect(str(sim_dir / "xenstored.sock"))
-    guest = await asyncio.to_thread(Guest.in_sim, sim_dir, name="bench-tpm", mem_pages=64, gnt_entries=64)
+    guest = await asyncio.to_thread(Guest.in_sim, sim_dir, name=f"bench-{store}", mem_pages=64, gnt_entries=64)
     assert guest.xenstore_sock is not None
     gxs = await XenStoreClient.from_socket(guest.xenstore_sock)
     front: TpmFront | None = None
@@ -303,7 +320,7 @@ async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serv
         keys = {"direct": direct_key, "direct-asyncio": direct_key, "guest": guest_key, "guest-asyncio": guest_key}
         for rep in range(plan.reps):
             for cmd_name in COMMANDS:
-                for system in SYSTEMS:
+                for system in systems:
                     cmd = command_bytes(cmd_name, keys[system])
                     blocking = DirectTpm(paths.sock) if system == "direct" else None
                     aio = await AioTpm.open(paths.sock) if system == "direct-asyncio" else None
@@ -321,9 +338,9 @@ async def run_latency(plan: Plan, work: Path, run_dir: Path, sim_dir: Path, serv
                     # CPU of the frontend/client (this process) and, on the guest path, the daemon; swtpm's own
                     # is the same work on every path and is left out.
                     be = (b1 - b0) / 1e9 if system.startswith("guest") else None
-                    s = _sample(cmd_name, system, rep, lat, errors, secs, (c1 - c0) + (be or 0.0), be)
+                    s = _sample(store, cmd_name, system, rep, lat, errors, secs, (c1 - c0) + (be or 0.0), be)
                     samples.append(s)
-                    progress(f"{cmd_name:11s} {system:14s} rep {rep}: p50 {s.p50_us:8.1f} us p99 "
+                    progress(f"{store:8s} {cmd_name:11s} {system:14s} rep {rep}: p50 {s.p50_us:8.1f} us p99 "
                              f"{s.p99_us:8.1f} us ({s.iops:7.0f}/s, {errors} errors)")
         with contextlib.suppress(Exception):
             await guest_send(flush_context(keys["guest"]))
@@ -457,11 +474,11 @@ def kill_leftover_swtpms(run_dir: Path) -> int:
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
-def vtpm_serve(work: Path, sim_dir: Path, name: str, run_dir: Path) -> Serve:
+def vtpm_serve(work: Path, sim_dir: Path, name: str, run_dir: Path, *, cpus: set[int] | None = None) -> Serve:
     vtpm: dict[str, int | str] = {"state_dir": str(work / f"state-{name}"), "run_dir": str(run_dir),
                                   "localities": "0"}
     return Serve(work, sim_dir, name, serve_keys={"backend_types": ["vtpm"]}, sections={"vtpm": vtpm},
-                 settings={"backend_types": ["vtpm"], **vtpm})
+                 settings={"backend_types": ["vtpm"], **vtpm}, cpus=cpus)
 
 
 def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
@@ -485,6 +502,15 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
             settings["lat"] = serve.settings
             try:
                 samples = asyncio.run(run_latency(plan, work, run_dir, sim_dir, serve, progress))
+            finally:
+                serve.close()
+            # Everything on one vCPU: the placement the same-CPU ping-pong is measured in (its parent's CPU).
+            cpu = cpu_modes()["same-cpu"][0]
+            serve = vtpm_serve(work, sim_dir, "lat1cpu", run_dir, cpus={cpu})
+            settings["lat1cpu"] = {**serve.settings, "cpus": [cpu]}
+            try:
+                samples += asyncio.run(run_latency(plan, work, run_dir, sim_dir, serve, progress, store=STORE_1CPU,
+                                                   systems=SYSTEMS_1CPU, cpu=cpu))
             finally:
                 serve.close()
             load["after_latency"] = os.getloadavg()[0]
@@ -517,7 +543,9 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
             "pingpong_ref": ref, "scale": scale, "serve_settings": settings, "loadavg_1min": load}
 
 
-def relate_to(pingpong_p50_us: float) -> analysis.Relate:
+def relate_to(pingpong_p50_us: Mapping[str, float]) -> analysis.Relate:
+    """Added latency against the peer path, as a ratio to the ping-pong of the store's placement."""
+
     def relate(c: Cell, by: Mapping[CellKey, Cell]) -> None:
         if c["system"] not in PEER:
             return
@@ -528,13 +556,14 @@ def relate_to(pingpong_p50_us: float) -> analysis.Relate:
         c["added_p99_us"] = c["p99_us"] - peer["p99_us"]
         c["ratio_p50_to_direct"] = c["p50_us"] / peer["p50_us"]
         c["peer"] = PEER[c["system"]]
-        c["pingpong_p50_us"] = pingpong_p50_us
-        c["ratio_added_p50_to_pingpong"] = c["added_p50_us"] / pingpong_p50_us if pingpong_p50_us else None
+        pp = pingpong_p50_us.get(c["store"], 0.0)
+        c["pingpong_p50_us"] = pp
+        c["ratio_added_p50_to_pingpong"] = c["added_p50_us"] / pp if pp else None
 
     return relate
 
 
-def aggregate(samples: list[dict[str, Any]], pingpong_p50_us: float) -> list[Cell]:
+def aggregate(samples: list[dict[str, Any]], pingpong_p50_us: Mapping[str, float]) -> list[Cell]:
     return analysis.aggregate(samples, relate=relate_to(pingpong_p50_us), workload_order=COMMANDS)
 
 
@@ -542,7 +571,8 @@ def evaluate_targets(cells: list[Cell], scale: dict[str, Any]) -> list[dict[str,
     t = Targets()
     for c in cells:
         if c["system"] == "guest" and c.get("ratio_added_p50_to_pingpong") is not None:
-            t.add(f"vtpm {c['workload']} added p50 vs eventfd ping-pong", c["ratio_added_p50_to_pingpong"],
+            where = "unpinned" if c["store"] == STORE else "one vCPU"
+            t.add(f"vtpm {c['workload']} added p50 vs eventfd ping-pong ({where})", c["ratio_added_p50_to_pingpong"],
                   TARGET_RATIO, f"guest {c['p50_us']:.1f} us - direct {c['p50_us'] - c['added_p50_us']:.1f} us = "
                   f"{c['added_p50_us']:.1f} us vs ping-pong {c['pingpong_p50_us']:.2f} us", higher=False)
     return t.rows
@@ -571,7 +601,8 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
                  f"{plan.reps} rep(s) x {plan.rounds} commands per cell, scale N = {plan.scale_n}")
         runner.FAILURES.clear()
         raw = run_all(plan, work, progress)
-        pp_p50 = float(raw["pingpong"][raw["pingpong_ref"]]["p50_us"])
+        pp = raw["pingpong"]
+        pp_p50 = {STORE: float(pp[raw["pingpong_ref"]]["p50_us"]), STORE_1CPU: float(pp["same-cpu"]["p50_us"])}
         cells = aggregate(raw["samples"], pp_p50)
         targets = evaluate_targets(cells, raw["scale"])
         result = {

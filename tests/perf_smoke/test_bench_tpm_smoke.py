@@ -45,22 +45,25 @@ def test_bench_tpm_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     ref = data["pingpong"][data["pingpong_ref"]]["p50_us"]
     assert ref > 0 and data["pingpong_after"][data["pingpong_ref"]]["p50_us"] > 0
     assert set(data["loadavg_1min"]) == {"before", "after_latency", "after_scale"}
-    cells = {(c["workload"], c["system"]): c for c in data["cells"]}
-    assert set(cells) == {(w, s) for w in tpm_cells.COMMANDS for s in tpm_cells.SYSTEMS}
-    for (wl, system), c in cells.items():
+    refs = {tpm_cells.STORE: ref, tpm_cells.STORE_1CPU: data["pingpong"]["same-cpu"]["p50_us"]}
+    cells = {(c["store"], c["workload"], c["system"]): c for c in data["cells"]}
+    assert set(cells) == ({(tpm_cells.STORE, w, s) for w in tpm_cells.COMMANDS for s in tpm_cells.SYSTEMS}
+                          | {(tpm_cells.STORE_1CPU, w, s) for w in tpm_cells.COMMANDS for s in tpm_cells.SYSTEMS_1CPU})
+    for (store, wl, system), c in cells.items():
         assert c["n"] == 1 and c["errors"] == 0 and c["iops"] > 0
         assert 0 < c["p50_us"] <= c["p99_us"]
         if system == "direct":
             assert "added_p50_us" not in c
             continue
-        peer = cells[(wl, tpm_cells.PEER[system])]
+        peer = cells[(store, wl, tpm_cells.PEER[system])]
         assert c["peer"] == tpm_cells.PEER[system]
         assert c["added_p50_us"] == pytest.approx(c["p50_us"] - peer["p50_us"])
-        assert c["ratio_added_p50_to_pingpong"] == pytest.approx(c["added_p50_us"] / ref)
-    assert cells[("getrandom32", "guest")]["backend_cpu_us_per_op"] is not None
-    assert cells[("getrandom32", "guest-asyncio")]["backend_cpu_us_per_op"] is not None
+        assert c["ratio_added_p50_to_pingpong"] == pytest.approx(c["added_p50_us"] / refs[store])
+    for store in refs:
+        assert cells[(store, "getrandom32", "guest")]["backend_cpu_us_per_op"] is not None
+    assert cells[(tpm_cells.STORE, "getrandom32", "guest-asyncio")]["backend_cpu_us_per_op"] is not None
     targets = {t["target"]: t for t in data["targets"]}
-    assert len(targets) == len(tpm_cells.COMMANDS)
+    assert len(targets) == 2 * len(tpm_cells.COMMANDS)
     assert all(t["held"] in (True, False) and t["goal"] == 1.5 for t in targets.values())
     sc = data["scale"]
     assert sc["n"] == 2 and "error" not in sc and len(sc["startup_s"]) == 2
