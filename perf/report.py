@@ -206,9 +206,10 @@ def tpm_markdown(result: dict[str, Any]) -> str:
             f"{f2(c.get('added_p99_us'))} | "
             f"{f2(c.get('ratio_p50_to_direct'))} | {f2(c.get('ratio_added_p50_to_pingpong'))} |")
     lines += ["", "added = p50 - the p50 of the direct path that waits the same way (peer): guest vs direct (both "
-                  "block in poll/recv), guest-asyncio and direct-asyncio vs direct (from an asyncio loop).  Unpinned "
-                  "rows are related to the cross-CPU ping-pong; (1 vCPU) rows (frontend, daemon and swtpm pinned to "
-                  "one vCPU, like the direct client and its swtpm) to the same-CPU ping-pong."]
+                  "block in poll/recv), guest-asyncio vs direct-asyncio (both wait from an asyncio loop), "
+                  "direct-asyncio vs direct.  Unpinned rows are related to the cross-CPU ping-pong; (1 vCPU) rows "
+                  "(frontend, daemon and swtpm pinned to one vCPU, like the direct client and its swtpm) to the "
+                  "same-CPU ping-pong."]
     sc = result.get("scale") or {}
     if sc and "error" not in sc:
         lines += ["", f"Scale: {sc['n']} vTPMs attached at once (attach -> first answered command; "
