@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -203,6 +204,35 @@ def test_no_swtpm_is_reported_through_the_callback(sock_path: Path) -> None:
         assert rsp is None and isinstance(exc, FileNotFoundError)
         assert not link.busy
         link.close()
+
+    run(main())
+
+
+def test_a_full_backlog_is_reported_through_the_callback(sock_path: Path) -> None:
+    """A non-blocking connect to a listener that accepts nothing fails with EAGAIN once its backlog is full."""
+
+    async def main() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(sock_path))
+            server.listen(0)
+            fillers: list[socket.socket] = []
+            try:
+                while True:
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    fillers.append(c)
+                    try:
+                        c.connect(str(sock_path))
+                    except BlockingIOError:
+                        break
+                    assert len(fillers) < 64
+                link = SwtpmLink(sock_path)
+                rsp, exc = await transmit(link)
+                assert rsp is None and isinstance(exc, BlockingIOError)
+                assert not link.busy
+                link.close()
+            finally:
+                for c in fillers:
+                    c.close()
 
     run(main())
 

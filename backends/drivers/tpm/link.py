@@ -61,8 +61,12 @@ class SwtpmLink:
         self._buf.clear()
         try:
             if self._sock is None:
-                self._connect()
-            assert self._sock is not None
+                self._connect()  # EAGAIN here (swtpm's backlog is full) is a failure like any other
+        except OSError as exc:
+            self._finish(None, exc)
+            return
+        assert self._sock is not None
+        try:
             n = self._sock.send(data)
         except BlockingIOError:
             n = 0
