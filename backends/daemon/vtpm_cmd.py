@@ -28,7 +28,8 @@ def add_parsers(sub: Any) -> None:
     for name, text in (("create", "provision a vTPM: a new state key bound to a domain UUID and devid"),
                        ("list", "every provisioned vTPM"),
                        ("show", "one vTPM's binding"),
-                       ("delete", "crypto-shred a vTPM: its key, and its state directory")):
+                       ("delete", "crypto-shred a vTPM: its key, and its state directory"),
+                       ("rotate", "a new KEK: every state key re-wrapped under it (NV untouched)")):
         o = ops.add_parser(name, help=text)
         o.add_argument("--socket", help="the manager's socket (default: [vtpm] manager_socket, else "
                                         "/run/pvback/vtpm-manager.sock)")
@@ -73,7 +74,14 @@ def cmd_vtpm(args: argparse.Namespace, cfg: Any) -> int:
     from backends.drivers.tpm.keymgr import ManagerError, request
 
     msg: dict[str, Any] = {"op": args.op}
-    if args.op != "list":
+    if args.op == "rotate":
+        try:
+            answer = asyncio.run(request(_socket(args, cfg), msg, timeout=300.0))
+        except ManagerError as exc:
+            raise CliError(str(exc)) from None
+        print(f"KEK rotated: {answer['records']} vTPM key(s) re-wrapped")
+        return 0
+    if args.op not in ("list", "rotate"):
         if getattr(args, "vtpm_uuid", None) and args.op != "create":
             msg["vtpm_uuid"] = args.vtpm_uuid
         elif not args.domain_uuid:

@@ -135,8 +135,9 @@ def _primary(tcti: str, work: Path) -> Path:
     return ctx
 
 
-def seal(kek: bytes | bytearray, *, tcti: str, pcrs: str, out_dir: Path) -> None:
-    """Seal `kek` under the current values of `pcrs` into out_dir/kek.pub + kek.priv (useless off this TPM)."""
+def seal(kek: bytes | bytearray, *, tcti: str, pcrs: str, out_dir: Path, stem: str = "kek") -> None:
+    """Seal `kek` under the current values of `pcrs` into out_dir/<stem>.pub + <stem>.priv (useless off this
+    TPM)."""
     with tempfile.TemporaryDirectory(prefix="pvback-seal-") as tmp:
         work = Path(tmp)
         _tpm2(["tpm2_flushcontext", "-t"], tcti, cwd=work)
@@ -144,7 +145,7 @@ def seal(kek: bytes | bytearray, *, tcti: str, pcrs: str, out_dir: Path) -> None
         _tpm2(["tpm2_flushcontext", "-t"], tcti, cwd=work)
         policy = work / "pcr.policy"
         _tpm2(["tpm2_createpolicy", "--policy-pcr", "-l", pcrs, "-L", str(policy)], tcti, cwd=work)
-        pub, priv = out_dir / "kek.pub.tmp", out_dir / "kek.priv.tmp"
+        pub, priv = out_dir / f"{stem}.pub.tmp", out_dir / f"{stem}.priv.tmp"
         _tpm2(["tpm2_create", "-C", str(primary), "-L", str(policy), "-a", "fixedtpm|fixedparent|adminwithpolicy",
                "-i", "-", "-u", str(pub), "-r", str(priv)], tcti, stdin=bytes(kek), cwd=work)
         _tpm2(["tpm2_flushcontext", "-t"], tcti, cwd=work)
@@ -153,10 +154,10 @@ def seal(kek: bytes | bytearray, *, tcti: str, pcrs: str, out_dir: Path) -> None
             f.rename(f.with_suffix(""))
 
 
-def unseal(*, tcti: str, pcrs: str, blob_dir: Path) -> bytearray:
-    pub, priv = blob_dir / "kek.pub", blob_dir / "kek.priv"
+def unseal(*, tcti: str, pcrs: str, blob_dir: Path, stem: str = "kek") -> bytearray:
+    pub, priv = blob_dir / f"{stem}.pub", blob_dir / f"{stem}.priv"
     if not pub.exists() or not priv.exists():
-        raise KekError(f"no sealed KEK in {blob_dir} (kek.pub/kek.priv)")
+        raise KekError(f"no sealed KEK in {blob_dir} ({stem}.pub/{stem}.priv)")
     with tempfile.TemporaryDirectory(prefix="pvback-unseal-") as tmp:
         work = Path(tmp)
         with contextlib.suppress(KekError):

@@ -27,14 +27,14 @@ from backends.drivers.tpm.keymgr import MAX_MESSAGE, ManagerError, b64, decode, 
 from backends.vtpmmgr import kek as keksrc
 from backends.vtpmmgr.config import ManagerConfig
 from backends.vtpmmgr.identity import IdentityError, identify
-from backends.vtpmmgr.store import NotProvisioned, Record, Store, StoreError, check_private_dir
+from backends.vtpmmgr.store import NotProvisioned, Record, Store, StoreError, check_private_dir, shred
 from backends.xenstore.client import XenStoreClient, XenStoreError
 
 log = logging.getLogger("pvback.vtpm-manager")
 
 REQUEST_TIMEOUT_S = 10.0
 RELEASE_OPS = frozenset({"release", "initialized"})
-ADMIN_OPS = frozenset({"create", "list", "show", "delete", "ping"})
+ADMIN_OPS = frozenset({"create", "list", "show", "delete", "ping", "rotate"})
 
 
 class ManagerFatal(Exception):
@@ -83,6 +83,8 @@ def obtain_kek(cfg: ManagerConfig, store: Store, *, init: bool, passphrase_fd: i
                                    f"{cfg.kek_source!r}")
             if cfg.kek_source == "file":
                 kek = keksrc.read_key_file(Path(cfg.kek_file))
+                if not store.check_kek(kek) and _pending_file(cfg).exists():
+                    kek = _finish_rotation(cfg, store)
             elif cfg.kek_source == "passphrase":
                 phrase = keksrc.read_passphrase(passphrase_fd)
                 try:
@@ -90,12 +92,66 @@ def obtain_kek(cfg: ManagerConfig, store: Store, *, init: bool, passphrase_fd: i
                 finally:
                     phrase[:] = bytes(len(phrase))
             else:
-                kek = keksrc.unseal(tcti=cfg.tpm_tcti, pcrs=str(meta.get("pcrs", cfg.tpm_pcrs)),
-                                    blob_dir=state_dir)
+                pcrs = str(meta.get("pcrs", cfg.tpm_pcrs))
+                if (state_dir / "kek.new.pub").exists():  # a rotation may have committed before its rename
+                    with contextlib.suppress(keksrc.KekError):
+                        nxt = keksrc.unseal(tcti=cfg.tpm_tcti, pcrs=pcrs, blob_dir=state_dir, stem="kek.new")
+                        if store.check_kek(nxt):
+                            for ext in (".pub", ".priv"):
+                                (state_dir / f"kek.new{ext}").rename(state_dir / f"kek{ext}")
+                            log.warning("completed an interrupted KEK rotation")
+                kek = keksrc.unseal(tcti=cfg.tpm_tcti, pcrs=pcrs, blob_dir=state_dir)
         store.open(kek)
+        store.drop_stale_generations()
     except (keksrc.KekError, StoreError) as exc:
         raise ManagerFatal(str(exc)) from None
     return kek
+
+
+def _pending_file(cfg: ManagerConfig) -> Path:
+    path = Path(cfg.kek_file)
+    return path.with_name(path.name + ".new")
+
+
+def _finish_rotation(cfg: ManagerConfig, store: Store) -> bytearray:
+    """The key file does not open the store but <kek_file>.new does: a rotation committed the store and
+    stopped before renaming the new key file into place.  Finish it."""
+    nxt = keksrc.read_key_file(_pending_file(cfg))
+    if not store.check_kek(nxt):
+        raise keksrc.KekError(f"neither {cfg.kek_file} nor {_pending_file(cfg)} is the store's KEK")
+    _pending_file(cfg).rename(cfg.kek_file)
+    log.warning("completed an interrupted KEK rotation", extra={"kek_file": cfg.kek_file})
+    return nxt
+
+
+def rotate_kek(cfg: ManagerConfig, store: Store) -> int:
+    """A new KEK from the configured source; every record re-wrapped under it (state keys and so the vTPMs'
+    NV unchanged).  The new KEK is saved beside the old one first, the store then switches generation in one
+    rename, and only then does the new KEK replace the old: a crash anywhere leaves a store that opens."""
+    new = bytearray(os.urandom(keksrc.KEK_BYTES))
+    try:
+        if cfg.kek_source == "file":
+            nxt = _pending_file(cfg)
+            shred(nxt)  # a rotation that died before its commit: the store never used that key
+            fd = os.open(nxt, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, new)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            n = store.set_kek("file", new, {})
+            nxt.rename(cfg.kek_file)
+        elif cfg.kek_source == "tpm":
+            state_dir = Path(cfg.state_dir)
+            keksrc.seal(new, tcti=cfg.tpm_tcti, pcrs=cfg.tpm_pcrs, out_dir=state_dir, stem="kek.new")
+            n = store.set_kek("tpm", new, {"pcrs": cfg.tpm_pcrs})  # the config's PCRs from now on
+            for ext in (".pub", ".priv"):
+                (state_dir / f"kek.new{ext}").rename(state_dir / f"kek{ext}")
+        else:
+            raise Refused("rotating a passphrase KEK is not supported yet: make a new store and import")
+    except keksrc.KekError as exc:
+        raise Refused(f"cannot rotate the KEK: {exc}") from None
+    return n
 
 
 class Manager:
@@ -106,6 +162,9 @@ class Manager:
         self.server: asyncio.AbstractServer | None = None
         self.requests = 0
         self.refusals = 0
+        # One request at a time past the peer check: a KEK rotation (in a thread) must not interleave with a
+        # release reading the generation it replaces.  Requests are rare (one per vTPM start).
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         path = Path(self.cfg.socket)
@@ -148,7 +207,8 @@ class Manager:
                 line = await reader.readline()
             msg = decode(line)
             op = str(msg.get("op", ""))
-            answer = {"ok": True, **await self._handle(op, msg, uid)}
+            async with self._lock:
+                answer = {"ok": True, **await self._handle(op, msg, uid)}
             log.info("request", extra={"op": op, "peer_uid": uid, "peer_pid": pid,
                                        "backend": msg.get("backend"), "result": "ok"})
         except (Refused, StoreError, IdentityError, ManagerError, XenStoreError) as exc:
@@ -203,6 +263,10 @@ class Manager:
             return {"record": rec.public()}
         if op == "list":
             return {"records": [r.public() for r in self.store.records()]}
+        if op == "rotate":
+            n = await asyncio.to_thread(rotate_kek, self.cfg, self.store)
+            log.info("KEK rotated", extra={"records": n, "kek_source": self.cfg.kek_source})
+            return {"records": n}
         rec = self._named(msg)
         if op == "show":
             return {"record": rec.public()}

@@ -143,6 +143,11 @@ def shred(path: Path) -> None:
         _fsync_dir(path.parent)
 
 
+def _write_meta(gen: Path, source: str, kek: bytes | bytearray, extra: dict[str, Any]) -> None:
+    meta = {"version": 1, "source": source, **extra, "check": wrap(kek, CHECK_PLAINTEXT, b"kek-check")}
+    _write_atomic(gen / "kek.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
 def check_private_dir(path: Path, *, create: bool) -> None:
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,13 +165,44 @@ def check_private_dir(path: Path, *, create: bool) -> None:
 
 
 class Store:
-    """Records under <dir>/keys, the KEK's description and check value in <dir>/kek.json."""
+    """Records and the KEK's description and check value (kek.json) in one generation directory,
+    <dir>/keys.<n>, which the symlink <dir>/keys names.  A KEK rotation writes generation n+1 whole (every
+    record re-wrapped, a new check value) and then replaces the symlink in one rename: a crash leaves either
+    generation complete, never a mix of records under two KEKs."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.keys = directory / "keys"
-        self.meta_path = directory / "kek.json"
+        self.link = directory / "keys"
         self._kek: bytearray | None = None
+
+    @property
+    def keys(self) -> Path:
+        return self.dir / os.readlink(self.link) if self.link.is_symlink() else self.link
+
+    @property
+    def meta_path(self) -> Path:
+        return self.keys / "kek.json"
+
+    def _new_generation(self) -> Path:
+        gens = [int(p.name.split(".", 1)[1]) for p in self.dir.glob("keys.*") if p.name.split(".", 1)[1].isdigit()]
+        gen = self.dir / f"keys.{max(gens, default=0) + 1}"
+        gen.mkdir(mode=0o700)
+        return gen
+
+    def _commit(self, gen: Path) -> None:
+        """Point `keys` at `gen` (rename of a new symlink over the old one: atomic), then drop the old one."""
+        old = self.keys if self.link.is_symlink() else None
+        _fsync_dir(gen)
+        tmp = self.dir / ".keys.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(gen.name, tmp)
+        tmp.rename(self.link)
+        _fsync_dir(self.dir)
+        if old is not None and old != gen:
+            for f in old.iterdir():
+                shred(f)
+            old.rmdir()
 
     # -- KEK ----------------------------------------------------------------------------------------------
 
@@ -185,44 +221,61 @@ class Store:
     def initialise(self, source: str, kek: bytes | bytearray, extra: dict[str, Any]) -> None:
         """A new store (refuses an existing one)."""
         check_private_dir(self.dir, create=True)
-        if self.meta_path.exists():
+        if self.link.exists() or self.link.is_symlink():
             raise StoreError(f"{self.dir} already holds a store: refusing to replace its KEK")
-        self.keys.mkdir(mode=0o700, exist_ok=True)
-        meta = {"version": 1, "source": source, **extra,
-                "check": wrap(kek, CHECK_PLAINTEXT, b"kek-check")}
-        _write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+        gen = self._new_generation()
+        _write_meta(gen, source, kek, extra)
+        self._commit(gen)
 
     def open(self, kek: bytearray) -> None:
         """Take the KEK if it is the store's; a wrong one is refused before any record is read."""
         check_private_dir(self.dir, create=False)
         check_private_dir(self.keys, create=False)
-        meta = self.meta()
-        try:
-            ok = unwrap(kek, str(meta.get("check", "")), b"kek-check") == CHECK_PLAINTEXT
-        except StoreError:
-            ok = False
-        if not ok:
+        if not self.check_kek(kek):
             raise StoreError("this is not the store's KEK (wrong key file, passphrase, or host TPM state): "
                              "refusing to serve keys")
         self._kek = kek
 
     def set_kek(self, source: str, kek: bytearray, extra: dict[str, Any]) -> int:
-        """Rotate the KEK: every record re-wrapped under the new one (keys unchanged, so NV is untouched),
-        then the check value; returns the number of records."""
+        """Rotate the KEK: a new generation with every record re-wrapped under the new one (the state keys
+        are unchanged, so every vTPM's NV is untouched), committed at once; returns the number of records."""
         old = self._need_kek()
+        gen = self._new_generation()
         n = 0
-        for rec in list(self.records()):
-            key = unwrap(old, rec.wrapped, rec.binding())
-            try:
-                rec.wrapped = wrap(kek, key, rec.binding())
-            finally:
-                key[:] = bytes(len(key))
-            self._save(rec)
-            n += 1
-        meta = {"version": 1, "source": source, **extra, "check": wrap(kek, CHECK_PLAINTEXT, b"kek-check")}
-        _write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+        try:
+            for rec in list(self.records()):
+                key = unwrap(old, rec.wrapped, rec.binding())
+                try:
+                    rec.wrapped = wrap(kek, key, rec.binding())
+                finally:
+                    key[:] = bytes(len(key))
+                _write_atomic(gen / self._path(rec.domain_uuid, rec.devid).name,
+                              json.dumps(asdict(rec), indent=1, sort_keys=True).encode())
+                n += 1
+            _write_meta(gen, source, kek, extra)
+        except BaseException:
+            for f in gen.iterdir():
+                shred(f)
+            gen.rmdir()
+            raise
+        self._commit(gen)
         self._kek = kek
         return n
+
+    def drop_stale_generations(self) -> None:
+        """Generations a rotation wrote but never committed (it died before the rename)."""
+        live = self.keys
+        for g in self.dir.glob("keys.*"):
+            if g.is_dir() and not g.is_symlink() and g != live:
+                for f in g.iterdir():
+                    shred(f)
+                g.rmdir()
+
+    def check_kek(self, kek: bytes | bytearray) -> bool:
+        try:
+            return unwrap(kek, str(self.meta().get("check", "")), b"kek-check") == CHECK_PLAINTEXT
+        except StoreError:
+            return False
 
     def _need_kek(self) -> bytearray:
         if self._kek is None:
@@ -239,7 +292,7 @@ class Store:
                       json.dumps(asdict(rec), indent=1, sort_keys=True).encode())
 
     def records(self) -> Iterator[Record]:
-        for p in sorted(self.keys.glob("*.json")):
+        for p in sorted(self.keys.glob("*.*.json")):  # <uuid>.<devid>.json, not kek.json
             yield self._load(p)
 
     def _load(self, path: Path) -> Record:

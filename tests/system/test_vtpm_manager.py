@@ -352,13 +352,19 @@ async def test_wrong_kek_and_a_key_that_does_not_open_the_state_never_make_a_fre
     assert not mbed.state_dir(vtpm2).exists()
 
 
-async def test_manager_restart_keeps_bindings_and_only_the_release_uid_gets_keys(mbed: MgrBed) -> None:
+async def test_manager_restart_and_kek_rotation_keep_bindings_and_only_the_release_uid_gets_keys(
+        mbed: MgrBed) -> None:
     bed = mbed.bed
     g, xs, dom = await mbed.vm("keeper")
     vtpm_uuid = await mbed.provision(dom)
     v = await mbed.mtpm(g, xs, vtpm_uuid)
     await nv_write(bed, v)
     await bed.detach_tpm(v)
+    old_kek = mbed.m.kek.read_bytes()
+    rot = await asyncio.to_thread(subprocess.run, [*PY, "vtpm", "rotate", "--socket", str(mbed.m.socket)],
+                                  capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60)
+    assert rot.returncode == 0 and "1 vTPM key(s) re-wrapped" in rot.stdout, rot.stderr
+    assert mbed.m.kek.read_bytes() != old_kek
     assert mbed.m.stop() == 0
     await asyncio.to_thread(mbed.m.start)
     v = await mbed.mtpm(g, xs, vtpm_uuid)

@@ -145,3 +145,59 @@ def test_passphrase_kek_from_an_fd(tmp_path: Path) -> None:
     a = keksrc.from_passphrase(phrase, salt)
     assert len(a) == 32 and a == keksrc.from_passphrase(b"correct horse", salt)
     assert a != keksrc.from_passphrase(b"correct horsf", salt)
+
+
+def test_a_rotation_interrupted_after_its_commit_is_finished_at_start(tmp_path: Path) -> None:
+    """The store switched to the new KEK but the new key file was not renamed into place yet: the next start
+    finds <kek_file>.new, checks it against the store and finishes; a stale .new from a rotation that never
+    committed is ignored and a stale generation dropped."""
+    from backends.vtpmmgr.config import ManagerConfig
+    from backends.vtpmmgr.server import obtain_kek, rotate_kek
+
+    cfg = ManagerConfig(state_dir=str(tmp_path / "mgr"), kek_file=str(tmp_path / "kek"))
+    s = Store(Path(cfg.state_dir))
+    obtain_kek(cfg, s, init=True, passphrase_fd=None)
+    key = os.urandom(32)
+    s.create(DOM, 0, vtpm_uuid=VTPM, key=key)
+    old_kek = (tmp_path / "kek").read_bytes()
+    assert rotate_kek(cfg, s) == 1
+    assert (tmp_path / "kek").read_bytes() != old_kek and not (tmp_path / "kek.new").exists()
+    assert sorted(p.name for p in (tmp_path / "mgr").iterdir()) == ["keys", "keys.2"]
+
+    # Crash between the commit and the rename: redo the commit by hand and put the old key file back.
+    new_kek = bytearray(os.urandom(32))
+    (tmp_path / "kek.new").write_bytes(new_kek)
+    os.chmod(tmp_path / "kek.new", 0o600)
+    s.set_kek("file", bytearray(new_kek), {})
+    (Path(cfg.state_dir) / "keys.9").mkdir(mode=0o700)  # an uncommitted generation
+    s2 = Store(Path(cfg.state_dir))
+    assert obtain_kek(cfg, s2, init=False, passphrase_fd=None) == new_kek
+    assert (tmp_path / "kek").read_bytes() == new_kek and not (tmp_path / "kek.new").exists()
+    assert bytes(s2.key_of(s2.get(DOM, 0))) == key
+    assert not (Path(cfg.state_dir) / "keys.9").exists()
+
+
+def test_a_passphrase_store_refuses_a_wrong_passphrase(tmp_path: Path) -> None:
+    from backends.vtpmmgr.config import ManagerConfig
+    from backends.vtpmmgr.server import ManagerFatal, obtain_kek
+
+    def fd_with(text: bytes) -> int:
+        r, w = os.pipe()
+        os.write(w, text)
+        os.close(w)
+        return r
+
+    cfg = ManagerConfig(state_dir=str(tmp_path / "mgr"), kek_source="passphrase")
+    for phrase, init in ((b"open sesame\n", True), (b"open sesame", False)):
+        fd = fd_with(phrase)
+        try:
+            obtain_kek(cfg, Store(Path(cfg.state_dir)), init=init, passphrase_fd=fd)
+        finally:
+            os.close(fd)
+    fd = fd_with(b"open sesamE\n")
+    try:
+        with pytest.raises(ManagerFatal, match="not the store's KEK"):
+            obtain_kek(cfg, Store(Path(cfg.state_dir)), init=False, passphrase_fd=fd)
+    finally:
+        os.close(fd)
+    assert b"open sesame" not in every_byte(tmp_path)
