@@ -34,7 +34,7 @@ log = logging.getLogger("pvback.vtpm-manager")
 
 REQUEST_TIMEOUT_S = 10.0
 RELEASE_OPS = frozenset({"release", "initialized"})
-ADMIN_OPS = frozenset({"create", "list", "show", "delete", "ping", "rotate"})
+ADMIN_OPS = frozenset({"create", "list", "show", "delete", "ping", "rotate", "transport-key", "export", "import"})
 
 
 class ManagerFatal(Exception):
@@ -181,10 +181,16 @@ class Manager:
                     raise ManagerFatal(f"another vTPM manager already listens on {path}")
         old = os.umask(0o117)
         try:
-            self.server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_MESSAGE)
+            # Bound now (it may need root), served only once the KEK checked out (serve()).
+            self.server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_MESSAGE,
+                                                          start_serving=False)
         finally:
             os.umask(old)
         os.chmod(path, 0o660)
+
+    async def serve(self) -> None:
+        assert self.server is not None
+        await self.server.start_serving()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -263,6 +269,15 @@ class Manager:
             return {"record": rec.public()}
         if op == "list":
             return {"records": [r.public() for r in self.store.records()]}
+        if op == "transport-key":
+            return {"public": b64(self.store.transport_public())}
+        if op == "import":
+            bundle = msg.get("bundle")
+            if not isinstance(bundle, dict):
+                raise Refused("import needs a bundle")
+            rec = self.store.import_(bundle)
+            log.info("imported", extra=_fields(rec))
+            return {"record": rec.public()}
         if op == "rotate":
             n = await asyncio.to_thread(rotate_kek, self.cfg, self.store)
             log.info("KEK rotated", extra={"records": n, "kek_source": self.cfg.kek_source})
@@ -270,6 +285,10 @@ class Manager:
         rec = self._named(msg)
         if op == "show":
             return {"record": rec.public()}
+        if op == "export":
+            bundle = self.store.export(rec, bytes(unb64(msg.get("target"), "target")))
+            log.info("exported", extra=_fields(rec))
+            return {"bundle": bundle}
         if op == "delete":
             self.store.delete(rec.domain_uuid, rec.devid)
             log.info("deleted (key shredded)", extra=_fields(rec))
@@ -351,6 +370,7 @@ async def run_manager(cfg: ManagerConfig, *, init: bool = False, passphrase_fd: 
             drop_privileges(cfg.user)
         kek = await asyncio.to_thread(obtain_kek, cfg, store, init=init, passphrase_fd=passphrase_fd)
         del kek  # the store holds it
+        await manager.serve()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

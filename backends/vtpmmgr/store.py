@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -143,6 +146,14 @@ def shred(path: Path) -> None:
         _fsync_dir(path.parent)
 
 
+TRANSPORT = "transport.json"
+
+
+def _transport_key(shared: bytes, eph_pub: bytes, target: bytes) -> bytearray:
+    return bytearray(HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=eph_pub + target,
+                          info=b"pvback-vtpm-export-v1").derive(shared))
+
+
 def _write_meta(gen: Path, source: str, kek: bytes | bytearray, extra: dict[str, Any]) -> None:
     meta = {"version": 1, "source": source, **extra, "check": wrap(kek, CHECK_PLAINTEXT, b"kek-check")}
     _write_atomic(gen / "kek.json", json.dumps(meta, indent=1, sort_keys=True).encode())
@@ -252,6 +263,15 @@ class Store:
                 _write_atomic(gen / self._path(rec.domain_uuid, rec.devid).name,
                               json.dumps(asdict(rec), indent=1, sort_keys=True).encode())
                 n += 1
+            transport = self.keys / TRANSPORT
+            if transport.exists():
+                t = json.loads(transport.read_text())
+                priv = unwrap(old, str(t["wrapped"]), b"transport")
+                try:
+                    t["wrapped"] = wrap(kek, priv, b"transport")
+                finally:
+                    priv[:] = bytes(len(priv))
+                _write_atomic(gen / TRANSPORT, json.dumps(t, indent=1, sort_keys=True).encode())
             _write_meta(gen, source, kek, extra)
         except BaseException:
             for f in gen.iterdir():
@@ -292,7 +312,7 @@ class Store:
                       json.dumps(asdict(rec), indent=1, sort_keys=True).encode())
 
     def records(self) -> Iterator[Record]:
-        for p in sorted(self.keys.glob("*.*.json")):  # <uuid>.<devid>.json, not kek.json
+        for p in sorted(self.keys.glob("*-*.*.json")):  # <uuid>.<devid>.json, not kek.json/transport.json
             yield self._load(p)
 
     def _load(self, path: Path) -> Record:
@@ -345,6 +365,75 @@ class Store:
         rec = self.get(domain_uuid, devid)
         shred(self._path(rec.domain_uuid, rec.devid))
         return rec
+
+    # -- moving a vTPM to another manager -------------------------------------------------------------------
+
+    def transport_public(self) -> bytes:
+        """This manager's X25519 public key, which another manager exports vTPMs to (made on first use; the
+        private half is stored wrapped by the KEK like a state key)."""
+        path = self.keys / TRANSPORT
+        if not path.exists():
+            priv = X25519PrivateKey.generate()
+            raw = bytearray(priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                               serialization.NoEncryption()))
+            pub = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            try:
+                t = {"public": base64.b64encode(pub).decode(), "wrapped": wrap(self._need_kek(), raw, b"transport")}
+            finally:
+                raw[:] = bytes(len(raw))
+            _write_atomic(path, json.dumps(t, indent=1, sort_keys=True).encode())
+        return base64.b64decode(json.loads(path.read_text())["public"])
+
+    def export(self, rec: Record, target_public: bytes) -> dict[str, Any]:
+        """The record's key wrapped for the manager owning `target_public` (ephemeral X25519 + HKDF +
+        AES-GCM, the binding and the target as associated data): only that manager can unwrap it."""
+        try:
+            target = X25519PublicKey.from_public_bytes(target_public)
+        except ValueError:
+            raise StoreError("the target's transport key is not an X25519 public key") from None
+        eph = X25519PrivateKey.generate()
+        eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        wk = _transport_key(eph.exchange(target), eph_pub, target_public)
+        key = self.key_of(rec)
+        try:
+            wrapped = wrap(wk, key, rec.binding() + target_public)
+        finally:
+            key[:] = bytes(len(key))
+            wk[:] = bytes(len(wk))
+        return {"version": 1, "domain_uuid": rec.domain_uuid, "devid": rec.devid, "group": rec.group,
+                "vtpm_uuid": rec.vtpm_uuid, "initialized": rec.initialized,
+                "ephemeral": base64.b64encode(eph_pub).decode(), "target": base64.b64encode(target_public).decode(),
+                "wrapped": wrapped}
+
+    def import_(self, bundle: dict[str, Any]) -> Record:
+        try:
+            if bundle.get("version") != 1:
+                raise StoreError(f"an export bundle of version {bundle.get('version')!r}")
+            eph_pub = base64.b64decode(str(bundle["ephemeral"]), validate=True)
+            target = base64.b64decode(str(bundle["target"]), validate=True)
+            probe = Record(domain_uuid=norm_uuid(str(bundle["domain_uuid"])), devid=check_devid(int(bundle["devid"])),
+                           group=check_group(str(bundle["group"])), vtpm_uuid=norm_uuid(str(bundle["vtpm_uuid"])),
+                           wrapped="")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StoreError(f"not an export bundle ({exc})") from None
+        if target != self.transport_public():
+            raise StoreError("this bundle was exported for another manager (its transport key is not ours)")
+        t = json.loads((self.keys / TRANSPORT).read_text())
+        raw = unwrap(self._need_kek(), str(t["wrapped"]), b"transport")
+        try:
+            priv = X25519PrivateKey.from_private_bytes(bytes(raw))
+        finally:
+            raw[:] = bytes(len(raw))
+        wk = _transport_key(priv.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, target)
+        try:
+            key = unwrap(wk, str(bundle["wrapped"]), probe.binding() + target)
+        finally:
+            wk[:] = bytes(len(wk))
+        try:
+            return self.create(probe.domain_uuid, probe.devid, vtpm_uuid=probe.vtpm_uuid, group=probe.group,
+                               key=key, initialized=bool(bundle.get("initialized")))
+        finally:
+            key[:] = bytes(len(key))
 
     def find_vtpm(self, vtpm_uuid: str) -> Record:
         u = norm_uuid(vtpm_uuid, "vTPM UUID")

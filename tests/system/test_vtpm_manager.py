@@ -39,10 +39,11 @@ MANAGER_WAIT_S = 6.0
 class ManagerProc:
     """`pvback vtpm-manager` with a key-file KEK, stopped by PID."""
 
-    def __init__(self, sim: SimProc, workdir: Path, run_dir: Path) -> None:
+    def __init__(self, sim: SimProc, workdir: Path, run_dir: Path, sock_name: str = "mgr.sock") -> None:
+        workdir.mkdir(exist_ok=True)
         self.dir = workdir / "mgr"
         self.kek = workdir / "kek"
-        self.socket = run_dir / "mgr.sock"
+        self.socket = run_dir / sock_name
         self.log = workdir / "manager.log"
         self.config = workdir / "vtpm-manager.toml"
         self.config.write_text(f'[manager]\nstate_dir = "{self.dir}"\nsocket = "{self.socket}"\n'
@@ -124,11 +125,13 @@ def mbed(sim: SimProc, tmp_path: Path) -> Iterator[MgrBed]:
     mgr = ManagerProc(sim, tmp_path, run_dir)
     mgr.start(init=True)
     serve = ServeProc(sim, tmp_path, config=serve_config(tmp_path / "vtpm-state", run_dir, mgr.socket))
+    bed = MgrBed(sim, serve, tmp_path, run_dir=run_dir, mgr=mgr)
     try:
         serve.start()
-        yield MgrBed(sim, serve, tmp_path, run_dir=run_dir, mgr=mgr)
+        yield bed
     finally:
         try:
+            serve = bed.serve  # a test may have moved the daemon to another manager
             alive = serve.alive
             rc = serve.stop()
             assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
@@ -390,3 +393,72 @@ async def test_manager_restart_and_kek_rotation_keep_bindings_and_only_the_relea
     assert "uid 65534 may not ask for vTPM keys" in out.stdout and "may not administer" in out.stdout
 
 
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PY, *argv], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60,
+                          check=False)
+
+
+async def test_export_import_to_another_manager_keeps_nv_and_a_store_backup_restores(mbed: MgrBed,
+                                                                                     sim: SimProc) -> None:
+    bed = mbed.bed
+    g, xs, dom = await mbed.vm("mover")
+    vtpm_uuid = await mbed.provision(dom)
+    v = await mbed.mtpm(g, xs, vtpm_uuid)
+    await nv_write(bed, v)
+    key = bytes((await release_key(str(mbed.m.socket), v.paths.backend)).key)
+    await bed.detach_tpm(v)
+    backup = bed.tmp / "mgr-backup"
+    shutil.copytree(mbed.m.dir, backup, symlinks=True)
+
+    b = ManagerProc(sim, bed.tmp / "b", bed.run_dir, sock_name="mgr-b.sock")
+    await asyncio.to_thread(b.start, init=True)
+    try:
+        b_cfg = bed.tmp / "b" / "pvback.toml"
+        b_cfg.write_text(serve_config(bed.tmp / "b" / "vtpm-state", bed.run_dir, b.socket))
+        a_cfg = bed.serve.config_path
+        assert a_cfg is not None
+        pub = await asyncio.to_thread(cli, "vtpm", "transport-key", "--socket", str(b.socket))
+        assert pub.returncode == 0, pub.stderr
+        bundle = bed.tmp / "bundle.json"
+        out = await asyncio.to_thread(cli, "vtpm", "export", "--config", str(a_cfg), "--socket", str(mbed.m.socket),
+                                      "--domain-uuid", dom, "--to", pub.stdout.strip(), "--out", str(bundle))
+        assert out.returncode == 0 and "state file(s)" in out.stdout, out.stderr
+        data = bundle.read_bytes()
+        assert not any(f in data for f in key_forms(key)) and VALUE not in data
+        # Only the manager it was exported for can import it.
+        wrong = await asyncio.to_thread(cli, "vtpm", "import", "--socket", str(mbed.m.socket), "--config",
+                                        str(b_cfg), str(bundle))
+        assert wrong.returncode != 0 and "exported for another manager" in wrong.stderr, wrong.stderr
+        imp = await asyncio.to_thread(cli, "vtpm", "import", "--socket", str(b.socket), "--config", str(b_cfg),
+                                      str(bundle))
+        assert imp.returncode == 0, imp.stderr
+
+        # Meanwhile on the source host: the vTPM is deleted (shredded) and the store's backup brings it back.
+        gone = await asyncio.to_thread(cli, "vtpm", "delete", "--socket", str(mbed.m.socket), "--domain-uuid", dom,
+                                       "--keep-state")
+        assert gone.returncode == 0, gone.stderr
+        assert mbed.m.stop() == 0
+        shutil.rmtree(mbed.m.dir)
+        shutil.copytree(backup, mbed.m.dir, symlinks=True)
+        await asyncio.to_thread(mbed.m.start)
+        xs0 = await bed.dom0()
+        paths = await bed.attach_tpm(g.domid, vtpm_uuid, wait=False)
+        assert bytes((await release_key(str(mbed.m.socket), paths.backend)).key) == key
+        from backends.xenbus.toolstack import remove_device
+
+        await remove_device(xs0, backend_domid=0, frontend_domid=g.domid, type_name="vtpm", devid=0,
+                            frontend_type="vtpm", timeout=10.0)
+
+        # The daemon moves to the target host's manager and state directory: the guest reads its NV value.
+        assert bed.serve.stop() == 0
+        kill_swtpms(bed.run_dir)
+        bed.serve = ServeProc(sim, bed.tmp / "b", config=b_cfg.read_text())
+        await asyncio.to_thread(bed.serve.start)
+        v = await mbed.mtpm(g, xs, vtpm_uuid)
+        assert await nv_read(bed, v) == VALUE
+        assert bytes((await release_key(str(b.socket), v.paths.backend)).key) == key
+    finally:
+        if b.proc is not None and b.proc.alive:
+            assert b.stop() == 0, b.log_text()[-2000:]
