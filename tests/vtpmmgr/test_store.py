@@ -201,3 +201,16 @@ def test_a_passphrase_store_refuses_a_wrong_passphrase(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert b"open sesame" not in every_byte(tmp_path)
+
+
+def test_the_shipped_manager_config_is_the_defaults() -> None:
+    from backends.vtpmmgr.config import ManagerConfig, ManagerConfigError, load, parse
+
+    root = Path(__file__).resolve().parents[2]
+    assert load(root / "contrib" / "vtpm-manager.toml") == ManagerConfig()
+    for text, message in (({"manager": {"kek_sourse": "file"}}, "unknown key"),
+                          ({"manager": {"kek_source": "usb"}}, "not one of"),
+                          ({"manager": {"release_uids": [-1]}}, "list of uids"),
+                          ({"vtpm": {}}, "only a [manager] table")):
+        with pytest.raises(ManagerConfigError, match=message.replace("[", r"\[")):
+            parse(text)
