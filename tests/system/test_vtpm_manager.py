@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -167,8 +169,9 @@ def key_forms(key: bytes) -> list[bytes]:
     return [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key)]
 
 
-def proc_exposures(key: bytes) -> list[str]:
-    """Every process's cmdline and environ searched for the key in any form."""
+def proc_exposures(key: bytes, programs: set[str] | None = None) -> list[str]:
+    """Every process's cmdline and environ searched for the key in any form; `programs` collects the program
+    names seen (to show the watch covered the processes it is meant to)."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -178,15 +181,39 @@ def proc_exposures(key: bytes) -> list[str]:
                 data = (d / what).read_bytes()
                 if any(f in data for f in key_forms(key)):
                     found.append(f"{d.name}/{what}")
+                if programs is not None and what == "cmdline" and data:
+                    programs.add(Path(data.split(b"\0", 1)[0].decode(errors="replace")).name)
     return found
 
 
 async def test_state_is_encrypted_and_the_key_is_nowhere_else(mbed: MgrBed) -> None:
     bed = mbed.bed
     g, xs, dom = await mbed.vm("enc")
-    vtpm_uuid = await mbed.provision(dom)
-    v = await mbed.mtpm(g, xs, vtpm_uuid)
-    await nv_write(bed, v)
+    # Provisioned with a key the test knows, so every process can be watched for it from the first moment:
+    # through swtpm_setup (and the swtpm, swtpm_cert, swtpm_localca it runs) and the swtpm start.
+    known = os.urandom(32)
+    vtpm_uuid = str(uuidlib.uuid4())
+    await request(str(mbed.m.socket), {"op": "create", "domain_uuid": dom, "devid": 0, "vtpm_uuid": vtpm_uuid,
+                                       "key": base64.b64encode(known).decode()})
+    stop = threading.Event()
+    seen: list[str] = []
+    programs: set[str] = set()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.extend(proc_exposures(known, programs))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        v = await mbed.mtpm(g, xs, vtpm_uuid)
+        await nv_write(bed, v)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == []
+    assert {"swtpm_setup", "swtpm"} <= programs, programs
     assert await nv_read(bed, v) == VALUE
     state = files_under(mbed.state_dir(vtpm_uuid))
     assert any(p.name == "tpm2-00.permall" for p in state)
@@ -199,6 +226,7 @@ async def test_state_is_encrypted_and_the_key_is_nowhere_else(mbed: MgrBed) -> N
     # no process's cmdline or environ, in no log, in no file of the bed other than wrapped.
     rel = await release_key(str(mbed.m.socket), v.paths.backend)
     key = bytes(rel.key)
+    assert key == known
     assert rel.initialized and rel.vtpm_uuid == vtpm_uuid and rel.domain_uuid == dom
     assert proc_exposures(key) == []
     for p, data in files_under(bed.tmp, bed.run_dir).items():
@@ -462,3 +490,45 @@ async def test_export_import_to_another_manager_keeps_nv_and_a_store_backup_rest
     finally:
         if b.proc is not None and b.proc.alive:
             assert b.stop() == 0, b.log_text()[-2000:]
+
+
+async def test_daemon_and_swtpm_restarts_ask_the_manager_again_and_auto_provisioning(mbed: MgrBed) -> None:
+    from backends.xenbus.toolstack import wait_for_state
+    from tests.system.vtpmbed import S
+
+    bed = mbed.bed
+    g, xs, dom = await mbed.vm("crashy")
+    vtpm_uuid = await mbed.provision(dom)
+    v = await mbed.mtpm(g, xs, vtpm_uuid)
+    await nv_write(bed, v)
+    releases = mbed.m.log_text().count("op=release")
+
+    # Daemon SIGKILL + restart: the identity is checked again before the running swtpm is adopted.
+    pid = bed.swtpm_pid(vtpm_uuid)
+    assert bed.serve.kill(signal.SIGKILL) == -signal.SIGKILL
+    bed.serve.start()
+    await wait_for_state(await bed.dom0(), v.paths.backend, S.CONNECTED, timeout=20.0)
+    assert await nv_read(bed, v) == VALUE and bed.swtpm_pid(vtpm_uuid) == pid
+    assert mbed.m.log_text().count("op=release") > releases
+
+    # swtpm SIGKILL: restarted with a key released anew (the daemon keeps none).
+    releases = mbed.m.log_text().count("op=release")
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(20):
+        while bed.swtpm_pid(vtpm_uuid) in (0, pid):
+            await asyncio.sleep(0.02)
+    assert await nv_read(bed, v) == VALUE
+    assert mbed.m.log_text().count("op=release") > releases
+
+    # auto_provision (off by default: the other tests' unknown guests are refused): a new guest's first vTPM
+    # gets a key bound to its identity.
+    assert mbed.m.stop() == 0
+    mbed.m.config.write_text(mbed.m.config.read_text() + "auto_provision = true\ndefault_group = \"auto\"\n")
+    await asyncio.to_thread(mbed.m.start)
+    g2, xs2, dom2 = await mbed.vm("newcomer")
+    vtpm2 = str(uuidlib.uuid4())
+    v2 = await mbed.mtpm(g2, xs2, vtpm2)
+    assert len(await bed.getrandom_raw(v2)) == 8
+    shown = await request(str(mbed.m.socket), {"op": "show", "vtpm_uuid": vtpm2})
+    assert shown["record"]["domain_uuid"] == dom2 and shown["record"]["group"] == "auto"
+    assert shown["record"]["initialized"] is True
