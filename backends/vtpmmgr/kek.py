@@ -11,6 +11,7 @@ stdout (tpm2_unseal), never on a command line or in a file.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import stat
 import subprocess
@@ -100,8 +101,6 @@ def read_passphrase(fd: int | None) -> bytearray:
         line = buf.split(b"\n", 1)[0]
         buf[:] = bytes(len(buf))
         return bytearray(line)
-    import getpass
-
     try:
         return bytearray(getpass.getpass("vTPM manager passphrase: ").encode())
     except (EOFError, OSError) as exc:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures.thread  # noqa: F401  (asyncio.to_thread imports it lazily: before dropping privileges)
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -197,7 +199,8 @@ class Manager:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
-            with contextlib.suppress(FileNotFoundError):
+            # After dropping privileges the socket's directory may be root's: the next start removes it then.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 Path(self.cfg.socket).unlink()
 
     # -- one connection ----------------------------------------------------------------------------------
@@ -334,8 +337,8 @@ def _int(v: object) -> int:
 
 
 def drop_privileges(user: str) -> None:
-    import pwd
-
+    """setgroups/setgid/setuid to `user`.  Everything the manager imports is imported before (the Python
+    installation may not be readable by that user)."""
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
@@ -363,10 +366,10 @@ async def run_manager(cfg: ManagerConfig, *, init: bool = False, passphrase_fd: 
         await manager.start()
         if cfg.user:
             if Path(cfg.socket).exists():
-                import pwd
-
-                pw = pwd.getpwnam(cfg.user)
-                os.chown(cfg.socket, pw.pw_uid, -1)
+                try:
+                    os.chown(cfg.socket, pwd.getpwnam(cfg.user).pw_uid, -1)
+                except KeyError:
+                    raise ManagerFatal(f"[manager] user {cfg.user!r} does not exist") from None
             drop_privileges(cfg.user)
         kek = await asyncio.to_thread(obtain_kek, cfg, store, init=init, passphrase_fd=passphrase_fd)
         del kek  # the store holds it

@@ -532,3 +532,36 @@ async def test_daemon_and_swtpm_restarts_ask_the_manager_again_and_auto_provisio
     shown = await request(str(mbed.m.socket), {"op": "show", "vtpm_uuid": vtpm2})
     assert shown["record"]["domain_uuid"] == dom2 and shown["record"]["group"] == "auto"
     assert shown["record"]["initialized"] is True
+
+
+def test_the_manager_runs_as_its_own_user(sim: SimProc) -> None:
+    """[manager] user: xenstore and the socket opened as root, then setuid; the store and the key file it
+    makes belong to that user, and it serves (root, the release/admin uid, still reaches it)."""
+    nobody = 65534
+    top = Path(tempfile.mkdtemp(prefix="pvbt-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o711)
+        work = top / "w"
+        work.mkdir(mode=0o700)
+        os.chown(work, nobody, nobody)
+        mgr = ManagerProc(sim, top, top)
+        mgr.dir, mgr.kek = work / "mgr", work / "kek"
+        mgr.config.write_text(f'[manager]\nstate_dir = "{mgr.dir}"\nsocket = "{mgr.socket}"\nkek_file = "{mgr.kek}"\n'
+                              f'xenstore = "{sim.xenstored}"\nuser = "nobody"\n')
+        mgr.start(init=True)
+        try:
+            status = Path(f"/proc/{mgr.proc.pid if mgr.proc else 0}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+            assert uids == [str(nobody)] * 4, uids
+            made = asyncio.run(request(str(mgr.socket), {"op": "create", "domain_uuid": str(uuidlib.uuid4()),
+                                                          "devid": 0}))
+            assert made["record"]["devid"] == 0
+            pub = asyncio.run(request(str(mgr.socket), {"op": "transport-key"}))
+            assert len(base64.b64decode(pub["public"])) == 32
+            for p in (mgr.kek, mgr.dir, *mgr.dir.rglob("*")):
+                assert os.lstat(p).st_uid == nobody, p
+            assert os.stat(mgr.socket).st_uid == nobody
+        finally:
+            assert mgr.stop() == 0, mgr.log_text()[-2000:]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
