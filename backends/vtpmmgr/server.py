@@ -224,10 +224,15 @@ class Manager:
             self.refusals += 1
             answer = {"ok": False, "error": str(exc)}
             log.warning("refused", extra={"op": op, "peer_uid": uid, "peer_pid": pid, "reason": str(exc)})
-        except (TimeoutError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, ValueError, TypeError, KeyError, asyncio.LimitOverrunError,
+                asyncio.IncompleteReadError) as exc:
             self.refusals += 1
             answer = {"ok": False, "error": f"a malformed request ({type(exc).__name__})"}
-            log.warning("malformed request", extra={"peer_uid": uid, "peer_pid": pid})
+            log.warning("malformed request", extra={"op": op, "peer_uid": uid, "peer_pid": pid})
+        except Exception as exc:  # a bug or a damaged store fails this request, never the manager
+            self.refusals += 1
+            answer = {"ok": False, "error": f"internal error ({type(exc).__name__}); see the manager's log"}
+            log.exception("request failed", extra={"op": op, "peer_uid": uid, "peer_pid": pid})
         try:
             writer.write(encode(answer))
             await writer.drain()

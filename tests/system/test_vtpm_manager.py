@@ -565,3 +565,37 @@ def test_the_manager_runs_as_its_own_user(sim: SimProc) -> None:
             assert mgr.stop() == 0, mgr.log_text()[-2000:]
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+async def test_bad_requests_fail_alone_and_the_manager_keeps_serving(mbed: MgrBed) -> None:
+    sock = str(mbed.m.socket)
+
+    async def raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(sock)
+        try:
+            writer.write(data)
+            await writer.drain()
+            if not data.endswith(b"\n"):
+                writer.write_eof()
+            return await asyncio.wait_for(reader.readline(), 15)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    for data in (b"not json\n", b"[1, 2]\n", b"{}\n", b'{"op": "format-disk"}\n', b'{"op": "create", "devid": "x"}\n',
+                 b'{"op": "create", "domain_uuid": "../../etc/passwd", "devid": 0}\n',
+                 b'{"op": "create", "domain_uuid": "3f1c2a4e-0000-4000-8000-00000000000a", "key": 5}\n',
+                 b'{"op": "create", "domain_uuid": "3f1c2a4e-0000-4000-8000-00000000000a", "key": "AAAA"}\n',
+                 b'{"op": "release", "backend": 5}\n', b'{"op": "release", "backend": {"a": 1}}\n',
+                 b'{"op": "show", "devid": 1.5}\n', b'{"op": "export", "vtpm_uuid": "x", "target": "!!"}\n',
+                 b'{"op": "import", "bundle": {"version": 1, "devid": []}}\n', b'{"op": "import", "bundle": 7}\n',
+                 b'{"op": "release"', b"\xff\xfe\n"):
+        answer = await raw(data)
+        assert answer.startswith(b'{"error":') and b'"ok":false' in answer, (data[:60], answer)
+    # Past the size limit the manager answers and hangs up while the peer is still writing: an error or a reset.
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        answer = await raw(b"x" * (2 << 20) + b"\n")
+        assert b'"ok":false' in answer, answer
+    assert (await request(sock, {"op": "ping"}))["records"] == 0
+    assert "request failed" not in mbed.m.log_text()  # each one refused by a check, none by the catch-all
+    assert list((mbed.m.dir / "keys").glob("*-*.*.json")) == []
