@@ -221,7 +221,15 @@ class VtpmDeviceClass:
         release: Release | None = None
         try:
             if self.cfg.manager_socket:
-                release = await self._release(dev, data)
+                try:
+                    release = await self._release(dev, data)
+                except DeviceError:
+                    # A swtpm a previous daemon left running must not go on holding a key no longer released.
+                    with contextlib.suppress(SwtpmError, OSError):
+                        if await data.swtpm.stop_leftover():
+                            dev.log.warning("vtpm: stopped the swtpm left running for a vTPM whose key was "
+                                            "not released")
+                    raise
             key = release.key if release is not None else None
             try:
                 if setup_cfg is None:

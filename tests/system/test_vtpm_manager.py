@@ -520,6 +520,20 @@ async def test_daemon_and_swtpm_restarts_ask_the_manager_again_and_auto_provisio
     assert await nv_read(bed, v) == VALUE
     assert mbed.m.log_text().count("op=release") > releases
 
+    # The daemon dies, the vTPM is deleted meanwhile: the next daemon is refused its key and stops the swtpm
+    # the dead one left running (it must not go on holding a shredded key); the state stays on disk.
+    pid = bed.swtpm_pid(vtpm_uuid)
+    assert bed.serve.kill(signal.SIGKILL) == -signal.SIGKILL
+    await request(str(mbed.m.socket), {"op": "delete", "domain_uuid": dom, "devid": 0})
+    bed.serve.start()
+    err = await mbed.error_of(v.paths.backend)
+    assert "refused" in err and "no vTPM is provisioned" in err, err
+    async with asyncio.timeout(20):
+        while Path(f"/proc/{pid}").exists():
+            await asyncio.sleep(0.02)
+    assert (mbed.state_dir(vtpm_uuid) / "tpm2" / "tpm2-00.permall").exists()
+    await bed.detach_tpm(v)
+
     # auto_provision (off by default: the other tests' unknown guests are refused): a new guest's first vTPM
     # gets a key bound to its identity.
     assert mbed.m.stop() == 0

@@ -288,6 +288,15 @@ class Swtpm:
                 await asyncio.sleep(0.02)
         log.info("swtpm started", extra={"pid": pid, "dir": str(self.paths.run_dir)})
 
+    async def stop_leftover(self) -> bool:
+        """Stop (gracefully: its state is saved) a swtpm a previous daemon left running for this vTPM, when
+        this one is not going to serve it (its key is no longer released).  True if there was one."""
+        if self.running or not await self._adopt():
+            return False
+        await self.stop(graceful=True)
+        self.adopted = False
+        return True
+
     async def _adopt(self) -> bool:
         pid = self._read_pidfile()
         if pid is None:
