@@ -109,6 +109,21 @@ class MgrBed(TpmBed):
     def state_dir(self, vtpm_uuid: str) -> Path:
         return self.bed.tmp / "vtpm-state" / vtpm_uuid
 
+    async def forgotten(self, domid: int, timeout: float = 20.0) -> None:
+        """Until the daemon has dropped every vTPM device of `domid` (gone from its metrics).  A device
+        re-added at the same backend path while the daemon still holds the old one is not picked up (a
+        xenbus race, reported): the tests that re-attach to the same domain wait for this first."""
+        needle = f'domid="{domid}"'
+        async with asyncio.timeout(timeout):
+            while any(needle in line and 'type="vtpm"' in line
+                      for line in (await self.serve.metrics()).splitlines()
+                      if line.startswith("pvback_device_state")):
+                await asyncio.sleep(0.05)
+
+    async def detach_tpm(self, v: Vtpm) -> None:
+        await super().detach_tpm(v)
+        await self.forgotten(v.domid)
+
     async def error_of(self, backend: str, timeout: float = 20.0) -> str:
         xs = await self.bed.dom0()
         async with asyncio.timeout(timeout):
@@ -292,6 +307,7 @@ async def test_a_guest_claiming_another_guests_identity_gets_nothing(mbed: MgrBe
 
         await remove_device(dom0, backend_domid=0, frontend_domid=gb.domid, type_name="vtpm", devid=0,
                             frontend_type="vtpm", timeout=5.0)
+        await mbed.forgotten(gb.domid)
     va = await mbed.mtpm(ga, xa, vtpm_a)
     assert await nv_read(bed, va) == VALUE
 
@@ -372,6 +388,7 @@ async def test_wrong_kek_and_a_key_that_does_not_open_the_state_never_make_a_fre
 
     await remove_device(await bed.dom0(), backend_domid=0, frontend_domid=g.domid, type_name="vtpm", devid=0,
                         frontend_type="vtpm", timeout=5.0)
+    await mbed.forgotten(g.domid)
     g2, xs2, dom2 = await mbed.vm("lost")
     vtpm2 = await mbed.provision(dom2)
     v2 = await mbed.mtpm(g2, xs2, vtpm2)
@@ -478,6 +495,7 @@ async def test_export_import_to_another_manager_keeps_nv_and_a_store_backup_rest
 
         await remove_device(xs0, backend_domid=0, frontend_domid=g.domid, type_name="vtpm", devid=0,
                             frontend_type="vtpm", timeout=10.0)
+        await mbed.forgotten(g.domid)
 
         # The daemon moves to the target host's manager and state directory: the guest reads its NV value.
         assert bed.serve.stop() == 0
