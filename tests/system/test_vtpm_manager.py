@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -422,6 +423,20 @@ async def test_manager_restart_and_kek_rotation_keep_bindings_and_only_the_relea
                                       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30)
     assert listing.returncode == 0 and dom in listing.stdout and vtpm_uuid in listing.stdout, listing.stderr
     assert "created" in listing.stdout
+    other = str(uuidlib.uuid4())
+    made = await asyncio.to_thread(cli, "vtpm", "create", "--socket", str(mbed.m.socket), "--domain-uuid", other,
+                                   "--devid", "3", "--group", "gold")
+    assert made.returncode == 0 and f"domain_uuid: {other}" in made.stdout, made.stderr
+    new_vtpm = next(line.split(": ", 1)[1] for line in made.stdout.splitlines() if line.startswith("vtpm_uuid: "))
+    shown = await asyncio.to_thread(cli, "vtpm", "show", "--socket", str(mbed.m.socket), "--vtpm-uuid", new_vtpm,
+                                    "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) | {"created": 0} == {"domain_uuid": other, "devid": 3, "group": "gold",
+                                                        "vtpm_uuid": new_vtpm, "initialized": False,
+                                                        "created": 0, "version": 1}
+    again = await asyncio.to_thread(cli, "vtpm", "create", "--socket", str(mbed.m.socket), "--domain-uuid", other,
+                                    "--devid", "3")
+    assert again.returncode == 1 and "already has a vTPM" in again.stderr, again.stderr
 
     # Another uid that can reach the socket (opened up for the test) is refused by its peer credentials.
     os.chmod(mbed.run_dir, 0o711)
