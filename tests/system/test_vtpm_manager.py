@@ -21,7 +21,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ import pytest
 from backends.drivers.tpm.keymgr import ManagerRefused, release_key, request
 from backends.guests.guest import Guest
 from backends.guests.tpmfront import TpmFront, TpmSocket
-from backends.xenbus.toolstack import write_domain_identity
+from backends.xenbus.toolstack import DevicePaths, remove_device, write_domain_identity
 from backends.xenstore.client import XenStoreClient, XenStoreError
 from tests.system.conftest import PY, REPO, Proc, ServeProc, SimProc, _env
 from tests.system.vtpmbed import TpmBed, Vtpm, config, kill_swtpms
@@ -81,6 +81,8 @@ class MgrBed(TpmBed):
     """The vTPM bed with a manager; a Bed, so the test runner closes it in the test's loop."""
 
     mgr: ManagerProc | None = None
+    attached: list[tuple[int, int]] = field(default_factory=list)
+    vms: list[str] = field(default_factory=list)  # /vm/<uuid> written, removed at the end as libxl does
 
     @property
     def bed(self) -> TpmBed:
@@ -96,6 +98,7 @@ class MgrBed(TpmBed):
         g, xs = await self.bed.guest(name=name, mem_pages=64, gnt_entries=64)
         domain_uuid = str(uuidlib.uuid4())
         await write_domain_identity(await self.bed.dom0(), g.domid, domain_uuid, name)
+        self.vms.append(domain_uuid)
         return g, xs, domain_uuid
 
     async def provision(self, domain_uuid: str, devid: int = 0) -> str:
@@ -109,6 +112,25 @@ class MgrBed(TpmBed):
 
     def state_dir(self, vtpm_uuid: str) -> Path:
         return self.bed.tmp / "vtpm-state" / vtpm_uuid
+
+    async def attach_tpm(self, domid: int, uuid: str, *, version: str | None = None, devid: int = 0,
+                         wait: bool = True) -> DevicePaths:
+        """Also remembered for aclose: a device that failed (refused, no manager) has no Vtpm the bed would
+        remove, and its directories must not outlive the test (the sim is the session's)."""
+        self.attached.append((domid, devid))
+        return await super().attach_tpm(domid, uuid, version=version, devid=devid, wait=wait)
+
+    async def aclose(self) -> None:
+        xs = await self.dom0()
+        for domid, devid in self.attached:
+            if not any(v.domid == domid and v.devid == devid for v in self.tpms):
+                with contextlib.suppress(Exception):
+                    await remove_device(xs, backend_domid=0, frontend_domid=domid, type_name="vtpm", devid=devid,
+                                        frontend_type="vtpm", timeout=5.0 if self.serve.alive else 0.2)
+        for u in self.vms:
+            with contextlib.suppress(Exception):
+                await xs.rm(f"/vm/{u}")
+        await super().aclose()
 
     async def forgotten(self, domid: int, timeout: float = 20.0) -> None:
         """Until the daemon has dropped every vTPM device of `domid` (gone from its metrics).  A device
@@ -290,6 +312,7 @@ async def test_a_guest_claiming_another_guests_identity_gets_nothing(mbed: MgrBe
     # With its real identity (dom0-owned; the planted node is gone) B still names A's vTPM: refused.
     dom_b = str(uuidlib.uuid4())
     await write_domain_identity(dom0, gb.domid, dom_b, "thief")
+    mbed.vms.append(dom_b)
     with pytest.raises(XenStoreError):
         await xb.write(f"/local/domain/{gb.domid}/vm", f"/vm/{dom_a}")
     with pytest.raises(ManagerRefused, match=f"no vTPM is provisioned for domain {dom_b}"):
@@ -304,8 +327,6 @@ async def test_a_guest_claiming_another_guests_identity_gets_nothing(mbed: MgrBe
 
     # A still gets its TPM, NV intact.
     with contextlib.suppress(Exception):
-        from backends.xenbus.toolstack import remove_device
-
         await remove_device(dom0, backend_domid=0, frontend_domid=gb.domid, type_name="vtpm", devid=0,
                             frontend_type="vtpm", timeout=5.0)
         await mbed.forgotten(gb.domid)
@@ -385,8 +406,6 @@ async def test_wrong_kek_and_a_key_that_does_not_open_the_state_never_make_a_fre
     assert digests(mbed.state_dir(vtpm_uuid)) == before
 
     # A vTPM the manager knows as created whose state went missing is not made anew either.
-    from backends.xenbus.toolstack import remove_device
-
     await remove_device(await bed.dom0(), backend_domid=0, frontend_domid=g.domid, type_name="vtpm", devid=0,
                         frontend_type="vtpm", timeout=5.0)
     await mbed.forgotten(g.domid)
@@ -506,8 +525,6 @@ async def test_export_import_to_another_manager_keeps_nv_and_a_store_backup_rest
         xs0 = await bed.dom0()
         paths = await bed.attach_tpm(g.domid, vtpm_uuid, wait=False)
         assert bytes((await release_key(str(mbed.m.socket), paths.backend)).key) == key
-        from backends.xenbus.toolstack import remove_device
-
         await remove_device(xs0, backend_domid=0, frontend_domid=g.domid, type_name="vtpm", devid=0,
                             frontend_type="vtpm", timeout=10.0)
         await mbed.forgotten(g.domid)
