@@ -41,6 +41,7 @@ INFRA = {
     "backends.drivers": 4,
     "backends.sim": 5,
     "backends.guests": 5,
+    "backends.vtpmmgr": 5,
     "backends._guest_native": 5,
     "backends.daemon": 6,
 }
@@ -130,6 +131,11 @@ def check(imp: Import, known: set[str]) -> list[str]:
         if not (under(src, "backends.guests") and under(dst, "backends.guests")) and \
                 not (under(src, "backends.sim") and under(dst, "backends.sim")):
             bad.append(f"{where}: the backend never imports the emulated machine or a frontend")
+    if under(src, "backends.vtpmmgr") and not under(dst, "backends.vtpmmgr", "backends.xenstore",
+                                                       "backends.drivers.tpm"):
+        bad.append(f"{where}: the vTPM manager uses only the xenstore client and the TPM drivers' wire format")
+    if under(dst, "backends.vtpmmgr") and not under(src, "backends.vtpmmgr", "backends.daemon"):
+        bad.append(f"{where}: only the CLI runs the vTPM manager")
     private = [n for n in imp.names if n.startswith("_") and not n.startswith("__") and f"{dst}.{n}" not in known]
     if private and dst != src:
         bad.append(f"{where}: private name(s) {', '.join(private)} of another module")
@@ -171,6 +177,10 @@ def test_every_infrastructure_package_exists() -> None:
     ("backends/blk/device.py", "from backends._native import lib", "only backends.native"),
     ("backends/native/ring.py", "from backends._guest_native import lib", "upward"),
     ("backends/sim/broker.py", "from backends._guest_native import lib", "only the guests"),
+    ("backends/vtpmmgr/store.py", "from backends.vtpm import proto", "only the xenstore client"),
+    ("backends/vtpmmgr/store.py", "from backends.xenbus import device", "only the xenstore client"),
+    ("backends/vtpm/device.py", "from backends.vtpmmgr import store", "upward"),
+    ("backends/sim/broker.py", "from backends.vtpmmgr import store", "only the CLI"),
 ])
 def test_a_planted_breach_is_caught(tmp_path: Path, victim: str, planted: str, rule: str) -> None:
     copy = tmp_path / "tree"

@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one short run per cell")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
 
+    from backends.daemon.vtpm_cmd import add_parsers as add_vtpm_parsers
+
+    add_vtpm_parsers(sub)
+
     # Takes QEMU's arguments verbatim (xl's device_model_override): main() hands them over before argparse.
     sub.add_parser("dm-stub", help="stand in for QEMU as xl's device model of PV guests with qdisk disks",
                    add_help=False)
@@ -186,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from backends.daemon.logs import setup_logging
 
+    if args.command == "vtpm-manager":
+        from backends.daemon.vtpm_cmd import cmd_vtpm_manager
+
+        return cmd_vtpm_manager(args)
     if args.command == "serve":
         cfg = _config(args)
         setup_logging(cfg.serve.log_level, cfg.serve.log_format)
@@ -203,6 +211,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         fn = getattr(toolstack_cmds, f"cmd_{args.command}")
         return int(_platform_errors(lambda: fn(args, _config(args))))
+    if args.command == "vtpm":
+        from backends.daemon.vtpm_cmd import cmd_vtpm
+
+        return cmd_vtpm(args, load_config(args.config))
     if args.command == "guest":
         from backends.daemon.guest_cmd import cmd_guest
 

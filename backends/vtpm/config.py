@@ -26,6 +26,11 @@ class VtpmConfig:
     # swtpm_setup --config; empty: a private one whose local CA (the EK certificates' issuer) lives in
     # <state_dir>/ca, 0700.
     setup_config: str = ""
+    # The vTPM manager's socket (`pvback vtpm-manager`): every vTPM's state is then encrypted with a key the
+    # manager releases for that guest only, handed to swtpm by fd.  "": no manager, state in the clear.
+    manager_socket: str = ""
+    # How long a device waits for a manager that is down (retrying, counted in `pvback status`) before it fails.
+    manager_wait_s: float = 300.0
 
 
 VTPM_CHOICES: dict[str, tuple[str, ...]] = {"default_version": ("2.0", "1.2")}

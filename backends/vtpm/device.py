@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.drivers.tpm.link import SwtpmLink
+from backends.drivers.tpm.keymgr import (
+    ManagerError,
+    ManagerRefused,
+    ManagerUnavailable,
+    Release,
+    mark_initialized,
+    release_key,
+)
 from backends.drivers.tpm.swtpm import Swtpm, SwtpmError, SwtpmPaths, ensure_state, private_setup_config
 from backends.vtpm.proto import (
     DATA_OFFSET,
@@ -72,6 +80,7 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 DRAIN_S = 5.0  # how long a disconnect waits for the command in flight
 CLAIM_WAIT_S = 10.0  # how long a device waits for another one to let go of its vTPM
+MANAGER_RETRY_S = (0.2, 2.0)  # first and longest pause between attempts to reach a manager that is down
 
 
 @dataclass
@@ -103,6 +112,8 @@ class VtpmData:
     hist: list[int] = field(default_factory=lambda: [0] * 32)
     restarts: list[float] = field(default_factory=list)
     prepare: asyncio.Task[None] | None = None  # state creation + swtpm start (realize does not wait for it)
+    manager_retries: int = 0  # attempts to reach a vTPM manager that was down
+    encrypted: bool = False  # the state key came from the vTPM manager
 
     @property
     def errors(self) -> int:
@@ -133,7 +144,8 @@ class VtpmData:
     def status_values(self) -> dict[str, float]:
         """Numbers for `pvback status` (pvback_device_status; devtype.status_columns renders them)."""
         out: dict[str, float] = {"version": 2.0 if self.version is Version.TPM2 else 1.2,
-                                 "swtpm_pid": float(self.swtpm.pid or 0), "swtpm_restarts": float(len(self.restarts))}
+                                 "swtpm_pid": float(self.swtpm.pid or 0), "swtpm_restarts": float(len(self.restarts)),
+                                 "manager_retries": float(self.manager_retries)}
         p50 = self.p50_us()
         if p50 is not None:
             out["p50_us"] = float(p50)
@@ -143,7 +155,8 @@ class VtpmData:
         return {"uuid": self.uuid, "version": self.version.value, "swtpm_pid": self.swtpm.pid,
                 "commands": self.commands, "errors": self.errors, "cancels": self.cancels,
                 "p50_us": self.p50_us(), "swtpm_restarts": len(self.restarts),
-                "tpm12_answered": sum(self.tpm12.values())}
+                "tpm12_answered": sum(self.tpm12.values()), "encrypted": self.encrypted,
+                "manager_retries": self.manager_retries}
 
 
 class VtpmDeviceClass:
@@ -210,26 +223,78 @@ class VtpmDeviceClass:
         t0 = time.monotonic()
         tpm2 = data.version is Version.TPM2
         setup_cfg = Path(self.cfg.setup_config) if self.cfg.setup_config else None
+        release: Release | None = None
         try:
+            if self.cfg.manager_socket:
+                try:
+                    release = await self._release(dev, data)
+                except DeviceError:
+                    # A swtpm a previous daemon left running must not go on holding a key no longer released.
+                    with contextlib.suppress(SwtpmError, OSError):
+                        if await data.swtpm.stop_leftover():
+                            dev.log.warning("vtpm: stopped the swtpm left running for a vTPM whose key was "
+                                            "not released")
+                    raise
+            key = release.key if release is not None else None
             try:
                 if setup_cfg is None:
                     setup_cfg = await asyncio.to_thread(private_setup_config, Path(self.cfg.state_dir) / "ca")
                 vmid = f"d{dev.frontend_id}:{data.uuid}"
+                # A vTPM the manager knows as created never gets a fresh state in place of a missing one.
                 created = await ensure_state(state_dir, tpm2=tpm2, vmid=vmid, setup_config=setup_cfg,
-                                             swtpm_setup=self.cfg.swtpm_setup)
+                                             swtpm_setup=self.cfg.swtpm_setup, key=key,
+                                             must_exist=release is not None and release.initialized)
             except (SwtpmError, OSError) as exc:
                 raise DeviceError(f"cannot create the vTPM state: {exc}") from exc
             try:
-                await data.swtpm.start()
+                await data.swtpm.start(key)
             except (SwtpmError, OSError) as exc:
+                if key is not None:
+                    raise DeviceError(f"swtpm cannot open the vTPM state with the key the vTPM manager released "
+                                      f"(the state is kept as it was; no new TPM is made): {exc}") from exc
                 raise DeviceError(f"cannot start swtpm: {exc}") from exc
+            if release is not None and not release.initialized:
+                try:
+                    await mark_initialized(self.cfg.manager_socket, dev.backend_path)
+                except ManagerError as exc:  # the state exists and works: say so, serve anyway
+                    dev.log.warning("vtpm: cannot tell the manager the state was created: %s", exc)
         except DeviceError as exc:
             await dev.fail(str(exc))
             raise
+        finally:
+            if release is not None:
+                release.wipe()
         data.fresh = not data.swtpm.adopted
         dev.log.info("vtpm ready", extra={"uuid": data.uuid, "swtpm_pid": data.swtpm.pid,
                                           "adopted": data.swtpm.adopted, "state_created": created,
                                           "seconds": round(time.monotonic() - t0, 2)})
+
+    async def _release(self, dev: BackendDevice, data: VtpmData) -> Release:
+        """The state key from the vTPM manager.  A manager that is down is waited for (retries counted in
+        status) up to [vtpm] manager_wait_s; a refusal fails the device at once with the manager's reason."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.manager_wait_s
+        pause = MANAGER_RETRY_S[0]
+        while True:
+            try:
+                release = await release_key(self.cfg.manager_socket, dev.backend_path)
+                data.encrypted = True
+                if data.manager_retries:
+                    dev.log.info("vtpm: the vTPM manager answered", extra={"retries": data.manager_retries})
+                return release
+            except ManagerRefused as exc:
+                raise DeviceError(f"the vTPM manager refused the state key: {exc}") from exc
+            except ManagerUnavailable as exc:
+                if loop.time() + pause > deadline:
+                    raise DeviceError(f"no vTPM manager within {self.cfg.manager_wait_s:.0f} s "
+                                      f"({data.manager_retries} retries): {exc}") from exc
+                if data.manager_retries == 0:
+                    dev.log.warning("vtpm: waiting for the vTPM manager: %s", exc)
+                data.manager_retries += 1
+            except ManagerError as exc:
+                raise DeviceError(f"the vTPM manager: {exc}") from exc
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MANAGER_RETRY_S[1])
 
     @staticmethod
     async def _prepared(data: VtpmData) -> None:
@@ -479,9 +544,15 @@ class VtpmDeviceClass:
             await dev.fail(f"swtpm exited {len(data.restarts)} times in {RESTART_WINDOW_S:.0f} s")
             return
         data.locality = None
+        release: Release | None = None
         try:
-            await data.swtpm.start()
-        except (SwtpmError, OSError) as exc:
+            if self.cfg.manager_socket:
+                release = await self._release(dev, data)
+            await data.swtpm.start(release.key if release is not None else None)
+        except (SwtpmError, OSError, DeviceError) as exc:
             await dev.fail(f"swtpm exited and cannot be restarted: {exc}")
             return
+        finally:
+            if release is not None:
+                release.wipe()
         dev.log.warning("vtpm: swtpm restarted with its state", extra={"swtpm_pid": data.swtpm.pid})

@@ -38,6 +38,8 @@ def status_columns(values: Mapping[str, float]) -> str:
     tpm12 = sum(v for k, v in values.items() if k.startswith("requests:tpm12_"))
     if tpm12:
         parts.append(f"tpm12_answered={tpm12:.0f}")  # TPM 1.2 commands of the guest kernel (proto.py)
+    if values.get("status:manager_retries"):  # waiting for (or was waiting for) a vTPM manager that was down
+        parts.append(f"manager_retries={n('status:manager_retries')}")
     if values.get("status:swtpm_restarts"):
         parts.append(f"swtpm_restarts={n('status:swtpm_restarts')}")
     return " ".join(parts)

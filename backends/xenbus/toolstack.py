@@ -143,3 +143,28 @@ async def remove_device(xs: XenStoreClient, *, backend_domid: int, frontend_domi
 
     await xs.transaction(destroy)
     return clean
+
+
+async def write_domain_identity(xs: XenStoreClient, domid: int, domain_uuid: str, name: str | None = None) -> None:
+    """What libxl writes when it creates a domain, and what the vTPM manager identifies a guest by:
+    /vm/<uuid>/{uuid,name} and /local/domain/<domid>/vm = "/vm/<uuid>", all owned by dom0 and only readable by
+    the domain (the emulated platform makes /local/domain/<domid> the guest's own: the ACLs are set here)."""
+    from backends.xenstore.client import Perm
+
+    vm = f"/vm/{domain_uuid}"
+    ro = [Perm(0, "n"), Perm(domid, "r")]
+    keys = {f"{vm}/uuid": domain_uuid, **({f"{vm}/name": name} if name is not None else {})}
+
+    async def body(tx: Transaction) -> None:
+        # One transaction: a guest that planted its own `vm` node first loses it (rm), and none can slip a
+        # value in between the write and the ACL.
+        dom_vm = f"/local/domain/{domid}/vm"
+        if await tx.exists(dom_vm):
+            await tx.rm(dom_vm)
+        await tx.mkdir(vm)
+        await tx.set_perms(vm, ro)
+        for path, value in (*keys.items(), (dom_vm, vm)):
+            await tx.write(path, value)
+            await tx.set_perms(path, ro)
+
+    await xs.transaction(body)

@@ -81,8 +81,24 @@ def _state_file(state_dir: Path, tpm2: bool) -> Path:
     return state_dir / ("tpm2-00.permall" if tpm2 else "tpm-00.permall")
 
 
-async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+def key_pipe(data: bytes | bytearray) -> int:
+    """The read end of a pipe that holds `data` and is closed for writing: how a key reaches swtpm and
+    swtpm_setup (`fd=N`), never through a command line, the environment or a file.  The caller closes it."""
+    if len(data) > 4096:  # one write into an empty pipe never blocks below PIPE_BUF
+        raise ValueError("key material larger than a pipe's atomic write")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(w, data)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+async def _run(argv: list[str], timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         async with asyncio.timeout(timeout):
@@ -138,11 +154,17 @@ def private_setup_config(ca_dir: Path) -> Path:
 
 
 async def ensure_state(state_dir: Path, *, tpm2: bool, vmid: str, setup_config: Path | None,
-                       swtpm_setup: str = "swtpm_setup", timeout: float = 60.0) -> bool:
+                       swtpm_setup: str = "swtpm_setup", timeout: float = 60.0,
+                       key: bytes | bytearray | None = None, must_exist: bool = False) -> bool:
     """Create the vTPM's state (EK, EK and platform certificates, locked NV) unless it exists; True if created.
-    Never overwrites: an existing state is the guest's and is kept whatever happens."""
+    Never overwrites: an existing state is the guest's and is kept whatever happens.  With `key` (32 bytes)
+    the state is encrypted from its first byte (swtpm refuses a plaintext state once started with a key).
+    `must_exist`: the state is known to have been created, so a missing one is an error, not a new vTPM."""
     if _state_file(state_dir, tpm2).exists():
         return False
+    if must_exist:
+        raise SwtpmError(f"the state {_state_file(state_dir, tpm2)} is missing although this vTPM was created: "
+                         "refusing to make a fresh TPM in its place (restore the state from a backup)")
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     argv = [swtpm_setup, *(["--tpm2"] if tpm2 else []), "--tpm-state", str(state_dir), "--vmid", vmid,
@@ -150,10 +172,22 @@ async def ensure_state(state_dir: Path, *, tpm2: bool, vmid: str, setup_config: 
             "--logfile", str(state_dir / "setup.log")]
     if setup_config is not None:
         argv += ["--config", str(setup_config)]
+    fds: tuple[int, ...] = ()
+    if key is not None:
+        # swtpm_setup reads the key as hex text from the fd and hands it to the swtpm it runs by fd again.
+        hexkey = bytearray(key.hex().encode())
+        try:
+            fds = (key_pipe(hexkey),)
+        finally:
+            hexkey[:] = bytes(len(hexkey))
+        argv += ["--keyfile-fd", str(fds[0]), "--cipher", "aes-256-cbc"]
     try:
-        rc, out = await _run(argv, timeout)
+        rc, out = await _run(argv, timeout, fds)
     except FileNotFoundError:
         raise SwtpmError(f"{swtpm_setup} not found: install swtpm-tools") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
     if rc != 0 or not _state_file(state_dir, tpm2).exists():
         tail = ""
         with contextlib.suppress(OSError):
@@ -193,8 +227,10 @@ class Swtpm:
     def running(self) -> bool:
         return self.pid is not None and not self.exited.is_set()
 
-    async def start(self) -> None:
-        """Adopt the swtpm a previous daemon left running for this vTPM, else start one."""
+    async def start(self, key: bytes | bytearray | None = None) -> None:
+        """Adopt the swtpm a previous daemon left running for this vTPM, else start one.  `key`: the state's
+        AES-256 key, handed over through a pipe (`--key fd=N`); swtpm exits at once if it does not decrypt
+        the state, which is then left as it was."""
         self.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.paths.run_dir, 0o700)
         if await self._adopt():
@@ -211,14 +247,21 @@ class Swtpm:
                 "--pid", f"file={self.paths.pidfile}",
                 "--log", f"file={self.paths.log}",
                 "--daemon"]
+        fds: tuple[int, ...] = ()
+        if key is not None:
+            fds = (key_pipe(key),)
+            argv += ["--key", f"fd={fds[0]},mode=aes-256-cbc,format=binary"]
         # Its output goes to a file: a pipe would stay open in the daemonized child.
         out_path = self.paths.run_dir / "swtpm.out"
         try:
             with open(out_path, "ab") as out:
                 proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                            stderr=asyncio.subprocess.STDOUT)
+                                                            stderr=asyncio.subprocess.STDOUT, pass_fds=fds)
         except FileNotFoundError:
             raise SwtpmError(f"{self.swtpm_bin} not found: install swtpm") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
         except TimeoutError:
@@ -244,6 +287,15 @@ class Swtpm:
                     raise SwtpmError(f"swtpm pid {pid} is not answering: {self._log_tail()}") from None
                 await asyncio.sleep(0.02)
         log.info("swtpm started", extra={"pid": pid, "dir": str(self.paths.run_dir)})
+
+    async def stop_leftover(self) -> bool:
+        """Stop (gracefully: its state is saved) a swtpm a previous daemon left running for this vTPM, when
+        this one is not going to serve it (its key is no longer released).  True if there was one."""
+        if self.running or not await self._adopt():
+            return False
+        await self.stop(graceful=True)
+        self.adopted = False
+        return True
 
     async def _adopt(self) -> bool:
         pid = self._read_pidfile()
