@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.drivers.tpm.link import SwtpmLink
 from backends.drivers.tpm.keymgr import (
     ManagerError,
     ManagerRefused,
@@ -33,6 +32,7 @@ from backends.drivers.tpm.keymgr import (
     mark_initialized,
     release_key,
 )
+from backends.drivers.tpm.link import SwtpmLink
 from backends.drivers.tpm.swtpm import Swtpm, SwtpmError, SwtpmPaths, ensure_state, private_setup_config
 from backends.vtpm.proto import (
     DATA_OFFSET,

@@ -576,7 +576,9 @@ class XenBus:
         self._ask_introduced = True  # xenstored may refuse IS_DOMAIN_INTRODUCED to a driver domain
         self._watches: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._rechecks: set[asyncio.Task[None]] = set()
         self._started = False
+        self._stopping = False
 
     async def start(self) -> None:
         """Watch `backend/<type>` for every type name; the initial watch event serves existing devices."""
@@ -642,6 +644,9 @@ class XenBus:
         """Stop watching and let go of every device.  close_devices=False leaves xenstore untouched (the
         frontends stay Connected and a new bus reconnects them); True closes each device, giving a connected
         frontend `close_timeout` seconds to answer Closing first."""
+        self._stopping = True
+        for task in list(self._rechecks):
+            task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -656,8 +661,25 @@ class XenBus:
         await asyncio.gather(*(d._request_stop(close_devices, close_timeout) for d in devices))
 
     def _forget(self, dev: BackendDevice) -> None:
-        if self.devices.get(dev.backend_path) is dev:
-            del self.devices[dev.backend_path]
+        if self.devices.get(dev.backend_path) is not dev:
+            return
+        del self.devices[dev.backend_path]
+        if dev._removed and self._started and not self._stopping:
+            # The toolstack may have re-added the device at the same path (a quick detach + attach) while the
+            # old one was still shutting down: that event woke the old device, so nothing else will look again.
+            task = asyncio.get_running_loop().create_task(
+                self._recheck(dev.type_name, dev.frontend_id, dev.devid), name=f"xenbus recheck {dev.backend_path}")
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self, name: str, fe: int, devid: int) -> None:
+        try:
+            if f"{self.home}/backend/{name}/{fe}/{devid}" not in self.devices:
+                await self._maybe_create(name, str(fe), str(devid))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("looking again at backend/%s/%d/%d", name, fe, devid)
 
     async def _follow_type(self, name: str, watch: Any) -> None:
         root = f"{self.home}/backend/{name}"

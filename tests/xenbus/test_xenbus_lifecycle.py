@@ -439,6 +439,41 @@ async def test_backend_dir_removed_while_connected(tmp_path: Path) -> None:
         assert not await env.dom0.exists(fe.paths.backend)
 
 
+class _SlowUnrealize(FakeClass):
+    """unrealize waits until released: a device still shutting down when the toolstack re-adds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.unrealizing = asyncio.Event()
+
+    async def unrealize(self, dev: Any) -> None:
+        await super().unrealize(dev)
+        self.unrealizing.set()
+        await self.release.wait()
+
+
+async def test_device_readded_while_the_old_one_shuts_down(tmp_path: Path) -> None:
+    """A quick detach + attach at the same path (xl vtpm-detach then vtpm-attach): the re-add's watch event
+    reaches the old device, which is on its way out; the bus must look again once it is gone."""
+    async with xenbus_env(tmp_path) as env:
+        cls = _SlowUnrealize()
+        bus = await env.bus(cls)
+        fe = await env.add(1)
+        await connect(fe)
+        old = bus.devices[fe.paths.backend]
+        await env.dom0.rm(fe.paths.backend)
+        await asyncio.wait_for(cls.unrealizing.wait(), 3)
+        fe = await env.add(1)  # same path, while the old device is still unrealizing
+        await asyncio.sleep(0.2)  # the re-add's watch event has reached the old device by now
+        assert bus.devices.get(fe.paths.backend) is old
+        cls.release.set()
+        await eventually(lambda: fe.paths.backend in bus.devices and bus.devices[fe.paths.backend] is not old)
+        await connect(fe, ring=40)
+        await eventually(lambda: cls.rings.get(fe.paths.backend) == (40, 5))
+        assert cls.names() == ["realize", "connect", "disconnect", "unrealize", "realize", "connect"]
+
+
 class _GatedClass(FakeClass):
     """A NIC-like class: Connected only once its device is plugged (hotplug-status), watching netback's keys."""
 
