@@ -456,30 +456,37 @@ def net_serve(work: Path, sim_dir: Path, peer: Any) -> Serve:
                  serve_keys={"backend_types": ["vif"]}, prefix=peer.argv())
 
 
-def run_system(plan: Plan, work: Path, system: str, topo: Topology, queues: int, samples: list[Sample],
+def run_queues(plan: Plan, work: Path, queues: int, topos: dict[str, Topology], samples: list[Sample],
                details: list[dict[str, Any]], probes: list[dict[str, Any]], progress: Progress) -> None:
-    server = IperfServer(topo.peer, work)
+    """Every workload of `queues` on every path, the paths taking turns within each repetition (a machine
+    shared with other work then loads both alike), then the netback syscall probes."""
+    servers: dict[str, IperfServer] = {}
     wls = [wl for wl in WORKLOADS if parse_workload(wl)[2] == queues]
     try:
+        for system, topo in topos.items():
+            servers[system] = IperfServer(topo.peer, work)
         for rep in range(plan.reps):
             for wl in wls:
+                for system, topo in topos.items():
+                    try:
+                        s, d = measure(topo, servers[system], system, wl, rep, plan.seconds, progress)
+                    except Exception as exc:
+                        runner.failed(progress, f"{wl} {system} rep {rep}", exc)
+                        continue
+                    samples.append(s)
+                    details.append(d)
+        for system, topo in topos.items():
+            for wl in wls if topo.daemon_pid is not None else []:
                 try:
-                    s, d = measure(topo, server, system, wl, rep, plan.seconds, progress)
+                    p = probe_syscalls(topo, wl, min(plan.seconds, 2.0), progress)
                 except Exception as exc:
-                    runner.failed(progress, f"{wl} {system} rep {rep}", exc)
+                    runner.failed(progress, f"{wl} {system} syscall probe", exc)
                     continue
-                samples.append(s)
-                details.append(d)
-        for wl in wls if topo.daemon_pid is not None else []:
-            try:
-                p = probe_syscalls(topo, wl, min(plan.seconds, 2.0), progress)
-            except Exception as exc:
-                runner.failed(progress, f"{wl} {system} syscall probe", exc)
-                continue
-            if p is not None:
-                probes.append(p)
+                if p is not None:
+                    probes.append(p)
     finally:
-        server.close()
+        for srv in servers.values():
+            srv.close()
 
 
 def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
@@ -491,35 +498,33 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
     costs: dict[str, Any] = {}
     veth = VethTopology(tag)
     try:
-        progress("veth: two namespaces joined by a veth pair (default offloads)")
-        for q in QUEUES:
-            run_system(plan, work, "veth", veth, q, samples, details, probes, progress)
+        with simulator(work) as sim_dir, namespace(f"pvbn-p-{tag}") as peer:
+            serve = net_serve(work, sim_dir, peer)
+            settings["net"] = serve.settings
+            try:
+                for q in QUEUES:
+                    nic = NetbackNic(tag, sim_dir, peer, q, progress)
+                    try:
+                        asyncio.run(nic.connect())
+                        progress(f"{q} queue(s): veth pair; netback guest {nic.guest.domid} connected, {nic.vif} in "
+                                 "the peer namespace")
+                        run_queues(plan, work, q, {"veth": veth, "netback": NetbackTopology(nic, serve)}, samples,
+                                   details, probes, progress)
+                        errs = [str(nf.error) for nf in nic.fronts if nf.error is not None]
+                        if errs:
+                            runner.failed(progress, f"netback {q}q netfront", RuntimeError("; ".join(errs)))
+                    except Exception as exc:
+                        runner.failed(progress, f"netback {q}q", exc)
+                    finally:
+                        asyncio.run(nic.close())
+                if serve.proc.poll() is not None:
+                    log = serve.log.read_text(errors="replace")[-800:]
+                    runner.failed(progress, "pvback serve", RuntimeError(f"exited {serve.proc.returncode}: {log}"))
+            finally:
+                serve.close()
         costs = physical_costs(plan, veth.guest, progress)
     finally:
         veth.close()
-    with simulator(work) as sim_dir, namespace(f"pvbn-p-{tag}") as peer:
-        serve = net_serve(work, sim_dir, peer)
-        settings["net"] = serve.settings
-        try:
-            for q in QUEUES:
-                nic = NetbackNic(tag, sim_dir, peer, q, progress)
-                try:
-                    asyncio.run(nic.connect())
-                    progress(f"netback {q}q: guest {nic.guest.domid} connected, {nic.vif} in the peer namespace")
-                    run_system(plan, work, "netback", NetbackTopology(nic, serve), q, samples, details, probes,
-                               progress)
-                    errs = [str(nf.error) for nf in nic.fronts if nf.error is not None]
-                    if errs:
-                        runner.failed(progress, f"netback {q}q netfront", RuntimeError("; ".join(errs)))
-                except Exception as exc:
-                    runner.failed(progress, f"netback {q}q", exc)
-                finally:
-                    asyncio.run(nic.close())
-            if serve.proc.poll() is not None:
-                runner.failed(progress, "pvback serve", RuntimeError(f"exited {serve.proc.returncode}: "
-                                                                     f"{serve.log.read_text(errors='replace')[-800:]}"))
-        finally:
-            serve.close()
     costs["syscall_probes"] = probes
     return {"samples": [s.__dict__ for s in samples], "details": details, "costs": costs, "serve_settings": settings}
 
@@ -535,6 +540,16 @@ def relate(c: Cell, by: Mapping[CellKey, Cell]) -> None:
     else:
         c["ratio_to_veth"] = c["iops"] / peer["iops"] if peer["iops"] else None
     c["ref_system"] = "veth"
+
+
+def _per_gb(d: dict[str, Any]) -> dict[str, float]:
+    """One run's CPU per GB received, by who spent it (iperf3 both ends, the daemon, the netfront)."""
+    gb = d["iperf"]["bytes"] / 1e9
+    scale = d["iperf"]["seconds"] / d["iperf"]["wall_s"] if d["iperf"]["wall_s"] else 1.0
+    out = {"iperf_cpu_s_per_gb": (d["iperf"]["client_cpu_s"] * scale + d["server_cpu_s"]) / gb}
+    if "daemon_cpu_s" in d["deltas"]:
+        out["front_cpu_s_per_gb"] = d["front_cpu_s"] / gb
+    return out
 
 
 def _per_packet(d: dict[str, Any]) -> dict[str, float]:
@@ -558,10 +573,11 @@ def add_costs(cells: list[Cell], details: list[dict[str, Any]]) -> None:
     """Per netback cell, the medians over its repetitions of what each packet cost: daemon CPU per netif packet
     and per GB, daemon wake-ups per packet, and the netfront's wake-ups, notifies and tap syscalls per packet."""
     for c in cells:
-        rows = [_per_packet(d) for d in details if d["workload"] == c["workload"] and d["system"] == c["system"]
-                and d.get("ring_packets")]
+        mine = [d for d in details if d["workload"] == c["workload"] and d["system"] == c["system"]]
+        rows = [_per_packet(d) | _per_gb(d) if d.get("ring_packets") else _per_gb(d) for d in mine
+                if d["iperf"]["bytes"]]
         for k in rows[0] if rows else {}:
-            c[k] = analysis.median([r[k] for r in rows])
+            c[k] = analysis.median([r[k] for r in rows if k in r])
 
 
 def aggregate(samples: list[dict[str, Any]], details: list[dict[str, Any]]) -> list[Cell]:

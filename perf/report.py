@@ -252,10 +252,10 @@ def net_markdown(result: dict[str, Any]) -> str:
         "TCP: GSO/checksum offload negotiated. CPU: iperf3 (both ends) + the daemon + the netfront, per received "
         "packet and GB.",
         "",
-        "| workload | path | Gbit/s | kpps | vs veth | CPU us/pkt | CPU s/GB | daemon CPU (cores) | "
-        "daemon us/netif pkt | daemon s/GB | B/netif pkt | daemon wake-ups/pkt | netfront wake-ups/pkt | "
-        "notifies/pkt | tap syscalls/pkt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | path | Gbit/s | kpps | vs veth | CPU us/pkt | CPU s/GB | iperf3 s/GB | netfront s/GB | "
+        "daemon CPU (cores) | daemon us/netif pkt | daemon s/GB | B/netif pkt | daemon wake-ups/pkt | "
+        "netfront wake-ups/pkt | notifies/pkt | tap syscalls/pkt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cells"]:
         udp = not c["workload"].startswith("tcp")
@@ -263,6 +263,7 @@ def net_markdown(result: dict[str, Any]) -> str:
             f"| {c['workload']} | {c['system']} | {c['mb_s'] * 8 / 1e3:.2f} | "
             f"{kpps(c, udp)} | {f2(c.get('ratio_to_veth'))} | "
             f"{f2(c.get('cpu_us_per_op')) if udp else '-'} | {f2(c.get('cpu_s_per_gb'))} | "
+            f"{f2(c.get('iperf_cpu_s_per_gb'))} | {f2(c.get('front_cpu_s_per_gb'))} | "
             f"{f2(c.get('daemon_cores'))} | {f2(c.get('daemon_cpu_us_per_packet'))} | "
             f"{f2(c.get('daemon_cpu_s_per_gb'))} | {f2(c.get('bytes_per_ring_packet'))} | "
             f"{f2(c.get('daemon_wakeups_per_packet'))} | {f2(c.get('front_wakeups_per_packet'))} | "

@@ -105,3 +105,50 @@ def guest_tap(ns: NetNS, *, queues: int, mtu: int, mac: str, addrs: list[str], n
             os.close(fd)
         raise
     return fds
+
+
+def _icmp_csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ping(ns: NetNS, addr: str, *, count: int = 3, size: int = 56, timeout: float = 2.0) -> list[float]:
+    """ICMP echo from inside `ns` (a raw socket: no ping binary needed); the round-trip times in seconds of the
+    replies that came back within `timeout` each."""
+    import socket
+    import time
+
+    v6 = ":" in addr
+    fam, proto, req, rep = ((socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129) if v6
+                            else (socket.AF_INET, socket.IPPROTO_ICMP, 8, 0))
+    ident = os.getpid() & 0xFFFF
+
+    def run() -> list[float]:
+        rtts: list[float] = []
+        with socket.socket(fam, socket.SOCK_RAW, proto) as s:
+            for seq in range(count):
+                payload = os.urandom(size)
+                body = struct.pack("!BBHHH", req, 0, 0, ident, seq) + payload
+                if not v6:  # the kernel fills ICMPv6 checksums on raw sockets, not ICMPv4 ones
+                    body = struct.pack("!BBHHH", req, 0, _icmp_csum(body), ident, seq) + payload
+                t0 = time.monotonic()
+                s.sendto(body, (addr, 0))
+                deadline = t0 + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    s.settimeout(left)
+                    try:
+                        data = s.recv(65536)
+                    except TimeoutError:
+                        break
+                    icmp = data if v6 else data[(data[0] & 0xF) * 4:]  # IPv4 raw sockets include the IP header
+                    if len(icmp) >= 8 and icmp[0] == rep and struct.unpack("!HH", icmp[4:8]) == (ident, seq) \
+                            and icmp[8:] == payload:
+                        rtts.append(time.monotonic() - t0)
+                        break
+        return rtts
+
+    return ns.run(run)
