@@ -62,6 +62,7 @@ class Plan:
     reps: int
     seconds: float
     costs_frames: int  # tap writes timed for the per-frame cost
+    datapath: str = "c"  # the emulated netfront's data path ("python": the reference, to see what C buys)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -138,7 +139,8 @@ class NetbackNic:
     """One guest with one NIC of `queues` queues attached through `pvback attach nic`, its netfront connected
     (C data path), in its own guest namespace."""
 
-    def __init__(self, tag: str, sim_dir: Path, peer: Any, queues: int, progress: Progress) -> None:
+    def __init__(self, tag: str, sim_dir: Path, peer: Any, queues: int, progress: Progress,
+                 datapath: str = "c") -> None:
         from backends.guests.netns import NetNS
 
         self.sim_dir = sim_dir
@@ -150,6 +152,7 @@ class NetbackNic:
         self.guest: Any = None
         self.backend = ""
         self.progress = progress
+        self.datapath = datapath
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
@@ -176,7 +179,8 @@ class NetbackNic:
         self.backend = res.stdout.strip()
         self.vif = f"vif{self.guest.domid}.0"
         self.fds = guest_tap(self.ns, queues=q, mtu=1500, mac=GUEST_MAC, addrs=[f"{GUEST_V4}/24"])
-        self.fronts = [NetFront(self.guest, 0, fd, offload=True, split=True, tx_pages=256, datapath="c")
+        self.fronts = [NetFront(self.guest, 0, fd, offload=True, split=True, tx_pages=256,
+                                datapath=self.datapath)
                        for fd in self.fds]
         deadline = time.monotonic() + 10
         while self.vif not in self.peer.ip("-br", "link", "show"):
@@ -394,6 +398,49 @@ def memcpy_ns_per_kib(total_mib: int = 512) -> float:
     return (time.perf_counter_ns() - t0) / (iters * 64)
 
 
+def grant_copy_ns_per_kib(total_mib: int = 256) -> float:
+    """The emulated platform's grant copy per KiB: one pv_gnt_do_copy call of 16 segments of 4 KiB (a 64 KiB
+    GSO frame's worth, what netback issues per batch) from a guest's read-only grants into local memory,
+    repeated; the segment array is built once, so this is the C path's cost (grant checks + memcpy)."""
+    from backends.guests.guest import Guest
+    from backends.native import ffi, lib
+    from backends.platform.emulated import EmulatedPlatform
+    from backends.sim.broker import BrokerThread
+
+    d = Path(tempfile.mkdtemp(prefix="pvbn-gc-", dir="/tmp"))
+    try:
+        with BrokerThread(str(d / "broker.sock")):
+            plat = EmulatedPlatform(str(d))
+            guest = Guest(str(d / "broker.sock"), name="gcopy", mem_pages=32, gnt_entries=64)
+            try:
+                plat.open_domain(guest.domid)
+                refs = [guest.grant(guest.alloc_page(), 0, readonly=True) for _ in range(16)]
+                local = ffi.new("uint8_t[]", 16 * 4096)
+                segs = ffi.new("struct pv_gcopy_seg[]", 16)
+                for i, ref in enumerate(refs):
+                    segs[i].source.foreign.ref = ref
+                    segs[i].source.foreign.offset = 0
+                    segs[i].source.foreign.domid = guest.domid
+                    segs[i].dest.virt = local + i * 4096
+                    segs[i].len = 4096
+                    segs[i].flags = lib.PV_GCOPY_SOURCE_GREF
+                iters = total_mib * 16
+                gnt = plat.gnt
+                t0 = time.perf_counter_ns()
+                for _ in range(iters):
+                    lib.pv_gnt_do_copy(gnt, segs, 16)
+                ns = (time.perf_counter_ns() - t0) / (iters * 64)
+                if any(segs[i].status != 0 for i in range(16)):
+                    raise RuntimeError(f"grant copy failed: status {[int(segs[i].status) for i in range(16)]}")
+                plat.close_domain(guest.domid)
+            finally:
+                guest.close()
+                plat.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return ns
+
+
 def tap_write_ns(ns: Any, frames: int) -> dict[str, float]:
     """ns per write() of a 60-byte UDP frame (+ vnet header) into a tap, measured in C-speed terms: the loop's
     own cost (the same writes to /dev/null) is subtracted."""
@@ -425,7 +472,8 @@ def tap_write_ns(ns: Any, frames: int) -> dict[str, float]:
 def physical_costs(plan: Plan, ns: Any, progress: Progress) -> dict[str, Any]:
     from perf.bench_event import cpu_modes, pingpong
 
-    out: dict[str, Any] = {"memcpy_ns_per_kib": memcpy_ns_per_kib(64 if plan.quick else 512)}
+    out: dict[str, Any] = {"memcpy_ns_per_kib": memcpy_ns_per_kib(64 if plan.quick else 512),
+                           "grant_copy_ns_per_kib": grant_copy_ns_per_kib(64 if plan.quick else 512)}
     out |= tap_write_ns(ns, plan.costs_frames)
     pp = {}
     for mode in cpu_modes():
@@ -434,7 +482,8 @@ def physical_costs(plan: Plan, ns: Any, progress: Progress) -> dict[str, Any]:
     out["pingpong"] = pp
     ref = "cross-cpu" if "cross-cpu" in pp else "same-cpu"
     out["wakeup_us"] = float(pp[ref]["p50_us"]) / 2  # a round trip is two wake-ups
-    progress(f"costs: memcpy {out['memcpy_ns_per_kib']:.1f} ns/KiB, tap write {out['tap_write_net_ns']:.0f} ns/frame "
+    progress(f"costs: memcpy {out['memcpy_ns_per_kib']:.1f} ns/KiB, grant copy {out['grant_copy_ns_per_kib']:.1f} "
+             f"ns/KiB, tap write {out['tap_write_net_ns']:.0f} ns/frame "
              f"(+{out['loop_ns']:.0f} ns of loop), eventfd wake-up {out['wakeup_us']:.2f} us ({ref})")
     return out
 
@@ -503,7 +552,7 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
             settings["net"] = serve.settings
             try:
                 for q in QUEUES:
-                    nic = NetbackNic(tag, sim_dir, peer, q, progress)
+                    nic = NetbackNic(tag, sim_dir, peer, q, progress, plan.datapath)
                     try:
                         asyncio.run(nic.connect())
                         progress(f"{q} queue(s): veth pair; netback guest {nic.guest.domid} connected, {nic.vif} in "
