@@ -596,6 +596,8 @@ def _per_gb(d: dict[str, Any]) -> dict[str, float]:
     gb = d["iperf"]["bytes"] / 1e9
     scale = d["iperf"]["seconds"] / d["iperf"]["wall_s"] if d["iperf"]["wall_s"] else 1.0
     out = {"iperf_cpu_s_per_gb": (d["iperf"]["client_cpu_s"] * scale + d["server_cpu_s"]) / gb}
+    if "sent_pps" in d["iperf"]:  # UDP: what the sender managed, beside what arrived
+        out["sent_pps"] = d["iperf"]["sent_pps"]
     if "daemon_cpu_s" in d["deltas"]:
         out["front_cpu_s_per_gb"] = d["front_cpu_s"] / gb
     return out
@@ -702,3 +704,21 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         else:
             print(f"(work directory kept: {work})", file=sys.stderr)
 
+
+def rerender(path: str) -> str:
+    """The cells, targets and markdown again from a bench-net.json's raw samples and details (after a change
+    to the aggregation or the report); rewrites the JSON and the markdown next to it, returns the markdown."""
+    from perf.report import net_markdown
+
+    p = Path(path)
+    result = json.loads(p.read_text())
+    result["cells"] = aggregate(result["samples"], result["details"])
+    result["targets"] = evaluate_targets(result["cells"])
+    p.write_text(json.dumps(result, indent=1))
+    md = net_markdown(result)
+    p.with_suffix(".md").write_text(md)
+    return md
+
+
+if __name__ == "__main__":  # python -m perf.net_cells perf/results/net/bench-net.json
+    print(rerender(sys.argv[1]))

@@ -248,20 +248,23 @@ def net_markdown(result: dict[str, Any]) -> str:
         f"Host: {h['cpu_model']}, {h['cpus_online']} vCPUs ({h['virtualization']}), {h['mem_gib']} GiB, "
         f"kernel {h['kernel']}, {h['os']}; {result.get('iperf3', '')}  ",
         f"Plan: {result['plan']['reps']} repetition(s) x {result['plan']['seconds']:g} s of iperf3 per cell; cells "
-        "are medians over the repetitions. UDP: 18-byte payloads (64-byte frames), unpaced, packets/s as received. "
+        "are medians over the repetitions. UDP: 18-byte payloads (64-byte frames), unpaced, packets/s as received "
+        "(sent: what the sender managed). "
         "TCP: GSO/checksum offload negotiated. CPU: iperf3 (both ends) + the daemon + the netfront, per received "
         "packet and GB.",
         "",
-        "| workload | path | Gbit/s | kpps | vs veth | CPU us/pkt | CPU s/GB | iperf3 s/GB | netfront s/GB | "
-        "daemon CPU (cores) | daemon us/netif pkt | daemon s/GB | B/netif pkt | daemon wake-ups/pkt | "
+        "| workload | path | Gbit/s | kpps | sent kpps | vs veth | CPU us/pkt | CPU s/GB | iperf3 s/GB | "
+        "netfront s/GB | daemon CPU (cores) | daemon us/netif pkt | daemon s/GB | B/netif pkt | daemon wake-ups/pkt | "
         "netfront wake-ups/pkt | notifies/pkt | tap syscalls/pkt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cells"]:
         udp = not c["workload"].startswith("tcp")
+        sent = f"{c['sent_pps'] / 1e3:.1f}" if c.get("sent_pps") else "-"
         lines.append(
             f"| {c['workload']} | {c['system']} | {c['mb_s'] * 8 / 1e3:.2f} | "
-            f"{kpps(c, udp)} | {f2(c.get('ratio_to_veth'))} | "
+            f"{kpps(c, udp)} | {sent} | "
+            f"{f2(c.get('ratio_to_veth'))} | "
             f"{f2(c.get('cpu_us_per_op')) if udp else '-'} | {f2(c.get('cpu_s_per_gb'))} | "
             f"{f2(c.get('iperf_cpu_s_per_gb'))} | {f2(c.get('front_cpu_s_per_gb'))} | "
             f"{f2(c.get('daemon_cores'))} | {f2(c.get('daemon_cpu_us_per_packet'))} | "

@@ -226,7 +226,7 @@ class NetFront:
         try:
             fds = {self.ev_tx.fileno(), self.ev_rx.fileno()}
             while not self._stop.is_set():
-                want = list(fds) + ([self.tap] if len(self._tx_free) >= MAX_TX_SLOTS else [])
+                want = list(fds) + ([self.tap] if self._tx_room() else [])
                 r, _, _ = select.select(want, [], [], 0.1)
                 for fd in fds & set(r):
                     port = self.ev_tx if fd == self.ev_tx.fileno() else self.ev_rx
@@ -269,9 +269,13 @@ class NetFront:
             if not self.tx.final_check():
                 return
 
+    def _tx_room(self) -> bool:
+        """Pages and ring slots for a largest packet (a pool larger than the ring runs out of slots first)."""
+        return len(self._tx_free) >= MAX_TX_SLOTS and self.tx.free_slots() > MAX_TX_SLOTS
+
     def _tx_frames(self) -> None:
         sent = False
-        while len(self._tx_free) >= MAX_TX_SLOTS:
+        while self._tx_room():
             try:
                 data = os.read(self.tap, 65536 + VNET.size)
             except BlockingIOError:
