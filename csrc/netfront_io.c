@@ -99,8 +99,9 @@ struct nf {
     struct pv_nf_stats *st;
     char *err;
     uint32_t errlen;
-    /* TX pool: a stack of free page indices; the top PV_NF_MAX_TX_PAGES_PER_FRAME are the next read's */
+    /* TX pool: a stack of free page indices; the top `tx_want` are the next read's */
     uint32_t *tx_free;
+    uint32_t tx_want; /* pages offered to one read: a largest frame's, or the whole pool if it is smaller */
     uint32_t tx_nfree;
     uint8_t *tx_busy;
     uint32_t tx_inflight;
@@ -170,8 +171,7 @@ static int tx_reap(struct nf *n)
 
 static int tx_room(const struct nf *n)
 {
-    return n->tx_nfree >= PV_NF_MAX_TX_PAGES_PER_FRAME &&
-           pv_front_ring_free(n->q->tx) >= PV_NF_MAX_TX_PAGES_PER_FRAME + 1;
+    return n->tx_nfree >= n->tx_want && pv_front_ring_free(n->q->tx) >= n->tx_want + 1;
 }
 
 /* Read up to `batch` frames from the tap into pool pages and put their slots; one push for them all.
@@ -187,13 +187,17 @@ static int tx_frames(struct nf *n)
             break;
         }
         struct vnet_hdr vh;
-        struct iovec iov[1 + PV_NF_MAX_TX_PAGES_PER_FRAME];
+        /* The header, the pages, then a private spill buffer: tun copies what fits and returns that, so a
+         * byte in the spill buffer is how a frame larger than the pages shows itself. */
+        uint8_t spill[64];
+        struct iovec iov[2 + PV_NF_MAX_TX_PAGES_PER_FRAME];
         iov[0] = (struct iovec){&vh, sizeof(vh)};
-        for (uint32_t k = 0; k < PV_NF_MAX_TX_PAGES_PER_FRAME; k++) {
+        for (uint32_t k = 0; k < n->tx_want; k++) {
             uint32_t page = n->tx_free[n->tx_nfree - 1 - k];
             iov[1 + k] = (struct iovec){q->tx_addrs[page], PAGE};
         }
-        ssize_t got = readv(q->tap_fd, iov, 1 + PV_NF_MAX_TX_PAGES_PER_FRAME);
+        iov[1 + n->tx_want] = (struct iovec){spill, sizeof(spill)};
+        ssize_t got = readv(q->tap_fd, iov, 2 + (int)n->tx_want);
         n->st->tap_reads++;
         if (got < 0) {
             if (errno == EINTR)
@@ -207,8 +211,9 @@ static int tx_frames(struct nf *n)
         done++;
         uint32_t flen = got > VNET_HDR_LEN ? (uint32_t)got - VNET_HDR_LEN : 0;
         uint32_t gso = vh.gso_type & ~VNET_GSO_ECN;
-        if (flen < 14 || flen > MAX_TX_SIZE || (gso != VNET_GSO_NONE && gso != VNET_GSO_TCPV4 &&
-                                                gso != VNET_GSO_TCPV6) || (gso && !vh.gso_size)) {
+        int bad_gso = (gso != VNET_GSO_NONE && gso != VNET_GSO_TCPV4 && gso != VNET_GSO_TCPV6) ||
+                      (gso && !vh.gso_size);
+        if (flen < 14 || flen > MAX_TX_SIZE || flen > n->tx_want * PAGE || bad_gso) {
             n->st->tx_dropped++;
             continue;
         }
@@ -558,9 +563,8 @@ int pv_nf_run(const struct pv_nf_queue *q, int stop_fd, struct pv_nf_stats *st, 
         err[0] = 0;
     if (!q || !q->tx || !q->rx || !q->ev_tx || !q->ev_rx || !st || q->tap_fd < 0 || stop_fd < 0)
         return fail(&n, PV_NF_EINVAL, "missing ring, event channel, tap or stats");
-    if (q->ntx < PV_NF_MAX_TX_PAGES_PER_FRAME || q->ntx > 65536 || !q->tx_addrs || !q->tx_refs)
-        return fail(&n, PV_NF_EINVAL, "the TX pool needs %u to 65536 pages (got %u)", PV_NF_MAX_TX_PAGES_PER_FRAME,
-                    q->ntx);
+    if (!q->ntx || q->ntx > 65536 || !q->tx_addrs || !q->tx_refs)
+        return fail(&n, PV_NF_EINVAL, "the TX pool needs 1 to 65536 pages (got %u)", q->ntx);
     if (q->tx->size < PV_NF_MAX_TX_PAGES_PER_FRAME + 1)
         return fail(&n, PV_NF_EINVAL, "TX ring of %u slots is too small", q->tx->size);
     if (!q->nrx || q->nrx > q->rx->size || !q->rx_addrs || !q->rx_refs)
@@ -578,6 +582,7 @@ int pv_nf_run(const struct pv_nf_queue *q, int stop_fd, struct pv_nf_stats *st, 
         for (uint32_t i = 0; i < q->ntx; i++)
             n.tx_free[i] = q->ntx - 1 - i;
         n.tx_nfree = q->ntx;
+        n.tx_want = q->ntx < PV_NF_MAX_TX_PAGES_PER_FRAME ? q->ntx : PV_NF_MAX_TX_PAGES_PER_FRAME;
         n.rx_mask = q->rx->size - 1;
         rc = run(&n, stop_fd);
     }

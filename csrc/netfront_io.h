@@ -42,7 +42,8 @@ struct pv_nf_queue {
     struct pv_evtchn *ev_tx;
     struct pv_evtchn *ev_rx;   /* == ev_tx for a frontend with one channel */
     int tap_fd;                /* non-blocking, IFF_VNET_HDR with a 10-byte header */
-    uint32_t ntx;              /* TX pool: page addresses and their read-only grants; slot id = index */
+    uint32_t ntx;              /* TX pool: page addresses and their read-only grants; slot id = index (a
+                                * pool under 17 pages carries only frames that fit in it: larger dropped) */
     void *const *tx_addrs;
     const uint32_t *tx_refs;
     uint32_t nrx;              /* RX buffers: page addresses and their writable grants */
