@@ -63,6 +63,7 @@ class Plan:
     seconds: float
     costs_frames: int  # tap writes timed for the per-frame cost
     datapath: str = "c"  # the emulated netfront's data path ("python": the reference, to see what C buys)
+    spin_us: int = 0  # C netfront: look at the rings this long before sleeping (hand-off latency vs CPU)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -140,7 +141,7 @@ class NetbackNic:
     (C data path), in its own guest namespace."""
 
     def __init__(self, tag: str, sim_dir: Path, peer: Any, queues: int, progress: Progress,
-                 datapath: str = "c") -> None:
+                 datapath: str = "c", spin_us: int = 0) -> None:
         from backends.guests.netns import NetNS
 
         self.sim_dir = sim_dir
@@ -153,6 +154,7 @@ class NetbackNic:
         self.backend = ""
         self.progress = progress
         self.datapath = datapath
+        self.spin_us = spin_us
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
@@ -180,7 +182,7 @@ class NetbackNic:
         self.vif = f"vif{self.guest.domid}.0"
         self.fds = guest_tap(self.ns, queues=q, mtu=1500, mac=GUEST_MAC, addrs=[f"{GUEST_V4}/24"])
         self.fronts = [NetFront(self.guest, 0, fd, offload=True, split=True, tx_pages=256,
-                                datapath=self.datapath)
+                                datapath=self.datapath, spin_us=self.spin_us)
                        for fd in self.fds]
         deadline = time.monotonic() + 10
         while self.vif not in self.peer.ip("-br", "link", "show"):
@@ -552,7 +554,7 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
             settings["net"] = serve.settings
             try:
                 for q in QUEUES:
-                    nic = NetbackNic(tag, sim_dir, peer, q, progress, plan.datapath)
+                    nic = NetbackNic(tag, sim_dir, peer, q, progress, plan.datapath, plan.spin_us)
                     try:
                         asyncio.run(nic.connect())
                         progress(f"{q} queue(s): veth pair; netback guest {nic.guest.domid} connected, {nic.vif} in "
