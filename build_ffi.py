@@ -3,9 +3,10 @@
 Two modules, each from its own cdefs and sources:
 - `backends._native`, the backend: every csrc/<name>.cdef (what Python may call from csrc/<name>.h) except the
   guest's, every csrc/*.c except the guest's.
-- `backends._guest_native`, the guest side of the benchmark (a frontend's C I/O loop): csrc/blkfront_load.*
-  plus the shared C it calls (ring index math, blkif sizes, the ops-table dispatch).  A frontend stands for a
-  foreign guest, so it is kept out of the backend's module; shared .c files are compiled into both.
+- `backends._guest_native`, the guest side (a frontend's C I/O loops): csrc/blkfront_load.* (the blkif load
+  generator) and csrc/netfront_io.* (the emulated netfront's data path), plus the shared C they call (ring
+  index math, blkif sizes, the ops-table dispatch).  A frontend stands for a foreign guest, so it is kept out
+  of the backend's module; shared .c files are compiled into both.
 
 The build needs no Xen libraries: the real-Xen shims load libxengnttab/libxenevtchn with dlopen at run time.
 Run directly (`python build_ffi.py`) to build both in place and rewrite backends/<module>.pyi; `--backend-only`
@@ -30,9 +31,9 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
 # The guest side: its cdef stems, and every .c it links (it includes no backend code).
-GUEST_CDEFS = ("blkfront_load",)
-GUEST_SOURCES = ("blkfront_load.c", "blkif.c", "platform.c", "ring.c")
-GUEST_ONLY_SOURCES = ("blkfront_load.c",)
+GUEST_CDEFS = ("blkfront_load", "netfront_io")
+GUEST_SOURCES = ("blkfront_load.c", "blkif.c", "netfront_io.c", "platform.c", "ring.c")
+GUEST_ONLY_SOURCES = ("blkfront_load.c", "netfront_io.c")
 
 
 @dataclass(frozen=True)

@@ -230,3 +230,69 @@ def tpm_markdown(result: dict[str, Any]) -> str:
     if result.get("failures"):
         lines += ["", "Failures: " + "; ".join(result["failures"])]
     return "\n".join(lines) + "\n"
+
+
+def kpps(c: dict[str, Any], udp: bool) -> str:
+    if udp:
+        return f"{c['iops'] / 1e3:.1f}"
+    return f"{c['ring_pps'] / 1e3:.1f}" if c.get("ring_pps") else "-"
+
+
+def net_markdown(result: dict[str, Any]) -> str:
+    """`pvback bench net`'s tables from a bench-net.json."""
+    h = result["host"]
+    co = result.get("costs") or {}
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}  ",
+        f"Host: {h['cpu_model']}, {h['cpus_online']} vCPUs ({h['virtualization']}), {h['mem_gib']} GiB, "
+        f"kernel {h['kernel']}, {h['os']}; {result.get('iperf3', '')}  ",
+        f"Plan: {result['plan']['reps']} repetition(s) x {result['plan']['seconds']:g} s of iperf3 per cell; cells "
+        "are medians over the repetitions. UDP: 18-byte payloads (64-byte frames), unpaced, packets/s as received "
+        "(sent: what the sender managed). "
+        "TCP: GSO/checksum offload negotiated. CPU: iperf3 (both ends) + the daemon + the netfront, per received "
+        "packet and GB.",
+        "",
+        "| workload | path | Gbit/s | kpps | sent kpps | vs veth | CPU us/pkt | CPU s/GB | iperf3 s/GB | "
+        "netfront s/GB | daemon CPU (cores) | daemon us/netif pkt | daemon s/GB | B/netif pkt | daemon wake-ups/pkt | "
+        "netfront wake-ups/pkt | notifies/pkt | tap syscalls/pkt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        udp = not c["workload"].startswith("tcp")
+        sent = f"{c['sent_pps'] / 1e3:.1f}" if c.get("sent_pps") else "-"
+        lines.append(
+            f"| {c['workload']} | {c['system']} | {c['mb_s'] * 8 / 1e3:.2f} | "
+            f"{kpps(c, udp)} | {sent} | "
+            f"{f2(c.get('ratio_to_veth'))} | "
+            f"{f2(c.get('cpu_us_per_op')) if udp else '-'} | {f2(c.get('cpu_s_per_gb'))} | "
+            f"{f2(c.get('iperf_cpu_s_per_gb'))} | {f2(c.get('front_cpu_s_per_gb'))} | "
+            f"{f2(c.get('daemon_cores'))} | {f2(c.get('daemon_cpu_us_per_packet'))} | "
+            f"{f2(c.get('daemon_cpu_s_per_gb'))} | {f2(c.get('bytes_per_ring_packet'))} | "
+            f"{f2(c.get('daemon_wakeups_per_packet'))} | {f2(c.get('front_wakeups_per_packet'))} | "
+            f"{f2(c.get('front_notifies_per_packet'))} | {f2(c.get('front_tap_syscalls_per_packet'))} |")
+    lines += ["", "TCP kpps of netback = netif packets/s (a GSO frame of up to 64 KiB is one packet)."]
+    probes = co.get("syscall_probes") or []
+    if probes:
+        lines += ["", "The daemon's syscalls and context switches per netif packet (`perf stat -e "
+                  "raw_syscalls:sys_enter -e context-switches -p <daemon>` over one extra run per workload, outside "
+                  "the samples):", "",
+                  "| workload | Gbit/s (probed run) | netif packets | syscalls/pkt | context switches/pkt |",
+                  "|---|---|---|---|---|"]
+        for p in probes:
+            lines.append(f"| {p['workload']} | {p['gbit_s']:.2f} | {p['packets']:.0f} | "
+                         f"{p['syscalls_per_packet']:.2f} | {p['context_switches_per_packet']:.3f} |")
+    if co:
+        lines += ["", "Physical costs measured in the same run: "
+                  f"memcpy {co['memcpy_ns_per_kib']:.1f} ns/KiB (64 KiB blocks); the emulated grant copy "
+                  f"{co.get('grant_copy_ns_per_kib', 0.0):.1f} ns/KiB (16 x 4 KiB segments per call); one write() "
+                  f"of a 64-byte frame into a tap {co['tap_write_net_ns']:.0f} ns "
+                  f"(loop cost {co['loop_ns']:.0f} ns subtracted); one eventfd wake-up {co['wakeup_us']:.2f} us "
+                  "(half the ping-pong's p50)."]
+    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
+                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    if result.get("failures"):
+        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    return "\n".join(lines) + "\n"

@@ -136,12 +136,13 @@ class Serve:
     """`pvback serve` on the simulator with a bench configuration (one process, optionally pinned).
 
     sections: the device types' config sections (e.g. {"blk": {...}}), written after [serve]; serve_keys:
-    more keys of [serve] (e.g. backend_types); `settings` is what the result records about this process.
+    more keys of [serve] (e.g. backend_types); `settings` is what the result records about this process;
+    prefix: a command that execs the daemon (`ip netns exec NS`: the PID stays the daemon's).
     """
 
     def __init__(self, work: Path, sim_dir: Path, name: str, *, sections: Mapping[str, Mapping[str, int | str]],
                  settings: dict[str, Any], cpus: set[int] | None = None,
-                 serve_keys: Mapping[str, object] | None = None) -> None:
+                 serve_keys: Mapping[str, object] | None = None, prefix: list[str] | None = None) -> None:
         self.cfg = work / f"serve-{name}.toml"
         text = "[serve]\nmetrics_listen = \"\"\nlog_level = \"warning\"\n"
         text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in (serve_keys or {}).items())
@@ -150,8 +151,8 @@ class Serve:
         self.cfg.write_text(text)
         self.log = work / f"serve-{name}.log"
         self.settings = settings
-        self.proc = spawn([PY, "-m", "backends.daemon.cli", "serve", "--platform", "emulated", "--sim-dir",
-                           str(sim_dir), "--config", str(self.cfg)], self.log, cpus=cpus)
+        self.proc = spawn([*(prefix or []), PY, "-m", "backends.daemon.cli", "serve", "--platform", "emulated",
+                           "--sim-dir", str(sim_dir), "--config", str(self.cfg)], self.log, cpus=cpus)
         time.sleep(0.8)
         if self.proc.poll() is not None:
             raise RuntimeError(f"pvback serve exited: {self.log.read_text(errors='replace')[-1500:]}")

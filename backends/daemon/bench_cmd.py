@@ -1,5 +1,6 @@
 """`pvback bench`: the benchmark matrix (perf/matrix.py) against fio, nbdkit and the null driver; `pvback bench
-tpm`: the vTPM latency and scale benchmark (perf/tpm_cells.py).
+tpm`: the vTPM latency and scale benchmark (perf/tpm_cells.py); `pvback bench net`: netback against a veth pair
+(perf/net_cells.py).
 
 The benchmark code lives in the source tree's perf/ directory (it builds small C programs and drives fio and
 nbdkit); this command finds it next to the `backends` package and runs it.
@@ -26,6 +27,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         argv = ["pvback", "bench", "tpm"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
         return tpm_cells.main(bool(args.quick), str(args.out), argv=argv)
+    if getattr(args, "what", "blk") == "net":
+        from perf import net_cells
+
+        argv = ["pvback", "bench", "net"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
+        return net_cells.main(bool(args.quick), str(args.out), argv=argv)
     from perf import matrix
 
     argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]

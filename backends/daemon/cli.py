@@ -146,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="work directory (default: a new temporary one)")
     p.add_argument("--size-mib", type=int, default=64)
 
-    p = sub.add_parser("bench", help="the benchmark matrix against fio, nbdkit and the null driver (blk), or the "
-                                     "vTPM latency and scale benchmark (tpm)")
-    p.add_argument("what", nargs="?", choices=["blk", "tpm"], default="blk",
-                   help="blk (default): the block matrix; tpm: vTPM command latency vs swtpm direct, and N vTPMs")
+    p = sub.add_parser("bench", help="the benchmark matrix against fio, nbdkit and the null driver (blk), the "
+                                     "vTPM latency and scale benchmark (tpm), or netback vs a veth pair (net)")
+    p.add_argument("what", nargs="?", choices=["blk", "tpm", "net"], default="blk",
+                   help="blk (default): the block matrix; tpm: vTPM command latency vs swtpm direct, and N vTPMs; "
+                        "net: iperf3 TCP and 64-byte UDP through netback vs a veth pair, 1 and 2 queues")
     p.add_argument("--quick", action="store_true", help="one short run per cell")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
 

@@ -2,8 +2,11 @@
 the guest's own network namespace to its rings, so a real network stack (ping, TCP, the kernel's checksum
 and segmentation offloads) runs inside the "guest".
 
-Slots are built field by field from Xen's io/netif.h layouts (not from the backend's constants).  The data
-path is Python per packet (a thread): enough for functional tests; the benchmark will need it in C.
+Slots are built field by field from Xen's io/netif.h layouts (not from the backend's constants).  Two data
+paths, chosen per NetFront: "c" (the default; backends/guests/netfront_native.py runs csrc/netfront_io.c, one
+thread per queue blocked in one C call, batch-shaped, so measurements see the backend) and "python" (a thread
+per queue, Python per packet: for tests that reach into the pool or watch each frame (`rx_log`, `mcast`), and
+the reference the C path is tested against).
 
 Beyond xen-netfront's usual keys it speaks what Windows PV drivers and XDP-enabled Linux netfronts use: a
 control ring (`NetCtrl`: the Toeplitz hash key, flags and mapping table), MCAST_ADD/DEL extra infos on TX
@@ -25,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from backends.guests.guest import Guest, GuestPort
+from backends.guests.netfront_native import NativeQueue
 from backends.native.ring import FrontRing
 
 if TYPE_CHECKING:
@@ -88,7 +92,12 @@ class NetFront:
 
     def __init__(self, guest: Guest, backend_domid: int, tap_fd: int, *, offload: bool = False,
                  split: bool = False, tx_pages: int = 64, rx_buffers: int = 256, multicast_control: bool = False,
-                 xdp_headroom: int = 0) -> None:
+                 xdp_headroom: int = 0, datapath: str = "c", spin_us: int = 0) -> None:
+        if datapath not in ("c", "python"):
+            raise ValueError(f"netfront data path {datapath!r}: 'c' or 'python'")
+        self.datapath = datapath
+        self.spin_us = spin_us  # C path: how long to look at the rings before sleeping (0: never spin)
+        self._native: NativeQueue | None = None
         self.guest = guest
         self.multicast_control = multicast_control
         self.xdp_headroom = xdp_headroom
@@ -130,8 +139,8 @@ class NetFront:
         self._rx_more = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"tx": 0, "rx": 0, "tx_errors": 0, "rx_errors": 0, "rx_hash": 0, "rx_xdp": 0}
-        self.error: BaseException | None = None
+        self._py_stats = {"tx": 0, "rx": 0, "tx_errors": 0, "rx_errors": 0, "rx_hash": 0, "rx_xdp": 0}
+        self._error: BaseException | None = None
         fcntl.ioctl(tap_fd, TUNSETOFFLOAD, (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) if offload else 0)
 
     def _page(self, writable: bool) -> int:
@@ -160,16 +169,40 @@ class NetFront:
     def mcast(self, add: bool, mac: bytes) -> int:
         """Queue an MCAST_ADD / MCAST_DEL (a first slot of size 0 and one extra, as netif.h and Windows PV
         drivers send it) for the TX thread; returns a token whose answer lands in `mcast_status`."""
+        if self.datapath != "python":
+            raise RuntimeError("netfront: MCAST_ADD/DEL are sent by the Python data path (datapath='python')")
         token = next(self._tokens)
         self._cmds.append((token, add, mac))
         return token
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Packets and errors each way ("tx", "rx", "tx_errors", "rx_errors"; the Python path counts the RX
+        frames with HASH / XDP extras, the C path adds its own counters)."""
+        if self._native is None:
+            return self._py_stats
+        c = self._native.stats()
+        return {"tx": c["tx_packets"], "rx": c["rx_packets"], "tx_errors": c["tx_errors"] + c["tx_dropped"],
+                "rx_errors": c["rx_errors"], **c}
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the data path early (None while it is healthy)."""
+        return self._native.error if self._native is not None else self._error
+
     def start(self) -> None:
+        if self.datapath == "c":
+            tx = [(p, self._tx_ref[p]) for p in self._tx_free]
+            self._native = NativeQueue(self, tx, self._rx_bufs, spin_us=self.spin_us)
+            self._native.start()
+            return
         self._post_rx(list(range(len(self._rx_bufs))))
         self._thread = threading.Thread(target=self._main, name="netfront", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        if self._native is not None:
+            self._native.stop()  # its stats and error stay readable
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
@@ -193,7 +226,7 @@ class NetFront:
         try:
             fds = {self.ev_tx.fileno(), self.ev_rx.fileno()}
             while not self._stop.is_set():
-                want = list(fds) + ([self.tap] if len(self._tx_free) >= MAX_TX_SLOTS else [])
+                want = list(fds) + ([self.tap] if self._tx_room() else [])
                 r, _, _ = select.select(want, [], [], 0.1)
                 for fd in fds & set(r):
                     port = self.ev_tx if fd == self.ev_tx.fileno() else self.ev_rx
@@ -204,7 +237,7 @@ class NetFront:
                 if self.tap in r:
                     self._tx_frames()
         except BaseException as exc:  # reported to the test
-            self.error = exc
+            self._error = exc
 
     def _tx_cmds(self) -> None:
         sent = False
@@ -236,9 +269,13 @@ class NetFront:
             if not self.tx.final_check():
                 return
 
+    def _tx_room(self) -> bool:
+        """Pages and ring slots for a largest packet (a pool larger than the ring runs out of slots first)."""
+        return len(self._tx_free) >= MAX_TX_SLOTS and self.tx.free_slots() > MAX_TX_SLOTS
+
     def _tx_frames(self) -> None:
         sent = False
-        while len(self._tx_free) >= MAX_TX_SLOTS:
+        while self._tx_room():
             try:
                 data = os.read(self.tap, 65536 + VNET.size)
             except BlockingIOError:

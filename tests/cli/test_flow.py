@@ -122,6 +122,15 @@ def test_demo_under_a_minute() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "DEMO PASSED" in res.stdout
     assert took < 60
+    # The NIC part: the guest reached its peer through netback, status listed the vif, the detach took the tap
+    # along, and the demo's network namespaces are gone.
+    assert "guest pings the peer: 3/3 replies" in res.stdout, res.stdout
+    assert re.search(r"^vif\s", res.stdout, re.M), res.stdout
+    assert "pvback detach nic: OK" in res.stdout, res.stdout
+    import subprocess
+
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "pvdemo-" not in left, left
 
 
 def _open_files(pid: int) -> set[str]:

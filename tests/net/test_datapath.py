@@ -71,7 +71,7 @@ class Wire:
 
     def __init__(self, plat: EmulatedPlatform, broker: str, g: NetNS, p: NetNS, *, mtu: int = 1500,
                  queues: int = 1, offload: bool = False, split: bool = False, drain_ms: int = 0,
-                 vif: VifShared | None = None, csum_full: bool = False) -> None:
+                 vif: VifShared | None = None, csum_full: bool = False, datapath: str = "c") -> None:
         self.plat = plat
         self.gfds = guest_tap(g, mtu, queues)
         self.tap = Tap("vif1.0", mac=HOST_MAC, mtu=mtu, queues=queues)
@@ -84,7 +84,7 @@ class Wire:
         self.fronts: list[NetFront] = []
         self.dps: list[NetDataplane] = []
         for qi in range(queues):
-            nf = NetFront(self.guest, 0, self.gfds[qi], offload=offload, split=split)
+            nf = NetFront(self.guest, 0, self.gfds[qi], offload=offload, split=split, datapath=datapath)
             self.fronts.append(nf)
             k = nf.keys()
             tx = plat.map_grants(self.guest.domid, [int(k["tx-ring-ref"])], writable=True)
@@ -156,14 +156,17 @@ def run(coro: Any) -> None:
     asyncio.run(asyncio.wait_for(coro, 120))
 
 
-@pytest.mark.parametrize(("mtu", "offload", "split", "queues"), [
-    (1500, False, False, 1), (1500, True, False, 2), (9000, True, True, 1), (9000, False, True, 2)],
-    ids=["mtu1500-plain", "mtu1500-offload-2q", "mtu9000-offload-split", "mtu9000-plain-split-2q"])
-def test_ping_and_tcp_both_ways(bed: Any, mtu: int, offload: bool, split: bool, queues: int) -> None:
+@pytest.mark.parametrize(("mtu", "offload", "split", "queues", "datapath"), [
+    (1500, False, False, 1, "c"), (1500, True, False, 2, "c"), (9000, True, True, 1, "c"), (9000, False, True, 2, "c"),
+    (1500, False, False, 1, "python"), (9000, True, True, 2, "python")],
+    ids=["mtu1500-plain", "mtu1500-offload-2q", "mtu9000-offload-split", "mtu9000-plain-split-2q",
+         "py-mtu1500-plain", "py-mtu9000-offload-split-2q"])
+def test_ping_and_tcp_both_ways(bed: Any, mtu: int, offload: bool, split: bool, queues: int, datapath: str) -> None:
+    """The guest's netfront data path in C (the default) and in Python (the reference) carry the same traffic."""
     plat, broker, g, p = bed
 
     async def main() -> None:
-        w = Wire(plat, broker, g, p, mtu=mtu, offload=offload, split=split, queues=queues)
+        w = Wire(plat, broker, g, p, mtu=mtu, offload=offload, split=split, queues=queues, datapath=datapath)
         try:
             w.start()
             assert await asyncio.to_thread(g.run, lambda: pingtcp.ping("198.18.0.1", count=3)) == 3
@@ -179,6 +182,12 @@ def test_ping_and_tcp_both_ways(bed: Any, mtu: int, offload: bool, split: bool, 
             else:
                 assert s["tx_gso"] == 0 and s["rx_gso"] == 0, s
             assert all(nf.error is None for nf in w.fronts)
+            fs = [nf.stats for nf in w.fronts]
+            assert sum(f["tx"] for f in fs) > 0 and sum(f["rx"] for f in fs) > 0, fs
+            assert all(f["tx_errors"] == 0 and f["rx_errors"] == 0 for f in fs), fs
+            if datapath == "c":  # the C loop's own counters: it read and wrote the tap, batch-shaped
+                assert all(f["tap_reads"] > 0 and f["tap_writes"] > 0 for f in fs), fs
+                assert sum(f["tx_gso"] for f in fs) == s["tx_gso"] and sum(f["rx_gso"] for f in fs) == s["rx_gso"]
             if queues > 1:  # both directions used more than one queue: the flows were spread
                 per_q = [dp.stats() for dp in w.dps]
                 assert sum(1 for q in per_q if q["rx_packets"] + q["tx_packets"] > 0) == queues, per_q

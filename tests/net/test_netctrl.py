@@ -236,7 +236,7 @@ def test_handoff_ring_is_bounded_and_drops_are_counted(bed: Any) -> None:
         p.ip("neigh", "add", "198.18.0.2", "lladdr", GUEST_MAC, "dev", "vif1.0")  # no ARP through queue 1
         guest = Guest(broker, name="steer", mem_pages=1400, gnt_entries=2100)
         plat.open_domain(guest.domid)
-        fronts = [NetFront(guest, 0, fd) for fd in gfds]
+        fronts = [NetFront(guest, 0, fd, datapath="python") for fd in gfds]  # rx_log: per-frame extras
         ctrl = NetCtrl(guest, 0)
         vif = VifControl(2, guest.domid, plat.gnt)
         dps: list[NetDataplane] = []

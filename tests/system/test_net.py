@@ -103,15 +103,15 @@ class NetBed(Bed):
                               stdin=subprocess.DEVNULL)
 
     async def nic(self, *, queues: int = 1, mtu: int = 1500, offload: bool = True, split: bool = True,
-                  attach_args: tuple[str, ...] = ()) -> Nic:
+                  attach_args: tuple[str, ...] = (), datapath: str = "c") -> Nic:
         """A guest with one NIC attached by `pvback attach nic` (plus `attach_args`) and its netfront
-        connected; the vif tap gets the peer's addresses."""
+        connected (its data path `datapath`); the vif tap gets the peer's addresses."""
         g, xs = await self.guest(name="netguest", mem_pages=640 * queues, gnt_entries=1024 * queues)
         res = await asyncio.to_thread(self.cli, "attach", "nic", str(g.domid), "--mac", GUEST_MAC, "--queues",
                                       str(queues), "--mtu", str(mtu), *attach_args)
         assert res.returncode == 0, res.stderr
         gfds = guest_tap(self.gns, mtu, queues)
-        fronts = [NetFront(g, 0, fd, offload=offload, split=split) for fd in gfds]
+        fronts = [NetFront(g, 0, fd, offload=offload, split=split, datapath=datapath) for fd in gfds]
         nic = Nic(g, xs, fronts, gfds, 0, backend=res.stdout.strip())
         self.nics.append(nic)
         assert nic.vif in self.peer.ip("-br", "link", "show", "dev", nic.vif)  # made at realize
@@ -175,8 +175,10 @@ def metric(text: str, name: str, domid: int, **labels: str) -> float:
 
 
 @pytest.mark.system_timeout(120)
-async def test_ping_tcp_attach_status_metrics_detach(nbed: NetBed) -> None:
-    nic = await nbed.nic(queues=2)
+@pytest.mark.parametrize("datapath", ["c", "python"])
+async def test_ping_tcp_attach_status_metrics_detach(nbed: NetBed, datapath: str) -> None:
+    """With the guest's netfront data path in C (the default) and in Python (the reference)."""
+    nic = await nbed.nic(queues=2, datapath=datapath)
     g, p = nbed.gns, nbed.peer
     assert await asyncio.to_thread(g.run, lambda: pingtcp.ping(PEER_V4, count=3)) == 3
     assert await asyncio.to_thread(g.run, lambda: pingtcp.ping(PEER_V6, count=3)) == 3

@@ -42,7 +42,8 @@ async def ctrl_nic(nbed: NetBed, *, queues: int, mcast: bool = False) -> tuple[N
                                   str(queues))
     assert res.returncode == 0, res.stderr
     gfds = guest_tap(nbed.gns, 1500, queues)
-    fronts = [NetFront(g, 0, fd, offload=True, split=True, multicast_control=mcast) for fd in gfds]
+    fronts = [NetFront(g, 0, fd, offload=True, split=True, multicast_control=mcast, datapath="python")
+              for fd in gfds]  # mcast() and rx_log are the Python data path's
     ctrl = NetCtrl(g, 0)
     nic = Nic(g, xs, fronts, gfds, 0, backend=res.stdout.strip())
     nbed.nics.append(nic)
@@ -206,7 +207,7 @@ async def test_multicast_control_filters_real_multicast(nbed: NetBed) -> None:
 
 @pytest.mark.system_timeout(120)
 async def test_xdp_headroom_through_reconfiguring(nbed: NetBed) -> None:
-    nic = await nbed.nic(queues=1)
+    nic = await nbed.nic(queues=1, datapath="python")  # rx_log: each frame's offset and XDP extra
     nf = nic.fronts[0]
     g = nbed.gns
     d = nic.domid
@@ -246,7 +247,7 @@ async def test_hostile_ctrl_requests_fail_only_their_vif(nbed: NetBed) -> None:
         res = await asyncio.to_thread(nbed.cli, "attach", "nic", str(g.domid), "--queues", str(queues))
         assert res.returncode == 0, res.stderr
         fds = [spare_tap(nbed.gns, f"{tapname}{i}") for i in range(queues)]
-        fronts = [NetFront(g, 0, fd, split=False) for fd in fds]
+        fronts = [NetFront(g, 0, fd, split=False, datapath="python") for fd in fds]  # rx_log
         ctrl = NetCtrl(g, 0)
         nic = Nic(g, xs, fronts, fds, 0, backend=res.stdout.strip())
         nbed.nics.append(nic)
