@@ -119,9 +119,10 @@ def capability_mask(names: Iterable[str]) -> int:
 
 
 def prepare_dir(path: str, target: Target) -> int:
-    """Make `path` (parents 0755 root, itself 0700) and give it and what root left in it to the user; returns
-    how many entries changed owner.  fd-relative and without following links: the user may own what is in
-    there already, and a link it planted must not make root chown something else."""
+    """Make `path` (parents 0755 root, itself 0700) and give it and what root left in it (a daemon that ran as
+    root before) to the user; returns how many entries changed owner.  fd-relative and without following
+    links: the user may own some of what is in there, and a link it planted must not make root chown
+    something else.  Subdirectories root cannot read are skipped (fwalk ignores them)."""
     p = Path(os.path.normpath(path))
     if not p.is_absolute() or str(p) in _NEVER_CHOWN:
         raise PrivDropError(f"{path}: not a directory pvback can own (give it a directory of its own, e.g. "
@@ -131,19 +132,27 @@ def prepare_dir(path: str, target: Target) -> int:
         p.mkdir(mode=0o700)
     except FileExistsError:
         pass
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrivDropError(f"{path}: not a directory")
+    if st.st_uid != 0:
+        # Already the user's (handed over by an earlier start), or someone else's choice.  Not walked: root
+        # could not even list a 0700 directory of the user's without CAP_DAC_READ_SEARCH, which the unit
+        # does not grant.
+        return 0
     changed = 0
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_uid == 0:
-            os.fchown(fd, target.uid, target.gid)
-            changed += 1
-        for _root, dirs, files, dirfd in os.fwalk(".", dir_fd=fd):
+        # Bottom-up: a directory handed over is 0700 the user's, root could not enter it afterwards.
+        for _root, dirs, files, dirfd in os.fwalk(".", topdown=False, dir_fd=fd):
             for name in dirs + files:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
                 # Only root's entries (a daemon that ran as root before): anything else is someone's choice.
                 if st.st_uid == 0 and not stat.S_ISLNK(st.st_mode):
                     os.chown(name, target.uid, target.gid, dir_fd=dirfd, follow_symlinks=False)
                     changed += 1
+        os.fchown(fd, target.uid, target.gid)
+        changed += 1
     finally:
         os.close(fd)
     return changed

@@ -2,7 +2,8 @@
 capabilities its served types declare, and still serves a disk, a NIC and a vTPM; SIGKILLed and restarted, it
 starts as root again, drops again and picks every device up.
 
-The daemon serves qdisk, vtpm and vif with `[daemon] user = "nobody"` (a test must not create users on a
+The daemon starts as the shipped unit starts it (root, the unit's CapabilityBoundingSet, no_new_privs) and
+serves qdisk, vtpm and vif with `[daemon] user = "nobody"` (a test must not create users on a
 shared machine; the shipped unit uses a dedicated `pvback` user) inside the peer's network namespace, as
 tests/system/test_net.py runs it.  Its workdir, image and state directories are the test's own, 0755 so that
 user can reach them.  On this machine the interpreter lives under /root (0700, pyenv): the daemon runs in a
@@ -29,13 +30,14 @@ from backends.xenbus.state import XenbusState
 from backends.xenbus.toolstack import wait_for_state
 from tests.net import pingtcp
 from tests.net.netns import NetNS
-from tests.system.conftest import SimProc
+from tests.system.conftest import REPO, SimProc
 from tests.system.test_net import GUEST_V4, PEER_V4, NetBed, NetnsServe
 from tests.system.vtpmbed import TpmBed, kill_swtpms
 
 S = XenbusState
 USER_UID = USER_GID = 65534  # nobody / nogroup
 NET_ADMIN = 1 << CAPABILITIES["CAP_NET_ADMIN"]
+UNIT = REPO / "contrib" / "systemd" / "pvback.service"
 
 # /root hidden behind a tmpfs holding only pyenv's tree, in the daemon's own mount namespace.
 WRAPPER = """#!/bin/sh
@@ -55,13 +57,26 @@ class LeastPrivBed(NetBed, TpmBed):
     pass
 
 
+def unit_bounding_set() -> list[str]:
+    """The shipped unit's CapabilityBoundingSet, as setpriv names them."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return [c.removeprefix("CAP_").lower() for c in line.partition("=")[2].split()]
+    raise AssertionError(f"no CapabilityBoundingSet in {UNIT}")
+
+
 class DroppingServe(NetnsServe):
+    """Started as the unit starts it: root, with the unit's bounding set and no_new_privs (setpriv stands in
+    for systemd), in the peer's namespace, /root hidden."""
+
     def __init__(self, sim: SimProc, workdir: Path, ns: NetNS, config: str) -> None:
         super().__init__(sim, workdir, ns, config)
         wrapper = workdir / "hide-root.sh"
         wrapper.write_text(WRAPPER)
         wrapper.chmod(0o755)
-        self.prefix = ["unshare", "-m", "--propagation", "private", str(wrapper), *self.prefix]
+        caps = ",".join(["-all", *(f"+{c}" for c in unit_bounding_set())])
+        self.prefix = ["unshare", "-m", "--propagation", "private", str(wrapper), *self.prefix,
+                       "setpriv", "--bounding-set", caps, "--inh-caps", "-all", "--no-new-privs", "--"]
 
 
 @pytest.fixture
@@ -74,6 +89,11 @@ def lbed(sim: SimProc) -> Iterator[LeastPrivBed]:
               f'[serve]\nbackend_types = ["qdisk", "vtpm", "vif"]\n'
               f'[vtpm]\nstate_dir = "{work}/vtpm-state"\nrun_dir = "{run_dir}"\ncommand_timeout_s = 30.0\n'
               f'[net]\nrun_dir = "{work}/net"\n')
+    # What a daemon that ran as root left behind: handed to the user at start (the unit grants no CAP_DAC_*).
+    leftover = work / "vtpm-state" / "0-old-vtpm"
+    leftover.mkdir(parents=True, mode=0o700)
+    (leftover / "tpm2-00.permall").write_bytes(b"old state")
+    (leftover / "tpm2-00.permall").chmod(0o600)
     try:
         with NetNS(f"pvlp-g-{tag}") as g, NetNS(f"pvlp-p-{tag}") as p:
             serve = DroppingServe(sim, work, p, config)
@@ -147,7 +167,8 @@ async def test_serves_disk_nic_vtpm_unprivileged_across_sigkill(lbed: LeastPrivB
     sw = swtpm_status(lbed, v.uuid)
     assert sw["Uid"].split() == [str(USER_UID)] * 4 and int(sw["CapEff"], 16) == 0 and int(sw["CapPrm"], 16) == 0
     assert sw["NoNewPrivs"] == "1"
-    assert (lbed.tmp / "vtpm-state").stat().st_uid == USER_UID
+    for leftover in ("vtpm-state", "vtpm-state/0-old-vtpm", "vtpm-state/0-old-vtpm/tpm2-00.permall"):
+        assert (lbed.tmp / leftover).stat().st_uid == USER_UID, leftover
 
     # SIGKILL: the new daemon starts as root, drops again, and every device goes on.
     lbed.serve.kill(signal.SIGKILL)
