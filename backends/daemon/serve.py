@@ -87,9 +87,14 @@ class Daemon:
         return needs
 
     def _drop_privileges(self) -> None:
+        from backends.daemon.devtypes import load_device_types
         from backends.daemon.privdrop import PrivDropError, drop_privileges
 
         needs = self._needs(self.cfg.serve.backend_types)
+        # Every type's directories, served or not: a reload may add a type, and after the drop nothing can be
+        # handed over any more.  Capabilities stay those of the served types.
+        for dt in load_device_types():
+            needs.add(dirs=dt.privileges(self.cfg.section(dt.name)).dirs)
         try:
             self.user = drop_privileges(self.cfg.daemon.user, needs)
         except PrivDropError as exc:

@@ -110,15 +110,15 @@ def lbed(sim: SimProc) -> Iterator[LeastPrivBed]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def assert_dropped(pid: int) -> None:
-    """The kernel's view of the daemon: nobody, CAP_NET_ADMIN alone, nothing a child could inherit."""
+def assert_dropped(pid: int, want: int = NET_ADMIN) -> None:
+    """The kernel's view of the daemon: nobody, `want` (CAP_NET_ADMIN) alone, nothing a child could inherit."""
     assert b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()  # the daemon itself, not a wrapper
     st = read_status(pid)
     assert st["Uid"].split() == [str(USER_UID)] * 4, st["Uid"]
     assert st["Gid"].split() == [str(USER_GID)] * 4, st["Gid"]
     assert "0" not in st["Groups"].split(), st["Groups"]
-    assert int(st["CapEff"], 16) == NET_ADMIN, st["CapEff"]
-    assert int(st["CapPrm"], 16) == NET_ADMIN, st["CapPrm"]
+    assert int(st["CapEff"], 16) == want, st["CapEff"]
+    assert int(st["CapPrm"], 16) == want, st["CapPrm"]
     assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0, (st["CapInh"], st["CapAmb"])
     assert int(st["CapBnd"], 16) == 0, st["CapBnd"]
     assert st["NoNewPrivs"] == "1"
@@ -188,3 +188,40 @@ async def test_serves_disk_nic_vtpm_unprivileged_across_sigkill(lbed: LeastPrivB
     assert len(out.strip()) == 32
     assert all(nf.error is None for nf in nic.fronts)
     assert "dropped privileges" in lbed.serve.log_text().split("==== serve start #2")[1]
+
+
+@pytest.mark.system_timeout(90)
+async def test_disk_only_keeps_no_capability_and_reload_cannot_add_one(sim: SimProc) -> None:
+    """Serving disks alone the daemon keeps no capability at all; a SIGHUP that adds vif (CAP_NET_ADMIN) is
+    refused with an error line while vtpm (no capability) added by the same reload starts."""
+    work = Path(tempfile.mkdtemp(prefix="pvlp-", dir="/tmp"))
+    work.chmod(0o755)
+    base = (f'[daemon]\nuser = "nobody"\n[net]\nrun_dir = "{work}/net"\n'
+            f'[vtpm]\nstate_dir = "{work}/vtpm-state"\nrun_dir = "{work}/vtpm-run"\n')
+    try:
+        with NetNS(f"pvlp-r-{os.getpid()}") as p:
+            serve = DroppingServe(sim, work, p, base + '[serve]\nbackend_types = ["qdisk"]\n')
+            serve.start()
+            try:
+                assert_dropped(serve.pid, want=0)
+                assert "capabilities=none" in serve.log_text()
+                assert serve.config_path is not None
+                serve.config_path.write_text(base + '[serve]\nbackend_types = ["qdisk", "vif", "vtpm"]\n')
+                assert serve.proc is not None
+                serve.proc.signal(signal.SIGHUP)
+                deadline = asyncio.get_running_loop().time() + 10
+                while "msg=reloaded" not in serve.log_text():
+                    assert asyncio.get_running_loop().time() < deadline, serve.log_text()[-2000:]
+                    await asyncio.sleep(0.05)
+                log = serve.log_text()
+                assert "not serving a type added by reload" in log and "type=vif needs=CAP_NET_ADMIN" in log, log
+                assert serve.alive
+                assert_dropped(serve.pid, want=0)
+                # Every type's directories were handed over at start, so a reload can add vtpm.
+                assert (work / "vtpm-run").stat().st_uid == USER_UID
+                assert "msg=\"not serving a type added by reload\" type=vtpm" not in log
+            finally:
+                rc = serve.stop()
+                assert rc == 0, serve.log_text()[-2000:]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
