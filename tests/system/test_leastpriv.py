@@ -18,6 +18,8 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,12 +90,17 @@ def lbed(sim: SimProc) -> Iterator[LeastPrivBed]:
     config = (f'[daemon]\nuser = "{USER_UID}"\n'
               f'[serve]\nbackend_types = ["qdisk", "vtpm", "vif"]\n'
               f'[vtpm]\nstate_dir = "{work}/vtpm-state"\nrun_dir = "{run_dir}"\ncommand_timeout_s = 30.0\n'
-              f'[net]\nrun_dir = "{work}/net"\n')
+              f'[net]\nrun_dir = "{work}/net"\novsdb = "unix:{work}/ovsdb.sock"\n')
     # What a daemon that ran as root left behind: handed to the user at start (the unit grants no CAP_DAC_*).
     leftover = work / "vtpm-state" / "0-old-vtpm"
     leftover.mkdir(parents=True, mode=0o700)
     (leftover / "tpm2-00.permall").write_bytes(b"old state")
     (leftover / "tpm2-00.permall").chmod(0o600)
+    # A stand-in for ovsdb-server's socket (root's, 0700 like Debian's): the daemon connects to it after the drop.
+    ovsdb = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ovsdb.bind(str(work / "ovsdb.sock"))
+    os.chmod(work / "ovsdb.sock", 0o700)
+    ovsdb.listen(4)
     try:
         with NetNS(f"pvlp-g-{tag}") as g, NetNS(f"pvlp-p-{tag}") as p:
             serve = DroppingServe(sim, work, p, config)
@@ -106,8 +113,10 @@ def lbed(sim: SimProc) -> Iterator[LeastPrivBed]:
                 rc = serve.stop()
                 assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
     finally:
+        ovsdb.close()
         kill_swtpms(run_dir)
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("PVBACK_TEST_KEEP"):  # set it to read the logs of a failed test
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def assert_dropped(pid: int, want: int = NET_ADMIN) -> None:
@@ -169,6 +178,14 @@ async def test_serves_disk_nic_vtpm_unprivileged_across_sigkill(lbed: LeastPrivB
     assert sw["NoNewPrivs"] == "1"
     for leftover in ("vtpm-state", "vtpm-state/0-old-vtpm", "vtpm-state/0-old-vtpm/tpm2-00.permall"):
         assert (lbed.tmp / leftover).stat().st_uid == USER_UID, leftover
+
+    # The OVSDB socket was opened to the daemon's group before the drop (an ACL entry; mode and owner kept).
+    sock = lbed.tmp / "ovsdb.sock"
+    probe = "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"  # system python: nobody reads it
+    res = subprocess.run(["/usr/bin/python3", "-c", probe, str(sock)], user=USER_UID, group=USER_GID, extra_groups=[],
+                         capture_output=True, text=True, timeout=30, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert sock.stat().st_uid == 0 and sock.stat().st_mode & 0o007 == 0
 
     # SIGKILL: the new daemon starts as root, drops again, and every device goes on.
     lbed.serve.kill(signal.SIGKILL)
