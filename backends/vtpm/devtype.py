@@ -57,8 +57,10 @@ DEVICE_TYPE = register(DeviceType(
     device_class=_device_class,
     reconfigure=_reconfigure,
     commands=COMMANDS,
-    # swtpm runs as the daemon's user, without capabilities, in these directories.
-    privileges=lambda c: Privileges(dirs=(c.state_dir, c.run_dir)),
+    # swtpm runs as the daemon's user, without capabilities, in these directories; the vTPM manager's socket
+    # (0660 root's) is connected to per device, after the drop (its release_uids must name that user).
+    privileges=lambda c: Privileges(device_nodes=(c.manager_socket,) if c.manager_socket else (),
+                                    dirs=(c.state_dir, c.run_dir)),
     status=StatusColumns(summary_key="uuid", backend_keys=("version", "feature-protocol-v2", "ready"),
                          frontend_keys=("feature-protocol-v2",), extra=status_columns),
 ))

@@ -242,3 +242,42 @@ async def test_disk_only_keeps_no_capability_and_reload_cannot_add_one(sim: SimP
                 assert rc == 0, serve.log_text()[-2000:]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.system_timeout(120)
+async def test_vtpm_manager_releases_keys_to_the_dropped_daemon(sim: SimProc) -> None:
+    """With a vTPM manager: the dropped daemon reaches the manager's socket (0660 root's: the ACL entry) and
+    the manager releases the state key to it because release_uids names the daemon's user; the guest's TPM
+    answers through the encrypted state."""
+    from tests.system.test_vtpm_manager import ManagerProc, MgrBed, serve_config
+
+    work = Path(tempfile.mkdtemp(prefix="pvlp-", dir="/tmp"))
+    work.chmod(0o755)
+    run_dir = work / "vtpm-run"
+    mgr = ManagerProc(sim, work / "m", work)
+    mgr.config.write_text(mgr.config.read_text().replace("[manager]\n", f"[manager]\nrelease_uids = [{USER_UID}]\n"))
+    await asyncio.to_thread(mgr.start, init=True)
+    try:
+        with NetNS(f"pvlp-m-{os.getpid()}") as p:
+            conf = f'[daemon]\nuser = "{USER_UID}"\n' + serve_config(work / "vtpm-state", run_dir, mgr.socket)
+            serve = DroppingServe(sim, work, p, conf)
+            await asyncio.to_thread(serve.start)
+            bed = MgrBed(sim, serve, work, run_dir=run_dir, mgr=mgr)
+            try:
+                assert_dropped(serve.pid, want=0)
+                g, xs, dom = await bed.vm("lp")
+                v = await bed.mtpm(g, xs, await bed.provision(dom))
+                _rc, out, _ = await bed.tools(v, "tpm2_getrandom", "--hex", "16")
+                assert len(out.strip()) == 32
+                assert f"peer_uid={USER_UID}" in mgr.log_text(), mgr.log_text()[-2000:]
+                assert read_status(bed.swtpm_pid(v.uuid))["Uid"].split() == [str(USER_UID)] * 4
+            finally:
+                await bed.aclose()
+                rc = serve.stop()
+                assert rc == 0, serve.log_text()[-2000:]
+    finally:
+        kill_swtpms(run_dir)
+        if mgr.proc is not None and mgr.proc.alive:
+            mgr.stop()
+        if not os.environ.get("PVBACK_TEST_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
