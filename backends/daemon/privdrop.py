@@ -309,7 +309,11 @@ def drop_privileges(setting: str, needs: Needs) -> Target | None:
         if n:
             log.info("handed to the daemon's user", extra={"dir": d, "entries": n, "user": target.name})
     for node in needs.device_nodes:
-        if os.path.exists(node) and grant_node(node, target):
+        if not os.path.exists(node):
+            # e.g. ovsdb-server or the vTPM manager not started yet: what needs it will fail with EACCES.
+            log.warning("not there at start: the daemon's user may not be able to open it later",
+                        extra={"node": node, "user": target.name})
+        elif grant_node(node, target):
             log.info("device node opened to the daemon's group", extra={"node": node, "group": target.gid})
     drop(target, sorted(needs.capabilities))
     # Modules are imported lazily everywhere (device drivers at realize, the stdlib's own): an interpreter or
