@@ -256,8 +256,8 @@ async def test_vtpm_manager_releases_keys_to_the_dropped_daemon(sim: SimProc) ->
     run_dir = work / "vtpm-run"
     mgr = ManagerProc(sim, work / "m", work)
     mgr.config.write_text(mgr.config.read_text().replace("[manager]\n", f"[manager]\nrelease_uids = [{USER_UID}]\n"))
-    await asyncio.to_thread(mgr.start, init=True)
     try:
+        await asyncio.to_thread(mgr.start, init=True)
         with NetNS(f"pvlp-m-{os.getpid()}") as p:
             conf = f'[daemon]\nuser = "{USER_UID}"\n' + serve_config(work / "vtpm-state", run_dir, mgr.socket)
             serve = DroppingServe(sim, work, p, conf)
