@@ -46,6 +46,14 @@ class ServeConfig:
     drain_timeout_s: float = 10.0
 
 
+@dataclass
+class DaemonConfig:
+    # The user `pvback serve` runs as once it has opened what it needs (backends.daemon.privdrop): "auto" =
+    # "pvback" when that user exists (contrib/sysusers.d creates it), else stay as started, with a warning;
+    # a name or uid = that user, which must exist; "" = stay as started (root).  Needs a restart.
+    user: str = "auto"
+
+
 def _device_sections() -> dict[str, Any]:
     return {dt.name: dt.config() for dt in load_device_types()}
 
@@ -54,6 +62,7 @@ def _device_sections() -> dict[str, Any]:
 class Config:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     # One section per device type, by its name (`cfg.blk` reads `devices["blk"]`).
     devices: dict[str, Any] = field(default_factory=_device_sections)
     source: str = "<defaults>"
@@ -69,10 +78,10 @@ class Config:
 
     @property
     def section_names(self) -> list[str]:
-        return ["platform", "serve", *self.devices]
+        return ["platform", "serve", "daemon", *self.devices]
 
 
-_SECTIONS: dict[str, type[Any]] = {"platform": PlatformConfig, "serve": ServeConfig}
+_SECTIONS: dict[str, type[Any]] = {"platform": PlatformConfig, "serve": ServeConfig, "daemon": DaemonConfig}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("platform", "kind"): ("auto", "xen", "emulated"),
     ("serve", "log_format"): ("text", "json"),

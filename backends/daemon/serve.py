@@ -44,6 +44,9 @@ class Daemon:
         self.buses: dict[str, Any] = {}
         self.classes: dict[str, Any] = {}
         self.metrics: Any = None
+        # The user the daemon dropped to (None: it runs as started) and the capabilities it kept.
+        self.user: Any = None
+        self.kept_capabilities: set[str] = set()
 
     @property
     def devices(self) -> dict[str, Any]:
@@ -70,6 +73,46 @@ class Daemon:
             raise CliError(str(exc)) from exc
         except PermissionError as exc:
             raise CliError(f"{exc.filename or exc}: permission denied: run pvback as root") from exc
+
+    def _needs(self, types: list[str]) -> Any:
+        from backends.daemon.privdrop import Needs
+        from backends.xenbus.registry import for_backend_type
+
+        needs = Needs()
+        needs.add(device_nodes=self.platform.reopened_nodes)
+        for type_name in types:
+            dt = for_backend_type(type_name)
+            p = dt.privileges(self.cfg.section(dt.name))
+            needs.add(p.capabilities, p.device_nodes, p.dirs)
+        return needs
+
+    def _drop_privileges(self) -> None:
+        from backends.daemon.devtypes import load_device_types
+        from backends.daemon.privdrop import PrivDropError, drop_privileges
+
+        needs = self._needs(self.cfg.serve.backend_types)
+        # Every type's directories, served or not: a reload may add a type, and after the drop nothing can be
+        # handed over any more.  Capabilities stay those of the served types.
+        for dt in load_device_types():
+            needs.add(dirs=dt.privileges(self.cfg.section(dt.name)).dirs)
+        try:
+            self.user = drop_privileges(self.cfg.daemon.user, needs)
+        except PrivDropError as exc:
+            raise CliError(str(exc)) from exc
+        except OSError as exc:
+            raise CliError(f"preparing to drop root: {exc.filename}: {exc.strerror or exc}") from exc
+        self.kept_capabilities = set(needs.capabilities) if self.user is not None else set()
+
+    def _held(self, type_name: str) -> bool:
+        """A type added by a reload can only be served with what the daemon kept at start."""
+        if self.user is None:
+            return True
+        missing = self._needs([type_name]).capabilities - self.kept_capabilities
+        if missing:
+            log.error("not serving a type added by reload: restart pvback to serve it (capabilities are "
+                      "dropped at start)", extra={"type": type_name, "needs": ",".join(sorted(missing))})
+            return False
+        return True
 
     async def _start_type(self, type_name: str) -> None:
         from backends.xenbus.device import XenBus
@@ -117,6 +160,9 @@ class Daemon:
             )
             started = True
             self.xs = await connect_xenstore(self.platform.xenstore_path())
+            # Everything root-only is open now; no device has started, so no thread exists yet (the drop
+            # refuses otherwise: capabilities are per thread).
+            self._drop_privileges()
             for type_name in self.cfg.serve.backend_types:
                 await self._start_type(type_name)
             if self.cfg.serve.metrics_listen:
@@ -158,6 +204,10 @@ class Daemon:
             log.warning("platform settings change only on restart; keeping the running platform",
                         extra={"running": old.platform.kind, "configured": cfg.platform.kind})
             cfg.platform = old.platform
+        if cfg.daemon != old.daemon:
+            log.warning("[daemon] settings change only on restart; keeping the running ones",
+                        extra={"user": old.daemon.user, "configured": cfg.daemon.user})
+            cfg.daemon = old.daemon
         from backends.daemon.logs import setup_logging
 
         setup_logging(cfg.serve.log_level, cfg.serve.log_format)
@@ -171,7 +221,7 @@ class Daemon:
         for type_name in [t for t in self.buses if t not in cfg.serve.backend_types]:
             await self._stop_type(type_name)
         for type_name in cfg.serve.backend_types:
-            if type_name not in self.buses:
+            if type_name not in self.buses and self._held(type_name):
                 await self._start_type(type_name)
         if cfg.serve.metrics_listen != old.serve.metrics_listen:
             await self._restart_metrics(old.serve.metrics_listen)

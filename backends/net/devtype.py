@@ -7,7 +7,7 @@ from typing import Any
 
 from backends.net.commands import COMMANDS
 from backends.net.config import NET_BACKEND_TYPES, NET_CHOICES, NET_RANGES, NetConfig
-from backends.xenbus.registry import DeviceType, StatusColumns, register
+from backends.xenbus.registry import DeviceType, Privileges, StatusColumns, register
 
 
 def _device_class(cfg: Any, type_names: tuple[str, ...]) -> Any:
@@ -55,6 +55,16 @@ def _switch_columns(v: Mapping[str, float]) -> str:
     return " ".join(parts)
 
 
+def _privileges(c: Any) -> Privileges:
+    """Taps are created, configured, attached and put on a Linux bridge whenever a vif is realized:
+    CAP_NET_ADMIN for good.  The OVSDB socket is root's (ovsdb-server recreates it when restarted, without the
+    ACL the daemon gave it: see README, least privilege)."""
+    nodes = ["/dev/net/tun"]
+    if c.switch in ("auto", "ovs") and c.ovsdb.startswith("unix:"):
+        nodes.append(c.ovsdb.removeprefix("unix:"))
+    return Privileges(("CAP_NET_ADMIN",), tuple(nodes), (c.run_dir,) if c.run_dir else ())
+
+
 DEVICE_TYPE = register(DeviceType(
     name="net",
     kind="nic",
@@ -69,6 +79,7 @@ DEVICE_TYPE = register(DeviceType(
     config_choices=NET_CHOICES,
     device_class=_device_class,
     commands=COMMANDS,
+    privileges=_privileges,
     status=StatusColumns(
         summary_key="mac",
         dev_key="vifname",

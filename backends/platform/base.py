@@ -40,6 +40,8 @@ class Platform(abc.ABC):
     name: str  # "xen" or "emulated"
     backend_domid: int
     features: PlatformFeatures
+    # Device nodes opened again while serving (after a daemon has dropped root, its user needs access).
+    reopened_nodes: tuple[str, ...] = ()
 
     @property
     @abc.abstractmethod

@@ -99,6 +99,8 @@ class XenPlatform(Platform):
     """Grant tables and event channels of the domain this process runs in (dom0 or a driver domain)."""
 
     name = "xen"
+    # Each bound port opens its own evtchn handle (see above); gntdev and the xenstore are opened once.
+    reopened_nodes = ("/dev/xen/evtchn",)
 
     def __init__(self, *, backend_domid: int | None = None, xenstore_path: str | None = None) -> None:
         err = ffi.new("char[]", _ERRLEN)

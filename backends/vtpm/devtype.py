@@ -7,7 +7,7 @@ from typing import Any
 
 from backends.vtpm.commands import COMMANDS
 from backends.vtpm.config import VTPM_BACKEND_TYPES, VTPM_CHOICES, VtpmConfig
-from backends.xenbus.registry import DeviceType, StatusColumns, register
+from backends.xenbus.registry import DeviceType, Privileges, StatusColumns, register
 
 
 def _device_class(cfg: Any, type_names: tuple[str, ...]) -> Any:
@@ -57,6 +57,10 @@ DEVICE_TYPE = register(DeviceType(
     device_class=_device_class,
     reconfigure=_reconfigure,
     commands=COMMANDS,
+    # swtpm runs as the daemon's user, without capabilities, in these directories; the vTPM manager's socket
+    # (0660 root's) is connected to per device, after the drop (its release_uids must name that user).
+    privileges=lambda c: Privileges(device_nodes=(c.manager_socket,) if c.manager_socket else (),
+                                    dirs=(c.state_dir, c.run_dir)),
     status=StatusColumns(summary_key="uuid", backend_keys=("version", "feature-protocol-v2", "ready"),
                          frontend_keys=("feature-protocol-v2",), extra=status_columns),
 ))

@@ -65,6 +65,17 @@ class StatusColumns:
 
 
 @dataclass(frozen=True)
+class Privileges:
+    """What a device type needs from the host once the daemon has dropped root (backends.daemon.privdrop):
+    the capabilities it keeps, the device nodes it opens while serving, and the directories it writes (made
+    and handed to the daemon's user before the drop)."""
+
+    capabilities: tuple[str, ...] = ()  # "CAP_NET_ADMIN"
+    device_nodes: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DeviceType:
     name: str  # the config section and the name in messages: "blk"
     kind: str  # what an operator calls one: `pvback attach disk`, the DOMAINS table's DISKS column
@@ -83,6 +94,9 @@ class DeviceType:
     status: StatusColumns = field(default_factory=StatusColumns)
     # A device's counters in the metrics endpoint's shape (backends.daemon.metrics): from its class data.
     stats: Callable[[Any], dict[str, Any]] = lambda data: data.stats() if hasattr(data, "stats") else {}
+    # (config section) -> what serving this type needs after the drop; the default: nothing beyond the
+    # platform's own nodes (the operator gives the daemon's user its images).
+    privileges: Callable[[Any], Privileges] = lambda section: Privileges()
 
 
 _TYPES: dict[str, DeviceType] = {}
