@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/timerfd.h>
 
 #define MODE_NONE 0
 #define MODE_COPY 1
@@ -94,6 +96,13 @@ struct pv_blk_queue {
 
     uint64_t now;
     struct pv_blk_stats st;
+
+    /* Limits (blklimit.h): the pass this queue is spending, and while it has no tokens, the timer that
+     * wakes it at the refill. */
+    struct pv_blk_limit_pass pass;
+    int limit_timer; /* -1 without a limit object */
+    int throttled;
+    uint64_t throttled_since;
 };
 
 /* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
@@ -472,13 +481,32 @@ static void count_shape(struct pv_blk_queue *q, const struct blk_req *r, const s
     q->st.shapes[pv_blkif_shape(&q->disk, &r->r, segs, nseg)]++;
 }
 
-/* Copy-out, validate and dispatch `n` consumed slots. */
-static void process_slots(struct pv_blk_queue *q, uint32_t n)
+/* What a request costs the bandwidth bucket: the data it moves (a discard moves none). */
+static void charge_bytes(struct pv_blk_queue *q, const struct blk_req *r)
+{
+    if (q->pass.active && r->r.op != PV_BLKIF_OP_DISCARD)
+        pv_blk_limit_pass_charge_bytes(&q->pass, r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT);
+}
+
+/* Copy-out, validate and dispatch `n` consumed slots.  With a limit pass open, stops admitting when the
+ * queue's share is spent and puts the slots it did not admit back on the ring (their copies are dropped
+ * unread: they are copied and validated again when their turn comes).  Returns the slots admitted. */
+static uint32_t process_slots(struct pv_blk_queue *q, uint32_t n)
 {
     uint32_t nwork = 0, nind = 0;
     uint32_t base = q->ring.req_cons - n;
     q->now = now_ns();
+    uint32_t admitted = n;
     for (uint32_t i = 0; i < n; i++) {
+        if (q->pass.active) {
+            if (!pv_blk_limit_pass_open(&q->pass)) {
+                admitted = i;
+                q->ring.req_cons -= n - i;
+                q->consumed -= n - i;
+                break;
+            }
+            pv_blk_limit_pass_charge_op(&q->pass);
+        }
         struct blk_req *r = req_alloc(q);
         r->t_start = q->now;
         r->pos = base + i;
@@ -504,6 +532,7 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
         } else {
             r->segs = r->r.seg;
             r->nseg = r->r.nr_segments;
+            charge_bytes(q, r);
         }
         q->work[nwork++] = r;
     }
@@ -526,10 +555,12 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
             }
             r->segs = r->ind;
             r->nseg = r->r.nr_segments;
+            charge_bytes(q, r);
         }
         dispatch(q, r);
     }
     submit_batch(q);
+    return admitted;
 }
 
 /* Collect finished I/O: one grant copy (bounce -> guest) for every read, then the responses. */
@@ -571,6 +602,55 @@ static void mark_dead(struct pv_blk_queue *q)
     q->dead = 1;
 }
 
+/* No tokens: leave the ring alone until the timer fires at `wake` (absolute, CLOCK_MONOTONIC). */
+static void throttle(struct pv_blk_queue *q, uint64_t wake)
+{
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(wake / 1000000000u),
+                                          .tv_nsec = (long)(wake % 1000000000u)}};
+    if (!its.it_value.tv_sec && !its.it_value.tv_nsec)
+        its.it_value.tv_nsec = 1; /* 0 would disarm */
+    (void)timerfd_settime(q->limit_timer, TFD_TIMER_ABSTIME, &its, NULL);
+    q->throttled = 1;
+    q->throttled_since = now_ns();
+    q->st.limit_waits++;
+}
+
+static void unthrottle(struct pv_blk_queue *q)
+{
+    if (!q->throttled)
+        return;
+    uint64_t slept = now_ns() - q->throttled_since;
+    q->throttled = 0;
+    q->st.limit_throttled_ns += slept;
+    pv_blk_limit_woke(q->cfg.limit, slept);
+}
+
+/* Before consuming: 1 if the queue may take requests now (no limit, or a pass with tokens), 0 if it is (or
+ * just became) throttled. */
+static int limit_admit(struct pv_blk_queue *q)
+{
+    if (!q->cfg.limit)
+        return 1;
+    if (q->throttled)
+        return 0;
+    uint64_t wake = 0;
+    if (q->pass.active) {
+        if (pv_blk_limit_pass_open(&q->pass))
+            return 1;
+        if (pv_back_ring_pending(&q->ring) <= 0)
+            return 1; /* nothing waits: the final check decides; the pass ends with the pump */
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 1, &wake);
+        throttle(q, wake);
+        return 0;
+    }
+    if (!pv_blk_limit_enabled(q->cfg.limit) || pv_back_ring_pending(&q->ring) <= 0)
+        return 1;
+    if (pv_blk_limit_begin(q->cfg.limit, now_ns(), &q->pass, &wake))
+        return 1;
+    throttle(q, wake);
+    return 0;
+}
+
 static int32_t pump(struct pv_blk_queue *q)
 {
     uint64_t before = q->st.responses;
@@ -609,6 +689,8 @@ static int32_t pump(struct pv_blk_queue *q)
                 q->st.out_of_requests++;
             break;
         }
+        if (!limit_admit(q))
+            break; /* the limit timer brings us back */
         int32_t n = pv_back_ring_consume(&q->ring, q->slots, q->nfree);
         if (n < 0) {
             mark_dead(q);
@@ -645,6 +727,11 @@ static int32_t pump(struct pv_blk_queue *q)
         if (!found)
             break;
         q->st.polls_hit++;
+    }
+    if (q->pass.active) {
+        /* Idle (or stopped for another reason): the unspent share goes back to the disk's other queues. */
+        uint64_t unused = 0;
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 0, &unused);
     }
     flush_responses(q);
     if (q->dead)
@@ -702,6 +789,24 @@ uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms)
 }
 
 static int32_t on_complete(void *q) { return pv_blk_queue_complete(q); }
+
+static int32_t on_limit_timer(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->limit_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
+        return 0;
+    unthrottle(q);
+    return pump(q);
+}
+
+void pv_blk_queue_limit_kick(struct pv_blk_queue *q)
+{
+    if (q->limit_timer < 0)
+        return;
+    struct itimerspec its = {.it_value = {.tv_nsec = 1}};
+    (void)timerfd_settime(q->limit_timer, 0, &its, NULL);
+}
 static int32_t on_event(void *q) { return pv_blk_queue_event(q); }
 
 int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
@@ -711,11 +816,12 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
     if (rc < 0)
         return rc;
     /* Completions first: they free requests a full ring may be waiting for. */
-    struct pv_pump_source src[2] = {
+    struct pv_pump_source src[3] = {
         {.fd = q->sink.efd, .ready = on_complete, .ctx = q},
         {.fd = q->evtchn ? q->evtchn->fd : -1, .ready = on_event, .ctx = q, .hangup_rc = -PV_BLK_EEVTCHN},
+        {.fd = q->limit_timer, .ready = on_limit_timer, .ctx = q},
     };
-    rc = pv_pump_run(src, 2, stop_fd);
+    rc = pv_pump_run(src, q->limit_timer >= 0 ? 3 : 2, stop_fd);
     return rc == -PV_PUMP_EPOLL ? -PV_BLK_EEVTCHN : rc;
 }
 
@@ -723,6 +829,14 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
 
 static void queue_free(struct pv_blk_queue *q)
 {
+    if (q->cfg.limit) {
+        /* Leave the disk's buckets as if this queue had never been there: its share back, not waiting. */
+        uint64_t unused = 0;
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 0, &unused);
+        unthrottle(q);
+    }
+    if (q->limit_timer >= 0)
+        close(q->limit_timer);
     if (q->reqs) {
         for (uint32_t i = 0; i < q->size; i++) {
             struct blk_req *r = &q->reqs[i];
@@ -789,6 +903,7 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     if (!q)
         FAIL("out of memory");
     q->sink.efd = -1;
+    q->limit_timer = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->evtchn = evtchn;
@@ -798,6 +913,11 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     int rc = pv_io_sink_init(&q->sink);
     if (rc)
         FAIL("eventfd: %s", strerror(-rc));
+    if (cfg->limit) {
+        q->limit_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->limit_timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+    }
     /* A completion ring of our own where the engine has one (io_uring, O_DIRECT): completions then reach
      * the pumping thread without a hop through an engine thread.  Without it the engine's threads post. */
     (void)pv_io_engine_attach(eng, &q->sink);
