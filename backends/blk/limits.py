@@ -76,7 +76,7 @@ def parse_count(text: str, what: str, maximum: int, *, sizes: bool = False) -> i
 
 def parse_burst(text: str) -> int:
     t = text.strip()
-    if not re.fullmatch(r"[0-9]{1,6}", t):
+    if not re.fullmatch(r"[0-9]{1,15}", t):
         raise ProtocolError(f"burst {text!r}: not an integer number of milliseconds")
     value = int(t)
     if value > MAX_BURST_MS:
