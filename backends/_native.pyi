@@ -87,6 +87,7 @@ class struct_pv_blk_queue_config(CData):
     persistent_min_bytes: int
     poll_us: int
     max_buffer_pages: int
+    spurious_pause_max_us: int
     @property
     def limit(self) -> struct_pv_blk_limit: ...
     @limit.setter
@@ -124,6 +125,7 @@ class struct_pv_blk_stats(CData):
     last_error_nr_segments: int
     limit_waits: int
     limit_throttled_ns: int
+    spurious_pauses: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_blk_stats: ...
 
 class struct_pv_blkif_segment(CData):

@@ -103,6 +103,12 @@ struct pv_blk_queue {
     int limit_timer; /* -1 without a limit object */
     int throttled;
     uint64_t throttled_since;
+
+    /* Spurious-event back-off (the pump only): events that found nothing to do in a row, and the timer
+     * that resumes listening to the event channel after a pause.  pump_src is the pump's source array. */
+    uint32_t spurious_run;
+    int evt_timer;
+    struct pv_pump_source *pump_src;
 };
 
 /* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
@@ -807,7 +813,52 @@ void pv_blk_queue_limit_kick(struct pv_blk_queue *q)
     struct itimerspec its = {.it_value = {.tv_nsec = 1}};
     (void)timerfd_settime(q->limit_timer, 0, &its, NULL);
 }
-static int32_t on_event(void *q) { return pv_blk_queue_event(q); }
+/* A frontend that notifies far more often than it queues work (a guest hammering its event channel) would
+ * keep this queue's pump awake doing nothing, on a core the other guests' pumps need.  After the second
+ * event in a row that found no request and no response to write, stop listening to the event channel for a
+ * while, doubling from SPURIOUS_PAUSE_MIN_NS to SPURIOUS_PAUSE_MAX_NS while it goes on (Linux's lateeoi
+ * back-off for spurious events does the same, in jiffies).  Any event that finds work resets it, so a
+ * well-behaved guest's occasional spurious event costs it nothing; completions are served during the pause
+ * (they also look at the ring), and the pause ends with a look at the ring. */
+#define SPURIOUS_PAUSE_MIN_NS 20000u
+
+static int32_t on_event(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t c0 = q->consumed, r0 = q->st.responses;
+    int32_t rc = pv_blk_queue_event(q);
+    if (rc < 0)
+        return rc;
+    if (q->consumed != c0 || q->st.responses != r0 || q->throttled) {
+        q->spurious_run = 0; /* a throttled queue leaves work on the ring on purpose: not the guest's fault */
+        return rc;
+    }
+    uint64_t max_ns = (uint64_t)q->cfg.spurious_pause_max_us * 1000u;
+    if (++q->spurious_run < 2 || q->evt_timer < 0 || !max_ns)
+        return rc;
+    uint32_t shift = q->spurious_run - 2 > 20 ? 20 : q->spurious_run - 2;
+    uint64_t ns = (uint64_t)SPURIOUS_PAUSE_MIN_NS << shift;
+    if (ns > max_ns)
+        ns = max_ns;
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u)}};
+    if (timerfd_settime(q->evt_timer, 0, &its, NULL) == 0) {
+        q->pump_src[1].fd = -1; /* pv_pump_run skips a negative fd until the timer restores it */
+        q->st.spurious_pauses++;
+    }
+    return rc;
+}
+
+static int32_t on_evt_timer(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->evt_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
+        return 0;
+    q->pump_src[1].fd = q->evtchn->fd;
+    /* What the guest queued during the pause, and its events (coalesced in the channel meanwhile): judged
+     * like any event, so a guest still hammering pauses again, for longer. */
+    return on_event(q);
+}
 
 int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
 {
@@ -816,12 +867,20 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
     if (rc < 0)
         return rc;
     /* Completions first: they free requests a full ring may be waiting for. */
-    struct pv_pump_source src[3] = {
+    struct pv_pump_source src[4] = {
         {.fd = q->sink.efd, .ready = on_complete, .ctx = q},
         {.fd = q->evtchn ? q->evtchn->fd : -1, .ready = on_event, .ctx = q, .hangup_rc = -PV_BLK_EEVTCHN},
+        {.fd = q->evtchn ? q->evt_timer : -1, .ready = on_evt_timer, .ctx = q},
         {.fd = q->limit_timer, .ready = on_limit_timer, .ctx = q},
     };
-    rc = pv_pump_run(src, q->limit_timer >= 0 ? 3 : 2, stop_fd);
+    q->pump_src = src;
+    q->spurious_run = 0;
+    rc = pv_pump_run(src, q->limit_timer >= 0 ? 4 : 3, stop_fd);
+    q->pump_src = NULL;
+    if (q->evt_timer >= 0) {
+        struct itimerspec off = {0};
+        (void)timerfd_settime(q->evt_timer, 0, &off, NULL);
+    }
     return rc == -PV_PUMP_EPOLL ? -PV_BLK_EEVTCHN : rc;
 }
 
@@ -837,6 +896,8 @@ static void queue_free(struct pv_blk_queue *q)
     }
     if (q->limit_timer >= 0)
         close(q->limit_timer);
+    if (q->evt_timer >= 0)
+        close(q->evt_timer);
     if (q->reqs) {
         for (uint32_t i = 0; i < q->size; i++) {
             struct blk_req *r = &q->reqs[i];
@@ -904,6 +965,7 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
         FAIL("out of memory");
     q->sink.efd = -1;
     q->limit_timer = -1;
+    q->evt_timer = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->evtchn = evtchn;
@@ -913,6 +975,11 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     int rc = pv_io_sink_init(&q->sink);
     if (rc)
         FAIL("eventfd: %s", strerror(-rc));
+    if (evtchn) {
+        q->evt_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->evt_timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+    }
     if (cfg->limit) {
         q->limit_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
         if (q->limit_timer < 0)

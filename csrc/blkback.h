@@ -25,6 +25,8 @@
  *  - poll_us: after the ring is drained, keep looking at it (and at the completion sink) this long before
  *    returning.  Saves an event round trip (~20 us across vCPUs) per burst at the price of CPU.
  *  - max_buffer_pages: bounce pages kept cached when idle; more are allocated on demand.
+ *  - spurious_pause_max_us: the longest pause of the event channel after events in a row that found nothing
+ *    to do (a guest hammering it); 0 turns the back-off off.  Pauses start at 20 us and double.
  */
 #ifndef PVBACK_BLKBACK_H
 #define PVBACK_BLKBACK_H
@@ -59,6 +61,7 @@ struct pv_blk_queue_config {
     uint32_t persistent_min_bytes;
     uint32_t poll_us;
     uint32_t max_buffer_pages;
+    uint32_t spurious_pause_max_us; /* 0: never pause the event channel (see on_event in blkback.c) */
     /* The disk's token buckets (blklimit.h), shared by its queues; NULL: never limited.  Must outlive the
      * queue.  A queue with no tokens leaves requests on the ring (the guest sees back-pressure, nothing
      * fails) and sleeps on a timerfd until the refill. */
@@ -95,6 +98,7 @@ struct pv_blk_stats {
     uint16_t last_error_nr_segments;
     uint64_t limit_waits;        /* times this queue slept for tokens */
     uint64_t limit_throttled_ns; /* time it slept with requests on the ring */
+    uint64_t spurious_pauses;    /* pauses of the event channel after events in a row that found nothing */
 };
 
 struct pv_blk_queue;

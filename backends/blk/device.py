@@ -106,9 +106,11 @@ class BlkDisk:
                 view = _metrics_view(s, dp.queue.latency_histogram())
                 view["shapes"] = dp.queue.shapes()
                 out.append(view)
+        pauses = sum(q.get("spurious_pauses", 0) for q in (dp.stats() for dp in self.queues))
         lim = self.limit.stats()
         status = {"iops_limit": lim["iops"], "bps_limit": lim["bps"], "limit_burst_ms": lim["burst_ms"],
-                  "limit_waits": lim["waits"], "limit_throttled_ms": lim["throttled_ns"] // 1_000_000}
+                  "limit_waits": lim["waits"], "limit_throttled_ms": lim["throttled_ns"] // 1_000_000,
+                  "spurious_pauses": pauses}
         return {"queues": out, "limit": lim, "status": status}
 
     def apply_limits(self, limits: IoLimits) -> None:
@@ -320,6 +322,7 @@ class BlkDeviceClass:
             max_persistent_grants=self.cfg.max_persistent_grants,
             persistent_min_bytes=self.cfg.persistent_threshold_bytes,
             poll_us=self.cfg.poll_us,
+            spurious_pause_max_us=self.cfg.spurious_pause_max_us,
             limit=disk.limit,
         )
         platform = dev.platform

@@ -1,0 +1,275 @@
+"""Many guests, one daemon (`pvback bench --guests N...`): the scaling curve of blkback against fio, fairness
+between guests, per-disk caps and a hostile neighbour.
+
+Each guest is its own process (perf.blkload: an emulated domain whose I/O loop is C), with its own disk image
+in tmpfs and its own queue depth; one `pvback serve` serves them all.  All guests of a step connect first and
+then start together (a start file), so the measured windows overlap.
+
+- scaling: for each N, N guests doing 4 KiB random reads at QD `qd` on N images, against fio with N jobs on
+  the same N files in the same run (io_uring, page cache: what blkback does with an `aio:` file in tmpfs).
+  Per guest: its IOPS; per step: aggregate IOPS and MB/s, the ratio to fio, Jain's fairness index
+  (sum x)^2 / (n sum x^2), the worst guest's share (min / mean), and the daemon's threads, resident memory
+  and CPU per guest (core-seconds per second of measurement, divided by N).
+- cap: a guest capped at `cap_iops` (pvback-iops-limit) next to an uncapped one, measured over `cap_seconds`:
+  its IOPS / cap (the target: within +-5 %).
+- hostile: a healthy guest next to a hostile one (its own process: ring kept full at the ring's size, never
+  sleeping, notifying in a loop), against the same healthy guest next to another healthy one in the same run:
+  the healthy guest's IOPS / its fair share (the target: >= 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perf.runner import PY, Progress, Serve, spawn, stop, thread_cpu_ns
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    qd: int = 8
+    bs: int = 4096
+    rw: str = "randread"
+    hostile: bool = False
+    backend_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def workload(self) -> dict[str, Any]:
+        return {"name": f"{self.rw}{self.bs // 1024}k_qd{self.qd}", "rw": self.rw, "bs": self.bs, "qd": self.qd}
+
+
+def jain(xs: Sequence[float]) -> float:
+    """Jain's fairness index: 1 when all are equal, 1/n when one gets everything."""
+    s, s2 = sum(xs), sum(x * x for x in xs)
+    return (s * s) / (len(xs) * s2) if s2 > 0 else 0.0
+
+
+def worst_share(xs: Sequence[float]) -> float:
+    mean = sum(xs) / len(xs) if xs else 0.0
+    return min(xs) / mean if mean > 0 else 0.0
+
+
+def daemon_sample(pid: int) -> dict[str, float]:
+    """Threads, resident memory (MiB) and CPU (ns) of the daemon now."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    vals = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {"threads": float(vals["Threads"].strip()), "rss_mib": int(vals["VmRSS"].split()[0]) / 1024,
+            "cpu_ns": float(thread_cpu_ns(pid))}
+
+
+def make_images(dirpath: Path, n: int, mib: int) -> list[Path]:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = dirpath / f"g{i}.img"
+        if not p.exists() or p.stat().st_size != mib << 20:
+            with open(p, "wb") as f:
+                for _ in range(mib):
+                    f.write(os.urandom(1 << 20))
+        out.append(p)
+    return out
+
+
+def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestSpec], images: Sequence[Path], *,
+               seconds: float, warmup: float, queues: int = 1, timeout_connect: float = 120.0
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Run one guest process per spec (spec i on images[i]), all starting together; returns each guest's
+    result (perf.blkload's LoadResult as a dict) and the daemon's threads, memory and CPU over the window."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    start = work / f"start-{tag}"
+    procs: list[tuple[subprocess.Popen[bytes], Path, GuestSpec]] = []
+    try:
+        for spec, image in zip(specs, images, strict=False):
+            out = work / f"guest-{tag}-{spec.name}.json"
+            argv = [PY, "-m", "perf.blkload", "--sim-dir", str(sim_dir), "--params", f"aio:{image}",
+                    "--queues", str(queues), "--persistent", "0", "--workloads", json.dumps([spec.workload()]),
+                    "--seconds", f"{seconds:g}", "--warmup", f"{warmup:g}", "--name", spec.name,
+                    "--backend-keys", json.dumps(dict(spec.backend_keys)), "--start-file", str(start),
+                    "--out", str(out)] + (["--hostile"] if spec.hostile else [])
+            procs.append((spawn(argv, work / f"guest-{spec.name}.log"), out, spec))
+        deadline = time.monotonic() + timeout_connect
+        while not all(Path(f"{start}.ready.{s.name}").exists() for _, _, s in procs):
+            for p, _, s in procs:
+                if p.poll() is not None:
+                    log = (work / f"guest-{s.name}.log").read_text(errors="replace")[-1500:]
+                    raise RuntimeError(f"guest {s.name} exited ({p.returncode}) before the start: {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"guests not connected within {timeout_connect:g} s")
+            time.sleep(0.05)
+        t_go = time.time() + 0.5
+        tmp = Path(f"{start}.tmp")
+        tmp.write_text(repr(t_go))
+        os.replace(tmp, start)
+        # The daemon over the measured window (after the warm-up).
+        time.sleep(max(0.0, t_go + warmup - time.time()))
+        d0, w0 = daemon_sample(serve_pid), time.monotonic()
+        time.sleep(seconds)
+        d1, w1 = daemon_sample(serve_pid), time.monotonic()
+        results = []
+        for p, out, spec in procs:
+            rc = p.wait(timeout=seconds + warmup + 120)
+            if rc != 0 or not out.exists():
+                log = (work / f"guest-{spec.name}.log").read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"guest {spec.name} failed ({rc}): {log}")
+            r = json.loads(out.read_text())[0]
+            r["guest"] = spec.name
+            r["hostile"] = spec.hostile
+            results.append(r)
+            out.unlink()
+        daemon = {"threads": max(d0["threads"], d1["threads"]), "rss_mib": d1["rss_mib"],
+                  "cpu_cores": (d1["cpu_ns"] - d0["cpu_ns"]) / 1e9 / (w1 - w0)}
+        return results, daemon
+    finally:
+        for p, _, _ in procs:
+            stop(p)
+        for f in work.glob(f"start-{tag}*"):
+            f.unlink()
+
+
+def fio_jobs(images: Sequence[Path], *, qd: int, bs: int, seconds: float, ramp: float) -> dict[str, Any]:
+    """fio with one job per image (io_uring, page cache, same workload as a guest); aggregate and per job."""
+    argv = ["fio", "--output-format=json", "--group_reporting=0", f"--runtime={seconds:g}", "--time_based=1",
+            f"--ramp_time={ramp:g}", "--randrepeat=0", "--norandommap=1", "--ioengine=io_uring", "--direct=0",
+            f"--iodepth={qd}", f"--bs={bs}", "--rw=randread"]
+    for i, img in enumerate(images):
+        argv += [f"--name=j{i}", f"--filename={img}"]
+    proc = subprocess.run(argv, capture_output=True, timeout=seconds * 4 + 120, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-800:]}")
+    text = proc.stdout.decode(errors="replace")
+    data = json.loads(text[text.index("{"):])
+    per = [float(j["read"]["iops"]) for j in data["jobs"]]
+    mb = sum(float(j["read"]["bw_bytes"]) for j in data["jobs"]) / 1e6
+    return {"iops": sum(per), "mb_s": mb, "per_job_iops": per, "jain": jain(per), "worst_share": worst_share(per)}
+
+
+@dataclass
+class Step:
+    n: int
+    blk_iops: float
+    blk_mb_s: float
+    fio_iops: float
+    fio_mb_s: float
+    ratio_to_fio: float
+    jain: float
+    worst_share: float
+    fio_jain: float
+    daemon_threads: float
+    daemon_rss_mib: float
+    daemon_cpu_per_guest: float
+    per_guest_iops: list[float]
+
+
+def scaling(counts: Sequence[int], work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int,
+            seconds: float, warmup: float, progress: Progress) -> list[Step]:
+    steps = []
+    for n in counts:
+        fio = fio_jobs(images[:n], qd=qd, bs=PAGE, seconds=seconds, ramp=warmup)
+        specs = [GuestSpec(f"g{i}", qd=qd) for i in range(n)]
+        res, daemon = run_guests(sim_dir, work, serve.pid, specs, images[:n], seconds=seconds, warmup=warmup)
+        per = [float(r["iops"]) for r in res]
+        errors = sum(int(r["errors"]) for r in res)
+        if errors:
+            raise RuntimeError(f"{n} guests: {errors} requests failed")
+        agg = sum(per)
+        s = Step(n=n, blk_iops=agg, blk_mb_s=sum(float(r["mb_s"]) for r in res), fio_iops=fio["iops"],
+                 fio_mb_s=fio["mb_s"], ratio_to_fio=agg / fio["iops"] if fio["iops"] else 0.0, jain=jain(per),
+                 worst_share=worst_share(per), fio_jain=fio["jain"], daemon_threads=daemon["threads"],
+                 daemon_rss_mib=daemon["rss_mib"], daemon_cpu_per_guest=daemon["cpu_cores"] / n,
+                 per_guest_iops=per)
+        steps.append(s)
+        progress(f"guests={n:2d} blk {agg:9.0f} IOPS ({s.ratio_to_fio:.2f}x fio {fio['iops']:.0f}) "
+                 f"jain={s.jain:.3f} worst={s.worst_share:.2f} threads={s.daemon_threads:.0f} "
+                 f"rss={s.daemon_rss_mib:.0f}MiB cpu/guest={s.daemon_cpu_per_guest:.3f}")
+    return steps
+
+
+def cap_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, cap_iops: int, qd: int,
+             seconds: float, progress: Progress) -> dict[str, Any]:
+    specs = [GuestSpec("capped", qd=qd, backend_keys={"pvback-iops-limit": str(cap_iops)}),
+             GuestSpec("free", qd=qd)]
+    # The warm-up spends the burst: the window measures the steady rate.
+    res, _ = run_guests(sim_dir, work, serve.pid, specs, images[:2], seconds=seconds, warmup=1.0)
+    capped = next(r for r in res if r["guest"] == "capped")
+    free = next(r for r in res if r["guest"] == "free")
+    out = {"cap_iops": cap_iops, "seconds": seconds, "capped_iops": capped["iops"],
+           "ratio_to_cap": capped["iops"] / cap_iops, "neighbour_iops": free["iops"]}
+    progress(f"cap {cap_iops} IOPS over {seconds:g} s: {capped['iops']:.1f} IOPS ({out['ratio_to_cap']:.3f}x), "
+             f"uncapped neighbour {free['iops']:.0f}")
+    return out
+
+
+def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int, seconds: float,
+                 warmup: float, progress: Progress) -> dict[str, Any]:
+    alone, _ = run_guests(sim_dir, work, serve.pid, [GuestSpec("healthy", qd=qd)], images[:1], seconds=seconds,
+                          warmup=warmup)
+    pair, _ = run_guests(sim_dir, work, serve.pid, [GuestSpec("healthy", qd=qd), GuestSpec("peer", qd=qd)],
+                         images[:2], seconds=seconds, warmup=warmup)
+    # The hostile guest keeps its whole ring full (32 slots with one page) and never sleeps.
+    bad, daemon = run_guests(sim_dir, work, serve.pid,
+                             [GuestSpec("healthy", qd=qd), GuestSpec("hostile", qd=32, hostile=True)], images[:2],
+                             seconds=seconds, warmup=warmup)
+    h_alone = alone[0]["iops"]
+    h_pair = next(r for r in pair if r["guest"] == "healthy")["iops"]
+    peer = next(r for r in pair if r["guest"] == "peer")["iops"]
+    h_bad = next(r for r in bad if r["guest"] == "healthy")["iops"]
+    hostile = next(r for r in bad if r["guest"] == "hostile")
+    fair = (h_pair + peer) / 2
+    out = {"healthy_alone_iops": h_alone, "healthy_with_healthy_iops": h_pair, "peer_iops": peer,
+           "healthy_with_hostile_iops": h_bad, "hostile_iops": hostile["iops"], "hostile_notifies": hostile["notifies"],
+           "fair_share_iops": fair, "share_of_fair": h_bad / fair if fair else 0.0,
+           "daemon_cpu_cores": daemon["cpu_cores"]}
+    progress(f"hostile: healthy alone {h_alone:.0f}, next to a healthy peer {h_pair:.0f} (fair share {fair:.0f}), "
+             f"next to a hostile one {h_bad:.0f} = {out['share_of_fair']:.2f}x fair (hostile got "
+             f"{hostile['iops']:.0f}, {hostile['notifies']} notifies)")
+    return out
+
+
+def main(counts: Sequence[int], quick: bool, out: str, progress: Progress, *, serve_blk: Mapping[str, Any] | None = None
+         ) -> dict[str, Any]:
+    from perf.runner import simulator
+
+    seconds, warmup = (2.0, 0.5) if quick else (5.0, 1.0)
+    cap_seconds = 3.0 if quick else 10.0
+    qd = 8
+    work = Path(out).resolve().parent / f"guests-work-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    img_dir = Path("/dev/shm") / f"pvback-guests-{os.getpid()}"
+    result: dict[str, Any] = {"counts": list(counts), "quick": quick, "seconds": seconds, "warmup": warmup, "qd": qd,
+                              "load_before": os.getloadavg()}
+    try:
+        images = make_images(img_dir, max(max(counts), 2), 8 if quick else 16)
+        with simulator(work) as sim_dir:
+            blk = {"io_threads": 4, **(serve_blk or {})}
+            serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk})
+            try:
+                result["scaling"] = [asdict(s) for s in scaling(counts, work, sim_dir, serve, images, qd=qd,
+                                                                 seconds=seconds, warmup=warmup, progress=progress)]
+                result["cap"] = cap_case(work, sim_dir, serve, images, cap_iops=1000, qd=qd, seconds=cap_seconds,
+                                         progress=progress)
+                result["hostile"] = hostile_case(work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
+                                                 progress=progress)
+            finally:
+                serve.close()
+    finally:
+        shutil.rmtree(img_dir, ignore_errors=True)
+    result["load_after"] = os.getloadavg()
+    best = max((s["blk_iops"] for s in result["scaling"]), default=0.0)
+    result["targets"] = {
+        "no_collapse": {s["n"]: s["blk_iops"] / best for s in result["scaling"] if s["n"] >= 16} if best else {},
+        "jain_min": min((s["jain"] for s in result["scaling"]), default=0.0),
+        "cap_within_5pct": abs(result["cap"]["ratio_to_cap"] - 1) <= 0.05,
+        "hostile_share_of_fair": result["hostile"]["share_of_fair"],
+    }
+    Path(out).write_text(json.dumps(result, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return result
