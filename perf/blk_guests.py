@@ -22,7 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -246,42 +249,147 @@ def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path]
     return out
 
 
-def main(counts: Sequence[int], quick: bool, out: str, progress: Progress, *, serve_blk: Mapping[str, Any] | None = None
-         ) -> dict[str, Any]:
+def markdown(result: dict[str, Any]) -> str:
+    """The tables for perf/RESULTS.md."""
+    lines = [f"Load average before/after: {result['load_before'][0]:.1f} / {result['load_after'][0]:.1f} "
+             f"({os.cpu_count()} CPUs); {result['seconds']:g} s per step after {result['warmup']:g} s warm-up, "
+             f"4 KiB random reads at QD {result['qd']} per guest, one image per guest in tmpfs.", "",
+             "| guests | blk IOPS | blk MB/s | fio IOPS (N jobs) | blk / fio | Jain | worst share | fio Jain "
+             "| daemon threads | daemon RSS MiB | daemon CPU per guest |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for st in result["scaling"]:
+        lines.append(f"| {st['n']} | {st['blk_iops']:.0f} | {st['blk_mb_s']:.0f} | {st['fio_iops']:.0f} | "
+                     f"{st['ratio_to_fio']:.2f} | {st['jain']:.3f} | {st['worst_share']:.2f} | {st['fio_jain']:.3f} | "
+                     f"{st['daemon_threads']:.0f} | {st['daemon_rss_mib']:.0f} | {st['daemon_cpu_per_guest']:.3f} |")
+    c = result["cap"]
+    lines += ["", f"Cap: a guest capped at {c['cap_iops']} IOPS next to an uncapped one, over {c['seconds']:g} s: "
+              f"{c['capped_iops']:.1f} IOPS = {c['ratio_to_cap']:.3f}x the cap (uncapped neighbour "
+              f"{c['neighbour_iops']:.0f} IOPS)."]
+    hs = result["hostile_reps"]
+    lines += ["", "| hostile case (per rep) | healthy alone | with a healthy peer | fair share | with a spinning "
+              "poller | with the hostile guest | / fair share | / poller case | hostile IOPS | hostile notifies "
+              "| spurious pause |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for h in hs:
+        lines.append(f"| rep {h['rep']} | {h['healthy_alone_iops']:.0f} | {h['healthy_with_healthy_iops']:.0f} | "
+                     f"{h['fair_share_iops']:.0f} | {h['healthy_with_poller_iops']:.0f} | "
+                     f"{h['healthy_with_hostile_iops']:.0f} | {h['share_of_fair']:.2f} | {h['share_vs_poller']:.2f} | "
+                     f"{h['hostile_iops']:.0f} | {h['hostile_notifies']} | {h['pause_us']} us |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
+    """guests_scaling.png (aggregate IOPS, blk and fio, vs N) and guests_shares.png (each guest's share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["scaling"]
+    ns = [s["n"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(ns, [s["blk_iops"] for s in steps], "o-", label="blkback (N guests, one daemon)")
+    ax.plot(ns, [s["fio_iops"] for s in steps], "s--", label="fio (N jobs, same files)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("guests")
+    ax.set_ylabel("aggregate IOPS (4 KiB random read)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files = [str(out_dir / "guests_scaling.png")]
+    fig.savefig(files[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for s in steps:
+        mean = sum(s["per_guest_iops"]) / len(s["per_guest_iops"])
+        ax.scatter([s["n"]] * len(s["per_guest_iops"]), [x / mean for x in s["per_guest_iops"]], s=12)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("guests")
+    ax.set_ylabel("guest IOPS / mean")
+    fig.tight_layout()
+    files.append(str(out_dir / "guests_shares.png"))
+    fig.savefig(files[1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *, seconds: float | None = None,
+        warmup: float | None = None, cap_seconds: float | None = None, hostile_reps: int | None = None,
+        image_mib: int | None = None) -> dict[str, Any]:
+    """Everything `pvback bench --guests` measures, in one daemon's life per configuration."""
     from perf.runner import simulator
 
-    seconds, warmup = (2.0, 0.5) if quick else (5.0, 1.0)
-    cap_seconds = 3.0 if quick else 10.0
+    seconds = seconds if seconds is not None else (2.0 if quick else 5.0)
+    warmup = warmup if warmup is not None else (0.5 if quick else 1.0)
+    cap_seconds = cap_seconds if cap_seconds is not None else (3.0 if quick else 10.0)
+    hostile_reps = hostile_reps if hostile_reps is not None else (1 if quick else 3)
     qd = 8
-    work = Path(out).resolve().parent / f"guests-work-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pvback-guests-"))
     img_dir = Path("/dev/shm") / f"pvback-guests-{os.getpid()}"
-    result: dict[str, Any] = {"counts": list(counts), "quick": quick, "seconds": seconds, "warmup": warmup, "qd": qd,
-                              "load_before": os.getloadavg()}
+    result: dict[str, Any] = {"counts": list(counts), "quick": quick, "seconds": seconds, "warmup": warmup,
+                              "qd": qd, "load_before": os.getloadavg(), "cpus": os.cpu_count()}
     try:
-        images = make_images(img_dir, max(max(counts), 2), 8 if quick else 16)
+        images = make_images(img_dir, max(max(counts), 2), image_mib or (8 if quick else 16))
         with simulator(work) as sim_dir:
-            blk = {"io_threads": 4, **(serve_blk or {})}
+            blk = {"io_threads": 4}
             serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk})
             try:
                 result["scaling"] = [asdict(s) for s in scaling(counts, work, sim_dir, serve, images, qd=qd,
                                                                  seconds=seconds, warmup=warmup, progress=progress)]
                 result["cap"] = cap_case(work, sim_dir, serve, images, cap_iops=1000, qd=qd, seconds=cap_seconds,
                                          progress=progress)
-                result["hostile"] = hostile_case(work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
-                                                 progress=progress)
             finally:
                 serve.close()
+            # The hostile case with the spurious-event pause off and on, interleaved (the machine drifts).
+            reps = []
+            for rep in range(hostile_reps):
+                for pause in (0, 5000):
+                    blk = {"io_threads": 4, "spurious_pause_max_us": pause}
+                    serve = Serve(work, sim_dir, f"hostile-{pause}", sections={"blk": blk}, settings={"blk": blk})
+                    try:
+                        progress(f"hostile rep {rep}, spurious pause up to {pause} us:")
+                        h = hostile_case(work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
+                                         progress=progress)
+                    finally:
+                        serve.close()
+                    reps.append({"rep": rep, "pause_us": pause, **h})
+            result["hostile_reps"] = reps
     finally:
         shutil.rmtree(img_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     result["load_after"] = os.getloadavg()
-    best = max((s["blk_iops"] for s in result["scaling"]), default=0.0)
+    best = max(s["blk_iops"] for s in result["scaling"])
+    on = [h for h in result["hostile_reps"] if h["pause_us"]]
     result["targets"] = {
-        "no_collapse": {s["n"]: s["blk_iops"] / best for s in result["scaling"] if s["n"] >= 16} if best else {},
-        "jain_min": min((s["jain"] for s in result["scaling"]), default=0.0),
+        "aggregate_at_16_32_over_best": {s["n"]: s["blk_iops"] / best for s in result["scaling"] if s["n"] >= 16},
+        "jain_min": min(s["jain"] for s in result["scaling"]),
+        "cap_ratio": result["cap"]["ratio_to_cap"],
         "cap_within_5pct": abs(result["cap"]["ratio_to_cap"] - 1) <= 0.05,
-        "hostile_share_of_fair": result["hostile"]["share_of_fair"],
+        "hostile_share_of_fair_median": statistics.median(h["share_of_fair"] for h in on),
+        "hostile_share_vs_poller_median": statistics.median(h["share_vs_poller"] for h in on),
     }
-    Path(out).write_text(json.dumps(result, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
+    (out_dir / "guests.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "guests.md").write_text(markdown(result))
+    try:
+        result["plots"] = plots(result, out_dir)
+    except ImportError:
+        result["plots"] = []
     return result
+
+
+def cli_main(counts: Sequence[int], quick: bool, out: str) -> int:
+    t0 = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
+
+    for tool in ("fio",):
+        if shutil.which(tool) is None:
+            print(f"pvback bench: {tool} is not installed (./dev installs it)", file=sys.stderr)
+            return 1
+    result = run(sorted(set(counts)), quick, Path(out), progress)
+    print(markdown(result))
+    print(json.dumps(result["targets"]))
+    return 0

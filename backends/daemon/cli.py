@@ -98,6 +98,12 @@ def _add_device_args(k: argparse.ArgumentParser, dt: Any) -> None:
     _add_platform_args(k)
 
 
+def _guest_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of guests from 1 to 64")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pvback", description="Userspace Xen PV backends")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -161,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "net: iperf3 TCP and 64-byte UDP through netback vs a veth pair, 1 and 2 queues")
     p.add_argument("--quick", action="store_true", help="one short run per cell")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
+    p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
+                   help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "
+                        "given (e.g. 1 2 4 8 16 32): scaling vs fio, fairness, a capped and a hostile guest")
 
     from backends.daemon.vtpm_cmd import add_parsers as add_vtpm_parsers
 
