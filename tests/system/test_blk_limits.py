@@ -40,6 +40,17 @@ def status_metric(text: str, domid: int, key: str) -> float | None:
     return None
 
 
+def queue_reads(text: str, domid: int) -> dict[str, float]:
+    """Reads completed per queue of the guest's disk."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("pvback_requests_total{"):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if got.get("domid") == str(domid) and got.get("op") == "read":
+                out[got["queue"]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def wait_status(bed: Bed, domid: int, key: str, want: float, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while status_metric(await bed.serve.metrics(), domid, key) != want:
@@ -69,9 +80,15 @@ async def test_caps_enforced_changed_live_and_lifted(bed: Bed, tmp_path: Path) -
         await wait_status(bed, d.domid, "iops_limit", 300)
         assert free.iops > 3 * 300, f"unlimited only {free.iops:.0f} IOPS: the cap would not show"
         await load(gen, rr, 0.3, 16 << 20)  # spend the burst
+        before = queue_reads(await bed.serve.metrics(), d.domid)
         capped = await load(gen, rr, 2.0, 16 << 20)
+        after = queue_reads(await bed.serve.metrics(), d.domid)
         assert capped.errors == 0
+        # One bucket for the disk (its two queues together), not one per queue.
         assert 0.75 * 300 <= capped.iops <= 1.2 * 300, f"{capped.iops:.0f} IOPS at a 300 IOPS cap"
+        # ... and split between the queues: the generator loads both alike.
+        per_queue = [after[k] - before.get(k, 0) for k in sorted(after)]
+        assert len(per_queue) == 2 and min(per_queue) >= 0.6 * max(per_queue), per_queue
 
         # Live: a higher cap, while the guest stays connected.
         res = await asyncio.to_thread(cli, bed, "limit", "disk", str(d.domid), "xvda", "--iops", "700")
