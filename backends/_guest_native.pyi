@@ -57,6 +57,7 @@ class struct_pv_load_config(CData):
     stall_ms: int
     seed: int
     block_read: int
+    notify_spin: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_load_config: ...
 
 class struct_pv_load_pages(CData):

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/timerfd.h>
 
 #define MODE_NONE 0
 #define MODE_COPY 1
@@ -94,6 +96,19 @@ struct pv_blk_queue {
 
     uint64_t now;
     struct pv_blk_stats st;
+
+    /* Limits (blklimit.h): the pass this queue is spending, and while it has no tokens, the timer that
+     * wakes it at the refill. */
+    struct pv_blk_limit_pass pass;
+    int limit_timer; /* -1 without a limit object */
+    int throttled;
+    uint64_t throttled_since;
+
+    /* Spurious-event back-off (the pump only): events that found nothing to do in a row, and the timer
+     * that resumes listening to the event channel after a pause.  pump_src is the pump's source array. */
+    uint32_t spurious_run;
+    int evt_timer;
+    struct pv_pump_source *pump_src;
 };
 
 /* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
@@ -472,13 +487,32 @@ static void count_shape(struct pv_blk_queue *q, const struct blk_req *r, const s
     q->st.shapes[pv_blkif_shape(&q->disk, &r->r, segs, nseg)]++;
 }
 
-/* Copy-out, validate and dispatch `n` consumed slots. */
-static void process_slots(struct pv_blk_queue *q, uint32_t n)
+/* What a request costs the bandwidth bucket: the data it moves (a discard moves none). */
+static void charge_bytes(struct pv_blk_queue *q, const struct blk_req *r)
+{
+    if (q->pass.active && r->r.op != PV_BLKIF_OP_DISCARD)
+        pv_blk_limit_pass_charge_bytes(&q->pass, r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT);
+}
+
+/* Copy-out, validate and dispatch `n` consumed slots.  With a limit pass open, stops admitting when the
+ * queue's share is spent and puts the slots it did not admit back on the ring (their copies are dropped
+ * unread: they are copied and validated again when their turn comes).  Returns the slots admitted. */
+static uint32_t process_slots(struct pv_blk_queue *q, uint32_t n)
 {
     uint32_t nwork = 0, nind = 0;
     uint32_t base = q->ring.req_cons - n;
     q->now = now_ns();
+    uint32_t admitted = n;
     for (uint32_t i = 0; i < n; i++) {
+        if (q->pass.active) {
+            if (!pv_blk_limit_pass_open(&q->pass)) {
+                admitted = i;
+                q->ring.req_cons -= n - i;
+                q->consumed -= n - i;
+                break;
+            }
+            pv_blk_limit_pass_charge_op(&q->pass);
+        }
         struct blk_req *r = req_alloc(q);
         r->t_start = q->now;
         r->pos = base + i;
@@ -504,6 +538,7 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
         } else {
             r->segs = r->r.seg;
             r->nseg = r->r.nr_segments;
+            charge_bytes(q, r);
         }
         q->work[nwork++] = r;
     }
@@ -526,10 +561,12 @@ static void process_slots(struct pv_blk_queue *q, uint32_t n)
             }
             r->segs = r->ind;
             r->nseg = r->r.nr_segments;
+            charge_bytes(q, r);
         }
         dispatch(q, r);
     }
     submit_batch(q);
+    return admitted;
 }
 
 /* Collect finished I/O: one grant copy (bounce -> guest) for every read, then the responses. */
@@ -571,6 +608,55 @@ static void mark_dead(struct pv_blk_queue *q)
     q->dead = 1;
 }
 
+/* No tokens: leave the ring alone until the timer fires at `wake` (absolute, CLOCK_MONOTONIC). */
+static void throttle(struct pv_blk_queue *q, uint64_t wake)
+{
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(wake / 1000000000u),
+                                          .tv_nsec = (long)(wake % 1000000000u)}};
+    if (!its.it_value.tv_sec && !its.it_value.tv_nsec)
+        its.it_value.tv_nsec = 1; /* 0 would disarm */
+    (void)timerfd_settime(q->limit_timer, TFD_TIMER_ABSTIME, &its, NULL);
+    q->throttled = 1;
+    q->throttled_since = now_ns();
+    q->st.limit_waits++;
+}
+
+static void unthrottle(struct pv_blk_queue *q)
+{
+    if (!q->throttled)
+        return;
+    uint64_t slept = now_ns() - q->throttled_since;
+    q->throttled = 0;
+    q->st.limit_throttled_ns += slept;
+    pv_blk_limit_woke(q->cfg.limit, slept);
+}
+
+/* Before consuming: 1 if the queue may take requests now (no limit, or a pass with tokens), 0 if it is (or
+ * just became) throttled. */
+static int limit_admit(struct pv_blk_queue *q)
+{
+    if (!q->cfg.limit)
+        return 1;
+    if (q->throttled)
+        return 0;
+    uint64_t wake = 0;
+    if (q->pass.active) {
+        if (pv_blk_limit_pass_open(&q->pass))
+            return 1;
+        if (pv_back_ring_pending(&q->ring) <= 0)
+            return 1; /* nothing waits: the final check decides; the pass ends with the pump */
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 1, &wake);
+        throttle(q, wake);
+        return 0;
+    }
+    if (!pv_blk_limit_enabled(q->cfg.limit) || pv_back_ring_pending(&q->ring) <= 0)
+        return 1;
+    if (pv_blk_limit_begin(q->cfg.limit, now_ns(), &q->pass, &wake))
+        return 1;
+    throttle(q, wake);
+    return 0;
+}
+
 static int32_t pump(struct pv_blk_queue *q)
 {
     uint64_t before = q->st.responses;
@@ -609,6 +695,8 @@ static int32_t pump(struct pv_blk_queue *q)
                 q->st.out_of_requests++;
             break;
         }
+        if (!limit_admit(q))
+            break; /* the limit timer brings us back */
         int32_t n = pv_back_ring_consume(&q->ring, q->slots, q->nfree);
         if (n < 0) {
             mark_dead(q);
@@ -645,6 +733,11 @@ static int32_t pump(struct pv_blk_queue *q)
         if (!found)
             break;
         q->st.polls_hit++;
+    }
+    if (q->pass.active) {
+        /* Idle (or stopped for another reason): the unspent share goes back to the disk's other queues. */
+        uint64_t unused = 0;
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 0, &unused);
     }
     flush_responses(q);
     if (q->dead)
@@ -702,7 +795,70 @@ uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms)
 }
 
 static int32_t on_complete(void *q) { return pv_blk_queue_complete(q); }
-static int32_t on_event(void *q) { return pv_blk_queue_event(q); }
+
+static int32_t on_limit_timer(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->limit_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
+        return 0;
+    unthrottle(q);
+    return pump(q);
+}
+
+void pv_blk_queue_limit_kick(struct pv_blk_queue *q)
+{
+    if (q->limit_timer < 0)
+        return;
+    struct itimerspec its = {.it_value = {.tv_nsec = 1}};
+    (void)timerfd_settime(q->limit_timer, 0, &its, NULL);
+}
+/* A frontend that notifies far more often than it queues work (a guest hammering its event channel) would
+ * keep this queue's pump awake doing nothing, on a core the other guests' pumps need.  After the second
+ * event in a row that found no request and no response to write, stop listening to the event channel for a
+ * while, doubling from SPURIOUS_PAUSE_MIN_NS to SPURIOUS_PAUSE_MAX_NS while it goes on (Linux's lateeoi
+ * back-off for spurious events does the same, in jiffies).  Any event that finds work resets it, so a
+ * well-behaved guest's occasional spurious event costs it nothing; completions are served during the pause
+ * (they also look at the ring), and the pause ends with a look at the ring. */
+#define SPURIOUS_PAUSE_MIN_NS 20000u
+
+static int32_t on_event(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t c0 = q->consumed, r0 = q->st.responses;
+    int32_t rc = pv_blk_queue_event(q);
+    if (rc < 0)
+        return rc;
+    if (q->consumed != c0 || q->st.responses != r0 || q->throttled) {
+        q->spurious_run = 0; /* a throttled queue leaves work on the ring on purpose: not the guest's fault */
+        return rc;
+    }
+    uint64_t max_ns = (uint64_t)q->cfg.spurious_pause_max_us * 1000u;
+    if (++q->spurious_run < 2 || q->evt_timer < 0 || !max_ns)
+        return rc;
+    uint32_t shift = q->spurious_run - 2 > 20 ? 20 : q->spurious_run - 2;
+    uint64_t ns = (uint64_t)SPURIOUS_PAUSE_MIN_NS << shift;
+    if (ns > max_ns)
+        ns = max_ns;
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u)}};
+    if (timerfd_settime(q->evt_timer, 0, &its, NULL) == 0) {
+        q->pump_src[1].fd = -1; /* pv_pump_run skips a negative fd until the timer restores it */
+        q->st.spurious_pauses++;
+    }
+    return rc;
+}
+
+static int32_t on_evt_timer(void *ctx)
+{
+    struct pv_blk_queue *q = ctx;
+    uint64_t expirations;
+    if (read(q->evt_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
+        return 0;
+    q->pump_src[1].fd = q->evtchn->fd;
+    /* What the guest queued during the pause, and its events (coalesced in the channel meanwhile): judged
+     * like any event, so a guest still hammering pauses again, for longer. */
+    return on_event(q);
+}
 
 int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
 {
@@ -711,11 +867,20 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
     if (rc < 0)
         return rc;
     /* Completions first: they free requests a full ring may be waiting for. */
-    struct pv_pump_source src[2] = {
+    struct pv_pump_source src[4] = {
         {.fd = q->sink.efd, .ready = on_complete, .ctx = q},
         {.fd = q->evtchn ? q->evtchn->fd : -1, .ready = on_event, .ctx = q, .hangup_rc = -PV_BLK_EEVTCHN},
+        {.fd = q->evtchn ? q->evt_timer : -1, .ready = on_evt_timer, .ctx = q},
+        {.fd = q->limit_timer, .ready = on_limit_timer, .ctx = q},
     };
-    rc = pv_pump_run(src, 2, stop_fd);
+    q->pump_src = src;
+    q->spurious_run = 0;
+    rc = pv_pump_run(src, q->limit_timer >= 0 ? 4 : 3, stop_fd);
+    q->pump_src = NULL;
+    if (q->evt_timer >= 0) {
+        struct itimerspec off = {0};
+        (void)timerfd_settime(q->evt_timer, 0, &off, NULL);
+    }
     return rc == -PV_PUMP_EPOLL ? -PV_BLK_EEVTCHN : rc;
 }
 
@@ -723,6 +888,16 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
 
 static void queue_free(struct pv_blk_queue *q)
 {
+    if (q->cfg.limit) {
+        /* Leave the disk's buckets as if this queue had never been there: its share back, not waiting. */
+        uint64_t unused = 0;
+        pv_blk_limit_end(q->cfg.limit, now_ns(), &q->pass, 0, &unused);
+        unthrottle(q);
+    }
+    if (q->limit_timer >= 0)
+        close(q->limit_timer);
+    if (q->evt_timer >= 0)
+        close(q->evt_timer);
     if (q->reqs) {
         for (uint32_t i = 0; i < q->size; i++) {
             struct blk_req *r = &q->reqs[i];
@@ -789,6 +964,8 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     if (!q)
         FAIL("out of memory");
     q->sink.efd = -1;
+    q->limit_timer = -1;
+    q->evt_timer = -1;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->evtchn = evtchn;
@@ -798,6 +975,16 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     int rc = pv_io_sink_init(&q->sink);
     if (rc)
         FAIL("eventfd: %s", strerror(-rc));
+    if (evtchn) {
+        q->evt_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->evt_timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+    }
+    if (cfg->limit) {
+        q->limit_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (q->limit_timer < 0)
+            FAIL("timerfd: %s", strerror(errno));
+    }
     /* A completion ring of our own where the engine has one (io_uring, O_DIRECT): completions then reach
      * the pumping thread without a hop through an engine thread.  Without it the engine's threads post. */
     (void)pv_io_engine_attach(eng, &q->sink);

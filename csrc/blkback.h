@@ -25,6 +25,8 @@
  *  - poll_us: after the ring is drained, keep looking at it (and at the completion sink) this long before
  *    returning.  Saves an event round trip (~20 us across vCPUs) per burst at the price of CPU.
  *  - max_buffer_pages: bounce pages kept cached when idle; more are allocated on demand.
+ *  - spurious_pause_max_us: the longest pause of the event channel after events in a row that found nothing
+ *    to do (a guest hammering it); 0 turns the back-off off.  Pauses start at 20 us and double.
  */
 #ifndef PVBACK_BLKBACK_H
 #define PVBACK_BLKBACK_H
@@ -33,6 +35,7 @@
 #include <stdint.h>
 
 #include "blkif.h"
+#include "blklimit.h"
 #include "ioengine.h"
 #include "platform.h"
 #include "ring.h"
@@ -58,6 +61,11 @@ struct pv_blk_queue_config {
     uint32_t persistent_min_bytes;
     uint32_t poll_us;
     uint32_t max_buffer_pages;
+    uint32_t spurious_pause_max_us; /* 0: never pause the event channel (see on_event in blkback.c) */
+    /* The disk's token buckets (blklimit.h), shared by its queues; NULL: never limited.  Must outlive the
+     * queue.  A queue with no tokens leaves requests on the ring (the guest sees back-pressure, nothing
+     * fails) and sleeps on a timerfd until the refill. */
+    struct pv_blk_limit *limit;
 };
 
 struct pv_blk_stats {
@@ -88,6 +96,9 @@ struct pv_blk_stats {
     uint8_t last_error_operation; /* wire code */
     uint8_t last_error_op;        /* effective op (indirect_op for INDIRECT) */
     uint16_t last_error_nr_segments;
+    uint64_t limit_waits;        /* times this queue slept for tokens */
+    uint64_t limit_throttled_ns; /* time it slept with requests on the ring */
+    uint64_t spurious_pauses;    /* pauses of the event channel after events in a row that found nothing */
 };
 
 struct pv_blk_queue;
@@ -125,6 +136,8 @@ uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q);
 uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q);
 void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us);
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out);
+/* Make a queue look at the limits again now (after pv_blk_limit_set): safe from any thread. */
+void pv_blk_queue_limit_kick(struct pv_blk_queue *q);
 /* Online resize: later requests are checked against the new size (512-byte units). */
 void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors);
 

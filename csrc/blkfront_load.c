@@ -364,6 +364,14 @@ int pv_load_run(const struct pv_load_config *cfg, const struct pv_load_queue *qu
         if (!idle_since)
             idle_since = t;
         if (t - idle_since < spin_ns) {
+            if (cfg->notify_spin) {
+                for (uint32_t q = 0; q < cfg->nqueues && !rc; q++) {
+                    res->notifies++;
+                    if (pv_evtchn_notify(queues[q].evtchn) < 0)
+                        rc = -PV_LOAD_EEVTCHN;
+                }
+                continue;
+            }
             cpu_relax();
             continue;
         }

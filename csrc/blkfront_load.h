@@ -48,6 +48,8 @@ struct pv_load_config {
     uint64_t seed;
     uint32_t block_read;    /* 1 queue only: sleep in a blocking read() of the event fd instead of poll()
                              * + read() (no stall detection then: bound the caller instead) */
+    uint32_t notify_spin;   /* hostile: while spinning for responses, notify every queue on every pass (a
+                             * guest hammering its event channel); use with a large spin_us */
 };
 
 /* Pages of one request id: data_refs[id * segs_per_req + k]; indirect requests (bs > 11 pages) also need

@@ -131,7 +131,7 @@ class LoadGenerator:
         self.err = ffi.new("char[]", 256)
 
     def run(self, w: Workload, *, seconds: float, region_bytes: int, spin_us: int = 0, max_ops: int = 0,
-            seed: int = 1, backend_pid: int | None = None) -> LoadResult:
+            seed: int = 1, backend_pid: int | None = None, hostile: bool = False) -> LoadResult:
         from backends._guest_native import lib
 
         if w.qd > self.max_qd or w.segs > self.max_segs:
@@ -148,7 +148,9 @@ class LoadGenerator:
         cfg.region_bytes = region_bytes
         cfg.duration_ns = int(seconds * 1e9)
         cfg.max_ops = max_ops
-        cfg.spin_us = spin_us
+        # Hostile: never sleep, and hammer the event channel while waiting (csrc/blkfront_load.h).
+        cfg.spin_us = 3_600_000_000 if hostile else spin_us
+        cfg.notify_spin = int(hostile)
         cfg.stall_ms = 20_000
         cfg.seed = seed
         cfg.block_read = int(len(self.front.queues) == 1)  # the parent bounds this process's run time
@@ -217,7 +219,7 @@ async def session(args: argparse.Namespace, workloads: list[Workload]) -> list[L
     results: list[LoadResult] = []
     try:
         backend = {"params": args.params, "type": "qdisk", "mode": "w", "dev": "xvda", "device-type": "disk",
-                   "removable": "0", "bootable": "1", "discard-enable": "0"}
+                   "removable": "0", "bootable": "1", "discard-enable": "0", **json.loads(args.backend_keys)}
         frontend = {"virtual-device": str(devid), "device-type": "disk", "trusted": "1"}
         paths = await add_device(dom0, backend_domid=0, frontend_domid=guest.domid, type_name="qdisk",
                                  devid=devid, backend=backend, frontend=frontend, frontend_type="vbd")
@@ -234,11 +236,20 @@ async def session(args: argparse.Namespace, workloads: list[Workload]) -> list[L
             loop.remove_reader(q.port.fileno())
         gen = LoadGenerator(front, guest, max_qd, max_segs)
         region = min(info.size_bytes, args.region_mib << 20) if args.region_mib else info.size_bytes
+        if args.start_file:
+            # Several guests measured together: each says it is connected (START_FILE.ready.NAME), the runner
+            # writes the common start time (time.time()) into START_FILE once all are, and all start then.
+            start = Path(args.start_file)
+            Path(f"{start}.ready.{args.name}").touch()
+            while not start.exists():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(max(0.0, float(start.read_text()) - time.time()))
         for i, w in enumerate(workloads):
             if args.warmup > 0:
-                gen.run(w, seconds=args.warmup, region_bytes=region, spin_us=args.spin_us, seed=1000 + i)
+                gen.run(w, seconds=args.warmup, region_bytes=region, spin_us=args.spin_us, seed=1000 + i,
+                        hostile=args.hostile)
             r = gen.run(w, seconds=args.seconds, region_bytes=region, spin_us=args.spin_us, seed=i + 1,
-                        backend_pid=args.backend_pid)
+                        backend_pid=args.backend_pid, hostile=args.hostile)
             results.append(r)
             print(json.dumps({"progress": w.name, "iops": round(r.iops), "p50_us": r.p50_us}), flush=True)
         return results
@@ -273,6 +284,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--region-mib", type=int, default=0, help="limit offsets to the first N MiB (0: whole disk)")
     p.add_argument("--backend-pid", type=int, default=None)
     p.add_argument("--name", default="bench-guest")
+    p.add_argument("--backend-keys", default="{}", help="JSON object: more backend keys (e.g. the disk's limits)")
+    p.add_argument("--start-file", default="",
+                   help="start together with other guests: touch START_FILE.ready.NAME once connected, then wait "
+                        "for START_FILE and start at the time.time() it holds")
+    p.add_argument("--hostile", action="store_true",
+                   help="spin on the ring and notify in a loop instead of sleeping (the noisy neighbour)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from backends.blk.proto import ParamsError, parse_params
+from backends.blk.limits import KEY_BPS, KEY_BURST, KEY_IOPS, MAX_BPS, MAX_IOPS, parse_burst, parse_count
+from backends.blk.proto import ParamsError, ProtocolError, parse_params
 from backends.blk.vdev import VdevError, vdev_to_devid
 from backends.xenbus.registry import AttachSpec, CommandError, Commands
 from backends.xenbus.toolstack import ATTACHED_MARK
@@ -92,10 +94,48 @@ def _add_detach(p: argparse.ArgumentParser) -> None:
     p.add_argument("vdev")
 
 
+def _arg(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """An argparse type: a value the backend would refuse is a usage error (one line, exit 2)."""
+
+    def convert(text: str) -> int:
+        try:
+            return parse(text)
+        except ProtocolError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return convert
+
+
+def _add_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iops", type=_arg(lambda t: parse_count(t, "--iops", MAX_IOPS)), default=None,
+                   help="requests per second (0 or 'none': no cap)")
+    p.add_argument("--bps", type=_arg(lambda t: parse_count(t, "--bps", MAX_BPS, sizes=True)), default=None,
+                   help="bytes per second, k/M/G or Ki/Mi/Gi suffixes (0 or 'none': no cap)")
+    p.add_argument("--burst", type=_arg(parse_burst), default=None, metavar="MS",
+                   help="milliseconds at full speed an idle disk may run before the caps bite (default 100)")
+    p.add_argument("--default", action="store_true",
+                   help="drop the disk's own limits: the [blk] defaults apply again")
+
+
+def limit_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The backend keys `pvback limit disk` writes (backends/blk/limits.py); an empty value means the default."""
+    if args.default:
+        if args.iops is not None or args.bps is not None or args.burst is not None:
+            raise CommandError("--default drops every limit of the disk: give it alone")
+        return {KEY_IOPS: "", KEY_BPS: "", KEY_BURST: ""}
+    keys = {k: str(v) for k, v in ((KEY_IOPS, args.iops), (KEY_BPS, args.bps), (KEY_BURST, args.burst))
+            if v is not None}
+    if not keys:
+        raise CommandError("nothing to set: give --iops, --bps and/or --burst (or --default)")
+    return keys
+
+
 COMMANDS = Commands(
     add_attach_arguments=_add_attach,
     attach_spec=lambda args: disk_spec(args.vdev, args.target, args.mode),
     add_detach_arguments=_add_detach,
     detach_devid=lambda args: devid_of(args.vdev),
     describe=lambda args: f"disk {args.vdev}",
+    add_limit_arguments=_add_limit,
+    limit_keys=limit_keys,
 )

@@ -24,6 +24,14 @@ class BlkConfig:
     poll_us: int = 0
     # Worker threads for O_DIRECT files and block devices (page-cache images are served inline).
     io_threads: int = 4
+    # A guest whose events keep finding no work (hammering its event channel) has the channel paused for up
+    # to this long, from 20 us doubling, so its pump does not burn a core other guests need (0: never).
+    spurious_pause_max_us: int = 5000
+    # Every disk's I/O caps unless its backend keys say otherwise (backends/blk/limits.py): requests per
+    # second and bytes per second (0: no cap), and the burst an idle disk may run at full speed (ms).
+    iops_limit: int = 0
+    bps_limit: int = 0
+    limit_burst_ms: int = 100
 
 
 # Accepted values of the integer keys, inclusive.
@@ -35,4 +43,8 @@ BLK_RANGES: dict[str, tuple[int, int]] = {
     "persistent_threshold_bytes": (0, 1 << 30),
     "poll_us": (0, 1_000_000),
     "io_threads": (1, 256),
+    "spurious_pause_max_us": (0, 1_000_000),
+    "iops_limit": (0, 100_000_000),
+    "bps_limit": (0, 1_000_000_000_000),
+    "limit_burst_ms": (0, 60_000),
 }

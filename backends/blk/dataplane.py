@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from backends.blk import proto
 from backends.blk.proto import DEFAULT_MAX_PERSISTENT_GRANTS, OP_NAMES, Abi
-from backends.native import CData, ffi, lib, struct_pv_blk_queue, struct_pv_evtchn, struct_pv_gnt, struct_pv_io_engine
+from backends.native import (
+    CData,
+    ffi,
+    lib,
+    struct_pv_blk_queue,
+    struct_pv_evtchn,
+    struct_pv_gnt,
+    struct_pv_io_engine,
+)
 from backends.native.handle import CHandle
 from backends.platform.base import EventChannel, GrantMapping
 from backends.xenbus.pump import QueueDataplane
@@ -58,9 +67,34 @@ REASONS = tuple(ffi.string(lib.pv_blkif_reason_name(i)).decode() for i in range(
 _COUNTERS = (
     "bytes_read", "bytes_written", "ring_overflow", "out_of_requests", "kicks", "spurious_kicks", "completes",
     "responses", "notifies", "grant_copy_calls", "grant_copy_segs", "persistent_hits", "persistent_maps",
-    "persistent_evictions", "persistent_fallbacks", "fences", "polls_hit",
+    "persistent_evictions", "persistent_fallbacks", "fences", "polls_hit", "limit_waits", "limit_throttled_ns",
+    "spurious_pauses",
 )  # fmt: skip
 
+
+class DiskLimit:
+    """A disk's token buckets (csrc/blklimit.h), shared by its queues: unlimited until `set`, changed live."""
+
+    def __init__(self) -> None:
+        c = lib.pv_blk_limit_create()
+        if c == ffi.NULL:
+            raise MemoryError("blk limit")
+        self.c: Any = c
+        self._stats = ffi.new("struct pv_blk_limit_stats *")
+        # Freed with the last reference: the disk's and each QueueConfig's, so no queue outlives it.
+        weakref.finalize(self, lib.pv_blk_limit_destroy, c)
+
+    def set(self, iops: int, bps: int, burst_ms: int) -> None:
+        """Caps (0: none) and the burst.  Queues sleeping for tokens see it at their next wakeup
+        (BlkQueue.limit_kick makes that now).  ValueError outside the C bounds."""
+        if lib.pv_blk_limit_set(self.c, iops, bps, burst_ms) != 0:
+            raise ValueError(f"limits out of range: iops={iops} bps={bps} burst_ms={burst_ms}")
+
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        lib.pv_blk_limit_get_stats(self.c, s)
+        return {"iops": int(s.iops), "bps": int(s.bps), "burst_ms": int(s.burst_ms), "waiting": int(s.waiting),
+                "waits": int(s.waits), "throttled_ns": int(s.throttled_ns), "admitted": int(s.admitted)}
 
 
 
@@ -121,6 +155,10 @@ class QueueConfig:
     # large requests frees pages and faults fresh zeroed ones in (measured: 1 MiB reads at QD8 ran at a
     # third of the copy speed with 1024).  Only pages actually used are cached: 32 MiB is a bound.
     max_buffer_pages: int = 8192
+    # Longest pause of the event channel for a guest whose events keep finding nothing to do (0: never).
+    spurious_pause_max_us: int = 5000
+    # The disk's limits, shared by its queues (None: never limited, no timer).
+    limit: DiskLimit | None = None
 
 
 class BlkQueue(CHandle[struct_pv_blk_queue]):
@@ -151,6 +189,8 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
         c.persistent_min_bytes = cfg.persistent_min_bytes
         c.poll_us = cfg.poll_us
         c.max_buffer_pages = cfg.max_buffer_pages
+        c.spurious_pause_max_us = cfg.spurious_pause_max_us
+        c.limit = cfg.limit.c if cfg.limit is not None else ffi.NULL
         err = ffi.new("char[]", 256)
         q = lib.pv_blk_queue_create(ring_address, c, gnt, evtchn if evtchn is not None else ffi.NULL, engine, err, 256)
         if q == ffi.NULL:
@@ -209,6 +249,10 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
 
     def set_sectors(self, sectors: int) -> None:
         lib.pv_blk_queue_set_sectors(self.c, sectors)
+
+    def limit_kick(self) -> None:
+        """Look at the disk's limits again now (from any thread)."""
+        lib.pv_blk_queue_limit_kick(self.c)
 
     def set_poll_us(self, us: int) -> None:
         lib.pv_blk_queue_set_poll_us(self.c, us)

@@ -15,7 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from backends.blk.dataplane import BlkDataplane, QueueConfig, RejectedRequest
+from backends.blk.dataplane import BlkDataplane, DiskLimit, QueueConfig, RejectedRequest
+from backends.blk.limits import LIMIT_KEYS, IoLimits, limits_from_keys
 from backends.blk.proto import (
     OP_NAMES,
     BackendLimits,
@@ -89,6 +90,9 @@ class BlkDisk:
     cdrom: bool
     removable: bool
     queues: list[BlkDataplane] = field(default_factory=list)
+    # The disk's I/O caps (backends/blk/limits.py) and the C buckets that enforce them, shared by its queues.
+    io_limits: IoLimits = field(default_factory=IoLimits)
+    limit: DiskLimit = field(default_factory=DiskLimit)
     frontend: FrontendConfig | None = None
     failing: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -102,7 +106,20 @@ class BlkDisk:
                 view = _metrics_view(s, dp.queue.latency_histogram())
                 view["shapes"] = dp.queue.shapes()
                 out.append(view)
-        return {"queues": out}
+        pauses = sum(q.get("spurious_pauses", 0) for q in (dp.stats() for dp in self.queues))
+        lim = self.limit.stats()
+        status = {"iops_limit": lim["iops"], "bps_limit": lim["bps"], "limit_burst_ms": lim["burst_ms"],
+                  "limit_waits": lim["waits"], "limit_throttled_ms": lim["throttled_ns"] // 1_000_000,
+                  "spurious_pauses": pauses}
+        return {"queues": out, "limit": lim, "status": status}
+
+    def apply_limits(self, limits: IoLimits) -> None:
+        """New caps for the running disk: the buckets change at once and sleeping queues look again now."""
+        self.io_limits = limits
+        self.limit.set(limits.iops, limits.bps, limits.burst_ms)
+        for dp in self.queues:
+            if not dp.queue.closed:
+                dp.queue.limit_kick()
 
     def shapes(self) -> dict[str, int]:
         """Requests received on every queue, by shape."""
@@ -166,6 +183,8 @@ class _RejectWarnings:
 
 class BlkDeviceClass:
     connect_states = frozenset({XenbusState.INITIALISED, XenbusState.CONNECTED})
+    # The disk's I/O limits, changed live (backends/blk/limits.py).
+    watch_backend_keys = LIMIT_KEYS
     # How often a connected disk's backing size is checked for an online resize (Linux blkback checks on
     # every ring wakeup; a timer also catches an idle guest) and its error counters for rejected requests.
     # An fstat and a counter read per disk per period: negligible.
@@ -210,9 +229,32 @@ class BlkDeviceClass:
             cdrom=(await dev.read_backend("device-type")) == "cdrom",
             removable=(await dev.read_backend("removable")) == "1",
         )
+        await self._read_limits(dev, dev.data)
         await dev.write_backend(probe_keys(limits))
         dev.log.info("realized", extra={"params": params, "size": caps.size_bytes, "readonly": caps.readonly,
                                         "threaded": caps.threaded, "direct_io": caps.direct_io})
+
+    def _default_limits(self) -> IoLimits:
+        return IoLimits(iops=self.cfg.iops_limit, bps=self.cfg.bps_limit, burst_ms=self.cfg.limit_burst_ms)
+
+    async def _read_limits(self, dev: BackendDevice, disk: BlkDisk) -> None:
+        values = {k: await dev.read_backend(k) for k in LIMIT_KEYS}
+        try:
+            limits = limits_from_keys(values, self._default_limits())
+        except ProtocolError as exc:
+            # Not the guest's doing and no reason to fail its disk: the operator hears of it, the default holds.
+            dev.log.warning("limits ignored: %s", exc)
+            limits = self._default_limits()
+        if limits != disk.io_limits:
+            disk.apply_limits(limits)
+            dev.log.info("limits %s", limits.describe(), extra={"iops_limit": limits.iops, "bps_limit": limits.bps,
+                                                             "burst_ms": limits.burst_ms})
+
+    async def key_changed(self, dev: BackendDevice, side: str, key: str, value: str | None) -> None:
+        disk: BlkDisk | None = dev.data
+        if disk is None or side != "backend" or key not in LIMIT_KEYS:
+            return
+        await self._read_limits(dev, disk)
 
     async def unrealize(self, dev: BackendDevice) -> None:
         disk: BlkDisk | None = dev.data
@@ -280,6 +322,8 @@ class BlkDeviceClass:
             max_persistent_grants=self.cfg.max_persistent_grants,
             persistent_min_bytes=self.cfg.persistent_threshold_bytes,
             poll_us=self.cfg.poll_us,
+            spurious_pause_max_us=self.cfg.spurious_pause_max_us,
+            limit=disk.limit,
         )
         platform = dev.platform
         loop = asyncio.get_running_loop()

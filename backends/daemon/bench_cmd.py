@@ -22,6 +22,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if getattr(args, "guests", None) and getattr(args, "what", "blk") != "blk":
+        print("pvback bench: --guests is the blk many-guests benchmark: drop the device kind or --guests",
+              file=sys.stderr)
+        return 2
     if getattr(args, "what", "blk") == "tpm":
         from perf import tpm_cells
 
@@ -32,6 +36,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         argv = ["pvback", "bench", "net"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
         return net_cells.main(bool(args.quick), str(args.out), argv=argv)
+    if getattr(args, "guests", None):
+        from perf import blk_guests
+
+        return blk_guests.cli_main(list(args.guests), bool(args.quick), str(args.out))
     from perf import matrix
 
     argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]

@@ -78,12 +78,14 @@ class UsageError(Exception):
     pass
 
 
-def _kind_parsers(sub: Any, command: str, help_text: str) -> Iterator[tuple[argparse.ArgumentParser, Any]]:
-    """`pvback COMMAND KIND DOMID ...`: one sub-parser per device type that has commands."""
+def _kind_parsers(sub: Any, command: str, help_text: str, *, has: str = "") -> Iterator[
+        tuple[argparse.ArgumentParser, Any]]:
+    """`pvback COMMAND KIND DOMID ...`: one sub-parser per device type that has commands (and the optional
+    command field `has`)."""
     p = sub.add_parser(command, help=help_text)
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     for dt in load_device_types():
-        if dt.commands is not None:
+        if dt.commands is not None and (not has or getattr(dt.commands, has) is not None):
             k = kinds.add_parser(dt.kind, help=f"a {dt.kind} ({dt.name})")
             k.add_argument("domid", type=int)
             yield k, dt
@@ -94,6 +96,12 @@ def _add_device_args(k: argparse.ArgumentParser, dt: Any) -> None:
                    help=f"backend directory type (default {dt.backend_types[0]})")
     k.add_argument("--backend-domid", type=int, default=0)
     _add_platform_args(k)
+
+
+def _guest_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of guests from 1 to 64")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         dt.commands.add_detach_arguments(k)
         _add_device_args(k, dt)
         k.add_argument("--timeout", type=float, default=10.0)
+
+    for k, dt in _kind_parsers(sub, "limit", "set a device's I/O limits (applied live; see the device type's docs)",
+                               has="limit_keys"):
+        dt.commands.add_detach_arguments(k)
+        dt.commands.add_limit_arguments(k)
+        _add_device_args(k, dt)
 
     p = sub.add_parser("status", help="domains, devices, states, negotiated features and throughput")
     p.add_argument("--metrics", default=None, help="HOST:PORT of a running daemon's metrics endpoint")
@@ -153,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "net: iperf3 TCP and 64-byte UDP through netback vs a veth pair, 1 and 2 queues")
     p.add_argument("--quick", action="store_true", help="one short run per cell")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
+    p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
+                   help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "
+                        "given (e.g. 1 2 4 8 16 32): scaling vs fio, fairness, a capped and a hostile guest")
 
     from backends.daemon.vtpm_cmd import add_parsers as add_vtpm_parsers
 
@@ -207,7 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.sim_dir = _sim_dir_default()
     if args.command == "sim":
         return _cmd_sim(args)
-    if args.command in ("attach", "detach", "status"):
+    if args.command in ("attach", "detach", "limit", "status"):
         from backends.daemon import toolstack_cmds
 
         fn = getattr(toolstack_cmds, f"cmd_{args.command}")

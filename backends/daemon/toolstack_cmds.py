@@ -151,6 +151,38 @@ async def _detach(args: argparse.Namespace, cfg: Config, dt: DeviceType, devid: 
         await xs.close()
 
 
+def cmd_limit(args: argparse.Namespace, cfg: Config) -> int:
+    dt = for_kind(args.kind)
+    backend_type = _backend_type(dt, args)
+    cmds = _commands(dt)
+    if cmds.limit_keys is None:
+        raise CliError(f"{dt.kind} devices have no limits")
+    devid = cmds.detach_devid(args)
+    keys = cmds.limit_keys(args)
+    return asyncio.run(_limit(args, cfg, dt, devid, backend_type, keys))
+
+
+async def _limit(args: argparse.Namespace, cfg: Config, dt: DeviceType, devid: int, backend_type: str,
+                 keys: dict[str, str]) -> int:
+    """Write the limit keys into the device's backend directory (the backend watches them)."""
+    xs = await connect_xenstore(xenstore_path(cfg))
+    try:
+        be = f"/local/domain/{args.backend_domid}/backend/{backend_type}/{args.domid}/{devid}"
+
+        async def body(tx: Any) -> None:
+            if not await tx.exists(be):
+                raise CliError(f"domain {args.domid} has no {backend_type} {_commands(dt).describe(args)} ({be} "
+                               "missing): see `pvback status`")
+            for key, value in keys.items():
+                await tx.write(f"{be}/{key}", value)
+
+        await xs.transaction(body)
+        print(f"{be}: " + " ".join(f"{k}={v}" for k, v in keys.items()))
+        return 0
+    finally:
+        await xs.close()
+
+
 # -- status ----------------------------------------------------------------------------------------------
 
 async def collect_status(xs: Any, backend_domid: int = 0) -> list[dict[str, Any]]:

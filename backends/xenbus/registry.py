@@ -44,6 +44,11 @@ class Commands:
     detach_devid: Callable[[argparse.Namespace], int]
     # How the operator names one device in messages ("disk xvdb").
     describe: Callable[[argparse.Namespace], str]
+    # `pvback limit KIND DOMID ...` (optional): adds the type's limit options after the detach arguments
+    # (argparse rejects a bad value: one line, exit 2), and says which backend keys they set (the device
+    # watches them and applies them live); CommandError.
+    add_limit_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    limit_keys: Callable[[argparse.Namespace], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
