@@ -154,7 +154,9 @@ async def test_daemon_killed_mid_command_never_runs_it_twice(tbed: TpmBed) -> No
     await tbed.tools(v, "tpm2_createprimary", "-C", "o", "-G", "ecc", "-c", "prim.ctx")
     tool = asyncio.ensure_future(tbed.tools(v, "tpm2_create", "-C", "prim.ctx", "-G", "rsa2048", "-u", "k.pub",
                                             "-r", "k.priv", check=False, flush=False))
-    await wait_for(lambda: v.front.state == 1 and v.front.shr[6] == 1, 20.0, "command never taken")
+    # tpm2_create first sends ContextLoad (and others): wait for the Create itself, taken by the backend.
+    await wait_for(lambda: v.front.state == 1 and v.front.shr[6] == 1 and
+                   struct.unpack_from(">I", v.front.shr, 8 + 6)[0] == 0x153, 20.0, "TPM2_Create never taken")
     tbed.serve.kill(signal.SIGKILL)
     assert v.front.state == 1
     tbed.serve.start()
