@@ -666,7 +666,7 @@ def evaluate_targets(cells: list[Cell]) -> list[dict[str, Any]]:
             continue
         tcp = c["workload"].startswith("tcp")
         unit = (f"{c['mb_s'] * 8 / 1e3:.2f} Gbit/s" if tcp else f"{c['iops'] / 1e3:.1f} kpps")
-        t.add(f"{c['store']} {c['workload']} {'Gbit/s' if tcp else 'packets/s'} vs veth", c["ratio_to_veth"],
+        t.add(f"net {c['workload']} {'Gbit/s' if tcp else 'packets/s'} vs veth", c["ratio_to_veth"],
               TARGET_TCP if tcp else TARGET_PPS, f"netback {unit}")
     return t.rows
 
