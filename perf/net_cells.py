@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -141,7 +142,8 @@ class NetbackNic:
     (C data path), in its own guest namespace."""
 
     def __init__(self, tag: str, sim_dir: Path, peer: Any, queues: int, progress: Progress,
-                 datapath: str = "c", spin_us: int = 0) -> None:
+                 datapath: str = "c", spin_us: int = 0, *, bridge: str | None = None, addr: str = GUEST_V4,
+                 gso: bool = True) -> None:
         from backends.guests.netns import NetNS
 
         self.sim_dir = sim_dir
@@ -155,6 +157,12 @@ class NetbackNic:
         self.progress = progress
         self.datapath = datapath
         self.spin_us = spin_us
+        # bridge: the vif is plugged by pvback into that switch (its tap stays where the daemon runs; nothing is
+        # configured on it here); gso=False: the guest keeps checksum offload but not TSO, what Linux's netfront
+        # does when the backend offers no GSO (a switch that cannot carry it).
+        self.bridge = bridge
+        self.addr = addr
+        self.gso = gso
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
@@ -175,15 +183,24 @@ class NetbackNic:
         assert self.guest.xenstore_sock is not None
         self.xs = await XenStoreClient.from_socket(self.guest.xenstore_sock)
         res = await asyncio.to_thread(self.cli, "attach", "nic", str(self.guest.domid), "--mac", GUEST_MAC,
-                                      "--queues", str(q), "--mtu", "1500")
+                                      "--queues", str(q), "--mtu", "1500",
+                                      *(["--bridge", self.bridge] if self.bridge else []))
         if res.returncode != 0:
             raise RuntimeError(f"pvback attach nic: {res.stderr.strip()}")
         self.backend = res.stdout.strip()
         self.vif = f"vif{self.guest.domid}.0"
-        self.fds = guest_tap(self.ns, queues=q, mtu=1500, mac=GUEST_MAC, addrs=[f"{GUEST_V4}/24"])
+        self.fds = guest_tap(self.ns, queues=q, mtu=1500, mac=GUEST_MAC, addrs=[f"{self.addr}/24"])
         self.fronts = [NetFront(self.guest, 0, fd, offload=True, split=True, tx_pages=256,
                                 datapath=self.datapath, spin_us=self.spin_us)
                        for fd in self.fds]
+        if not self.gso:
+            from backends.guests.netfront import TUN_F_CSUM, TUNSETOFFLOAD
+
+            for fd in self.fds:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
+        if self.bridge:  # pvback plugged the vif into the switch before it said hotplug-status=connected
+            await xenbus_connect(self.xs, f"/local/domain/{self.guest.domid}/device/vif/0", self.fronts)
+            return
         deadline = time.monotonic() + 10
         while self.vif not in self.peer.ip("-br", "link", "show"):
             if time.monotonic() > deadline:
@@ -319,7 +336,9 @@ def measure(topo: Topology, server: IperfServer, system: str, workload: str, rep
     daemon = d.get("daemon_cpu_s")
     daemon_w = daemon * scale if daemon is not None else None
     front_w = (self1 - self0) * scale if system == "netback" else 0.0
-    cpu = r["client_cpu_s"] * scale + (srv1 - srv0) * scale + (daemon_w or 0.0) + front_w
+    # switch_cpu_s: a software switch between the namespaces (ovs-vswitchd), when there is one.
+    cpu = (r["client_cpu_s"] * scale + (srv1 - srv0) * scale + (daemon_w or 0.0) + front_w
+           + d.get("switch_cpu_s", 0.0) * scale)
     # netif packets of the direction (a GSO frame is one); veth TCP has no packet count of its own.
     ring = "front_tx" if direction == "g2p" else "front_rx"
     ring_pk = d.get(ring)
@@ -626,7 +645,8 @@ def add_costs(cells: list[Cell], details: list[dict[str, Any]]) -> None:
     """Per netback cell, the medians over its repetitions of what each packet cost: daemon CPU per netif packet
     and per GB, daemon wake-ups per packet, and the netfront's wake-ups, notifies and tap syscalls per packet."""
     for c in cells:
-        mine = [d for d in details if d["workload"] == c["workload"] and d["system"] == c["system"]]
+        mine = [d for d in details if d["workload"] == c["workload"] and d["system"] == c["system"]
+                and d.get("store", "net") == c["store"]]
         rows = [_per_packet(d) | _per_gb(d) if d.get("ring_packets") else _per_gb(d) for d in mine
                 if d["iperf"]["bytes"]]
         for k in rows[0] if rows else {}:
@@ -651,10 +671,15 @@ def evaluate_targets(cells: list[Cell]) -> list[dict[str, Any]]:
     return t.rows
 
 
-def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | None = None) -> int:
+def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | None = None,
+         switch: str | None = None) -> int:
     from perf.report import net_markdown, target_lines
 
     plan = plan or Plan.make(quick)
+    if switch is not None:  # netback plugged into a software switch, against a veth port on the same switch
+        from perf import net_switch
+
+        return net_switch.main(switch, quick, out, argv=argv, plan=plan)
     for tool in ("iperf3", "ip", "gcc"):
         if shutil.which(tool) is None:
             print(f"pvback bench net: {tool} is not installed (./dev installs it)", file=sys.stderr)
