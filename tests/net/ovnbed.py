@@ -22,14 +22,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
 
 from tests.net.netns import NetNS
-from tests.net.ovsbed import PrivateOvs, _kill
+from tests.net.ovsbed import PrivateOvs
+
+T = TypeVar("T")
+
+
+class Namespace(Protocol):
+    """What the fixture needs of a network namespace: tests/net/netns.py's NetNS, or backends/guests/netns.py's
+    (`pvback bench net --switch ovn`)."""
+
+    name: str
+
+    def ip(self, *args: str, check: bool = True) -> str: ...
+
+    def run(self, fn: Callable[[], T]) -> T: ...
+
+    def delete(self) -> None: ...
 
 NB_SCHEMA = Path("/usr/share/ovn/ovn-nb.ovsschema")
 SB_SCHEMA = Path("/usr/share/ovn/ovn-sb.ovsschema")
@@ -58,10 +76,26 @@ def _wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: 
         time.sleep(0.01)
 
 
+def _stop(p: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM by PID, SIGKILL if it does not go."""
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+
+
+def _in(ns: Namespace, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns.name, *cmd], capture_output=True, text=True, timeout=30)
+
+
 class OvnCentral:
     """NB + SB ovsdb-servers and ovn-northd, in `ns`, in a private directory."""
 
-    def __init__(self, ns: NetNS) -> None:
+    def __init__(self, ns: Namespace) -> None:
         self.ns = ns
         self.dir = Path(tempfile.mkdtemp(prefix="pvbovn-", dir="/tmp"))
         self.nb = f"unix:{self.dir}/nb.sock"
@@ -95,7 +129,7 @@ class OvnCentral:
 
     def stop(self) -> None:
         for p in reversed(self.procs):  # northd first, then the databases
-            _kill(p, 15)
+            _stop(p)
         self.procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -134,12 +168,12 @@ class OvnHost:
     """One hypervisor host: its namespace, a private OVS with br-phy (the tunnel endpoint) and br-int, and
     ovn-controller."""
 
-    def __init__(self, name: str, ns: NetNS, encap_ip: str, central: OvnCentral) -> None:
+    def __init__(self, name: str, ns: Namespace, encap_ip: str, central: OvnCentral) -> None:
         self.name = name  # the chassis name (Open_vSwitch external_ids:system-id)
-        self.ns = ns
+        self.ns: Any = ns  # PrivateOvs and the test beds take tests/net/netns.py's NetNS: this one has its shape
         self.encap_ip = encap_ip
         self.central = central
-        self.ovs = PrivateOvs(ns, userspace_tso=False)
+        self.ovs = PrivateOvs(cast(NetNS, ns), userspace_tso=False)  # it only uses the name
         self.ovs.env["OVN_RUNDIR"] = str(self.ovs.dir)  # ovn-controller's control socket
         self.controller: subprocess.Popen[bytes] | None = None
 
@@ -156,12 +190,15 @@ class OvnHost:
         self.ns.ip("link", "set", "ul0", "up")
         self.ns.ip("addr", "add", f"{self.encap_ip}/24", "dev", "br-phy")
         self.ns.ip("link", "set", "br-phy", "up")
-        self.controller = self.ovs._spawn("ovn-controller", ovs.remote, "-vconsole:off",
-                                          f"--log-file={ovs.dir}/ovn-controller.log", "--no-chdir")
+        # `ip netns exec` execs it: the Popen's pid is ovn-controller's.
+        self.controller = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns.name, "ovn-controller", ovs.remote, "-vconsole:off",
+             f"--log-file={ovs.dir}/ovn-controller.log", "--no-chdir"],
+            env=ovs.env, cwd=ovs.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
     def stop(self) -> None:
-        _kill(self.controller, 15)
+        _stop(self.controller)
         self.controller = None
         self.ovs.stop()
 
@@ -171,7 +208,7 @@ class OvnHost:
 
     def underlay_packets(self) -> tuple[int, int]:
         """(tx, rx) packets of the veth to the other host."""
-        r = self.ns.exec("cat", "/sys/class/net/ul0/statistics/tx_packets", "/sys/class/net/ul0/statistics/rx_packets")
+        r = _in(self.ns, "cat", "/sys/class/net/ul0/statistics/tx_packets", "/sys/class/net/ul0/statistics/rx_packets")
         tx, rx = r.stdout.split()
         return int(tx), int(rx)
 
@@ -189,14 +226,16 @@ class TwoHostOvn:
     """`with TwoHostOvn(tag) as ovn:` two hosts `a` and `b` joined by Geneve, a logical switch `ls0`; everything
     stopped by PID and every namespace deleted at exit (also the guests' ones made through `space`)."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, netns: Callable[[str], Namespace] = NetNS) -> None:
         self.tag = tag
-        self.spaces: list[NetNS] = []
+        self.netns = netns
+        self.spaces: list[Namespace] = []
         self.hosts: dict[str, OvnHost] = {}
         self.central: OvnCentral | None = None
 
-    def space(self, role: str) -> NetNS:
-        ns = NetNS(f"pvovn-{role}-{self.tag}")
+    def space(self, role: str) -> Any:
+        """A namespace of the fixture's kind (deleted at exit)."""
+        ns = self.netns(f"pvovn-{role}-{self.tag}")
         self.spaces.append(ns)
         return ns
 
@@ -254,9 +293,9 @@ class TwoHostOvn:
                 raise RuntimeError(f"OVN chassis did not come up: {chassis}\n{self.a.log()[-2000:]}")
             time.sleep(0.05)
 
-    def add_port(self, lport: str, mac: str, ip: str) -> None:
-        """A logical port on ls0 with its MAC and IPv4 address (what northd answers ARP for)."""
-        self.nbctl("lsp-add", SWITCH, lport, "--", "lsp-set-addresses", lport, f"{mac} {ip}")
+    def add_port(self, lport: str, mac: str, ip: str, switch: str = SWITCH) -> None:
+        """A logical port on `switch` with its MAC and IPv4 address (what northd answers ARP for)."""
+        self.nbctl("lsp-add", switch, lport, "--", "lsp-set-addresses", lport, f"{mac} {ip}")
 
     def wait_bound(self, lport: str, host: OvnHost, timeout: float = 30) -> float:
         """Seconds until `lport` is bound to `host`'s chassis."""
@@ -268,14 +307,14 @@ class TwoHostOvn:
             time.sleep(0.02)
         return time.monotonic() - t0
 
-    def veth_port(self, host: OvnHost, guest: NetNS, ifname: str, lport: str, mac: str, ip: str) -> None:
+    def veth_port(self, host: OvnHost, guest: Namespace, ifname: str, lport: str, mac: str, ip: str) -> None:
         """A plain namespace `guest` on a veth whose host end `ifname` is a br-int port bound to `lport` (the
         third guest of a test; the baseline of `pvback bench net --switch ovn`)."""
         host.ns.ip("link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", guest.name)
         guest.ip("link", "set", "eth0", "address", mac, "up")
         guest.ip("addr", "add", f"{ip}/24", "dev", "eth0")
         # netdev without userspace TSO loses partial checksums (ovs-userspace.md §3e)
-        r = guest.exec("ethtool", "-K", "eth0", "tx", "off")
+        r = _in(guest, "ethtool", "-K", "eth0", "tx", "off")
         if r.returncode != 0:
             raise RuntimeError(f"ethtool: {r.stderr.strip()}")
         host.ns.ip("link", "set", ifname, "up")
