@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
                    help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "
                         "given (e.g. 1 2 4 8 16 32): scaling vs fio, fairness, a capped and a hostile guest")
+    p.add_argument("--switch", choices=["ovn"], default=None,
+                   help="net only: ovn: TCP between two OVN hosts over Geneve, pvback's vifs at both ends vs veth "
+                        "ports on the same path")
 
     from backends.daemon.vtpm_cmd import add_parsers as add_vtpm_parsers
 
