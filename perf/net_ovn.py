@@ -242,11 +242,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(quick: bool, out: str, *, argv: list[str] | None = None) -> int:
+def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | None = None) -> int:
     from perf.report import target_lines
     from tests.net import ovnbed
 
-    plan = Plan.make(quick)
+    plan = plan or Plan.make(quick)
     gone = ovnbed.missing() + [t for t in ("iperf3", "ip", "ethtool") if shutil.which(t) is None]
     if gone:
         print(f"pvback bench net --switch ovn: not installed: {', '.join(gone)} (./dev installs them)",
