@@ -47,6 +47,7 @@ from tests.system.test_net_ovs import TUN_F_CSUM, TUNSETOFFLOAD, OvsNetBed, gues
 S = XenbusState
 ATTACH_TIMEOUT = 40.0  # realize waits for ovn-installed (up to [net] ovn_installed_timeout) before InitWait
 OVN_WAIT = 30.0
+SHORT_WAIT = 3.0
 
 pytestmark = pytest.mark.skipif(bool(ovnbed.missing()),
                                 reason=f"OVN is not installed (missing: {', '.join(ovnbed.missing())}; "
@@ -103,13 +104,12 @@ class TwoHosts:
         assert res.returncode == 0, res.stderr
 
 
-def serve_config(host: OvnHost, run_dir: Path) -> str:
+def serve_config(host: OvnHost, run_dir: Path, ovn_wait: float) -> str:
     return (f'[serve]\nbackend_types = ["vif"]\n[net]\novsdb = "{host.ovs.remote}"\novs_timeout = 10.0\n'
-            f'ovn_installed_timeout = {OVN_WAIT}\nrun_dir = "{run_dir}"\n')
+            f'ovn_installed_timeout = {ovn_wait}\nrun_dir = "{run_dir}"\n')
 
 
-@pytest.fixture
-def two_hosts(sim: SimProc, tmp_path: Path) -> Iterator[TwoHosts]:
+def make_two_hosts(sim: SimProc, tmp_path: Path, ovn_wait: float) -> Iterator[TwoHosts]:
     with TwoHostOvn(str(os.getpid())) as ovn:
         (tmp_path / "b").mkdir()
         sim_b = SimProc(tmp_path / "b")
@@ -120,7 +120,7 @@ def two_hosts(sim: SimProc, tmp_path: Path) -> Iterator[TwoHosts]:
                 host = ovn.hosts[name]
                 work = tmp_path / name if name == "a" else tmp_path / "b" / "serve"
                 work.mkdir()
-                serve = NetnsServe(s, work, host.ns, serve_config(host, work / "net"))
+                serve = NetnsServe(s, work, host.ns, serve_config(host, work / "net", ovn_wait))
                 serve.start()
                 serves.append(serve)
                 bed = OvsNetBed(s, serve, work, g=None, p=host.ns)
@@ -137,6 +137,16 @@ def two_hosts(sim: SimProc, tmp_path: Path) -> Iterator[TwoHosts]:
             rc_b = sim_b.proc.stop()
             assert not problems, problems
             assert rc_b == 0, f"host B's pvback sim exited with {rc_b}"
+
+
+@pytest.fixture
+def two_hosts(sim: SimProc, tmp_path: Path) -> Iterator[TwoHosts]:
+    yield from make_two_hosts(sim, tmp_path, OVN_WAIT)
+
+
+@pytest.fixture
+def two_hosts_short_wait(sim: SimProc, tmp_path: Path) -> Iterator[TwoHosts]:
+    yield from make_two_hosts(sim, tmp_path, SHORT_WAIT)
 
 
 @pytest.fixture
@@ -353,3 +363,25 @@ def _udp_reachable(src: NetNS, dst: NetNS, addr: str, port: int) -> bool:
             return False
     finally:
         r.close()
+
+
+@pytest.mark.system_timeout(120)
+async def test_ovn_never_installs_the_port_connects_after_the_timeout(two_hosts_short_wait: TwoHosts) -> None:
+    """An iface-id no logical port has: pvback waits `[net] ovn_installed_timeout` for ovn-installed, then connects
+    anyway and says so in its log (a guest is never held forever by a missing port); the port stays unbound."""
+    h, ovn = two_hosts_short_wait, two_hosts_short_wait.ovn
+    bed = h.beds["a"]
+    try:
+        t0 = time.monotonic()
+        g = await h.nic(ovn.a, "gx", "lp-nowhere", "00:16:3e:00:03:31", "198.18.0.31")
+        waited = time.monotonic() - t0
+        dom0 = await bed.dom0()
+        assert waited >= SHORT_WAIT, waited
+        assert await dom0.read_str(f"{g.nic.backend}/hotplug-status") == "connected"
+        assert ovn.cent.binding_chassis("lp-nowhere") is None and not ovn.a.ovn_installed(g.nic.vif)
+        log = bed.serve.log_text()
+        assert f"ovn-installed not set on {g.nic.vif} within {SHORT_WAIT:g} s (iface-id lp-nowhere)" in log, \
+            log[-2000:]
+    finally:
+        for b in h.beds.values():
+            await b.aclose()
