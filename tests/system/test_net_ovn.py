@@ -212,7 +212,7 @@ async def test_cross_host_bind_gate_traffic_and_nic_move(two_hosts: TwoHosts, be
     # The readiness gate: g1's logical port does not exist yet, so ovn-controller never marks its interface
     # ovn-installed, and pvback must not say the NIC is plugged.
     g1 = await h.nic(ovn.a, "g1", "lp-g1", "00:16:3e:00:01:11", "198.18.0.11", connect=False)
-    await wait_until(lambda: "vif" + f"{g1.nic.domid}.0" in ovn.a.ovs.ports("br-int"), 20, "g1's port on br-int")
+    await wait_until(lambda: g1.nic.vif in ovn.a.ovs.ports("br-int"), 20, "g1's port on br-int")
     await asyncio.sleep(2.0)
     assert await dom0_a.read_str(f"{g1.nic.backend}/hotplug-status") is None
     assert await read_state(dom0_a, g1.nic.backend) not in (S.INIT_WAIT, S.CONNECTED)
