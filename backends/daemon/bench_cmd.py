@@ -1,7 +1,8 @@
 """`pvback bench`: the benchmark matrix (perf/matrix.py) against fio, nbdkit and the null driver; `pvback bench
 tpm`: the vTPM latency and scale benchmark (perf/tpm_cells.py); `pvback bench net`: netback against a veth pair
 (perf/net_cells.py); `pvback bench net --switch ovs`: netback plugged into a private Open vSwitch against a veth
-port on it (perf/net_switch.py).
+port on it (perf/net_switch.py); `pvback bench net --switch ovn`: netback's vifs on two OVN hosts vs veth ports on
+the same path (perf/net_ovn.py).
 
 The benchmark code lives in the source tree's perf/ directory (it builds small C programs and drives fio and
 nbdkit); this command finds it next to the `backends` package and runs it.
@@ -36,6 +37,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         argv = ["pvback", "bench", "tpm"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
         return tpm_cells.main(bool(args.quick), str(args.out), argv=argv)
+    if switch == "ovn":
+        from perf import net_ovn
+
+        argv = ["pvback", "bench", "net", "--switch", "ovn"] + (["--quick"] if args.quick else []) + \
+            ["--out", str(args.out)]
+        return net_ovn.main(bool(args.quick), str(args.out), argv=argv)
     if getattr(args, "what", "blk") == "net":
         from perf import net_cells
 

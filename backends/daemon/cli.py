@@ -170,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
                    help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "
                         "given (e.g. 1 2 4 8 16 32): scaling vs fio, fairness, a capped and a hostile guest")
-    p.add_argument("--switch", choices=["ovs"], default=None,
-                   help="net only: netback's vif plugged into a private software switch (ovs: Open vSwitch, netdev "
-                        "datapath, with and without userspace TSO) vs a veth port on the same switch")
+    p.add_argument("--switch", choices=["ovs", "ovn"], default=None,
+                   help="net only: netback's vif on a software switch vs veth ports on it (ovs: a private Open "
+                        "vSwitch, netdev datapath, with and without userspace TSO; ovn: TCP between two OVN hosts "
+                        "over Geneve, pvback's vifs at both ends)")
 
     from backends.daemon.vtpm_cmd import add_parsers as add_vtpm_parsers
 
