@@ -160,6 +160,24 @@ def test_missing_tools_say_what_to_install(tmp_path: Path) -> None:
         run(start())
 
 
+def test_a_setup_that_times_out_takes_its_children_along(tmp_path: Path) -> None:
+    """swtpm_setup runs a swtpm that locks the state: on a timeout the whole process group goes, or the child
+    keeps the lock and the next start of that vTPM fails ("Could not lock access to lockfile")."""
+    fake = tmp_path / "swtpm_setup"
+    pidfile = tmp_path / "child.pid"
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n")
+    fake.chmod(0o755)
+    with pytest.raises(SwtpmError, match="did not finish"):
+        run(ensure_state(tmp_path / "st", tpm2=True, vmid="t:x", setup_config=None, swtpm_setup=str(fake),
+                         timeout=1.0))
+    child = int(pidfile.read_text())
+    try:  # gone, or a zombie waiting for a reaper (this container's init may not reap)
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the setup's child {child} survived its timeout (state {state})"
+
+
 def test_capabilities_are_probed_and_cached() -> None:
     caps = run(capabilities())
     assert caps and all(isinstance(c, str) for c in caps), caps

@@ -98,20 +98,25 @@ def key_pipe(data: bytes | bytearray) -> int:
 
 
 async def _run(argv: list[str], timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    # A session of its own: swtpm_setup runs a swtpm child that holds the state's lock, and on a timeout or a
+    # cancel the whole group must go (killing swtpm_setup alone left that child locking the state).
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                start_new_session=True)
+
+    async def kill_group() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
     try:
         async with asyncio.timeout(timeout):
             out, _ = await proc.communicate()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await kill_group()
         raise SwtpmError(f"{argv[0]} did not finish in {timeout} s") from None
     except asyncio.CancelledError:  # the device went away while swtpm_setup ran: it goes too
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await kill_group()
         raise
     return int(proc.returncode or 0), out.decode(errors="replace")
 
@@ -154,7 +159,7 @@ def private_setup_config(ca_dir: Path) -> Path:
 
 
 async def ensure_state(state_dir: Path, *, tpm2: bool, vmid: str, setup_config: Path | None,
-                       swtpm_setup: str = "swtpm_setup", timeout: float = 60.0,
+                       swtpm_setup: str = "swtpm_setup", timeout: float = 300.0,
                        key: bytes | bytearray | None = None, must_exist: bool = False) -> bool:
     """Create the vTPM's state (EK, EK and platform certificates, locked NV) unless it exists; True if created.
     Never overwrites: an existing state is the guest's and is kept whatever happens.  With `key` (32 bytes)
