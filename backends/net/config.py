@@ -34,8 +34,10 @@ class NetConfig:
     # Microseconds a queue's pump keeps polling its event channels and tap (without sleeping) after a pass that
     # moved packets, before it sleeps in poll(): a single TCP flow's next batch or ACK usually comes within a
     # wake-up's latency (12-30 us here), which this saves on every hand-off.  Costs at most this much CPU per
-    # busy period and nothing on an idle vif.  0: sleep at once (the lowest CPU; what a dom0 with fewer vCPUs
-    # than busy queues wants).
+    # busy period and nothing on an idle vif.  0 (default): sleep at once.  Measured on a loaded 2-vCPU host
+    # (perf/RESULTS.md): 50 us halved the daemon's wake-ups per packet but cost 15-20 % more CPU per packet and
+    # no throughput, since there the CPU share, not the hand-off, bounds a flow; worth it on a dom0 with idle
+    # vCPUs only.
     poll_us: int = POLL_US_DEFAULT
     # Where each connected vif keeps its control state (the frontend's Toeplitz key/flags/mapping, its multicast
     # list) in a small mapped file, <run_dir>/<vif>.ctrl, 0600, locked while served: a daemon killed and restarted
