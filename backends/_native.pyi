@@ -339,6 +339,7 @@ class struct_pv_net_queue_config(CData):
     @vif.setter
     def vif(self, value: CData) -> None: ...
     tx_csum_full: int
+    poll_us: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_net_queue_config: ...
 
 class struct_pv_net_vif(CData):

@@ -29,6 +29,7 @@ struct tx_pkt {
     uint16_t flags;
     uint8_t gso_type;
     uint16_t gso_size;
+    uint8_t copy_failed; /* a grant copy of it failed: answered with an error, not delivered */
 };
 
 struct rx_frame {
@@ -294,22 +295,29 @@ static void tx_flush(struct pv_net_queue *q)
         for (uint32_t s = 0; s < p->nseg; s++)
             if (q->txseg[p->seg_first + s].status != PV_GNTST_okay)
                 ok = 0;
+        p->copy_failed = !ok;
         if (!ok) {
             q->st.rules[PV_NETIF_E_GRANT]++;
             q->st.tx_dropped++;
             for (uint32_t r = 0; r < p->nrsp; r++)
                 if (q->txrsp[p->rsp_first + r].status != PV_NETIF_RSP_NULL)
                     q->txrsp[p->rsp_first + r].status = PV_NETIF_RSP_ERROR;
-            continue;
         }
-        tx_deliver(q, p);
     }
     if (q->ntxrsp) {
-        /* Only now, after every copy of these slots' grants has ended, may the guest reuse them. */
+        /* Every copy of these slots' grants has ended: the guest may reuse them now.  Answered before the tap
+         * writes, not after: a write runs the receiving stack inline (tens of us for a 64 KiB frame), and the
+         * guest refills its TX pool meanwhile instead of waiting for the whole batch (the statuses are final:
+         * a frame the host then drops is answered OKAY all the same, as Linux does). */
         if (pv_back_ring_respond_noted(&q->tx, q->txrsp, q->ntxrsp, PV_NETIF_TX_RSP_SIZE) && q->ev_tx) {
             pv_evtchn_notify(q->ev_tx);
             q->st.tx_notifies++;
         }
+    }
+    for (uint32_t i = 0; i < q->ntxpkt; i++) {
+        struct tx_pkt *p = &q->txpkt[i];
+        if (!p->copy_failed)
+            tx_deliver(q, p);
     }
     q->ntxrsp = q->ntxseg = q->ntxpkt = 0;
     q->txoff = 0;
@@ -757,12 +765,15 @@ static int32_t on_tx_event(void *ctx)
     int32_t rc = ack(q->ev_tx);
     if (rc < 0)
         return rc;
-    rc = pv_net_queue_tx(q);
-    if (rc >= 0 && q->ev_rx == q->ev_tx)
+    int32_t work = pv_net_queue_tx(q);
+    if (work >= 0 && q->ev_rx == q->ev_tx) {
         rc = pv_net_queue_rx(q); /* one channel: it also says "buffers posted" */
-    if (rc < 0)
-        return rc;
-    return unmask(q->ev_tx);
+        work = rc < 0 ? rc : work + rc;
+    }
+    if (work < 0)
+        return work;
+    rc = unmask(q->ev_tx);
+    return rc < 0 ? rc : work; /* packets moved: the pump spins after a busy pass (poll_us) */
 }
 
 static int32_t on_rx_event(void *ctx)
@@ -772,10 +783,11 @@ static int32_t on_rx_event(void *ctx)
     int32_t rc = ack(q->ev_rx);
     if (rc < 0)
         return rc;
-    rc = pv_net_queue_rx(q);
-    if (rc < 0)
-        return rc;
-    return unmask(q->ev_rx);
+    int32_t work = pv_net_queue_rx(q);
+    if (work < 0)
+        return work;
+    rc = unmask(q->ev_rx);
+    return rc < 0 ? rc : work;
 }
 
 static int32_t on_timer(void *ctx)
@@ -813,16 +825,14 @@ static int32_t on_handoff(void *ctx)
 {
     struct pv_net_queue *q = ctx;
     pv_netctrl_handoff_ack(&q->ctl); /* before draining: a frame pushed meanwhile signals again */
-    int32_t rc = pv_net_queue_rx(q);
-    return rc < 0 ? rc : 0;
+    return pv_net_queue_rx(q);
 }
 
 static int32_t on_tap(void *ctx)
 {
     struct pv_net_queue *q = ctx;
     q->st.tap_wakeups++;
-    int32_t rc = pv_net_queue_rx(q);
-    return rc < 0 ? rc : 0;
+    return pv_net_queue_rx(q);
 }
 
 int32_t pv_net_queue_run(struct pv_net_queue *q, int stop_fd)
@@ -833,7 +843,7 @@ int32_t pv_net_queue_run(struct pv_net_queue *q, int stop_fd)
         rc = pv_net_queue_rx(q);
     if (rc < 0)
         return rc;
-    rc = pv_pump_run(q->src, q->nsrc, stop_fd);
+    rc = pv_pump_run_spin(q->src, q->nsrc, stop_fd, &q->cfg.poll_us);
     return rc == -PV_PUMP_EPOLL ? -PV_NET_EEVTCHN : rc;
 }
 

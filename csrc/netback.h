@@ -4,10 +4,10 @@
  *
  * TX (guest -> host): every published slot is copied out once (ring.c), parsed and validated on the copy
  * (netif.c, Linux netback's rules), the whole batch of packets is grant-copied into one linear buffer with
- * one grant-copy call (headers are contiguous whatever the slot split: XSA-423/432), each frame is written
- * to the tap behind a virtio_net_hdr that hands csum_blank / GSO to the host kernel (which segments and
- * checksums), then every slot is answered into zeroed slots (with the restart note) and the frontend is
- * notified when the ring rules say so.
+ * one grant-copy call (headers are contiguous whatever the slot split: XSA-423/432), then every slot is
+ * answered into zeroed slots (with the restart note) and the frontend is notified when the ring rules say so
+ * (the copies have ended: the guest may reuse its pages while we write), then each frame is written to the
+ * tap behind a virtio_net_hdr that hands csum_blank / GSO to the host kernel (which segments and checksums).
  *
  * RX (host -> guest): frames are read from the tap with their virtio_net_hdr into a batch buffer, each is
  * given the frontend's posted buffers (responses land in the slots of the requests they consume: netfront
@@ -27,6 +27,8 @@
  *
  * A fatal TX rule (netif.h) or a runaway req_prod kills the queue: the run call returns -PV_NET_EDEAD and
  * the device disables the vif from the control path (XSA-90: never inline).
+ *
+ * The pump may poll its sources without sleeping for cfg.poll_us after a pass that moved packets (pump.h).
  *
  * Concurrency: a queue is driven by one thread, its pump.  Stats may be read from another thread.
  */
@@ -70,6 +72,8 @@ struct pv_net_queue_config {
     uint8_t tx_csum_full;  /* the host side loses partial checksums and drops frames above the MTU (an OVS netdev
                             * bridge without userspace TSO): csum_blank frames are written with their checksum
                             * finished, GSO frames (not offered then) are dropped as "tap" */
+    uint32_t poll_us;      /* after a pass that moved packets, keep polling the sources (no sleep) this long:
+                            * the frontend's next batch or the peer's ACK then costs no wake-up; 0: sleep at once */
 };
 
 struct pv_net_stats {

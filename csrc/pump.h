@@ -27,4 +27,11 @@ struct pv_pump_source {
  * -EINVAL for more than PV_PUMP_MAX_SOURCES sources. */
 int32_t pv_pump_run(const struct pv_pump_source *src, uint32_t n, int stop_fd);
 
+/* The same with bounded polling: after a wakeup whose handlers returned work (> 0 summed), the sources are
+ * polled without sleeping (poll with a zero timeout) for up to *spin_us microseconds from the last pass that
+ * found work, then the loop sleeps again.  Saves the wake-up latency (12-30 us) of a peer thread that answers
+ * quickly, at the cost of that much CPU per busy period.  *spin_us is re-read after each pass (may change
+ * under a running loop); NULL or 0: never spin. */
+int32_t pv_pump_run_spin(const struct pv_pump_source *src, uint32_t n, int stop_fd, const uint32_t *spin_us);
+
 #endif

@@ -74,6 +74,7 @@ class NetQueueConfig:
     rx_drain_timeout_ms: int = 0  # 0: a frame waits for posted buffers for ever (the tap queue bounds the rest)
     vif: VifShared | None = None  # the vif's `rate` and carrier; None: TX never limited, carrier left alone
     tx_csum_full: bool = False  # finish partial checksums, drop GSO: the switch takes neither (backends.net.switch)
+    poll_us: int = 0  # the pump keeps polling this long after a busy pass before sleeping (NetConfig.poll_us)
 
 
 class VifControl:
@@ -178,6 +179,7 @@ class NetQueue:
         c.rx_drain_timeout_ms = cfg.rx_drain_timeout_ms
         c.vif = cfg.vif.c if cfg.vif is not None else ffi.NULL
         c.tx_csum_full = cfg.tx_csum_full
+        c.poll_us = cfg.poll_us
         c.mac[0:6] = bytes(cfg.mac)
         err = ffi.new("char[]", 256)
         q = lib.pv_net_queue_create(tx_ring, rx_ring, c, gnt, ev_tx if ev_tx is not None else ffi.NULL,

@@ -278,7 +278,7 @@ class NetDeviceClass:
         qcfg = NetQueueConfig(frontend_domid=dev.frontend_id, mac=vif.mac, rx_headroom=fe.xdp_headroom,
                               rx_sg=fe.sg, rx_gso_tcpv4=v4, rx_gso_tcpv6=v6, rx_csum=fe.rx_csum,
                               check_mac=vif.check_mac, rx_drain_timeout_ms=self.cfg.rx_drain_timeout_ms,
-                              vif=vif.shared, tx_csum_full=not vif.switch.gso)
+                              vif=vif.shared, tx_csum_full=not vif.switch.gso, poll_us=self.cfg.poll_us)
         loop = asyncio.get_running_loop()
 
         def on_dead(message: str) -> None:

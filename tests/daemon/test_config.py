@@ -30,6 +30,7 @@ def test_shipped_example_equals_defaults() -> None:
         ("[platform]\nkind = 'kvm'", "not one of auto, xen, emulated"),
         ("[serve]\nbackend_types = 'qdisk'", "list of strings"),
         ("[serve]\ndrain_timeout_s = -1", "non-negative"),
+        ("[net]\npoll_us = 5000", "outside 0..1000"),
     ],
 )
 def test_bad_values_are_named(text: str, message: str) -> None:
@@ -47,8 +48,10 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def test_values_are_applied() -> None:
-    cfg = parse_config({"blk": {"max_queues": 4, "poll_us": 50}, "serve": {"backend_types": ["qdisk", "vbd"]}})
+    cfg = parse_config({"blk": {"max_queues": 4, "poll_us": 50}, "serve": {"backend_types": ["qdisk", "vbd"]},
+                        "net": {"poll_us": 20}})
     assert cfg.blk.max_queues == 4 and cfg.blk.poll_us == 50
+    assert cfg.net.poll_us == 20
     assert cfg.serve.backend_types == ["qdisk", "vbd"]
 
 
