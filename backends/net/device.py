@@ -2,9 +2,9 @@
 
 realize: read the toolstack's `mac`/`mtu`/`vifname`/`rate` (`bridge` is not ours to act on yet: the switch comes
 with the OVS work), create the persistent tap `vif<domid>.<devid>` (or re-attach the one a previous daemon
-left), offer netback's features and say `hotplug-status=connected`: the vif exists and is up, which is what
-Linux's hotplug script reports and what libxl waits for before it unpauses the guest.  The class has
-`hotplug_gate`, so Connected is only ever announced once that key says so (an external script may own it).
+left), offer netback's features and, unless the toolstack runs a hotplug script (backend `script`, libxl's), say
+`hotplug-status=connected` ourselves: the vif exists and is up.  The class has `hotplug_gate`, so Connected is
+only ever announced once that key says so, as Linux netback holds it until its hotplug script has run.
 connect: the frontend's keys strictly, one tap queue and one C pump per netif queue (rings mapped, event
 channel(s) bound, split or not), the tap's offloads from what the frontend takes.  disconnect: stop the pumps,
 unmap, unbind, let go of the tap's queues (the interface stays).  unrealize: delete the tap, unless the daemon
@@ -204,9 +204,20 @@ class NetDeviceClass:
         dev.data = NetVif(name=name, mac=mac, mtu=mtu, offer=offer, check_mac=check_mac,
                           recovering=await dev.read_backend("state") in (str(int(XenbusState.CONNECTED)),
                                                                          str(int(XenbusState.RECONFIGURED))))
-        await dev.write_backend({**probe_keys(offer), HOTPLUG_STATUS: "connected"})
+        # libxl writes `script` for every vif and runs it once the backend is in InitWait; the script says
+        # hotplug-status=connected when it has plugged the tap (contrib/xen/vif-pvback, vif-bridge...).  Writing
+        # it here as well would let a running netfront (xl network-attach) take the backend from InitWait to
+        # Connected before libxl has seen InitWait: libxl then times out waiting for a state that has passed,
+        # the race libxl's empty hotplug-status guards against with Linux netback.  Without a script (pvback
+        # attach nic, other toolstacks) nobody else will: the tap is up, so the vif is plugged.
+        script = await dev.read_backend("script")
+        keys = probe_keys(offer)
+        if not script:
+            keys[HOTPLUG_STATUS] = "connected"
+        await dev.write_backend(keys)
         dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
-                                        "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
+                                        "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues,
+                                        "hotplug_script": script or ""})
 
     async def unrealize(self, dev: BackendDevice) -> None:
         vif: NetVif | None = dev.data
