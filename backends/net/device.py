@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError
+from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError, preload
 from backends.net.commands import (  # `attach nic --queues` / `--allow-spoof`: our own backend keys
     ALLOW_SPOOF_KEY,
     MAX_QUEUES_KEY,
@@ -171,6 +171,7 @@ class NetDeviceClass:
         self.cfg = cfg
         self.type_names = type_names
         self.taps: dict[str, str] = {}  # interface name -> backend path of the device using it
+        preload()  # at the daemon's start, not in a realize that libxl times
 
     # -- realize / unrealize ----------------------------------------------------------------------------
 
