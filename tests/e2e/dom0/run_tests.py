@@ -517,6 +517,7 @@ class Scenario:
         self.attach_e = "never run"
         self.net: NetServers | None = None  # dom0's TCP peers, while the guest runs
         self.net_notes: dict[str, str] = {}  # what dom0 found around the NIC phases (addressing, detach checks)
+        self.net_actions: dict[str, str] = {}  # xl network-attach/-detach: "ok <seconds>" or the failure
         self.netfront: dict[str, str] = {}  # the keys Linux's xen-netfront wrote for vif 0
 
 
@@ -857,8 +858,10 @@ class Scenario:
             say("STAGE guest:net-attach")
             self.act("xl network-attach", ["xl", "network-attach", GUEST, f"mac={VIF_MACS[1]}",
                                            f"script={VIF_SCRIPT}"], 90)
+            self.net_actions["xl network-attach"] = self.actions.pop("xl network-attach")  # not blk-hotplug's
         elif phase == "release-vif1":
             self.act("xl network-detach", ["xl", "network-detach", GUEST, "1"], 90)
+            self.net_actions["xl network-detach"] = self.actions.pop("xl network-detach")
             self.net_notes["detach"] = self.check_vif_gone(domid, 1)
         elif phase == "rebooting":
             say("STAGE guest:reboot")
@@ -974,13 +977,14 @@ class Scenario:
                 detail += (f"; pvback counted {moved['tx'] / MiB:.1f} MiB tx, {moved['rx'] / MiB:.1f} MiB rx on "
                            f"vif{domid}.{devid}")
             if step == "net-attach":
-                bad = [f"{k}: {v}" for k, v in self.actions.items() if k.startswith("xl network") and
-                       not v.startswith("ok")]
+                bad = [f"{k}: {self.net_actions.get(k, 'never run')}"
+                       for k in ("xl network-attach", "xl network-detach")
+                       if not self.net_actions.get(k, "").startswith("ok")]
                 detach = self.net_notes.get("detach", "never checked")
                 if bad or not detach.startswith("ok"):
                     raise TestFailure("; ".join([*bad, detach]))
-                return (f"{detail}; xl network-attach {self.actions['xl network-attach'][3:]}, "
-                        f"xl network-detach {self.actions['xl network-detach'][3:]}; {detach[3:]}")
+                return (f"{detail}; xl network-attach {self.net_actions['xl network-attach'][3:]}, "
+                        f"xl network-detach {self.net_actions['xl network-detach'][3:]}; {detach[3:]}")
             if step == "net-reboot":
                 if len(self.domids) < 2:
                     raise TestFailure("no second domain id seen after the reboot")
