@@ -60,7 +60,7 @@ LW_TAG_BASE, LW_TAG_SIZE, LW_ROUNDS = 28 * MiB, 4096, 8
 LW_FILES = 6
 DOMAIN_GONE_TIMEOUT_S = 30  # from the domain's death to pvback letting go of its disk
 DOMAIN_DEATH_TIMEOUT_S = 120  # from the guest's reboot (or the loop's end) to libxl having destroyed the domain
-GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
+GUEST_TIMEOUT_S = 720  # the whole guest scenario, reboot included (its NIC checks added ~20 %: 600 -> 720)
 HOTPLUG_ACTION_TIMEOUT_S = 60
 # The guest's vTPM (xl's vtpm=[...]), served by `pvback serve --types qdisk,vtpm` with one swtpm: a fixed uuid,
 # so its state dir is known (/var/lib/pvback/vtpm/<uuid>, fresh in every run: dom0.img is rebuilt).
