@@ -2,10 +2,10 @@
 
 realize: read the toolstack's `mac`/`mtu`/`vifname`/`rate`, create the persistent tap `vif<domid>.<devid>` (or
 re-attach the one a previous daemon left), plug it where `bridge` says (backends.net.switch: an OVS port through
-OVSDB, a Linux bridge, or nothing), offer netback's features and say `hotplug-status=connected`: the vif exists,
-is up and is on its switch, which is what
-Linux's hotplug script reports and what libxl waits for before it unpauses the guest.  The class has
-`hotplug_gate`, so Connected is only ever announced once that key says so (an external script may own it).
+OVSDB, a Linux bridge, or nothing), offer netback's features and, unless the toolstack runs a hotplug script
+(backend `script`, libxl's), say `hotplug-status=connected` ourselves: the vif exists, is up and is on its switch.
+The class has `hotplug_gate`, so Connected is only ever announced once that key says so, as Linux netback holds it
+until its hotplug script has run.
 connect: the frontend's keys strictly, one tap queue and one C pump per netif queue (rings mapped, event
 channel(s) bound, split or not), the tap's offloads from what the frontend takes.  disconnect: stop the pumps,
 unmap, unbind, let go of the tap's queues (the interface stays).  unrealize: delete the tap, unless the daemon
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError
+from backends.drivers.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError, preload
 from backends.net.commands import (  # `attach nic --queues` / `--allow-spoof`: our own backend keys
     ALLOW_SPOOF_KEY,
     MAX_QUEUES_KEY,
@@ -176,6 +176,7 @@ class NetDeviceClass:
         self.type_names = type_names
         self.taps: dict[str, str] = {}  # interface name -> backend path of the device using it
         self.switch = SwitchPlug(cfg)
+        preload()  # at the daemon's start, not in a realize that libxl times
 
     # -- realize / unrealize ----------------------------------------------------------------------------
 
@@ -203,9 +204,11 @@ class NetDeviceClass:
         except TapError as exc:
             raise DeviceError(f"cannot create the tap: {exc}") from exc
         tap.close()  # the interface stays; connect attaches one fd per negotiated queue
+        script = await dev.read_backend("script")
         # -- switch (backends.net.switch): plug the tap where `bridge` says before saying connected ----------
         try:
-            att = await self.switch.attach(dev, vif=name, mac=format_mac(mac), tap_created=info.created)
+            att = await self.switch.attach(dev, vif=name, mac=format_mac(mac), tap_created=info.created,
+                                           hotplug_script=script)
         except DeviceError:
             if info.created:  # nothing of ours is left behind for a vif that never worked
                 await asyncio.to_thread(self._remove_tap, name, mtu, dev)
@@ -222,9 +225,19 @@ class NetDeviceClass:
         # iface-id: the id the port was bound with, for `pvback status` and the toolstack (a later realize reads it
         # back as the override, so it stays stable).
         plugged = {"iface-id": att.iface_id} if att.kind == "ovs" else {}
-        await dev.write_backend({**probe_keys(offer), **plugged, HOTPLUG_STATUS: "connected"})
+        # libxl writes `script` for every vif and runs it once the backend is in InitWait; the script says
+        # hotplug-status=connected when it has run (contrib/xen/vif-pvback).  Writing it here as well would let a
+        # running netfront (xl network-attach) take the backend from InitWait to Connected before libxl has seen
+        # InitWait: libxl then times out waiting for a state that has passed, the race libxl's empty
+        # hotplug-status guards against with Linux netback.  Without a script (pvback attach nic, other
+        # toolstacks) nobody else will: the tap is up and plugged.
+        keys = {**probe_keys(offer), **plugged}
+        if not script:
+            keys[HOTPLUG_STATUS] = "connected"
+        await dev.write_backend(keys)
         dev.log.info("realized", extra={"vif": name, "ifindex": info.ifindex, "tap_created": info.created,
-                                        "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues})
+                                        "mac": format_mac(mac), "mtu": mtu, "max_queues": offer.max_queues,
+                                        "hotplug_script": script or ""})
 
     async def unrealize(self, dev: BackendDevice) -> None:
         vif: NetVif | None = dev.data

@@ -167,7 +167,8 @@ class SwitchPlug:
             return "ovs"
         raise DeviceError(f"bridge {spec.name}: no Linux bridge of that name and no OVSDB at {self.cfg.ovsdb}")
 
-    async def attach(self, dev: BackendDevice, *, vif: str, mac: str, tap_created: bool) -> Attachment:
+    async def attach(self, dev: BackendDevice, *, vif: str, mac: str, tap_created: bool,
+                     hotplug_script: str | None = None) -> Attachment:
         text = await dev.read_backend("bridge")
         if not text or self.cfg.switch == "none":
             if text:
@@ -177,7 +178,16 @@ class SwitchPlug:
             spec = parse_bridge(text)
         except ProtocolError as exc:
             raise DeviceError(f"bad toolstack keys: {exc}") from exc
-        kind = await self._kind(spec)
+        try:
+            kind = await self._kind(spec)
+        except DeviceError as exc:
+            if not hotplug_script:
+                raise
+            # libxl writes bridge=xenbr0 for a vif line that names none, and runs its hotplug script: a host
+            # without that bridge (a routed or addressed vif) is the script's to handle, as with vif-bridge.
+            dev.log.warning("%s: the tap stays unplugged; the hotplug script %s has the last word", exc,
+                            hotplug_script, extra={"vif": vif})
+            return Attachment()
         if kind == "linux":
             if spec.tag is not None or spec.trunks:
                 raise DeviceError(f"bridge {spec}: VLAN tags and trunks need an Open vSwitch bridge "

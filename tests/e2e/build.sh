@@ -112,9 +112,11 @@ fi
 # dmsetup: the durability checks put dm-log-writes (a module of Debian's kernel) under one guest disk.
 # swtpm/swtpm-tools: the guest's vTPM (pvback serve --types ...,vtpm runs one swtpm per vTPM, swtpm_setup makes
 # its EK); tpm2-tools: its binaries and TCTI modules are copied into the domU initramfs (stage domU-initramfs).
+# python3-pyroute2: netback creates the guests' taps with it; ethtool: copied into the domU, which reports what
+# its netfront negotiated (ethtool -k).
 DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
 python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup \
-swtpm swtpm-tools tpm2-tools libtss2-tcti-device0"
+swtpm swtpm-tools tpm2-tools libtss2-tcti-device0 python3-pyroute2 ethtool"
 if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else
@@ -186,6 +188,8 @@ printf '#!/bin/sh\nPYTHONPATH=/mnt/host${PYTHONPATH:+:$PYTHONPATH} exec python3 
 # xl's device_model_override: libxl runs it with QEMU's arguments.
 printf '#!/bin/sh\nexec /usr/local/bin/pvback dm-stub "$@"\n' > "$ROOTFS/usr/local/lib/pvback/dm-stub"
 chmod 0755 "$ROOTFS/usr/local/bin/pvback" "$ROOTFS/usr/local/lib/pvback/dm-stub"
+# The vif hotplug script an operator installs with pvback (xl: script=vif-pvback).
+install -m 0755 "$ROOT/contrib/xen/vif-pvback" "$ROOTFS/etc/xen/scripts/vif-pvback"
 # A persistent rootfs keeps old guest logs: start clean.
 rm -rf "$ROOTFS/var/log/xen" "$ROOTFS/var/lib/xen"/* "$ROOTFS/run"/* 2>/dev/null || true
 mkdir -p "$ROOTFS/var/log/xen/console" "$ROOTFS/mnt/host" "$ROOTFS/mnt/out"
@@ -215,8 +219,8 @@ for m in xen-blkfront ext4 xen-netfront xen-tpmfront; do
     done
 done
 grep -qx xen-blkfront.ko "$D/lib/modules/order" || die "xen-blkfront.ko not found for $KVER"
-# busybox has neither mkfs.ext4 nor fsck: bring the real ones and the libraries they load.
-for b in /sbin/mke2fs /sbin/e2fsck; do
+# busybox has neither mkfs.ext4 nor fsck nor ethtool: bring the real ones and the libraries they load.
+for b in /sbin/mke2fs /sbin/e2fsck /usr/sbin/ethtool; do
     cp "$ROOTFS$b" "$D/sbin/"
     for lib in $(in_chroot ldd "$b" 2>>"$LOG" | grep -o '/[^ ]*\.so[^ ]*'); do
         mkdir -p "$D$(dirname "$lib")"

@@ -26,8 +26,9 @@ exec > /dev/console 2>&1
 say "STAGE dom0-init"
 
 # No xen-blkback/xen-netback: with them loaded the kernel races the userspace backend for the same devices
-# (real-xen-under-qemu.md, section 5).  Nothing else would load them: there is no udev running.
-for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs 9p 9pnet_virtio loop; do
+# (real-xen-under-qemu.md, section 5).  Nothing else would load them: there is no udev running.  tun: pvback's
+# netback creates the guests' taps through /dev/net/tun, which without udev only exists once the module is loaded.
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs 9p 9pnet_virtio loop tun; do
     modprobe "$m" || say "modprobe $m failed"
 done
 ip link set lo up || say "cannot bring up lo (pvback's metrics endpoint listens on 127.0.0.1)"
@@ -49,9 +50,9 @@ DRIVER=/mnt/host/tests/e2e/dom0/run_tests.py
 if [ -f "$DRIVER" ]; then
     # The driver bounds each test itself; this bounds the driver.
     # 1 = some check failed (its RESULT line says why); anything else = the driver itself broke or hung.
-    timeout -k 5 780 python3 "$DRIVER" --tests "${TESTS:-all}"
+    timeout -k 5 900 python3 "$DRIVER" --tests "${TESTS:-all}"
     rc=$?
-    [ $rc -le 1 ] || say "RESULT dom0-driver FAIL exited with $rc (124: still running after 780 s)"
+    [ $rc -le 1 ] || say "RESULT dom0-driver FAIL exited with $rc (124: still running after 900 s)"
 else
     say "RESULT dom0-driver FAIL $DRIVER not found on the share"
 fi

@@ -14,11 +14,18 @@
 #   vtpm 0 from `xl create` (vtpm=["backend=Domain-0,uuid=..."]), served by pvback + swtpm in dom0: xen-tpmfront
 #         gives /dev/tpm0; tpm2-tools through TCTI device:/dev/tpm0 (getrandom, pcrextend, an NV index); the
 #         NV value must still be there after the reboot (it rides along in the boot marker), PCR 16 reset
-# Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote.
+#   eth0  vif 0 from `xl create` (vif=["...,script=vif-pvback"]), served by pvback's netback in dom0 on the tap
+#         vif<domid>.0: dom0 198.18.0.1 / fd00::1, the guest .2 / ::2; ping both families, 8 MiB over TCP each
+#         way (nc to dom0's servers on ports 5701: the guest sends, 5702: dom0 sends the MiB asked for); after
+#         the reboot the new domain's vif passes traffic again (ping, 2 MiB each way)
+#   eth1  vif 1 from `xl network-attach` while running (198.18.1.0/24, fd00:1::/64): ping, 2 MiB each way,
+#         `xl network-detach`
+# Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote, pvnet8/pvnet2=
+# sha256 of what dom0 sends over TCP when asked for 8 or 2 MiB.
 # Console lines (hvc0, logged by xenconsoled in dom0):
 #   DOMU-RESULT <check> PASS|FAIL <detail>   the domU's verdict on one check
 #   DOMU-KV <key> <value>                     facts dom0 checks against the image files
-#   DOMU-KLOG <step> error|info: <line>       the guest kernel's block/fs lines (`quiet` keeps them off hvc0)
+#   DOMU-KLOG <step> error|info: <line>       the guest kernel's block/fs/net lines (`quiet` keeps them off hvc0)
 #   DOMU-TPMLOG <step> error|info: <line>    the guest kernel's tpm lines (probe of xen-tpmfront and after)
 #   DOMU-PHASE <name>                         where dom0 has to act (attach, detach...) or synchronises
 #   DOMU-DONE                                 last line before poweroff
@@ -60,7 +67,7 @@ wrote() { # wrote DEV...: this step writes these disks
 klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one is an error
     dmesg -c > /tmp/klog 2>/dev/null || { say "DOMU-KLOG $1 error: cannot read dmesg"; return 1; }
     cat /tmp/klog >> /tmp/klog.all # every line of this boot, for the vTPM steps' tpm lines
-    grep -E 'blkfront|op failed|barrier or flush|I/O error|blk_update_request|EXT4-fs error|wrong operation|disabled for further use|Kernel panic|BUG:|Oops' \
+    grep -E 'blkfront|op failed|barrier or flush|I/O error|blk_update_request|EXT4-fs error|wrong operation|disabled for further use|Kernel panic|BUG:|Oops|netfront|netback|xennet' \
         /tmp/klog > /tmp/klog.rel
     bad=0
     while IFS= read -r line; do
@@ -72,6 +79,14 @@ klog_scan() { # klog_scan STEP: report new block/fs kernel lines; false if one i
             dev=${line#*blkfront: }
             dev=${dev%%:*}
             if [ "$(cat "/sys/block/$dev/ro" 2>/dev/null)" = 1 ]; then kind=info; else kind=error; fi
+            ;;
+        *netfront* | *netback* | *xennet*)
+            # xen-netfront's complaints about what the backend did (bad rx responses, missing extras, too many
+            # slots, a backend that offers too little) and its own failures; its banner is info.
+            case $line in
+            *rror* | *fail* | *Fail* | *nvalid* | *issing* | *"Too many"* | *"too many"* | *rocket* | *WARN* | *[Bb]ad\ *) kind=error ;;
+            *) kind=info ;;
+            esac
             ;;
         *) kind=info ;;
         esac
@@ -268,6 +283,72 @@ tpm_after_reboot() {
     [ "$pcr" = "$zero" ] || { WHY="PCR $PCR is $pcr after the reboot: the TPM was not reset"; return 1; }
 }
 
+# ---- NICs: xen-netfront against pvback's netback; dom0 addresses its tap when the guest says net-addr-* ----
+NET_STEPS="net-ping net-tcp net-attach net-reboot"
+NET_PORT_UP=5701   # the guest sends to dom0, which hashes what it got
+NET_PORT_DOWN=5702 # dom0 sends the MiB the guest asks for (a line "N"), whose sha256 dom0 gave as pvnetN
+net_if() { # net_if DEVID: the interface of xen device vif-DEVID, if any
+    for n in /sys/class/net/*; do
+        [ "$(basename "$(readlink "$n/device" 2>/dev/null)")" = "vif-$1" ] && basename "$n"
+    done
+}
+# until_ok SECONDS CMD...: CMD until it succeeds, for at most SECONDS of wall time (CMD itself may take a while)
+until_ok() {
+    end=$(($(cut -d. -f1 /proc/uptime) + $1))
+    shift
+    until "$@"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] || return 1
+        sleep 0.5
+    done
+}
+# net_up DEVID V4 V6: the interface is there, up, addressed (sets NIF); WHY on failure
+net_up() {
+    if ! wait_for "[ -n \"\$(net_if $1)\" ]" 60; then
+        WHY="no interface for vif-$1 within 60 s (xen devices: $(ls /sys/bus/xen/devices | tr '\n' ' '); netfront loaded: $(grep -c xen_netfront /proc/modules))"
+        return 1
+    fi
+    NIF=$(net_if "$1")
+    # No duplicate address detection (busybox ip has no `nodad`): the address is usable at once.
+    echo 0 > "/proc/sys/net/ipv6/conf/$NIF/accept_dad"
+    { ip link set "$NIF" up && ip addr add "$2/24" dev "$NIF" && ip -6 addr add "$3/64" dev "$NIF"; } 2>/tmp/ip.err \
+        || { WHY="cannot address $NIF: $(head -n 1 /tmp/ip.err)"; return 1; }
+    say "DOMU-KV net-if-$1 $NIF $(cat "/sys/class/net/$NIF/address") mtu=$(cat "/sys/class/net/$NIF/mtu")"
+}
+ping_ok() { ping -c 1 -W 1 "$1" > /dev/null 2>&1; }
+ping6_ok() { ping6 -c 1 -W 1 "$1" > /dev/null 2>&1; }
+# net_ping V4 V6: first reply within 60 s (dom0 addresses its tap meanwhile), then 3 each with no loss
+net_ping() {
+    until_ok 60 ping_ok "$1" || { WHY="no IPv4 echo reply from $1 within 60 s"; return 1; }
+    until_ok 20 ping6_ok "$2" || { WHY="IPv4 works, but no IPv6 echo reply from $2 within 20 s"; return 1; }
+    ping -c 3 "$1" > /tmp/ping.out 2>&1 || true
+    ping6 -c 3 "$2" > /tmp/ping6.out 2>&1 || true
+    l4=$(grep -o '[0-9]*% packet loss' /tmp/ping.out)
+    l6=$(grep -o '[0-9]*% packet loss' /tmp/ping6.out)
+    [ "$l4" = "0% packet loss" ] || { WHY="ping $1: ${l4:-$(tail -n 1 /tmp/ping.out)}"; return 1; }
+    [ "$l6" = "0% packet loss" ] || { WHY="ping6 $2: ${l6:-$(tail -n 1 /tmp/ping6.out)}"; return 1; }
+    PINGS="v4 $(tail -n 1 /tmp/ping.out | sed 's/.*= //'), v6 $(tail -n 1 /tmp/ping6.out | sed 's/.*= //')"
+}
+# net_tcp PEER TAG MIB: MIB to dom0 (its sha as DOMU-KV net-up-TAG, dom0 compares) and MIB from dom0 (compared
+# with pvnetMIB here); sets TCP (timings) or WHY
+net_tcp() {
+    dd if=/dev/urandom of=/tmp/nup bs=$MiB count="$3" 2>/dev/null
+    say "DOMU-KV net-up-$2 $(sha256sum /tmp/nup | cut -d' ' -f1)"
+    t0=$(now)
+    timeout 120 nc "$1" $NET_PORT_UP < /tmp/nup > /dev/null 2>/tmp/nc.err \
+        || { WHY="nc to $1:$NET_PORT_UP failed: $(head -n 1 /tmp/nc.err)"; rm -f /tmp/nup; return 1; }
+    t_up=$(since "$t0")
+    rm -f /tmp/nup
+    t0=$(now)
+    echo "$3" | timeout 120 nc "$1" $NET_PORT_DOWN > /tmp/ndown 2>/tmp/nc.err \
+        || { WHY="nc from $1:$NET_PORT_DOWN failed: $(head -n 1 /tmp/nc.err)"; rm -f /tmp/ndown; return 1; }
+    t_down=$(since "$t0")
+    got=$(sha256sum /tmp/ndown | cut -d' ' -f1)
+    n=$(wc -c < /tmp/ndown)
+    rm -f /tmp/ndown
+    [ "$got" = "$(arg "pvnet$3")" ] || { WHY="received $n bytes from dom0 with sha $got, dom0 sent $(arg "pvnet$3")"; return 1; }
+    TCP="$3 MiB up in $t_up s, $3 MiB down in $t_down s (sha256 checked)"
+}
+
 say "DOMU-PHASE init $(uname -r)"
 result boot PASS "kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vcpu, /init at $(now) s"
 
@@ -279,7 +360,7 @@ say "DOMU-PHASE modules"
 
 if ! wait_for "[ -b $A ] && [ -b $B ]" 60; then
     why="xvda/xvdb did not appear within 60 s of loading xen-blkfront (present: $(ls /sys/block | tr '\n' ' '))"
-    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot; do result $c FAIL "$why"; done
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot $NET_STEPS; do result $c FAIL "$why"; done
     finish
 fi
 # Linux reads a block device through the page cache in read_ahead_kb pieces (128 KiB): one request in flight
@@ -306,6 +387,18 @@ BOOT1*)
             tpm_result tpm-reboot FAIL "$WHY"
         fi
     fi
+    if want net-reboot; then
+        if ! net_up 0 198.18.0.2 fd00::2; then
+            result net-reboot FAIL "after the reboot: $WHY"
+        else
+            say "DOMU-PHASE net-addr-b2-0"
+            if net_ping 198.18.0.1 fd00::1 && net_tcp 198.18.0.1 b2-0 2; then
+                result net-reboot PASS "after the reboot $NIF of the new domain: pings $PINGS, $TCP"
+            else
+                result net-reboot FAIL "after the reboot: $WHY"
+            fi
+        fi
+    fi
     got=$(region_sha $A 2 1)
     if [ "$got" != "$want_sha" ]; then
         result reboot FAIL "after reboot xvda [2,3) MiB has sha $got, before the reboot it was $want_sha"
@@ -322,7 +415,7 @@ BOOT1*)
     ;;
 BOOT0*) ;;
 *)
-    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot; do
+    for c in rw big discard ro flush fs-replay gone rw-attach fs hotplug klog reboot tpm tpm-reboot $NET_STEPS; do
         result $c FAIL "unexpected boot marker '$mark'"
     done
     finish
@@ -337,6 +430,57 @@ if want tpm; then
         tpm_result tpm PASS "/dev/tpm0 (tpm_version_major $major): tpm2_getrandom, tpm2_pcrextend (PCR $PCR as computed), NV index $NV_INDEX define/write/read through TCTI device:$TPM ($(since "$t0") s)"
     else
         tpm_result tpm FAIL "$WHY"
+    fi
+fi
+
+# ---- NICs, first boot: eth0 from xl create, then eth1 attached and detached while running ----
+if want net-ping || want net-tcp || want net-reboot; then
+    if ! net_up 0 198.18.0.2 fd00::2; then
+        for c in net-ping net-tcp; do want $c && result $c FAIL "$WHY"; done
+    else
+        say "DOMU-PHASE net-addr-0"
+        ethtool -k "$NIF" 2>/dev/null | grep -E '^(rx-checksumming|tx-checksumming|scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload):' \
+            | sed 's/: /=/; s/ .*//' | tr '\n' ' ' > /tmp/offl
+        say "DOMU-KV net-offloads $(tr ' ' ',' < /tmp/offl | sed 's/,$//')"
+        say "DOMU-KV net-queues $(ls -d /sys/class/net/$NIF/queues/tx-* | wc -l)"
+        if want net-ping; then
+            if net_ping 198.18.0.1 fd00::1; then
+                result net-ping PASS "$NIF ($(cat /sys/class/net/$NIF/address)) <-> dom0 over pvback's vif: 3+3 pings, rtt min/avg/max $PINGS"
+            else
+                result net-ping FAIL "$WHY"
+            fi
+        fi
+        if want net-tcp; then
+            if until_ok 60 ping_ok 198.18.0.1 && net_tcp 198.18.0.1 b1-0 8; then
+                result net-tcp PASS "$TCP; offloads $(cat /tmp/offl)"
+            else
+                result net-tcp FAIL "${WHY:-no IPv4 echo reply from dom0 within 60 s}"
+            fi
+        fi
+    fi
+fi
+if want net-attach; then
+    say "DOMU-PHASE want-vif1"
+    t0=$(now)
+    if ! net_up 1 198.18.1.2 fd00:1::2; then
+        say "DOMU-PHASE release-vif1" # whatever came of the attach: it must not outlive this step (nor the reboot)
+        result net-attach FAIL "after xl network-attach: $WHY"
+    else
+        t_att=$(since "$t0")
+        say "DOMU-PHASE net-addr-1"
+        if net_ping 198.18.1.1 fd00:1::1 && net_tcp 198.18.1.1 b1-1 2; then
+            nif1=$NIF
+            say "DOMU-PHASE release-vif1"
+            t0=$(now)
+            if wait_for '[ -z "$(net_if 1)" ]' 60; then
+                result net-attach PASS "$nif1 up $t_att s after asking, pings $PINGS, $TCP; gone $(since "$t0") s after asking for the detach"
+            else
+                result net-attach FAIL "$nif1 still present 60 s after asking dom0 to xl network-detach it"
+            fi
+        else
+            say "DOMU-PHASE release-vif1"
+            result net-attach FAIL "$WHY"
+        fi
     fi
 fi
 
@@ -556,16 +700,16 @@ if want klog; then
     # shellcheck disable=SC2086 # a list of disk names
     wcp=$(write_cache_problem $WROTE)
     if [ $KLOG_ERRORS -gt 0 ]; then
-        result klog FAIL "$KLOG_ERRORS block/fs error lines in the guest kernel log, the first: $KLOG_FIRST"
+        result klog FAIL "$KLOG_ERRORS block/fs/net error lines in the guest kernel log, the first: $KLOG_FIRST"
     elif [ -n "$wcp" ]; then
         result klog FAIL "$wcp"
     else
-        result klog PASS "no block/fs error in the guest kernel log; write cache of the disks written:${wcs:- none}"
+        result klog PASS "no block/fs/net error in the guest kernel log; write cache of the disks written:${wcs:- none}"
     fi
 fi
 
 # ---- reboot: the marker carries the sha of xvda [2,3) MiB to the next boot ----
-if want reboot; then
+if want reboot || want net-reboot; then
     w=$(region_sha $A 2 1)
     printf 'BOOT1 %s %s' "$w" "$NV" | dd of=$A bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
         || { result reboot FAIL "cannot write the boot marker"; finish; }

@@ -33,10 +33,14 @@ import pytest
 E2E = Path(__file__).resolve().parent
 ROOT = E2E.parent.parent
 BUILD_TIMEOUT_S = 900  # debootstrap + apt from the mirror: ~1-4 min; a stuck mirror must not eat the CI budget
-BOOT_TIMEOUT_S = 900  # QEMU: boot ~15-60 s, the guest scenario is bounded at 600 s by the dom0 driver
+BOOT_TIMEOUT_S = 1020  # QEMU: boot ~15-60 s, the guest scenario is bounded at 720 s by the dom0 driver
 LOG_DIR = E2E / "build" / "last"  # survives pytest's tmp rotation; git-ignored
 # The request shapes real Linux xen-blkfront sends; a unit test on the emulated blkfront covers every one.
 SHAPES_FIXTURE = ROOT / "tests" / "blk" / "fixtures" / "linux-blkfront-shapes.json"
+# The keys real Linux xen-netfront writes; tests/net/test_proto.py parses them as netback does.
+NETFRONT_FIXTURE = ROOT / "tests" / "net" / "fixtures" / "linux-netfront-keys.json"
+NETFRONT_RUN_KEYS = ("backend", "event-channel", "event-channel-tx", "event-channel-rx", "tx-ring-ref", "rx-ring-ref",
+                     "mac")  # values that differ from run to run
 
 pytestmark = pytest.mark.e2e
 
@@ -315,3 +319,25 @@ def test_linux_request_shapes_in_fixture(e2e: E2ERun) -> None:
     assert not missing, (f"Linux {got['kernel']} (fixture: {fixture['kernel']}) sent request shapes missing from "
                          f"{SHAPES_FIXTURE.relative_to(ROOT)}: {missing}; update the fixture and make the emulated "
                          "blkfront send them")
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + BOOT_TIMEOUT_S + 180)
+def test_linux_netfront_keys_in_fixture(e2e: E2ERun) -> None:
+    """The keys Linux's xen-netfront wrote for vif 0 in this run (dom0 wrote them to out/netfront-keys.json) are
+    the fixture's, with the same values where a value is a choice (features, queues, headroom, trusted): a key or
+    value only real Linux sends would otherwise reach netback's parser nowhere but here."""
+    if "net-ping" not in SELECTED:
+        pytest.skip(f"net-ping not in PVBACK_E2E_TESTS={os.environ.get('PVBACK_E2E_TESTS')}")
+    path = LOG_DIR / "out" / "netfront-keys.json"
+    assert path.exists(), f"dom0 wrote no {path} ({e2e.failure or e2e.results.get('net-ping')})"
+    got = json.loads(path.read_text())
+    fixture = json.loads(NETFRONT_FIXTURE.read_text())
+    run_keys, fix_keys = got["frontend"], fixture["frontend"]
+    assert run_keys, f"no netfront keys recorded from Linux {got['kernel']}"
+    new = sorted(set(run_keys) - set(fix_keys))
+    changed = sorted(k for k in set(run_keys) & set(fix_keys)
+                     if k not in NETFRONT_RUN_KEYS and run_keys[k] != fix_keys[k])
+    assert not new and not changed, (
+        f"Linux {got['kernel']} (fixture: {fixture['kernel']}) wrote netfront keys the fixture lacks {new} or with "
+        f"other values {[(k, run_keys[k], fix_keys[k]) for k in changed]}: update "
+        f"{NETFRONT_FIXTURE.relative_to(ROOT)} and make tests/net/test_proto.py parse them")

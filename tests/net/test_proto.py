@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +31,28 @@ def test_probe_keys_match_linux_netback() -> None:
     off = proto.probe_keys(proto.BackendOffer(ctrl_ring=False, multicast_control=False))
     assert off["feature-ctrl-ring"] == off["feature-multicast-control"] == "0"
     assert proto.probe_keys(proto.BackendOffer(gso=False))["feature-gso-tcpv4"] == "0"
+
+
+LINUX_KEYS = Path(__file__).parent / "fixtures" / "linux-netfront-keys.json"
+
+
+def test_what_linux_netfront_wrote() -> None:
+    """The keys Linux 6.1's xen-netfront wrote under real Xen (the e2e records them; its host test fails when a
+    run's keys are not in the fixture).  Unlike the emulated netfront, Linux writes multi-queue-num-queues=1 with
+    its one queue's rings at the top level, and `trusted`, `xdp-headroom=0`, `mac`, `mtu`, `handle`: all must
+    be read as Linux netback reads them."""
+    keys = json.loads(LINUX_KEYS.read_text())["frontend"]
+    cfg = proto.parse_frontend({k: keys[k] for k in proto.frontend_key_names(1) if k in keys}, max_queues=2)
+    assert len(cfg.queues) == 1
+    q = cfg.queues[0]
+    assert (q.tx_ring_ref, q.rx_ring_ref) == (int(keys["tx-ring-ref"]), int(keys["rx-ring-ref"]))
+    assert q.split and (q.event_channel_tx, q.event_channel_rx) == (10, 11)
+    assert cfg.rx_notify and cfg.sg and cfg.gso_tcpv4 and cfg.gso_tcpv6 and cfg.ip_csum and cfg.ipv6_csum
+    assert cfg.rx_csum and cfg.rx_gso == (True, True)
+    assert cfg.xdp_headroom == 0 and not cfg.multicast_control
+    # Every key Linux wrote that netback reads is one frontend_key_names lists (so the device reads it).
+    read = set(proto.frontend_key_names(1))
+    assert {"multi-queue-num-queues", "request-rx-copy", "feature-rx-notify", "xdp-headroom"} <= read
 
 
 def test_single_queue_one_channel() -> None:

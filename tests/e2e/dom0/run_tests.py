@@ -25,8 +25,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -58,22 +60,34 @@ LW_TAG_BASE, LW_TAG_SIZE, LW_ROUNDS = 28 * MiB, 4096, 8
 LW_FILES = 6
 DOMAIN_GONE_TIMEOUT_S = 30  # from the domain's death to pvback letting go of its disk
 DOMAIN_DEATH_TIMEOUT_S = 120  # from the guest's reboot (or the loop's end) to libxl having destroyed the domain
-GUEST_TIMEOUT_S = 600  # the whole guest scenario, reboot included
+GUEST_TIMEOUT_S = 720  # the whole guest scenario, reboot included (its NIC checks added ~20 %: 600 -> 720)
 HOTPLUG_ACTION_TIMEOUT_S = 60
 # The guest's vTPM (xl's vtpm=[...]), served by `pvback serve --types qdisk,vtpm` with one swtpm: a fixed uuid,
 # so its state dir is known (/var/lib/pvback/vtpm/<uuid>, fresh in every run: dom0.img is rebuilt).
 VTPM_UUID = "6f1c3b2a-9d4e-4f7a-8b21-5c0e7d9a4e16"
 VTPM_DEVID = 0
+# The guest's NICs (xl's vif=[...], served by `pvback serve --types ...,vif`, plugged by the hotplug script an
+# operator installs with pvback, contrib/xen/vif-pvback, as build.sh does): vif 0 from xl create, vif 1 from
+# `xl network-attach`.  dom0's side of vif N is the tap vif<domid>.N with 198.18.N.1/24 and fd00:N::1/64.
+VIF_SCRIPT = "vif-pvback"
+VIF_MACS = {0: "00:16:3e:5e:00:01", 1: "00:16:3e:5e:00:02"}
+NET_PORT_UP, NET_PORT_DOWN = 5701, 5702  # domU-init.sh: the guest sends to the first, receives from the second
+NET_MIB = {"net-tcp": 8, "net-attach": 2, "net-reboot": 2}  # each way: vif 0 moves more, the others show traffic
+NET_MAX_BYTES = 64 * MiB  # what one upload may send before dom0 hangs up
 
 # Checks, in the order they are reported; the host test makes one pytest test of each.
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
           "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
-          "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot"]
+          "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot", "net-ping", "net-tcp",
+          "net-attach", "net-reboot"]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
               "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
               "blk-rw-attach": "rw-attach", "blk-fs": "fs", "blk-hotplug": "hotplug", "guest-klog": "klog",
-              "blk-reboot": "reboot", "vtpm-tools": "tpm", "vtpm-reboot": "tpm-reboot"}
+              "blk-reboot": "reboot", "vtpm-tools": "tpm", "vtpm-reboot": "tpm-reboot", "net-ping": "net-ping",
+              "net-tcp": "net-tcp", "net-attach": "net-attach", "net-reboot": "net-reboot"}
+NET_STEPS = {"net-ping", "net-tcp", "net-attach", "net-reboot"}
+REBOOT_STEPS = ("reboot", "tpm-reboot", "net-reboot")  # the steps the guest reports after its reboot
 STEP_CHECK = {v: k for k, v in GUEST_STEP.items()}
 NEEDS_GUEST = set(GUEST_STEP) | {"xl-qdisk-stub", "pvback-status", "blk-shapes"}
 
@@ -235,7 +249,7 @@ class Daemon:
         t0 = time.monotonic()
         with SERVE_LOG.open("wb") as f:
             self.proc = subprocess.Popen(
-                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm", "--metrics", METRICS],
+                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm,vif", "--metrics", METRICS],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
@@ -353,6 +367,106 @@ def fds_on(pid: int, path: Path) -> list[str]:
     return found
 
 
+# ---- the guest's TCP peers ----
+
+class NetServers:
+    """dom0's end of the guest's TCP transfers, on every address (the guest reaches them through its vifs):
+    NET_PORT_UP takes what the guest sends until it closes and records its sha256; NET_PORT_DOWN reads a line
+    "N" and sends the first N MiB of `data` (sha256 in `shas[N]`, on the guest's command line), then closes.
+    Threads, stopped by closing their sockets."""
+
+    def __init__(self) -> None:
+        self.data = os.urandom(max(NET_MIB.values()) * MiB)
+        self.shas = {n: hashlib.sha256(self.data[:n * MiB]).hexdigest() for n in sorted(set(NET_MIB.values()))}
+        self.received: list[tuple[str, int, str]] = []  # (peer address, bytes, sha256)
+        self.sent: list[tuple[str, int, str]] = []  # (peer address, bytes sent, "" or the error)
+        self.socks: list[socket.socket] = []
+        self.stopping = threading.Event()
+        for port, handler in ((NET_PORT_UP, self._take), (NET_PORT_DOWN, self._give)):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.listen(4)
+            self.socks.append(sock)
+            threading.Thread(target=self._serve, args=(sock, handler), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, handler: Callable[[socket.socket, str], None]) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(120)
+                try:
+                    handler(conn, peer[0])
+                except OSError as exc:
+                    say(f"  net server: {peer[0]}: {exc}")
+
+    def _take(self, conn: socket.socket, peer: str) -> None:
+        h = hashlib.sha256()
+        n = 0
+        while n < NET_MAX_BYTES:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+        self.received.append((peer, n, h.hexdigest()))
+
+    def _give(self, conn: socket.socket, peer: str) -> None:
+        line = b""
+        while b"\n" not in line and len(line) < 16:
+            chunk = conn.recv(16)
+            if not chunk:
+                break
+            line += chunk
+        mib = int(line.strip()) if line.strip().isdigit() else 0
+        if mib not in self.shas:
+            self.sent.append((peer, 0, f"asked for {line!r}"))
+            return
+        data = self.data[:mib * MiB]
+        try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            self.sent.append((peer, len(data), ""))
+        except OSError as exc:
+            self.sent.append((peer, 0, str(exc)))
+            raise
+
+    def got(self, sha: str | None) -> tuple[str, int, str] | None:
+        return next((r for r in self.received if r[2] == sha), None)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for sock in self.socks:
+            sock.close()
+
+
+def tap_name(domid: int, devid: int) -> str:
+    return f"vif{domid}.{devid}"
+
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def xs_tree(path: str) -> dict[str, str]:
+    """Every key under a xenstore directory with its value (`xenstore-ls`, one space of indent per level),
+    as relative paths: {"feature-sg": "1", "queue-0/tx-ring-ref": "8", ...}."""
+    out: dict[str, str] = {}
+    stack: list[str] = []
+    cp = run(["xenstore-ls", path], timeout=20, check=False)
+    for line in cp.stdout.splitlines():
+        m = re.match(r'^( *)(\S+) = "(.*)"$', line)
+        if not m:
+            continue
+        del stack[len(m.group(1)):]
+        stack.append(m.group(2))
+        out["/".join(stack)] = m.group(3)
+    return out
+
+
 # ---- checks ----
 
 def t_platform(report: Report) -> None:
@@ -401,6 +515,10 @@ class Scenario:
         self.gone_seen: dict[int, float] = {}  # domid -> when dom0 saw it begin to go (reboot) or gone
         self.dead_at: dict[int, float] = {}  # domid -> when its /local/domain/<domid> was seen removed
         self.attach_e = "never run"
+        self.net: NetServers | None = None  # dom0's TCP peers, while the guest runs
+        self.net_notes: dict[str, str] = {}  # what dom0 found around the NIC phases (addressing, detach checks)
+        self.net_actions: dict[str, str] = {}  # xl network-attach/-detach: "ok <seconds>" or the failure
+        self.netfront: dict[str, str] = {}  # the keys Linux's xen-netfront wrote for vif 0
 
 
     def stamp(self) -> str:
@@ -440,7 +558,8 @@ class Scenario:
     def write_cfg(self) -> Path:
         lw = "ok" in self.lw
         extra = (f"console=hvc0 rdinit=/init quiet pvsteps={'+'.join(self.steps) or 'none'} pva={self.sha_a1} "
-                 f"pvbig={self.sha_a64} pvb={self.sha_b1} pvc={self.sha_c100} pvlw={int(lw)}")
+                 f"pvbig={self.sha_a64} pvb={self.sha_b1} pvc={self.sha_c100} pvlw={int(lw)}"
+                 + "".join(f" pvnet{n}={sha}" for n, sha in (self.net.shas.items() if self.net else [])))
         disks = [qdisk(self.img_a, "xvda"), qdisk(self.img_b, "xvdb", "ro")]
         if lw:
             disks.append(qdisk(LW_DEV, "xvdd"))
@@ -451,6 +570,8 @@ class Scenario:
             'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
             "disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]",
             *([f'vtpm = [ "backend=Domain-0,uuid={VTPM_UUID}" ]'] if {"tpm", "tpm-reboot"} & set(self.steps) else []),
+            # The NIC served by `pvback serve`: the vif line an operator writes (README), pvback's hotplug script.
+            *([f'vif = [ "mac={VIF_MACS[0]},script={VIF_SCRIPT}" ]'] if self.net else []),
             # libxl starts a "device model" for a PV guest's qdisk disks: pvback's stand-in answers its QMP,
             # the disks themselves are served by `pvback serve` watching backend/qdisk.
             f'device_model_override = "{DM_STUB}"', 'device_model_version = "qemu-xen"',
@@ -570,6 +691,8 @@ class Scenario:
             return ", ".join(f"{k} {v[3:]}" for k, v in self.actions.items())
         if step in ("tpm", "tpm-reboot"):
             return self.verify_tpm(step)
+        if step in NET_STEPS:
+            return self.verify_net(step)
         if step == "reboot":
             if "DOMU-PHASE rebooting" not in console_text(GUEST):
                 raise TestFailure("the domU passed without having rebooted")
@@ -729,6 +852,17 @@ class Scenario:
                 say(f"  xl block-list after block-detach: {' | '.join(' '.join(ln.split()) for ln in listed)}")
             except TestFailure as exc:
                 say(f"  xl block-list failed: {exc}")
+        elif phase.startswith("net-addr-"):
+            self.address_tap(domid, int(phase.rsplit("-", 1)[1]), phase)
+        elif phase == "want-vif1":
+            say("STAGE guest:net-attach")
+            self.act("xl network-attach", ["xl", "network-attach", GUEST, f"mac={VIF_MACS[1]}",
+                                           f"script={VIF_SCRIPT}"], 90)
+            self.net_actions["xl network-attach"] = self.actions.pop("xl network-attach")  # not blk-hotplug's
+        elif phase == "release-vif1":
+            self.act("xl network-detach", ["xl", "network-detach", GUEST, "1"], 90)
+            self.net_actions["xl network-detach"] = self.actions.pop("xl network-detach")
+            self.net_notes["detach"] = self.check_vif_gone(domid, 1)
         elif phase == "rebooting":
             say("STAGE guest:reboot")
             # The domain dies right after saying so: the domain-gone check counts from here (an upper bound).
@@ -739,6 +873,128 @@ class Scenario:
                 self.gone_seen.setdefault(self.domids[-1], time.monotonic())
                 self.domids.append(new)
             self.check_stub(self.domids[-1])
+
+    # -- NICs --
+
+    def address_tap(self, domid: int, devid: int, phase: str) -> None:
+        """dom0's end of vif `devid`: 198.18.devid.1/24 and fd00:devid::1/64 on the tap pvback created (no route
+        leaves this dom0: QEMU gives it no NIC).  For vif 0 of the first boot, also what netfront wrote."""
+        tap = tap_name(domid, devid)
+        t0 = time.monotonic()
+        try:
+            wait_until(f"the tap {tap}", lambda: link_exists(tap), 30)
+            run(["ip", "addr", "replace", f"198.18.{devid}.1/24", "dev", tap])
+            run(["ip", "-6", "addr", "replace", f"fd00:{devid}::1/64", "dev", tap, "nodad"])
+            run(["ip", "link", "set", tap, "up"])
+            be = f"/local/domain/0/backend/vif/{domid}/{devid}"
+            wait_until(f"{be}/state to be 4 (Connected)", lambda: xs_read(f"{be}/state") == "4", 60)
+            link = run(["ip", "-br", "link", "show", tap]).stdout.split()
+            self.net_notes[phase] = (f"ok {tap} {' '.join(link[1:3])} addressed {time.monotonic() - t0:.1f} s "
+                                     f"after the guest asked, backend Connected")
+        except TestFailure as exc:
+            self.net_notes[phase] = str(exc)
+            say(f"  {phase}: {exc}")
+            return
+        if phase == "net-addr-0":
+            self.record_netfront(domid)
+
+    def record_netfront(self, domid: int) -> None:
+        """What Linux's xen-netfront negotiated, into the console log and OUT/netfront-keys.json: we learn what a
+        real netfront sends (the emulated one was written from the headers)."""
+        fe = f"/local/domain/{domid}/device/vif/0"
+        be = f"/local/domain/0/backend/vif/{domid}/0"
+        self.netfront = xs_tree(fe)
+        backend = xs_tree(be)
+        for k, v in sorted(self.netfront.items()):
+            say(f"  netfront {fe}/{k} = {v}")
+        for k, v in sorted(backend.items()):
+            say(f"  netback {be}/{k} = {v}")
+        try:
+            if OUT.is_dir():
+                (OUT / "netfront-keys.json").write_text(json.dumps(
+                    {"kernel": self.kernel, "frontend": self.netfront, "backend": backend}, indent=1) + "\n")
+        except OSError as exc:
+            say(f"  cannot write {OUT}/netfront-keys.json: {exc}")
+
+    def netfront_summary(self) -> str:
+        fe = self.netfront
+        if not fe:
+            return "netfront keys not recorded"
+        feats = sorted(k for k, v in fe.items() if k.startswith(("feature-", "request-")) and v == "1")
+        queues = fe.get("multi-queue-num-queues", "1 (key absent)")
+        split = "split" if any(k.endswith("event-channel-tx") for k in fe) else "one event channel"
+        return f"netfront: queues {queues}, {split}, {' '.join(feats)}"
+
+    def check_vif_gone(self, domid: int, devid: int) -> str:
+        """After `xl network-detach`: the tap, the backend and frontend dirs are gone, `pvback status` no longer
+        lists the vif."""
+        tap = tap_name(domid, devid)
+        be = f"/local/domain/0/backend/vif/{domid}/{devid}"
+        fe = f"/local/domain/{domid}/device/vif/{devid}"
+        t0 = time.monotonic()
+        try:
+            wait_until(f"{tap} to be deleted", lambda: not link_exists(tap), 20)
+            wait_until(f"{be} and {fe} to be removed", lambda: not xs_exists(be) and not xs_exists(fe), 20)
+            took = time.monotonic() - t0
+            out = run([PVBACK, "status", "--platform", "xen", "--metrics", METRICS, "--interval", "0"],
+                      timeout=60).stdout
+            rows = [ln for ln in out.splitlines() if ln.split()[:3] == ["vif", str(domid), str(devid)]]
+            if rows:
+                raise TestFailure(f"`pvback status` still lists the detached vif: {rows[0]}")
+            return (f"ok tap {tap}, {be} and the frontend dir gone {took:.1f} s after xl network-detach "
+                    f"returned, not in `pvback status`")
+        except TestFailure as exc:
+            return str(exc)
+
+    def verify_net(self, step: str) -> str | None:
+        kv = self.kv
+        assert self.net is not None
+        domid = self.domids[-1]
+        if step == "net-ping":
+            note = self.net_notes.get("net-addr-0", "dom0 never addressed its tap")
+            if not note.startswith("ok"):
+                raise TestFailure(note)
+            return (f"dom0: {note[3:]}; {self.netfront_summary()}; guest offloads {kv.get('net-offloads', '?')}, "
+                    f"{kv.get('net-queues', '?')} tx queues")
+        if step in ("net-tcp", "net-attach", "net-reboot"):
+            tag, devid, phase = {"net-tcp": ("b1-0", 0, "net-addr-0"), "net-attach": ("b1-1", 1, "net-addr-1"),
+                                 "net-reboot": ("b2-0", 0, "net-addr-b2-0")}[step]
+            note = self.net_notes.get(phase, "dom0 never addressed its tap")
+            if not note.startswith("ok"):
+                raise TestFailure(note)
+            want = kv.get(f"net-up-{tag}")
+            got = self.net.got(want)
+            if got is None:
+                raise TestFailure(f"the guest sent sha {want}, dom0 received {self.net.received}")
+            if got[1] != NET_MIB[step] * MiB:
+                raise TestFailure(f"dom0 received {got[1]} bytes, the guest sent {NET_MIB[step] * MiB}")
+            metrics = self.daemon.metrics()
+            moved = {d: sum(v for labels, v in metric_samples(metrics, "pvback_bytes_total")
+                            if labels.get("domid") == str(domid) and labels.get("devid") == str(devid)
+                            and labels.get("direction") == d) for d in ("tx", "rx")}
+            detail = f"dom0 received the guest's sha from {got[0]}"
+            if step != "net-attach":  # vif 1 is detached by now: its counters went with it
+                detail += (f"; pvback counted {moved['tx'] / MiB:.1f} MiB tx, {moved['rx'] / MiB:.1f} MiB rx on "
+                           f"vif{domid}.{devid}")
+            if step == "net-attach":
+                bad = [f"{k}: {self.net_actions.get(k, 'never run')}"
+                       for k in ("xl network-attach", "xl network-detach")
+                       if not self.net_actions.get(k, "").startswith("ok")]
+                detach = self.net_notes.get("detach", "never checked")
+                if bad or not detach.startswith("ok"):
+                    raise TestFailure("; ".join([*bad, detach]))
+                return (f"{detail}; xl network-attach {self.net_actions['xl network-attach'][3:]}, "
+                        f"xl network-detach {self.net_actions['xl network-detach'][3:]}; {detach[3:]}")
+            if step == "net-reboot":
+                if len(self.domids) < 2:
+                    raise TestFailure("no second domain id seen after the reboot")
+                return f"{detail}; domain {self.domids[0]} -> {domid}"
+            return detail
+        return "ok"
+
+    def stop_net(self) -> None:
+        if self.net is not None:
+            self.net.stop()
 
     def check_status(self, domid: int) -> None:
         """`pvback status` while both disks are Connected and xvda has served the guest's I/O."""
@@ -795,6 +1051,8 @@ class Scenario:
         self.daemon.check()
         say("STAGE guest:create")
         self.make_disks()
+        if NET_STEPS & set(self.steps):
+            self.net = NetServers()
         if "flush" in self.steps or "fs-replay" in self.steps:
             self.setup_logwrites()
             for check in ("blk-flush", "blk-fs-replay"):
@@ -840,7 +1098,7 @@ class Scenario:
                 # `xl` is a process start under TCG, and CPU dom0 burns is CPU the guest does not get: poll
                 # often only once the guest has said its last word.
                 next_poll_dom = now + (1 if text.rstrip().endswith(("DOMU-DONE", "Power down", "halted"))
-                                       or "DOMU-RESULT reboot" in text else 10)
+                                       or re.search(r"DOMU-RESULT (net-)?reboot", text) else 10)
                 domid = domid_of(GUEST)
                 if domid is not None and domid not in self.domids:
                     self.gone_seen.setdefault(self.domids[-1], now)
@@ -849,7 +1107,8 @@ class Scenario:
                     gone_since = gone_since or now
                     self.gone_seen.setdefault(self.domids[-1], now)
                     # A reboot leaves a gap between the old domain and the new one.
-                    if "reboot" not in self.steps or "reboot" in self.seen_steps or now - gone_since > 60:
+                    after = [s for s in REBOOT_STEPS if s in self.steps and s not in self.seen_steps]
+                    if not after or now - gone_since > 60:
                         break
                 else:
                     gone_since = None
@@ -1004,6 +1263,7 @@ def main() -> int:
                     if c in NEEDS_GUEST:
                         report(c, False, why)
             finally:
+                scenario.stop_net()
                 if domid_of(GUEST) is not None:
                     run(["xl", "destroy", GUEST], timeout=60, check=False)
                 wait_until_gone = time.monotonic() + 20
