@@ -40,6 +40,17 @@ class NetNS:
         """`cmd` run inside this namespace."""
         return ["ip", "netns", "exec", self.name, *cmd]
 
+    def exec(self, *cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """`cmd` run to completion inside this namespace (output captured as text, 30 s unless told)."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 30)
+        return subprocess.run(self.argv(*cmd), **kw)
+
+    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]:
+        """`cmd` started inside this namespace (text mode); the caller stops it by its PID."""
+        return subprocess.Popen(self.argv(*cmd), text=True, **kw)
+
     def run(self, fn: Callable[[], T]) -> T:
         """fn() in a thread that entered this namespace (taps, sockets and netlink it opens live here)."""
         out: list[tuple[bool, Any]] = []
@@ -116,9 +127,9 @@ def _icmp_csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def ping(ns: NetNS, addr: str, *, count: int = 3, size: int = 56, timeout: float = 2.0) -> list[float]:
-    """ICMP echo from inside `ns` (a raw socket: no ping binary needed); the round-trip times in seconds of the
-    replies that came back within `timeout` each."""
+def echo(addr: str, *, count: int = 3, size: int = 56, timeout: float = 2.0) -> list[float]:
+    """ICMP echo from the calling thread's namespace (a raw socket: no ping binary needed); the round-trip times
+    in seconds of the replies that came back within `timeout` each."""
     import socket
     import time
 
@@ -126,29 +137,30 @@ def ping(ns: NetNS, addr: str, *, count: int = 3, size: int = 56, timeout: float
     fam, proto, req, rep = ((socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129) if v6
                             else (socket.AF_INET, socket.IPPROTO_ICMP, 8, 0))
     ident = os.getpid() & 0xFFFF
+    rtts: list[float] = []
+    with socket.socket(fam, socket.SOCK_RAW, proto) as s:
+        for seq in range(count):
+            payload = os.urandom(size)
+            body = struct.pack("!BBHHH", req, 0, 0, ident, seq) + payload
+            if not v6:  # the kernel fills ICMPv6 checksums on raw sockets, not ICMPv4 ones
+                body = struct.pack("!BBHHH", req, 0, _icmp_csum(body), ident, seq) + payload
+            t0 = time.monotonic()
+            s.sendto(body, (addr, 0))
+            deadline = t0 + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    data = s.recv(65536)
+                except TimeoutError:
+                    break
+                icmp = data if v6 else data[(data[0] & 0xF) * 4:]  # IPv4 raw sockets include the IP header
+                if len(icmp) >= 8 and icmp[0] == rep and struct.unpack("!HH", icmp[4:8]) == (ident, seq) \
+                        and icmp[8:] == payload:
+                    rtts.append(time.monotonic() - t0)
+                    break
+    return rtts
 
-    def run() -> list[float]:
-        rtts: list[float] = []
-        with socket.socket(fam, socket.SOCK_RAW, proto) as s:
-            for seq in range(count):
-                payload = os.urandom(size)
-                body = struct.pack("!BBHHH", req, 0, 0, ident, seq) + payload
-                if not v6:  # the kernel fills ICMPv6 checksums on raw sockets, not ICMPv4 ones
-                    body = struct.pack("!BBHHH", req, 0, _icmp_csum(body), ident, seq) + payload
-                t0 = time.monotonic()
-                s.sendto(body, (addr, 0))
-                deadline = t0 + timeout
-                while (left := deadline - time.monotonic()) > 0:
-                    s.settimeout(left)
-                    try:
-                        data = s.recv(65536)
-                    except TimeoutError:
-                        break
-                    icmp = data if v6 else data[(data[0] & 0xF) * 4:]  # IPv4 raw sockets include the IP header
-                    if len(icmp) >= 8 and icmp[0] == rep and struct.unpack("!HH", icmp[4:8]) == (ident, seq) \
-                            and icmp[8:] == payload:
-                        rtts.append(time.monotonic() - t0)
-                        break
-        return rtts
 
-    return ns.run(run)
+def ping(ns: NetNS, addr: str, *, count: int = 3, size: int = 56, timeout: float = 2.0) -> list[float]:
+    """echo() from inside `ns`."""
+    return ns.run(lambda: echo(addr, count=count, size=size, timeout=timeout))

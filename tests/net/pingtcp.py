@@ -4,49 +4,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
-import struct
-import time
 
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+from backends.guests.netns import echo
 
 
 def ping(addr: str, *, count: int = 3, size: int = 56, timeout: float = 5.0) -> int:
-    """Echo requests to `addr`; returns how many replies came back (each awaited up to `timeout`)."""
-    v6 = ":" in addr
-    fam, proto, req, rep = ((socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129) if v6
-                            else (socket.AF_INET, socket.IPPROTO_ICMP, 8, 0))
-    ident = os.getpid() & 0xFFFF
-    got = 0
-    with socket.socket(fam, socket.SOCK_RAW, proto) as s:
-        for seq in range(count):
-            payload = os.urandom(size)
-            hdr = struct.pack("!BBHHH", req, 0, 0, ident, seq)
-            pkt = hdr + payload
-            if not v6:  # the kernel fills ICMPv6 checksums on raw sockets
-                pkt = struct.pack("!BBHHH", req, 0, _csum(pkt), ident, seq) + payload
-            s.sendto(pkt, (addr, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                s.settimeout(left)
-                try:
-                    data = s.recv(65536)
-                except TimeoutError:
-                    break
-                icmp = data if v6 else data[(data[0] & 0xF) * 4:]
-                t, _c, _ck, rid, rseq = struct.unpack_from("!BBHHH", icmp)
-                if t == rep and rid == ident and rseq == seq and icmp[8:] == payload:
-                    got += 1
-                    break
-    return got
+    """Echo requests to `addr` from the calling thread's namespace; returns how many replies came back (each
+    awaited up to `timeout`)."""
+    return len(echo(addr, count=count, size=size, timeout=timeout))
 
 
 def listener(addr: str, port: int) -> socket.socket:
