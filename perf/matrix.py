@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from perf import runner
@@ -38,23 +34,13 @@ __all__ = ["WL_BY_NAME", "WORKLOADS", "Plan", "Wl", "aggregate", "evaluate_targe
 def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str = "/dev/shm",
          argv: list[str] | None = None, plan: Plan | None = None) -> int:
     plan = plan or Plan.make(quick)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for tool in ("fio", "nbdkit", "gcc"):
-        if shutil.which(tool) is None and (tool != "nbdkit" or plan.nbd):
-            print(f"pvback bench: {tool} is not installed (./dev installs it)", file=sys.stderr)
-            return 1
+    if runner.tools_missing("pvback bench", ("fio", *(("nbdkit",) if plan.nbd else ()), "gcc")):
+        return 1
     store_dirs = {"tmpfs": Path(tmpfs_dir), "disk": Path(disk_dir or "/var/tmp")}
     store_dirs = {k: v for k, v in store_dirs.items() if k in plan.stores}
-    t_start = time.monotonic()
 
-    def progress(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="pvback-bench-"))
-    (out_dir / "samples.jsonl").unlink(missing_ok=True)
-    ok = False
-    try:
+    def body(out_dir: Path, work: Path, progress: runner.Progress) -> int:
+        (out_dir / "samples.jsonl").unlink(missing_ok=True)
         host = runner.host_description(store_dirs)
         progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}, "
                  f"stores {host['stores']}; {plan.reps} rep(s) x {plan.seconds:g} s")
@@ -83,13 +69,9 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
             print(line)
         files = plots(result, out_dir, [w.name for w in WORKLOADS])
         print(f"\nwrote {out_dir / 'bench.json'} and {', '.join(files)}")
-        ok = True
         return 0
-    finally:
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"(work directory kept: {work})", file=sys.stderr)
+
+    return runner.run_bench(out, "pvback-bench-", body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import datetime
 import fcntl
 import json
 import os
@@ -137,7 +136,64 @@ class VethTopology(Topology):
         self.peer.delete()
 
 
-class NetbackNic:
+class EmulatedNic:
+    """What every benchmark's emulated guest NIC has: the guest, its netfronts on the guest's tap fds, the
+    backend path `pvback attach nic` printed; the CLI against the simulator; detach and close."""
+
+    CLI_TIMEOUT = 60.0
+
+    def __init__(self, sim_dir: Path) -> None:
+        self.sim_dir = sim_dir
+        self.fds: list[int] = []
+        self.fronts: list[Any] = []
+        self.guest: Any = None
+        self.xs: Any = None  # the guest's XenStore connection, once connect() made it
+        self.backend = ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
+        return subprocess.run([runner.PY, "-m", "backends.daemon.cli", *args, "--platform", "emulated", "--sim-dir",
+                               str(self.sim_dir)], capture_output=True, text=True, timeout=self.CLI_TIMEOUT,
+                              env=env, cwd=runner.ROOT, stdin=subprocess.DEVNULL)
+
+    def front_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for nf in self.fronts:
+            for k, v in nf.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    async def close(self) -> None:
+        from backends.xenbus.state import XenbusState
+        from backends.xenbus.toolstack import remove_device
+
+        for nf in self.fronts:
+            nf.stop()
+        if self.guest is not None:
+            fe = f"/local/domain/{self.guest.domid}/device/vif/0"
+            with contextlib.suppress(Exception):
+                await self.xs.write(f"{fe}/state", str(int(XenbusState.CLOSED)))
+            if self.backend:
+                with contextlib.suppress(Exception):
+                    from backends.xenstore.client import XenStoreClient
+
+                    dom0 = await XenStoreClient.connect(str(self.sim_dir / "xenstored.sock"))
+                    try:
+                        await remove_device(dom0, backend_domid=0, frontend_domid=self.guest.domid, type_name="vif",
+                                            devid=0, frontend_type="vif", timeout=10.0)
+                    finally:
+                        await dom0.close()
+            for nf in self.fronts:
+                nf.close()
+            with contextlib.suppress(Exception):
+                await self.xs.close()
+            self.guest.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class NetbackNic(EmulatedNic):
     """One guest with one NIC of `queues` queues attached through `pvback attach nic`, its netfront connected
     (C data path), in its own guest namespace."""
 
@@ -146,14 +202,10 @@ class NetbackNic:
                  gso: bool = True) -> None:
         from backends.guests.netns import NetNS
 
-        self.sim_dir = sim_dir
+        super().__init__(sim_dir)
         self.peer = peer
         self.queues = queues
         self.ns = NetNS(f"pvbn-g{queues}-{tag}")
-        self.fds: list[int] = []
-        self.fronts: list[Any] = []
-        self.guest: Any = None
-        self.backend = ""
         self.progress = progress
         self.datapath = datapath
         self.spin_us = spin_us
@@ -163,12 +215,6 @@ class NetbackNic:
         self.bridge = bridge
         self.addr = addr
         self.gso = gso
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
-        return subprocess.run([runner.PY, "-m", "backends.daemon.cli", *args, "--platform", "emulated", "--sim-dir",
-                               str(self.sim_dir)], capture_output=True, text=True, timeout=60, env=env,
-                              cwd=runner.ROOT, stdin=subprocess.DEVNULL)
 
     async def connect(self) -> None:
         from backends.guests.guest import Guest
@@ -209,40 +255,8 @@ class NetbackNic:
         self.peer.ip("addr", "add", f"{PEER_V4}/24", "dev", self.vif)
         await xenbus_connect(self.xs, f"/local/domain/{self.guest.domid}/device/vif/0", self.fronts)
 
-    def front_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for nf in self.fronts:
-            for k, v in nf.stats.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
     async def close(self) -> None:
-        from backends.xenbus.state import XenbusState
-        from backends.xenbus.toolstack import remove_device
-
-        for nf in self.fronts:
-            nf.stop()
-        if self.guest is not None:
-            fe = f"/local/domain/{self.guest.domid}/device/vif/0"
-            with contextlib.suppress(Exception):
-                await self.xs.write(f"{fe}/state", str(int(XenbusState.CLOSED)))
-            if self.backend:
-                with contextlib.suppress(Exception):
-                    from backends.xenstore.client import XenStoreClient
-
-                    dom0 = await XenStoreClient.connect(str(self.sim_dir / "xenstored.sock"))
-                    try:
-                        await remove_device(dom0, backend_domid=0, frontend_domid=self.guest.domid, type_name="vif",
-                                            devid=0, frontend_type="vif", timeout=10.0)
-                    finally:
-                        await dom0.close()
-            for nf in self.fronts:
-                nf.close()
-            with contextlib.suppress(Exception):
-                await self.xs.close()
-            self.guest.close()
-        for fd in self.fds:
-            os.close(fd)
+        await super().close()
         self.ns.delete()
 
 
@@ -355,6 +369,23 @@ def measure(topo: Topology, server: IperfServer, system: str, workload: str, rep
     extra = f" daemon {daemon_w:.2f} s CPU" if daemon_w is not None else ""
     progress(f"{workload:14s} {system:8s} rep {rep}: {what}{extra}")
     return s, detail
+
+
+def measure_rounds(plan: Plan, wls: list[str], topos: Mapping[str, Topology],
+                   servers: Mapping[str, IperfServer], progress: Progress, *,
+                   tag: str = "") -> Iterator[tuple[Sample, dict[str, Any]]]:
+    """measure() every workload on every path, plan.reps times, the paths taking turns within each repetition
+    (a machine shared with other work then loads them alike); a failed cell is reported (`tag` before its name)
+    and left out, the rest goes on."""
+    for rep in range(plan.reps):
+        for wl in wls:
+            for system, topo in topos.items():
+                try:
+                    s, d = measure(topo, servers[system], system, wl, rep, plan.seconds, progress)
+                except Exception as exc:
+                    runner.failed(progress, f"{tag}{wl} {system} rep {rep}", exc)
+                    continue
+                yield s, d
 
 
 def probe_syscalls(topo: Topology, workload: str, seconds: float, progress: Progress) -> dict[str, Any] | None:
@@ -535,16 +566,9 @@ def run_queues(plan: Plan, work: Path, queues: int, topos: dict[str, Topology], 
     try:
         for system, topo in topos.items():
             servers[system] = IperfServer(topo.peer, work)
-        for rep in range(plan.reps):
-            for wl in wls:
-                for system, topo in topos.items():
-                    try:
-                        s, d = measure(topo, servers[system], system, wl, rep, plan.seconds, progress)
-                    except Exception as exc:
-                        runner.failed(progress, f"{wl} {system} rep {rep}", exc)
-                        continue
-                    samples.append(s)
-                    details.append(d)
+        for s, d in measure_rounds(plan, wls, topos, servers, progress):
+            samples.append(s)
+            details.append(d)
         for system, topo in topos.items():
             for wl in wls if topo.daemon_pid is not None else []:
                 try:
@@ -680,23 +704,13 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         from perf import net_switch
 
         return net_switch.main(switch, quick, out, argv=argv, plan=plan)
-    for tool in ("iperf3", "ip", "gcc"):
-        if shutil.which(tool) is None:
-            print(f"pvback bench net: {tool} is not installed (./dev installs it)", file=sys.stderr)
-            return 1
+    if runner.tools_missing("pvback bench net", ("iperf3", "ip", "gcc")):
+        return 1
     if os.geteuid() != 0:
         print("pvback bench net: needs root (network namespaces and taps)", file=sys.stderr)
         return 1
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
 
-    def progress(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="pvbn-", dir="/tmp"))
-    ok = False
-    try:
+    def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
         progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; "
                  f"{plan.reps} rep(s) x {plan.seconds:g} s per cell")
@@ -705,46 +719,27 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         cells = aggregate(raw["samples"], raw["details"])
         targets = evaluate_targets(cells)
         result = {
-            "command": " ".join(argv) if argv else f"pvback bench net{' --quick' if quick else ''} --out {out}",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": host,
-            "plan": plan.__dict__,
-            "iperf3": (runner.run_text(["iperf3", "--version"]).splitlines() or [""])[0],
+            **runner.result_head(argv, f"pvback bench net{' --quick' if quick else ''} --out {out}", host, plan),
+            "iperf3": runner.first_line(["iperf3", "--version"]),
             "serve_settings": raw["serve_settings"],
             "failures": list(runner.FAILURES),
             "costs": raw["costs"],
             "cells": cells, "targets": targets, "samples": raw["samples"], "details": raw["details"],
         }
-        (out_dir / "bench-net.json").write_text(json.dumps(result, indent=1))
-        md = net_markdown(result)
-        (out_dir / "bench-net.md").write_text(md)
-        print()
-        print(md)
-        for line in target_lines(targets):
-            print(line)
-        print(f"\nwrote {out_dir / 'bench-net.json'} and {out_dir / 'bench-net.md'}")
-        ok = True
+        runner.write_report(out_dir, "bench-net", result, net_markdown(result), target_lines(targets))
         return 0
-    finally:
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"(work directory kept: {work})", file=sys.stderr)
+
+    return runner.run_bench(out, "pvbn-", body, tmp="/tmp")
+
 
 
 def rerender(path: str) -> str:
     """The cells, targets and markdown again from a bench-net.json's raw samples and details (after a change
     to the aggregation or the report); rewrites the JSON and the markdown next to it, returns the markdown."""
     from perf.report import net_markdown
+    from perf.report import rerender as again
 
-    p = Path(path)
-    result = json.loads(p.read_text())
-    result["cells"] = aggregate(result["samples"], result["details"])
-    result["targets"] = evaluate_targets(result["cells"])
-    p.write_text(json.dumps(result, indent=1))
-    md = net_markdown(result)
-    p.with_suffix(".md").write_text(md)
-    return md
+    return again(path, aggregate, evaluate_targets, net_markdown)
 
 
 if __name__ == "__main__":  # python -m perf.net_cells perf/results/net/bench-net.json

@@ -22,22 +22,17 @@ perf/ovs.py holds PrivateOvs it moves next to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
 import fcntl
-import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from perf import analysis, net_cells, runner
 from perf.analysis import Sample
-from perf.net_cells import GUEST_V4, PEER_V4, IperfServer, Plan, Topology, measure, proc_cpu_s
+from perf.net_cells import GUEST_V4, PEER_V4, IperfServer, Plan, Topology, proc_cpu_s
 from perf.runner import Progress, Serve, simulator
 
 WORKLOADS = ["tcp-g2p-1q", "tcp-p2g-1q"]
@@ -46,21 +41,14 @@ TUNSETOFFLOAD, TUN_F_CSUM = 0x400454D0, 0x01
 OVN_WAIT = 30.0
 
 
-class OvnNic:
+class OvnNic(net_cells.EmulatedNic):
     """An emulated guest on one host, its NIC attached with `pvback attach nic --bridge br-int --iface-id`."""
 
-    def __init__(self, ns: Any, sim_dir: Path, lport: str, mac: str, ip: str) -> None:
-        self.ns, self.sim_dir, self.lport, self.mac, self.ip = ns, sim_dir, lport, mac, ip
-        self.fds: list[int] = []
-        self.fronts: list[Any] = []
-        self.guest: Any = None
-        self.backend = ""
+    CLI_TIMEOUT = OVN_WAIT + 30
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(runner.ROOT)}
-        return subprocess.run([runner.PY, "-m", "backends.daemon.cli", *args, "--platform", "emulated", "--sim-dir",
-                               str(self.sim_dir)], capture_output=True, text=True, timeout=OVN_WAIT + 30, env=env,
-                              cwd=runner.ROOT, stdin=subprocess.DEVNULL)
+    def __init__(self, ns: Any, sim_dir: Path, lport: str, mac: str, ip: str) -> None:
+        super().__init__(sim_dir)
+        self.ns, self.lport, self.mac, self.ip = ns, lport, mac, ip
 
     async def connect(self) -> None:
         from backends.guests.guest import Guest
@@ -85,41 +73,6 @@ class OvnNic:
             fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
         await xenbus_connect(self.xs, f"/local/domain/{self.guest.domid}/device/vif/0", self.fronts,
                              timeout=OVN_WAIT + 10)
-
-    def front_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for nf in self.fronts:
-            for k, v in nf.stats.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    async def close(self) -> None:
-        from backends.xenbus.state import XenbusState
-        from backends.xenbus.toolstack import remove_device
-        from backends.xenstore.client import XenStoreClient
-
-        for nf in self.fronts:
-            nf.stop()
-        if self.guest is not None:
-            fe = f"/local/domain/{self.guest.domid}/device/vif/0"
-            with contextlib.suppress(Exception):
-                await self.xs.write(f"{fe}/state", str(int(XenbusState.CLOSED)))
-            if self.backend:
-                with contextlib.suppress(Exception):
-                    dom0 = await XenStoreClient.connect(str(self.sim_dir / "xenstored.sock"))
-                    try:
-                        await remove_device(dom0, backend_domid=0, frontend_domid=self.guest.domid, type_name="vif",
-                                            devid=0, frontend_type="vif", timeout=10.0)
-                    finally:
-                        await dom0.close()
-            for nf in self.fronts:
-                nf.close()
-            with contextlib.suppress(Exception):
-                await self.xs.close()
-            self.guest.close()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
 
 
 class PairTopology(Topology):
@@ -184,16 +137,9 @@ def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
                                           "netback": PairTopology(ng, np_, nics[0], serves)}
             servers = {k: IperfServer(t.peer, work) for k, t in topos.items()}
             try:
-                for rep in range(plan.reps):
-                    for wl in WORKLOADS:
-                        for system, topo in topos.items():
-                            try:
-                                smp, d = measure(topo, servers[system], system, wl, rep, plan.seconds, progress)
-                            except Exception as exc:
-                                runner.failed(progress, f"{wl} {system} rep {rep}", exc)
-                                continue
-                            samples.append(smp)
-                            details.append(d)
+                for smp, d in net_cells.measure_rounds(plan, WORKLOADS, topos, servers, progress):
+                    samples.append(smp)
+                    details.append(d)
             finally:
                 for srv in servers.values():
                     srv.close()
@@ -255,42 +201,21 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
     if os.geteuid() != 0:
         print("pvback bench net --switch ovn: needs root (network namespaces and taps)", file=sys.stderr)
         return 1
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
 
-    def progress(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="pvbovn-", dir="/tmp"))
-    ok = False
-    try:
+    def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
         runner.FAILURES.clear()
         raw = run_all(plan, work, progress)
         cells = aggregate(raw["samples"], raw["details"])
         targets = net_cells.evaluate_targets(cells)
         result = {
-            "command": " ".join(argv) if argv else f"pvback bench net --switch ovn{' --quick' if quick else ''}",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": host, "plan": plan.__dict__,
-            "iperf3": (runner.run_text(["iperf3", "--version"]).splitlines() or [""])[0],
-            "ovn": (runner.run_text(["ovn-controller", "--version"]).splitlines() or [""])[0],
+            **runner.result_head(argv, f"pvback bench net --switch ovn{' --quick' if quick else ''}", host, plan),
+            "iperf3": runner.first_line(["iperf3", "--version"]),
+            "ovn": runner.first_line(["ovn-controller", "--version"]),
             "serve_settings": raw["serve_settings"], "failures": list(runner.FAILURES),
             "cells": cells, "targets": targets, "samples": raw["samples"], "details": raw["details"],
         }
-        (out_dir / "bench-net-ovn.json").write_text(json.dumps(result, indent=1))
-        md = markdown(result)
-        (out_dir / "bench-net-ovn.md").write_text(md)
-        print()
-        print(md)
-        for line in target_lines(targets):
-            print(line)
-        print(f"\nwrote {out_dir / 'bench-net-ovn.json'} and {out_dir / 'bench-net-ovn.md'}")
-        ok = not result["failures"]
-        return 0 if ok else 1
-    finally:
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"(work directory kept: {work})", file=sys.stderr)
+        runner.write_report(out_dir, "bench-net-ovn", result, markdown(result), target_lines(targets))
+        return 1 if result["failures"] else 0
+
+    return runner.run_bench(out, "pvbovn-", body, tmp="/tmp")

@@ -30,15 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,7 +47,7 @@ from perf.net_cells import (
     NetbackTopology,
     Plan,
     Topology,
-    measure,
+    measure_rounds,
     parse_workload,
     proc_cpu_s,
 )
@@ -189,16 +184,10 @@ def run_ovs_mode(plan: Plan, work: Path, sim_dir: Path, store: str, tso: bool, s
                     topos: dict[str, Topology] = {"veth": OvsVethTopology(vguest, peer, ovs),
                                                   "netback": OvsNetbackTopology(nic, serve, peer, ovs)}
                     wls = [wl for wl in WORKLOADS if parse_workload(wl)[2] == q]
-                    for rep in range(plan.reps):
-                        for wl in wls:
-                            for system, topo in topos.items():
-                                try:
-                                    s, d = measure(topo, server, system, wl, rep, plan.seconds, progress)
-                                except Exception as exc:
-                                    runner.failed(progress, f"{store} {wl} {system} rep {rep}", exc)
-                                    continue
-                                samples.append(dataclasses.replace(s, store=store))
-                                details.append(d | {"store": store})
+                    for s, d in measure_rounds(plan, wls, topos, dict.fromkeys(topos, server), progress,
+                                               tag=f"{store} "):
+                        samples.append(dataclasses.replace(s, store=store))
+                        details.append(d | {"store": store})
                     errs = [str(nf.error) for nf in nic.fronts if nf.error is not None]
                     if errs:
                         runner.failed(progress, f"{store} netback {q}q netfront", RuntimeError("; ".join(errs)))
@@ -301,7 +290,7 @@ def f2(x: Any) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from perf.report import goal_op
+    from perf.report import kpps, targets_table
 
     h = result["host"]
     co = result.get("costs") or {}
@@ -330,7 +319,7 @@ def markdown(result: dict[str, Any]) -> str:
         sent = f"{c['sent_pps'] / 1e3:.1f}" if c.get("sent_pps") else "-"
         lines.append(
             f"| {c['store']} | {c['workload']} | {c['system']} | {c['mb_s'] * 8 / 1e3:.2f} | "
-            f"{net_cells_kpps(c, udp)} | {sent} | {f2(c.get('ratio_to_veth'))} | "
+            f"{kpps(c, udp)} | {sent} | {f2(c.get('ratio_to_veth'))} | "
             f"{'-' if udp else format(c.get('retransmits', 0.0), '.0f')} | {f2(c.get('cpu_s_per_gb'))} | "
             f"{f2(c.get('iperf_cpu_s_per_gb'))} | {f2(c.get('switch_cpu_s_per_gb'))} | "
             f"{f2(c.get('daemon_cpu_s_per_gb_rx')) if c['system'] == 'netback' else '-'} | "
@@ -353,19 +342,8 @@ def markdown(result: dict[str, Any]) -> str:
                   f"memcpy {co['memcpy_ns_per_kib']:.1f} ns/KiB; the emulated grant copy "
                   f"{co.get('grant_copy_ns_per_kib', 0.0):.1f} ns/KiB; one write() of a 64-byte frame into a tap "
                   f"{co['tap_write_net_ns']:.0f} ns; one eventfd wake-up {co['wakeup_us']:.2f} us."]
-    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
-                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
-    if result.get("failures"):
-        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    lines += targets_table(result, fmt=f2, failures=True)
     return "\n".join(lines) + "\n"
-
-
-def net_cells_kpps(c: Cell, udp: bool) -> str:
-    from perf.report import kpps
-
-    return kpps(c, udp)
 
 
 def main(switch: str, quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | None = None) -> int:
@@ -375,23 +353,13 @@ def main(switch: str, quick: bool, out: str, *, argv: list[str] | None = None, p
     if switch not in SWITCHES:
         print(f"pvback bench net: no switch {switch!r} (known: {', '.join(SWITCHES)})", file=sys.stderr)
         return 1
-    for tool in ("iperf3", "ip", "gcc", *NEEDS.get(switch, ())):
-        if shutil.which(tool) is None:
-            print(f"pvback bench net --switch {switch}: {tool} is not installed (./dev installs it)", file=sys.stderr)
-            return 1
+    if runner.tools_missing(f"pvback bench net --switch {switch}", ("iperf3", "ip", "gcc", *NEEDS.get(switch, ()))):
+        return 1
     if os.geteuid() != 0:
         print("pvback bench net: needs root (network namespaces and taps)", file=sys.stderr)
         return 1
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
 
-    def progress(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="pvsw-", dir="/tmp"))
-    ok = False
-    try:
+    def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
         progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; switch {switch}; "
                  f"{plan.reps} rep(s) x {plan.seconds:g} s per cell")
@@ -400,45 +368,26 @@ def main(switch: str, quick: bool, out: str, *, argv: list[str] | None = None, p
         cells = aggregate(raw["samples"], raw["details"])
         targets = evaluate_targets(cells)
         result = {
-            "command": " ".join(argv) if argv else
-            f"pvback bench net --switch {switch}{' --quick' if quick else ''} --out {out}",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": host,
-            "plan": plan.__dict__,
-            "iperf3": (runner.run_text(["iperf3", "--version"]).splitlines() or [""])[0],
+            **runner.result_head(argv, f"pvback bench net --switch {switch}{' --quick' if quick else ''} --out {out}",
+                                 host, plan),
+            "iperf3": runner.first_line(["iperf3", "--version"]),
             "switch": raw["switch"],
             "failures": list(runner.FAILURES),
             "costs": raw["costs"],
             "cells": cells, "targets": targets, "samples": raw["samples"], "details": raw["details"],
         }
-        stem = f"bench-net-{switch}"
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-        md = markdown(result)
-        (out_dir / f"{stem}.md").write_text(md)
-        print()
-        print(md)
-        for line in target_lines(targets):
-            print(line)
-        print(f"\nwrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
-        ok = True
+        runner.write_report(out_dir, f"bench-net-{switch}", result, markdown(result), target_lines(targets))
         return 0
-    finally:
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"(work directory kept: {work})", file=sys.stderr)
+
+    return runner.run_bench(out, "pvsw-", body, tmp="/tmp")
+
 
 
 def rerender(path: str) -> str:
     """Cells, targets and markdown again from a bench-net-<switch>.json's raw samples and details."""
-    p = Path(path)
-    result = json.loads(p.read_text())
-    result["cells"] = aggregate(result["samples"], result["details"])
-    result["targets"] = evaluate_targets(result["cells"])
-    p.write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    p.with_suffix(".md").write_text(md)
-    return md
+    from perf.report import rerender as again
+
+    return again(path, aggregate, evaluate_targets, markdown)
 
 
 if __name__ == "__main__":  # python -m perf.net_switch perf/results/net/bench-net-ovs.json

@@ -6,6 +6,7 @@ out), so a device type's cells reuse them and add sections of their own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ def target_lines(targets: list[dict[str, Any]]) -> list[str]:
         v = "-" if t["value"] is None else f"{t['value']:.2f}"
         out.append(f"  [{mark:6s}] {t['target']}: {v} (goal {goal_op(t)} {t['goal']}) {t['detail']}")
     return out
+
+
+def targets_table(result: dict[str, Any], *, fmt: Callable[[Any], str] = f2, failures: bool = False) -> list[str]:
+    """The markdown table of a result's targets (values through `fmt`), then its failures when asked."""
+    lines = ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {fmt(t['value'])} | {goal_op(t)} {t['goal']} | "
+                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    if failures and result.get("failures"):
+        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    return lines
 
 
 def table(cells: list[dict[str, Any]]) -> str:
@@ -168,10 +180,7 @@ def markdown(result: dict[str, Any]) -> str:
     if ring:
         lines += ["", f"Ring: pure C loop {ring['c_slots_per_s'] / 1e6:.2f} M slots/s, cffi batch of 32 "
                       f"{ring['cffi_slots_per_s'] / 1e6:.2f} M slots/s, ratio {ring['ratio']:.2f}."]
-    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
-                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+    lines += targets_table(result)
     return "\n".join(lines) + "\n"
 
 
@@ -223,12 +232,7 @@ def tpm_markdown(result: dict[str, Any]) -> str:
                   f"{sc['daemon_rss_growth_per_vtpm_kib']:.0f} | {sc['memory_per_vtpm_kib']:.0f} |"]
     elif sc:
         lines += ["", f"Scale: {sc['n']} vTPMs FAILED: {sc['error']}"]
-    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
-                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
-    if result.get("failures"):
-        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    lines += targets_table(result, failures=True)
     return "\n".join(lines) + "\n"
 
 
@@ -289,10 +293,22 @@ def net_markdown(result: dict[str, Any]) -> str:
                   f"of a 64-byte frame into a tap {co['tap_write_net_ns']:.0f} ns "
                   f"(loop cost {co['loop_ns']:.0f} ns subtracted); one eventfd wake-up {co['wakeup_us']:.2f} us "
                   "(half the ping-pong's p50)."]
-    lines += ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {f2(t['value'])} | {goal_op(t)} {t['goal']} | "
-                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
-    if result.get("failures"):
-        lines += ["", "Failures: " + "; ".join(result["failures"])]
+    lines += targets_table(result, failures=True)
     return "\n".join(lines) + "\n"
+
+
+def rerender(path: str, aggregate: Callable[[list[dict[str, Any]], list[dict[str, Any]]], Any],
+             evaluate_targets: Callable[[Any], list[dict[str, Any]]],
+             markdown: Callable[[dict[str, Any]], str]) -> str:
+    """The cells, targets and markdown again from a bench JSON's raw samples and details (after a change to the
+    aggregation or the report); rewrites the JSON and the markdown next to it, returns the markdown."""
+    import json
+
+    p = Path(path)
+    result = json.loads(p.read_text())
+    result["cells"] = aggregate(result["samples"], result["details"])
+    result["targets"] = evaluate_targets(result["cells"])
+    p.write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    p.with_suffix(".md").write_text(md)
+    return md

@@ -6,12 +6,15 @@ and nbdkit, CPU accounting, and the list of sessions that failed without stoppin
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -256,3 +259,65 @@ def failed(progress: Progress, what: str, exc: Exception) -> None:
     msg = f"{what}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
     FAILURES.append(msg)
     progress(f"FAILED {msg}")
+
+
+# ---- the plumbing of a `pvback bench ...` command ---------------------------------------------------------
+
+
+def tools_missing(command: str, tools: tuple[str, ...] | list[str]) -> bool:
+    """True (after saying which on stderr) when one of `tools` is not on PATH."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            print(f"{command}: {tool} is not installed (./dev installs it)", file=sys.stderr)
+            return True
+    return False
+
+
+def first_line(argv: list[str]) -> str:
+    """The first line of what `argv` prints (a tool's --version), "" when it prints nothing."""
+    return (run_text(argv).splitlines() or [""])[0]
+
+
+def result_head(argv: list[str] | None, command: str, host: dict[str, Any], plan: Any) -> dict[str, Any]:
+    """The keys every bench JSON starts with: the command line that made it, the date, the host and the plan."""
+    return {
+        "command": " ".join(argv) if argv else command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": host,
+        "plan": plan.__dict__,
+    }
+
+
+def write_report(out_dir: Path, stem: str, result: dict[str, Any], md: str, target_lines: list[str]) -> None:
+    """`stem`.json and `stem`.md in `out_dir`; the markdown and the targets' verdicts printed as well."""
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{stem}.md").write_text(md)
+    print()
+    print(md)
+    for line in target_lines:
+        print(line)
+    print(f"\nwrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
+
+
+def run_bench(out: str, prefix: str, body: Callable[[Path, Path, Progress], int], *, tmp: str | None = None) -> int:
+    """body(out_dir, work, progress) with `out` made, a fresh work directory and a progress printer stamped
+    with the seconds since the start.  The work directory goes when body returns 0 and is kept (and named on
+    stderr) otherwise, so that a failed run can be looked at."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
+    ok = False
+    try:
+        rc = body(out_dir, work, progress)
+        ok = rc == 0
+        return rc
+    finally:
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"(work directory kept: {work})", file=sys.stderr)

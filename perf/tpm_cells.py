@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
-import json
 import os
 import shutil
 import signal
 import socket
 import statistics
 import struct
-import sys
 import tempfile
 import time
 import uuid as uuidlib
@@ -582,20 +579,10 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
     from perf.report import target_lines, tpm_markdown
 
     plan = plan or Plan.make(quick)
-    for tool in ("swtpm", "swtpm_setup", "gcc"):
-        if shutil.which(tool) is None:
-            print(f"pvback bench tpm: {tool} is not installed (./dev installs it)", file=sys.stderr)
-            return 1
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
+    if runner.tools_missing("pvback bench tpm", ("swtpm", "swtpm_setup", "gcc")):
+        return 1
 
-    def progress(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="pvback-bench-tpm-"))
-    ok = False
-    try:
+    def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
         progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; "
                  f"{plan.reps} rep(s) x {plan.rounds} commands per cell, scale N = {plan.scale_n}")
@@ -606,10 +593,7 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         cells = aggregate(raw["samples"], pp_p50)
         targets = evaluate_targets(cells, raw["scale"])
         result = {
-            "command": " ".join(argv) if argv else f"pvback bench tpm{' --quick' if quick else ''} --out {out}",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": host,
-            "plan": plan.__dict__,
+            **runner.result_head(argv, f"pvback bench tpm{' --quick' if quick else ''} --out {out}", host, plan),
             "swtpm": runner.run_text(["swtpm", "--version"]),
             "serve_settings": raw["serve_settings"],
             "failures": list(runner.FAILURES),
@@ -617,18 +601,7 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
             "pingpong_ref": raw["pingpong_ref"], "loadavg_1min": raw["loadavg_1min"],
             "cells": cells, "targets": targets, "scale": raw["scale"], "samples": raw["samples"],
         }
-        (out_dir / "bench-tpm.json").write_text(json.dumps(result, indent=1))
-        md = tpm_markdown(result)
-        (out_dir / "bench-tpm.md").write_text(md)
-        print()
-        print(md)
-        for line in target_lines(targets):
-            print(line)
-        print(f"\nwrote {out_dir / 'bench-tpm.json'} and {out_dir / 'bench-tpm.md'}")
-        ok = True
+        runner.write_report(out_dir, "bench-tpm", result, tpm_markdown(result), target_lines(targets))
         return 0
-    finally:
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"(work directory kept: {work})", file=sys.stderr)
+
+    return runner.run_bench(out, "pvback-bench-tpm-", body)
