@@ -20,6 +20,7 @@ __all__ = ["bed"]
 
 
 def csum_errors(ns: NetNS) -> int:
+    """InCsumErrors of TCP and UDP (v4) in the namespace."""
     lines = ns.exec("cat", "/proc/net/snmp").stdout.splitlines()
     total = 0
     for head, vals in zip(lines[::2], lines[1::2], strict=False):

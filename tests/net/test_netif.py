@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from backends.native import ffi, lib
 
 from . import wire
+from .toeplitz import MS_KEY, MS_V4
 from .wire import Tx, packet, slots
 
 E = {str(ffi.string(lib.pv_netif_reason_name(i)).decode()): i for i in range(lib.PV_NETIF_NR_REASONS)}
@@ -143,19 +144,8 @@ def test_responses_are_zeroed_and_field_by_field() -> None:
     assert bytes(buf[0:12]) == struct.pack("<HHII", 3, 6, 2, 0)
 
 
-# Microsoft's published RSS verification suite ("Verifying the RSS Hash Calculation"): the default key and
-# IPv4 (addresses) / IPv4+TCP (addresses + ports) hashes.
-MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa")
-MS_V4 = [
-    # (src, sport, dst, dport, ipv4 hash, ipv4+tcp hash)
-    ("66.9.149.187", 2794, "161.142.100.80", 1766, 0x323E8FC2, 0x51CCC178),
-    ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xD718262A, 0xC626B0EA),
-    ("24.19.198.95", 12898, "12.22.207.184", 38024, 0xD2D0A5DE, 0x5C2B394A),
-    ("38.27.205.30", 48228, "209.142.163.6", 2217, 0x82989176, 0xAFC7327F),
-    ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x5D1809C5, 0x10E828A2),
-]
-
-
+# Microsoft's published RSS verification suite: the default key and IPv4 (addresses) / IPv4+TCP (addresses +
+# ports) hashes, from tests/net/toeplitz.py.
 def test_toeplitz_matches_microsoft_vectors() -> None:
     import socket
 

@@ -1,43 +1,18 @@
-"""A NetBed (tests/system/test_net.py) with a daemon config of the test's choosing: the `nbed` fixture's
-namespaces and daemon, plus `[net]` settings (e.g. a short rx_drain_timeout_ms for the hostile suite); and a
-hashed guest-to-peer TCP stream whose progress a test can sample."""
+"""net_bed (tests/system/test_net.py: the `nbed` fixture's namespaces and daemon, plus `[net]` settings of the
+test's choosing, e.g. a short rx_drain_timeout_ms for the hostile suite), and a hashed guest-to-peer TCP stream
+whose progress a test can sample."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import hashlib
-import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 from tests.net import pingtcp
-from tests.net.netns import NetNS
-from tests.system.conftest import SimProc
-from tests.system.test_net import PEER_V4, NetBed, NetnsServe
-
-SERVE_VIF = '[serve]\nbackend_types = ["vif"]\n'
-
-
-@contextlib.contextmanager
-def net_bed(sim: SimProc, tmp_path: Path, net: str = "") -> Iterator[NetBed]:
-    tag = f"{os.getpid()}"
-    with NetNS(f"pvbs-g-{tag}") as g, NetNS(f"pvbs-p-{tag}") as p:
-        # run_dir: the vifs' control state files stay in the test's own directory.
-        serve = NetnsServe(sim, tmp_path, p, SERVE_VIF + f'[net]\nrun_dir = "{tmp_path}/net"\n{net}\n')
-        serve.start()
-        bed = NetBed(sim, serve, tmp_path, g=g, p=p)
-        try:
-            yield bed
-        finally:
-            alive = serve.alive
-            rc = serve.stop()
-            if not serve.killed:
-                assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
+from tests.system.test_net import PEER_V4, NetBed, net_bed
 
 
 class Stream:
@@ -103,3 +78,6 @@ class Stream:
         finally:
             self.lst.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["Stream", "net_bed"]

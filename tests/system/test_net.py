@@ -21,7 +21,7 @@ import socket
 import struct
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,13 +143,16 @@ class NetBed(Bed):
         await super().aclose()
 
 
-@pytest.fixture
-def nbed(sim: SimProc, tmp_path: Path) -> Iterator[NetBed]:
+SERVE_VIF = '[serve]\nbackend_types = ["vif"]\n'
+
+
+@contextlib.contextmanager
+def net_bed(sim: SimProc, tmp_path: Path, net: str = "") -> Iterator[NetBed]:
+    """A NetBed whose daemon serves `vif` with `net` added to its `[net]` settings."""
     tag = f"{os.getpid()}"
     with NetNS(f"pvbs-g-{tag}") as g, NetNS(f"pvbs-p-{tag}") as p:
         # run_dir: the vifs' control state files stay in the test's own directory.
-        config = f'[serve]\nbackend_types = ["vif"]\n[net]\nrun_dir = "{tmp_path}/net"\n'
-        serve = NetnsServe(sim, tmp_path, p, config)
+        serve = NetnsServe(sim, tmp_path, p, SERVE_VIF + f'[net]\nrun_dir = "{tmp_path}/net"\n{net}\n')
         serve.start()
         bed = NetBed(sim, serve, tmp_path, g=g, p=p)
         try:
@@ -160,6 +163,12 @@ def nbed(sim: SimProc, tmp_path: Path) -> Iterator[NetBed]:
             if not serve.killed:
                 assert alive and rc == 0, f"pvback serve died or failed to stop ({rc}):\n{serve.log_text()[-3000:]}"
             # A killed daemon leaves its persistent taps: they go with the namespace.
+
+
+@pytest.fixture
+def nbed(sim: SimProc, tmp_path: Path) -> Iterator[NetBed]:
+    with net_bed(sim, tmp_path) as bed:
+        yield bed
 
 
 def metric(text: str, name: str, domid: int, **labels: str) -> float:
@@ -283,24 +292,21 @@ async def test_attach_refusals_leave_nothing(nbed: NetBed) -> None:
     assert await read_state(await nbed.dom0(), be) is S.UNKNOWN
 
 
-@pytest.mark.system_timeout(120)
-async def test_sigkill_mid_transfer_the_connection_completes(nbed: NetBed) -> None:
-    """The daemon is SIGKILLed while a TCP transfer from the peer to the guest runs; a new daemon re-attaches
-    the same tap (same ifindex, addresses kept) and the rings, and the same connection completes with the
-    right hash."""
-    nic = await nbed.nic(queues=1)
-    g, p = nbed.gns, nbed.peer
-    ifindex = p.ip("-o", "link", "show", "dev", nic.vif).split(":")[0]
-    nbytes = 48 << 20
+async def interrupted_transfer(q: NetNS, g: NetNS, port: int, interrupt: Callable[[], Awaitable[None]],
+                               resume: Callable[[], Awaitable[None]] | None = None, *, nbytes: int = 48 << 20,
+                               seed: int = 3, io_timeout: float = 60.0) -> None:
+    """A hashed TCP transfer peer -> guest, with `interrupt` run once 4 MiB arrived (then `resume`): the same
+    connection must complete with the right hash, and make progress after the interruption (what had arrived
+    when `interrupt` returned).  io_timeout: each socket operation's; the whole transfer gets 30 s more."""
     received = [0]
-    lst = g.run(lambda: pingtcp.listener(GUEST_V4, 5003))
+    lst = g.run(lambda: pingtcp.listener(GUEST_V4, port))
     pool = concurrent.futures.ThreadPoolExecutor(2)
     loop = asyncio.get_running_loop()
 
     def server() -> tuple[int, str]:
         conn, _ = lst.accept()
         with conn:
-            conn.settimeout(30)
+            conn.settimeout(io_timeout)
             h = hashlib.sha256()
             while data := conn.recv(1 << 16):
                 h.update(data)
@@ -309,12 +315,12 @@ async def test_sigkill_mid_transfer_the_connection_completes(nbed: NetBed) -> No
 
     def client() -> str:
         def connect() -> socket.socket:
-            s = pingtcp.connect(GUEST_V4, 5003)
-            s.settimeout(30)
+            s = pingtcp.connect(GUEST_V4, port)
+            s.settimeout(io_timeout)
             return s
 
-        with p.run(connect) as c:
-            return pingtcp.send_hashed(c, nbytes, seed=7)
+        with q.run(connect) as c:
+            return pingtcp.send_hashed(c, nbytes, seed=seed)
 
     try:
         srv = loop.run_in_executor(pool, server)
@@ -323,17 +329,36 @@ async def test_sigkill_mid_transfer_the_connection_completes(nbed: NetBed) -> No
             while received[0] < 4 << 20:
                 await asyncio.sleep(0.005)
         assert received[0] < nbytes // 2, "the transfer was too quick to interrupt"
-        assert nbed.serve.kill(signal.SIGKILL) == -signal.SIGKILL
-        at_kill = received[0]
-        nbed.serve.start()
-        await wait_for_state(await nbed.dom0(), nic.backend, S.CONNECTED, timeout=20.0)
-        sent = await asyncio.wait_for(cli, 60)
-        n, got = await asyncio.wait_for(srv, 60)
+        await interrupt()
+        after = received[0]
+        if resume is not None:
+            await resume()
+        sent = await asyncio.wait_for(cli, io_timeout + 30)
+        n, got = await asyncio.wait_for(srv, io_timeout + 30)
         assert (n, got) == (nbytes, sent)
-        assert n > at_kill
+        assert n > after
     finally:
         lst.close()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.system_timeout(120)
+async def test_sigkill_mid_transfer_the_connection_completes(nbed: NetBed) -> None:
+    """The daemon is SIGKILLed while a TCP transfer from the peer to the guest runs; a new daemon re-attaches
+    the same tap (same ifindex, addresses kept) and the rings, and the same connection completes with the
+    right hash."""
+    nic = await nbed.nic(queues=1)
+    g, p = nbed.gns, nbed.peer
+    ifindex = p.ip("-o", "link", "show", "dev", nic.vif).split(":")[0]
+
+    async def kill() -> None:
+        assert nbed.serve.kill(signal.SIGKILL) == -signal.SIGKILL
+
+    async def restart() -> None:
+        nbed.serve.start()
+        await wait_for_state(await nbed.dom0(), nic.backend, S.CONNECTED, timeout=20.0)
+
+    await interrupted_transfer(p, g, 5003, kill, restart, seed=7, io_timeout=30.0)
     assert p.ip("-o", "link", "show", "dev", nic.vif).split(":")[0] == ifindex  # the same interface
     second = nbed.serve.log_text().split("==== serve start #2")[1]
     assert f"vif={nic.vif} ifindex={ifindex} tap_created=False" in second, second[-2000:]

@@ -19,15 +19,13 @@ Addresses from 198.18.0.0/15 and fd00::/8 only, in namespaces created here (no r
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import fcntl
-import hashlib
 import os
 import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +36,11 @@ from backends.xenbus.toolstack import wait_for_state
 from tests.net import pingtcp
 from tests.net.netns import NetNS
 from tests.net.ovsbed import PrivateOvs, veth_peer
+from tests.net.test_csum_full import csum_errors
 from tests.net.test_datapath import tcp
+from tests.net.test_ovsdb import ext_ids
 from tests.system.conftest import SimProc
-from tests.system.test_net import NetBed, NetnsServe, Nic, metric
+from tests.system.test_net import NetBed, NetnsServe, Nic, interrupted_transfer, metric
 
 S = XenbusState
 PEER_V4, PEER_V6 = "198.18.0.1", "fd00::1"
@@ -129,15 +129,6 @@ def guest_nic(ns: NetNS, mac: str, v4: str, v6: str) -> int:
 def gns(nic: Nic) -> NetNS:
     ns: NetNS = nic.ns  # type: ignore[attr-defined]
     return ns
-
-
-def ext_ids(ovs: PrivateOvs, table: str, name: str) -> dict[str, str]:
-    raw = ovs.get(table, name, "external_ids").strip("{}")
-    out = {}
-    for item in filter(None, (s.strip() for s in raw.split(","))):
-        k, _, v = item.partition("=")
-        out[k.strip('"')] = v.strip('"')
-    return out
 
 
 def make_bed(sim: SimProc, tmp: Path, *, userspace_tso: bool, bridges: tuple[str, ...] = ("br0",),
@@ -263,17 +254,6 @@ async def test_ping_tcp_without_userspace_tso_offers_no_gso(obed_notso: OvsNetBe
     assert all(nf.error is None for nf in nic.fronts)
 
 
-def csum_errors(ns: NetNS) -> int:
-    """InCsumErrors of TCP and UDP (v4) in the namespace."""
-    lines = ns.exec("cat", "/proc/net/snmp").stdout.splitlines()
-    total = 0
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        names, values = head.split()[1:], vals.split()[1:]
-        if head.startswith(("Tcp:", "Udp:")) and "InCsumErrors" in names:
-            total += int(values[names.index("InCsumErrors")])
-    return total
-
-
 # -- VLANs --------------------------------------------------------------------------------------------------
 
 
@@ -397,52 +377,6 @@ async def test_stale_port_replaced_and_missing_bridge_fails_only_that_vif(obed: 
 
 
 # -- switch restarts ----------------------------------------------------------------------------------------
-
-
-async def interrupted_transfer(q: NetNS, g: NetNS, port: int, interrupt: Callable[[], Awaitable[None]],
-                               nbytes: int = 48 << 20) -> None:
-    """A hashed TCP transfer peer -> guest, with `interrupt` run once 4 MiB arrived: the same connection must
-    complete with the right hash, and make progress after the interruption."""
-    received = [0]
-    lst = g.run(lambda: pingtcp.listener(GUEST_V4, port))
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-    loop = asyncio.get_running_loop()
-
-    def server() -> tuple[int, str]:
-        conn, _ = lst.accept()
-        with conn:
-            conn.settimeout(60)
-            h = hashlib.sha256()
-            while data := conn.recv(1 << 16):
-                h.update(data)
-                received[0] += len(data)
-            return received[0], h.hexdigest()
-
-    def client() -> str:
-        def connect() -> socket.socket:
-            s = pingtcp.connect(GUEST_V4, port)
-            s.settimeout(60)
-            return s
-
-        with q.run(connect) as c:
-            return pingtcp.send_hashed(c, nbytes, seed=3)
-
-    try:
-        srv = loop.run_in_executor(pool, server)
-        cli = loop.run_in_executor(pool, client)
-        async with asyncio.timeout(30):
-            while received[0] < 4 << 20:
-                await asyncio.sleep(0.005)
-        assert received[0] < nbytes // 2, "the transfer was too quick to interrupt"
-        await interrupt()
-        after = received[0]
-        sent = await asyncio.wait_for(cli, 90)
-        n, got = await asyncio.wait_for(srv, 90)
-        assert (n, got) == (nbytes, sent)
-        assert n > after
-    finally:
-        lst.close()
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.mark.system_timeout(180)
