@@ -42,7 +42,7 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
     def body(out_dir: Path, work: Path, progress: runner.Progress) -> int:
         (out_dir / "samples.jsonl").unlink(missing_ok=True)
         host = runner.host_description(store_dirs)
-        progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}, "
+        progress(f"{runner.host_line(host)}, "
                  f"stores {host['stores']}; {plan.reps} rep(s) x {plan.seconds:g} s")
         runner.FAILURES.clear()
         raw = run_matrix(plan, work, store_dirs, progress, journal=out_dir / "samples.jsonl")

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -683,14 +683,16 @@ def aggregate(samples: list[dict[str, Any]], details: list[dict[str, Any]]) -> l
     return cells
 
 
-def evaluate_targets(cells: list[Cell]) -> list[dict[str, Any]]:
+def evaluate_targets(cells: list[Cell], *, label: Callable[[Cell], str] = lambda c: f"net {c['workload']}",
+                     vs: str = "veth") -> list[dict[str, Any]]:
+    """netback against the veth path, a target per workload (named label(cell) ... vs `vs`)."""
     t = Targets()
     for c in cells:
         if c["system"] != "netback" or c.get("ratio_to_veth") is None:
             continue
         tcp = c["workload"].startswith("tcp")
         unit = (f"{c['mb_s'] * 8 / 1e3:.2f} Gbit/s" if tcp else f"{c['iops'] / 1e3:.1f} kpps")
-        t.add(f"net {c['workload']} {'Gbit/s' if tcp else 'packets/s'} vs veth", c["ratio_to_veth"],
+        t.add(f"{label(c)} {'Gbit/s' if tcp else 'packets/s'} vs {vs}", c["ratio_to_veth"],
               TARGET_TCP if tcp else TARGET_PPS, f"netback {unit}")
     return t.rows
 
@@ -706,13 +708,12 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         return net_switch.main(switch, quick, out, argv=argv, plan=plan)
     if runner.tools_missing("pvback bench net", ("iperf3", "ip", "gcc")):
         return 1
-    if os.geteuid() != 0:
-        print("pvback bench net: needs root (network namespaces and taps)", file=sys.stderr)
+    if runner.not_root("pvback bench net"):
         return 1
 
     def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
-        progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; "
+        progress(f"{runner.host_line(host)}; "
                  f"{plan.reps} rep(s) x {plan.seconds:g} s per cell")
         runner.FAILURES.clear()
         raw = run_all(plan, work, progress)

@@ -198,8 +198,7 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
         print(f"pvback bench net --switch ovn: not installed: {', '.join(gone)} (./dev installs them)",
               file=sys.stderr)
         return 1
-    if os.geteuid() != 0:
-        print("pvback bench net --switch ovn: needs root (network namespaces and taps)", file=sys.stderr)
+    if runner.not_root("pvback bench net --switch ovn"):
         return 1
 
     def body(out_dir: Path, work: Path, progress: Progress) -> int:

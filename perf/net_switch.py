@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from perf import analysis, net_cells, runner
-from perf.analysis import Cell, CellKey, Sample, Targets
+from perf.analysis import Cell, CellKey, Sample
 from perf.net_cells import (
     PEER_V4,
     IperfServer,
@@ -274,15 +274,7 @@ def aggregate(samples: list[dict[str, Any]], details: list[dict[str, Any]]) -> l
 
 
 def evaluate_targets(cells: list[Cell]) -> list[dict[str, Any]]:
-    t = Targets()
-    for c in cells:
-        if c["system"] != "netback" or c.get("ratio_to_veth") is None:
-            continue
-        tcp = c["workload"].startswith("tcp")
-        unit = f"{c['mb_s'] * 8 / 1e3:.2f} Gbit/s" if tcp else f"{c['iops'] / 1e3:.1f} kpps"
-        t.add(f"{c['store']} {c['workload']} {'Gbit/s' if tcp else 'packets/s'} vs veth port", c["ratio_to_veth"],
-              net_cells.TARGET_TCP if tcp else net_cells.TARGET_PPS, f"netback {unit}")
-    return t.rows
+    return net_cells.evaluate_targets(cells, label=lambda c: f"{c['store']} {c['workload']}", vs="veth port")
 
 
 def f2(x: Any) -> str:
@@ -355,13 +347,12 @@ def main(switch: str, quick: bool, out: str, *, argv: list[str] | None = None, p
         return 1
     if runner.tools_missing(f"pvback bench net --switch {switch}", ("iperf3", "ip", "gcc", *NEEDS.get(switch, ()))):
         return 1
-    if os.geteuid() != 0:
-        print("pvback bench net: needs root (network namespaces and taps)", file=sys.stderr)
+    if runner.not_root("pvback bench net"):
         return 1
 
     def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
-        progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; switch {switch}; "
+        progress(f"{runner.host_line(host)}; switch {switch}; "
                  f"{plan.reps} rep(s) x {plan.seconds:g} s per cell")
         runner.FAILURES.clear()
         raw = SWITCHES[switch](plan, work, progress)

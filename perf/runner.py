@@ -273,6 +273,19 @@ def tools_missing(command: str, tools: tuple[str, ...] | list[str]) -> bool:
     return False
 
 
+def not_root(command: str) -> bool:
+    """True (after saying so on stderr) when this process is not root: network namespaces and taps need it."""
+    if os.geteuid() != 0:
+        print(f"{command}: needs root (network namespaces and taps)", file=sys.stderr)
+        return True
+    return False
+
+
+def host_line(host: dict[str, Any]) -> str:
+    """The host in one progress line: CPU model, online CPUs, kernel."""
+    return f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}"
+
+
 def first_line(argv: list[str]) -> str:
     """The first line of what `argv` prints (a tool's --version), "" when it prints nothing."""
     return (run_text(argv).splitlines() or [""])[0]

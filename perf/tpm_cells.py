@@ -584,7 +584,7 @@ def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | N
 
     def body(out_dir: Path, work: Path, progress: Progress) -> int:
         host = runner.host_description({})
-        progress(f"host: {host['cpu_model']}, {host['cpus_online']} CPUs, kernel {host['kernel']}; "
+        progress(f"{runner.host_line(host)}; "
                  f"{plan.reps} rep(s) x {plan.rounds} commands per cell, scale N = {plan.scale_n}")
         runner.FAILURES.clear()
         raw = run_all(plan, work, progress)
