@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -66,6 +67,17 @@ HOTPLUG_ACTION_TIMEOUT_S = 60
 # so its state dir is known (/var/lib/pvback/vtpm/<uuid>, fresh in every run: dom0.img is rebuilt).
 VTPM_UUID = "6f1c3b2a-9d4e-4f7a-8b21-5c0e7d9a4e16"
 VTPM_DEVID = 0
+# Its state is encrypted with a key `pvback vtpm-manager` releases (#17): the manager (key-file KEK, private
+# store) runs beside `pvback serve`, the vTPM is provisioned for the guest's domain UUID (fixed in the xl cfg,
+# so the binding holds across xl create and the reboot) and devid, and `pvback serve` asks it over its socket.
+DOMAIN_UUID = "3d0f6a52-71c4-4b8e-9a15-e2b7c40d8f93"
+MGR_DIR = Path("/var/lib/pvback-vtpm-manager")  # its store, 0700 (made by --init)
+MGR_KEK = Path("/etc/pvback/vtpm-kek")  # 32 random bytes, 0600 (made by --init)
+MGR_SOCKET = Path("/run/pvback/vtpm-manager.sock")
+MGR_CONFIG = Path("/tmp/vtpm-manager.toml")
+MGR_LOG = Path("/tmp/pvback-vtpm-manager.log")
+SERVE_CONFIG = Path("/tmp/pvback-e2e.toml")
+VTPM_STATE = Path("/var/lib/pvback/vtpm")
 # The guest's NICs (xl's vif=[...], served by `pvback serve --types ...,vif`, plugged by the hotplug script an
 # operator installs with pvback, contrib/xen/vif-pvback, as build.sh does): vif 0 from xl create, vif 1 from
 # `xl network-attach`.  dom0's side of vif N is the tap vif<domid>.N with 198.18.N.1/24 and fd00:N::1/64.
@@ -236,6 +248,74 @@ FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oo
 
 # ---- the daemon ----
 
+class Manager:
+    """`pvback vtpm-manager` for the whole run (key-file KEK, a new store), stopped by PID; the guest's vTPM is
+    provisioned in it with `pvback vtpm create` before the guest exists."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.problem: str | None = None
+
+    def start(self) -> None:
+        MGR_LOG.unlink(missing_ok=True)
+        MGR_CONFIG.write_text(f'[manager]\nstate_dir = "{MGR_DIR}"\nsocket = "{MGR_SOCKET}"\n'
+                              f'kek_source = "file"\nkek_file = "{MGR_KEK}"\nrelease_uids = {release_uids()}\n')
+        with MGR_LOG.open("wb") as f:
+            self.proc = subprocess.Popen([PVBACK, "vtpm-manager", "--config", str(MGR_CONFIG), "--init"],
+                                         stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_until("the vTPM manager to listen", self._ready, 60, 0.5)
+            out = run([PVBACK, "vtpm", "create", "--socket", str(MGR_SOCKET), "--domain-uuid", DOMAIN_UUID,
+                       "--devid", str(VTPM_DEVID), "--vtpm-uuid", VTPM_UUID], timeout=60)
+            say(f"  vtpm-manager pid {self.proc.pid} provisioned: {' '.join(out.stdout.split())[:300]}")
+        except (TestFailure, subprocess.SubprocessError, OSError) as exc:
+            self.problem = f"{exc}; log: {self.log()[-500:]}"
+            say(f"  vtpm-manager: {self.problem}")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise TestFailure(f"`pvback vtpm-manager` exited {self.proc.returncode}")
+        return run([PVBACK, "vtpm", "list", "--socket", str(MGR_SOCKET)], check=False).returncode == 0
+
+    @staticmethod
+    def log() -> str:
+        return MGR_LOG.read_text(errors="replace") if MGR_LOG.exists() else ""
+
+    def releases(self, domid: int) -> list[str]:
+        """The manager's log lines of a key released for this domain's vTPM."""
+        be = f"/local/domain/0/backend/vtpm/{domid}/{VTPM_DEVID}"
+        return [ln for ln in self.log().splitlines()
+                if "msg=request" in ln and "op=release" in ln and "result=ok" in ln and f"backend={be}" in ln]
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                return None
+        return self.proc.returncode
+
+
+def release_uids() -> list[int]:
+    """root, and the user `pvback serve` drops to when it exists ([daemon] user = "auto")."""
+    try:
+        return sorted({0, pwd.getpwnam("pvback").pw_uid})
+    except KeyError:
+        return [0]
+
+
+def plaintext_in(value: bytes, *roots: Path) -> list[str]:
+    """The files under roots holding `value` as it is."""
+    return [str(p) for r in roots if r.exists() for p in r.rglob("*")
+            if p.is_file() and not p.is_socket() and value in p.read_bytes()]
+
+
 class Daemon:
     """`pvback serve`, for the whole run; stopped by PID."""
 
@@ -246,10 +326,14 @@ class Daemon:
 
     def start(self) -> None:
         SERVE_LOG.unlink(missing_ok=True)
+        # A manager that cannot be reached fails the vTPM within a minute, not manager_wait_s's default 300 s.
+        SERVE_CONFIG.write_text(f'[vtpm]\nstate_dir = "{VTPM_STATE}"\nmanager_socket = "{MGR_SOCKET}"\n'
+                                "manager_wait_s = 60.0\n")
         t0 = time.monotonic()
         with SERVE_LOG.open("wb") as f:
             self.proc = subprocess.Popen(
-                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm,vif", "--metrics", METRICS],
+                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm,vif", "--metrics", METRICS,
+                 "--config", str(SERVE_CONFIG)],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
@@ -494,9 +578,10 @@ def t_platform(report: Report) -> None:
 class Scenario:
     """The one guest and everything dom0 does around it."""
 
-    def __init__(self, report: Report, daemon: Daemon, steps: list[str]) -> None:
+    def __init__(self, report: Report, daemon: Daemon, manager: Manager, steps: list[str]) -> None:
         self.report = report
         self.daemon = daemon
+        self.manager = manager
         self.steps = steps
         self.t0 = time.monotonic()
         self.domids: list[int] = []
@@ -565,7 +650,8 @@ class Scenario:
             disks.append(qdisk(LW_DEV, "xvdd"))
         cfg = Path("/tmp") / f"{GUEST}.cfg"
         cfg.write_text("\n".join([
-            f'name = "{GUEST}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"', f'ramdisk = "{DOMU_RAMDISK}"',
+            f'name = "{GUEST}"', f'uuid = "{DOMAIN_UUID}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"',
+            f'ramdisk = "{DOMU_RAMDISK}"',
             f'extra = "{extra}"', "memory = 384", "vcpus = 1",
             'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
             "disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]",
@@ -707,7 +793,9 @@ class Scenario:
 
     def verify_tpm(self, step: str) -> str:
         """What libxl wrote for the guest's vtpm=[...] and what pvback made of it: the backend dir, swtpm running
-        on the state of this uuid, the commands counted."""
+        on the state of this uuid, the commands counted; the key released by the vTPM manager, no NV plaintext."""
+        if self.manager.problem:
+            raise TestFailure(f"the vTPM manager is not available: {self.manager.problem}")
         domid = self.domids[-1]
         be = f"/local/domain/0/backend/vtpm/{domid}/{VTPM_DEVID}"
         keys = {k: xs_read(f"{be}/{k}") for k in ("uuid", "resume", "feature-protocol-v2", "ready", "state")}
@@ -735,9 +823,27 @@ class Scenario:
             if self.kv.get("tpm-nv") != self.kv.get("tpm-nv-after"):
                 raise TestFailure(f"NV value {self.kv.get('tpm-nv')} before the reboot, "
                                   f"{self.kv.get('tpm-nv-after')} after")
+        # #17: the key came from the manager, for this very domain, and the NV value the guest wrote is nowhere
+        # on disk in the clear (swtpm's state is encrypted with it).
+        released = self.manager.releases(domid)
+        if not released:
+            raise TestFailure(f"the vTPM manager's log shows no key released for domain {domid}: "
+                              f"{self.manager.log()[-400:]}")
+        swtpm_argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+        if not any(a.startswith(b"fd=") and b"mode=aes-256-cbc" in a for a in swtpm_argv):
+            raise TestFailure(f"swtpm {pids[0]} was not given a state key by fd: {swtpm_argv}")
+        nv = bytes.fromhex(self.kv.get("tpm-nv", ""))
+        if len(nv) != 32:
+            raise TestFailure(f"the guest reported no 32-byte NV value ({self.kv.get('tpm-nv')!r})")
+        leaked = plaintext_in(nv, VTPM_STATE, MGR_DIR, MGR_LOG, SERVE_LOG)
+        if leaked:
+            raise TestFailure(f"the guest's NV value is in the clear in {leaked}")
+        permall = (state / "tpm2-00.permall").stat().st_size
         return (f"dom0: {be} uuid/resume={keys['resume']}/protocol-v2/Connected, swtpm pid {pids[0]}, "
-                f"{cmds:.0f} commands, errors {errors or 'none'}; kernel: tpm_version_major={major}, "
-                f"/dev/tpmrm0 {self.kv.get('tpm-rm', '?')}; tpm lines: {tpmlog or 'none'}")
+                f"{cmds:.0f} commands, errors {errors or 'none'}; manager released the key "
+                f"({len(released)}x for domain {domid}), key by fd, NV value not in the clear in "
+                f"{VTPM_STATE}/{VTPM_UUID} (permall {permall} B), the manager's store or logs; kernel: "
+                f"tpm_version_major={major}, /dev/tpmrm0 {self.kv.get('tpm-rm', '?')}; tpm lines: {tpmlog or 'none'}")
 
     def verify_flush(self, detail: str) -> None:
         """pvback counted the guest's flushes on xvdd, without an error; the log replay comes at the end."""
@@ -1246,14 +1352,18 @@ def main() -> int:
         t_platform(report)
     need_guest = any(c in NEEDS_GUEST for c in selected)
     daemon = Daemon()
+    manager = Manager()
     scenario: Scenario | None = None
+    if {"vtpm-tools", "vtpm-reboot"} & set(selected):
+        say("STAGE vtpm-manager-start")
+        manager.start()
     if need_guest or "pvback-serve" in selected:
         say("STAGE pvback-serve-start")
         daemon.start()
     try:
         if need_guest:
             steps = [GUEST_STEP[c] for c in CHECKS if c in GUEST_STEP and c in selected]
-            scenario = Scenario(report, daemon, steps)
+            scenario = Scenario(report, daemon, manager, steps)
             try:
                 scenario.run()
             except Exception as exc:  # whatever broke, every check still gets its RESULT line
@@ -1280,6 +1390,9 @@ def main() -> int:
                 say(f"  final metrics scrape failed: {exc}")
         say("STAGE pvback-serve-stop")
         rc = daemon.stop()
+        mgr_rc = manager.stop()
+        if mgr_rc not in (None, 0):
+            say(f"  vtpm-manager exited {mgr_rc} on SIGTERM")
         if "pvback-serve" in selected:
             text = SERVE_LOG.read_text(errors="replace") if SERVE_LOG.exists() else ""
             errors = [ln for ln in text.splitlines() if "level=error" in ln or "Traceback" in ln]
@@ -1299,7 +1412,7 @@ def main() -> int:
             say("STAGE dm-log-writes-replay")
             scenario.finish_logwrites()
         keep_logs(console_log(GUEST), Path(f"/var/log/xen/qemu-dm-{GUEST}.log"),
-                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG)
+                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG, MGR_LOG)
     report.fail_rest("not reported by the dom0 driver (see the serial log)")
     say("STAGE tests-done")
     return 1 if report.failed else 0
