@@ -189,6 +189,9 @@ printf '#!/bin/sh\nPYTHONPATH=/mnt/host${PYTHONPATH:+:$PYTHONPATH} exec python3 
 # xl's device_model_override: libxl runs it with QEMU's arguments.
 printf '#!/bin/sh\nexec /usr/local/bin/pvback dm-stub "$@"\n' > "$ROOTFS/usr/local/lib/pvback/dm-stub"
 chmod 0755 "$ROOTFS/usr/local/bin/pvback" "$ROOTFS/usr/local/lib/pvback/dm-stub"
+# The user `pvback serve` drops to (contrib/sysusers.d/pvback.conf); `disk`: it serves the dm-log-writes device.
+in_chroot sh -c 'id pvback >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /var/lib/pvback \
+    --shell /usr/sbin/nologin --groups disk pvback' >> "$LOG" 2>&1 || die "cannot create the pvback user"
 # The vif hotplug script an operator installs with pvback (xl: script=vif-pvback).
 install -m 0755 "$ROOT/contrib/xen/vif-pvback" "$ROOTFS/etc/xen/scripts/vif-pvback"
 # A persistent rootfs keeps old guest logs: start clean.

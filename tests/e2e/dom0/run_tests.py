@@ -19,6 +19,7 @@ cross-checked here against the image files, pvback's metrics and its log.  Every
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -50,6 +52,8 @@ PVBACK = "/usr/local/bin/pvback"  # build.sh: runs backends.daemon.cli from the 
 DM_STUB = "/usr/local/lib/pvback/dm-stub"  # build.sh: exec pvback dm-stub "$@"
 METRICS = "127.0.0.1:9477"
 SERVE_LOG = Path("/tmp/pvback-serve.log")
+PVBACK_USER = "pvback"  # build.sh creates it (contrib/sysusers.d/pvback.conf); [daemon] user "auto" picks it
+CAP_NET_ADMIN = 1 << 12  # what `pvback serve` keeps after the drop: the vif's taps (backends/net/devtype.py)
 GUEST = "pvguest"
 MiB = 1 << 20
 XVDA, XVDB, XVDD, XVDE = 51712, 51728, 51760, 51776
@@ -91,7 +95,7 @@ NET_MAX_BYTES = 64 * MiB  # what one upload may send before dom0 hangs up
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
           "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
           "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot", "net-ping", "net-tcp",
-          "net-attach", "net-reboot"]
+          "net-attach", "net-reboot", "least-privilege"]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
               "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
@@ -154,6 +158,75 @@ class Report:
         return sum(1 for ok in self.done.values() if not ok)
 
 
+# ---- least privilege (#19) ----
+
+def user_exists() -> bool:
+    try:
+        pwd.getpwnam(PVBACK_USER)
+        return True
+    except KeyError:
+        return False
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (ln.partition(":") for ln in Path(f"/proc/{pid}/status").read_text()
+                                             .splitlines())}
+
+
+def status_problems(what: str, st: dict[str, str], uid: int, gid: int, want_caps: int) -> list[str]:
+    """What the kernel says the process holds, against the drop's promise: the user, `want_caps` permitted and
+    effective and nothing else, nothing a child could inherit, no_new_privs."""
+    problems = []
+    if st["Uid"].split() != [str(uid)] * 4 or st["Gid"].split() != [str(gid)] * 4:
+        problems.append(f"{what}: Uid {st['Uid']} Gid {st['Gid']}")
+    if "0" in st["Groups"].split():
+        problems.append(f"{what}: in group root ({st['Groups']})")
+    problems += [f"{what}: {k} {st[k]} (want {want_caps:#x})" for k in ("CapPrm", "CapEff")
+                 if int(st[k], 16) != want_caps]
+    problems += [f"{what}: {k} {st[k]}" for k in ("CapInh", "CapBnd", "CapAmb") if int(st[k], 16)]
+    if st.get("NoNewPrivs") != "1":
+        problems.append(f"{what}: NoNewPrivs {st.get('NoNewPrivs')}")
+    return problems
+
+
+def t_least_privilege(daemon: Daemon, scenario: Scenario | None) -> str:
+    """`pvback serve`, after a whole run of disks, a vTPM and NICs over gntdev/evtchn/xenstored, runs as the
+    pvback user with CAP_NET_ADMIN alone (the vif's taps; qdisk and vtpm keep none), no_new_privs; its swtpm
+    (read while it ran) with no capability at all; /dev/xen/evtchn (opened per bound port, after the drop)
+    carries an ACL entry for the pvback group; the vTPM manager released the key to the pvback uid."""
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        raise TestFailure("pvback serve is not running")
+    pw = pwd.getpwnam(PVBACK_USER)
+    problems = status_problems("pvback serve", proc_status(daemon.proc.pid), pw.pw_uid, pw.pw_gid, CAP_NET_ADMIN)
+    swtpms = scenario.swtpm_status if scenario is not None else {}
+    if not swtpms:
+        problems.append("no swtpm status was read while the vTPM ran")
+    for pid, st in swtpms.items():
+        problems += status_problems(f"swtpm {pid}", st, pw.pw_uid, pw.pw_gid, 0)
+    evtchn = os.stat("/dev/xen/evtchn")
+    try:
+        raw = os.getxattr("/dev/xen/evtchn", "system.posix_acl_access")
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        raw = b""
+    entries = {(tag, ident): perm for tag, perm, ident in struct.iter_unpack("<HHI", raw[4:])}
+    if entries.get((0x08, pw.pw_gid), 0) & 6 != 6 and evtchn.st_mode & 0o006 != 0o006:  # ACL_GROUP pvback: rw
+        problems.append(f"/dev/xen/evtchn (mode {evtchn.st_mode & 0o777:04o}): no rw ACL entry for group "
+                        f"{pw.pw_gid}: {entries}")
+    log = SERVE_LOG.read_text(errors="replace")
+    if not re.search(r'msg="dropped privileges" .*capabilities=CAP_NET_ADMIN', log):
+        problems.append("no `dropped privileges ... capabilities=CAP_NET_ADMIN` line in the serve log")
+    releases = [ln for ln in Manager.log().splitlines() if "op=release" in ln and "result=ok" in ln]
+    if not releases or any(f"peer_uid={pw.pw_uid}" not in ln for ln in releases):
+        problems.append(f"the vTPM manager's releases were not all to uid {pw.pw_uid}: {releases[:2]}")
+    if problems:
+        raise TestFailure("; ".join(problems))
+    return (f"pvback serve (pid {daemon.proc.pid}): uid/gid {pw.pw_uid}/{pw.pw_gid}, CapEff=CapPrm=CAP_NET_ADMIN, "
+            f"CapInh/CapBnd/CapAmb 0, no_new_privs; swtpm {','.join(map(str, swtpms))}: same uid, no capability; "
+            f"/dev/xen/evtchn rw for group {pw.pw_gid}; {len(releases)} key release(s) to uid {pw.pw_uid}")
+
+
 # ---- disks ----
 
 def sha_region(path: Path, off_mib: int, n_mib: int) -> str:
@@ -188,6 +261,8 @@ def make_disk(name: str, size_mib: int, random_at: list[tuple[int, int]],
             f.write(marker)
         f.flush()
         os.fsync(f.fileno())
+    if user_exists():
+        shutil.chown(path, PVBACK_USER, PVBACK_USER)  # `pvback serve` opens it after dropping to that user
     return path, shas
 
 
@@ -305,7 +380,7 @@ class Manager:
 def release_uids() -> list[int]:
     """root, and the user `pvback serve` drops to when it exists ([daemon] user = "auto")."""
     try:
-        return sorted({0, pwd.getpwnam("pvback").pw_uid})
+        return sorted({0, pwd.getpwnam(PVBACK_USER).pw_uid})
     except KeyError:
         return [0]
 
@@ -582,6 +657,7 @@ class Scenario:
         self.report = report
         self.daemon = daemon
         self.manager = manager
+        self.swtpm_status: dict[int, dict[str, str]] = {}  # each vTPM's swtpm, read while it ran
         self.steps = steps
         self.t0 = time.monotonic()
         self.domids: list[int] = []
@@ -635,6 +711,8 @@ class Scenario:
             run(["dmsetup", "create", LW_NAME, "--table", table])
             run(["dmsetup", "mknodes", LW_NAME], check=False)  # no udev in this dom0 to make /dev/mapper/*
             wait_until(f"{LW_DEV} to appear", LW_DEV.exists, 10)
+            if user_exists():  # dmsetup made the node root's 0600 (no udev rule here): `pvback serve` opens it
+                shutil.chown(os.path.realpath(LW_DEV), PVBACK_USER, PVBACK_USER)
             self.lw["ok"] = "1"
         except (TestFailure, OSError) as exc:
             self.lw["problem"] = f"dm-log-writes setup failed: {exc}"
@@ -829,6 +907,7 @@ class Scenario:
         if not released:
             raise TestFailure(f"the vTPM manager's log shows no key released for domain {domid}: "
                               f"{self.manager.log()[-400:]}")
+        self.swtpm_status[int(pids[0])] = proc_status(int(pids[0]))
         swtpm_argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
         if not any(a.startswith(b"fd=") and b"mode=aes-256-cbc" in a for a in swtpm_argv):
             raise TestFailure(f"swtpm {pids[0]} was not given a state key by fd: {swtpm_argv}")
@@ -1388,6 +1467,11 @@ def main() -> int:
                 shapes |= shapes_in_metrics(daemon.metrics())
             except OSError as exc:
                 say(f"  final metrics scrape failed: {exc}")
+        if "least-privilege" in selected:
+            try:
+                report("least-privilege", True, t_least_privilege(daemon, scenario))
+            except (TestFailure, OSError, KeyError) as exc:
+                report("least-privilege", False, str(exc))
         say("STAGE pvback-serve-stop")
         rc = daemon.stop()
         mgr_rc = manager.stop()
