@@ -114,9 +114,10 @@ fi
 # its EK); tpm2-tools: its binaries and TCTI modules are copied into the domU initramfs (stage domU-initramfs).
 # python3-pyroute2: netback creates the guests' taps with it; ethtool: copied into the domU, which reports what
 # its netfront negotiated (ethtool -k).
+# python3-cryptography: `pvback vtpm-manager` wraps the vTPMs' state keys with it (AESGCM).
 DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
 python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup \
-swtpm swtpm-tools tpm2-tools libtss2-tcti-device0 python3-pyroute2 ethtool"
+swtpm swtpm-tools tpm2-tools libtss2-tcti-device0 python3-pyroute2 ethtool python3-cryptography"
 if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else
@@ -188,6 +189,9 @@ printf '#!/bin/sh\nPYTHONPATH=/mnt/host${PYTHONPATH:+:$PYTHONPATH} exec python3 
 # xl's device_model_override: libxl runs it with QEMU's arguments.
 printf '#!/bin/sh\nexec /usr/local/bin/pvback dm-stub "$@"\n' > "$ROOTFS/usr/local/lib/pvback/dm-stub"
 chmod 0755 "$ROOTFS/usr/local/bin/pvback" "$ROOTFS/usr/local/lib/pvback/dm-stub"
+# The user `pvback serve` drops to (contrib/sysusers.d/pvback.conf); `disk`: it serves the dm-log-writes device.
+in_chroot sh -c 'id pvback >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /var/lib/pvback \
+    --shell /usr/sbin/nologin --groups disk pvback' >> "$LOG" 2>&1 || die "cannot create the pvback user"
 # The vif hotplug script an operator installs with pvback (xl: script=vif-pvback).
 install -m 0755 "$ROOT/contrib/xen/vif-pvback" "$ROOTFS/etc/xen/scripts/vif-pvback"
 # A persistent rootfs keeps old guest logs: start clean.

@@ -19,13 +19,16 @@ cross-checked here against the image files, pvback's metrics and its log.  Every
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -49,6 +52,8 @@ PVBACK = "/usr/local/bin/pvback"  # build.sh: runs backends.daemon.cli from the 
 DM_STUB = "/usr/local/lib/pvback/dm-stub"  # build.sh: exec pvback dm-stub "$@"
 METRICS = "127.0.0.1:9477"
 SERVE_LOG = Path("/tmp/pvback-serve.log")
+PVBACK_USER = "pvback"  # build.sh creates it (contrib/sysusers.d/pvback.conf); [daemon] user "auto" picks it
+CAP_NET_ADMIN = 1 << 12  # what `pvback serve` keeps after the drop: the vif's taps (backends/net/devtype.py)
 GUEST = "pvguest"
 MiB = 1 << 20
 XVDA, XVDB, XVDD, XVDE = 51712, 51728, 51760, 51776
@@ -66,6 +71,17 @@ HOTPLUG_ACTION_TIMEOUT_S = 60
 # so its state dir is known (/var/lib/pvback/vtpm/<uuid>, fresh in every run: dom0.img is rebuilt).
 VTPM_UUID = "6f1c3b2a-9d4e-4f7a-8b21-5c0e7d9a4e16"
 VTPM_DEVID = 0
+# Its state is encrypted with a key `pvback vtpm-manager` releases (#17): the manager (key-file KEK, private
+# store) runs beside `pvback serve`, the vTPM is provisioned for the guest's domain UUID (fixed in the xl cfg,
+# so the binding holds across xl create and the reboot) and devid, and `pvback serve` asks it over its socket.
+DOMAIN_UUID = "3d0f6a52-71c4-4b8e-9a15-e2b7c40d8f93"
+MGR_DIR = Path("/var/lib/pvback-vtpm-manager")  # its store, 0700 (made by --init)
+MGR_KEK = Path("/etc/pvback/vtpm-kek")  # 32 random bytes, 0600 (made by --init)
+MGR_SOCKET = Path("/run/pvback/vtpm-manager.sock")
+MGR_CONFIG = Path("/tmp/vtpm-manager.toml")
+MGR_LOG = Path("/tmp/pvback-vtpm-manager.log")
+SERVE_CONFIG = Path("/tmp/pvback-e2e.toml")
+VTPM_STATE = Path("/var/lib/pvback/vtpm")
 # The guest's NICs (xl's vif=[...], served by `pvback serve --types ...,vif`, plugged by the hotplug script an
 # operator installs with pvback, contrib/xen/vif-pvback, as build.sh does): vif 0 from xl create, vif 1 from
 # `xl network-attach`.  dom0's side of vif N is the tap vif<domid>.N with 198.18.N.1/24 and fd00:N::1/64.
@@ -79,7 +95,7 @@ NET_MAX_BYTES = 64 * MiB  # what one upload may send before dom0 hangs up
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
           "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
           "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot", "net-ping", "net-tcp",
-          "net-attach", "net-reboot"]
+          "net-attach", "net-reboot", "least-privilege"]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
               "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
@@ -142,6 +158,75 @@ class Report:
         return sum(1 for ok in self.done.values() if not ok)
 
 
+# ---- least privilege (#19) ----
+
+def user_exists() -> bool:
+    try:
+        pwd.getpwnam(PVBACK_USER)
+        return True
+    except KeyError:
+        return False
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (ln.partition(":") for ln in Path(f"/proc/{pid}/status").read_text()
+                                             .splitlines())}
+
+
+def status_problems(what: str, st: dict[str, str], uid: int, gid: int, want_caps: int) -> list[str]:
+    """What the kernel says the process holds, against the drop's promise: the user, `want_caps` permitted and
+    effective and nothing else, nothing a child could inherit, no_new_privs."""
+    problems = []
+    if st["Uid"].split() != [str(uid)] * 4 or st["Gid"].split() != [str(gid)] * 4:
+        problems.append(f"{what}: Uid {st['Uid']} Gid {st['Gid']}")
+    if "0" in st["Groups"].split():
+        problems.append(f"{what}: in group root ({st['Groups']})")
+    problems += [f"{what}: {k} {st[k]} (want {want_caps:#x})" for k in ("CapPrm", "CapEff")
+                 if int(st[k], 16) != want_caps]
+    problems += [f"{what}: {k} {st[k]}" for k in ("CapInh", "CapBnd", "CapAmb") if int(st[k], 16)]
+    if st.get("NoNewPrivs") != "1":
+        problems.append(f"{what}: NoNewPrivs {st.get('NoNewPrivs')}")
+    return problems
+
+
+def t_least_privilege(daemon: Daemon, scenario: Scenario | None) -> str:
+    """`pvback serve`, after a whole run of disks, a vTPM and NICs over gntdev/evtchn/xenstored, runs as the
+    pvback user with CAP_NET_ADMIN alone (the vif's taps; qdisk and vtpm keep none), no_new_privs; its swtpm
+    (read while it ran) with no capability at all; /dev/xen/evtchn (opened per bound port, after the drop)
+    carries an ACL entry for the pvback group; the vTPM manager released the key to the pvback uid."""
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        raise TestFailure("pvback serve is not running")
+    pw = pwd.getpwnam(PVBACK_USER)
+    problems = status_problems("pvback serve", proc_status(daemon.proc.pid), pw.pw_uid, pw.pw_gid, CAP_NET_ADMIN)
+    swtpms = scenario.swtpm_status if scenario is not None else {}
+    if not swtpms:
+        problems.append("no swtpm status was read while the vTPM ran")
+    for pid, st in swtpms.items():
+        problems += status_problems(f"swtpm {pid}", st, pw.pw_uid, pw.pw_gid, 0)
+    evtchn = os.stat("/dev/xen/evtchn")
+    try:
+        raw = os.getxattr("/dev/xen/evtchn", "system.posix_acl_access")
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        raw = b""
+    entries = {(tag, ident): perm for tag, perm, ident in struct.iter_unpack("<HHI", raw[4:])}
+    if entries.get((0x08, pw.pw_gid), 0) & 6 != 6 and evtchn.st_mode & 0o006 != 0o006:  # ACL_GROUP pvback: rw
+        problems.append(f"/dev/xen/evtchn (mode {evtchn.st_mode & 0o777:04o}): no rw ACL entry for group "
+                        f"{pw.pw_gid}: {entries}")
+    log = SERVE_LOG.read_text(errors="replace")
+    if not re.search(r'msg="dropped privileges" .*capabilities=CAP_NET_ADMIN', log):
+        problems.append("no `dropped privileges ... capabilities=CAP_NET_ADMIN` line in the serve log")
+    releases = [ln for ln in Manager.log().splitlines() if "op=release" in ln and "result=ok" in ln]
+    if not releases or any(f"peer_uid={pw.pw_uid}" not in ln for ln in releases):
+        problems.append(f"the vTPM manager's releases were not all to uid {pw.pw_uid}: {releases[:2]}")
+    if problems:
+        raise TestFailure("; ".join(problems))
+    return (f"pvback serve (pid {daemon.proc.pid}): uid/gid {pw.pw_uid}/{pw.pw_gid}, CapEff=CapPrm=CAP_NET_ADMIN, "
+            f"CapInh/CapBnd/CapAmb 0, no_new_privs; swtpm {','.join(map(str, swtpms))}: same uid, no capability; "
+            f"/dev/xen/evtchn rw for group {pw.pw_gid}; {len(releases)} key release(s) to uid {pw.pw_uid}")
+
+
 # ---- disks ----
 
 def sha_region(path: Path, off_mib: int, n_mib: int) -> str:
@@ -176,6 +261,8 @@ def make_disk(name: str, size_mib: int, random_at: list[tuple[int, int]],
             f.write(marker)
         f.flush()
         os.fsync(f.fileno())
+    if user_exists():
+        shutil.chown(path, PVBACK_USER, PVBACK_USER)  # `pvback serve` opens it after dropping to that user
     return path, shas
 
 
@@ -236,6 +323,74 @@ FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oo
 
 # ---- the daemon ----
 
+class Manager:
+    """`pvback vtpm-manager` for the whole run (key-file KEK, a new store), stopped by PID; the guest's vTPM is
+    provisioned in it with `pvback vtpm create` before the guest exists."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.problem: str | None = None
+
+    def start(self) -> None:
+        MGR_LOG.unlink(missing_ok=True)
+        MGR_CONFIG.write_text(f'[manager]\nstate_dir = "{MGR_DIR}"\nsocket = "{MGR_SOCKET}"\n'
+                              f'kek_source = "file"\nkek_file = "{MGR_KEK}"\nrelease_uids = {release_uids()}\n')
+        with MGR_LOG.open("wb") as f:
+            self.proc = subprocess.Popen([PVBACK, "vtpm-manager", "--config", str(MGR_CONFIG), "--init"],
+                                         stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_until("the vTPM manager to listen", self._ready, 60, 0.5)
+            out = run([PVBACK, "vtpm", "create", "--socket", str(MGR_SOCKET), "--domain-uuid", DOMAIN_UUID,
+                       "--devid", str(VTPM_DEVID), "--vtpm-uuid", VTPM_UUID], timeout=60)
+            say(f"  vtpm-manager pid {self.proc.pid} provisioned: {' '.join(out.stdout.split())[:300]}")
+        except (TestFailure, subprocess.SubprocessError, OSError) as exc:
+            self.problem = f"{exc}; log: {self.log()[-500:]}"
+            say(f"  vtpm-manager: {self.problem}")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise TestFailure(f"`pvback vtpm-manager` exited {self.proc.returncode}")
+        return run([PVBACK, "vtpm", "list", "--socket", str(MGR_SOCKET)], check=False).returncode == 0
+
+    @staticmethod
+    def log() -> str:
+        return MGR_LOG.read_text(errors="replace") if MGR_LOG.exists() else ""
+
+    def releases(self, domid: int) -> list[str]:
+        """The manager's log lines of a key released for this domain's vTPM."""
+        be = f"/local/domain/0/backend/vtpm/{domid}/{VTPM_DEVID}"
+        return [ln for ln in self.log().splitlines()
+                if "msg=request" in ln and "op=release" in ln and "result=ok" in ln and f"backend={be}" in ln]
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                return None
+        return self.proc.returncode
+
+
+def release_uids() -> list[int]:
+    """root, and the user `pvback serve` drops to when it exists ([daemon] user = "auto")."""
+    try:
+        return sorted({0, pwd.getpwnam(PVBACK_USER).pw_uid})
+    except KeyError:
+        return [0]
+
+
+def plaintext_in(value: bytes, *roots: Path) -> list[str]:
+    """The files under roots holding `value` as it is."""
+    return [str(p) for r in roots if r.exists() for p in r.rglob("*")
+            if p.is_file() and not p.is_socket() and value in p.read_bytes()]
+
+
 class Daemon:
     """`pvback serve`, for the whole run; stopped by PID."""
 
@@ -246,10 +401,14 @@ class Daemon:
 
     def start(self) -> None:
         SERVE_LOG.unlink(missing_ok=True)
+        # A manager that cannot be reached fails the vTPM within a minute, not manager_wait_s's default 300 s.
+        SERVE_CONFIG.write_text(f'[vtpm]\nstate_dir = "{VTPM_STATE}"\nmanager_socket = "{MGR_SOCKET}"\n'
+                                "manager_wait_s = 60.0\n")
         t0 = time.monotonic()
         with SERVE_LOG.open("wb") as f:
             self.proc = subprocess.Popen(
-                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm,vif", "--metrics", METRICS],
+                [PVBACK, "serve", "--platform", "xen", "--types", "qdisk,vtpm,vif", "--metrics", METRICS,
+                 "--config", str(SERVE_CONFIG)],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until("`pvback serve` to answer on its metrics endpoint", self._ready, 90, 0.5)
@@ -494,9 +653,11 @@ def t_platform(report: Report) -> None:
 class Scenario:
     """The one guest and everything dom0 does around it."""
 
-    def __init__(self, report: Report, daemon: Daemon, steps: list[str]) -> None:
+    def __init__(self, report: Report, daemon: Daemon, manager: Manager, steps: list[str]) -> None:
         self.report = report
         self.daemon = daemon
+        self.manager = manager
+        self.swtpm_status: dict[int, dict[str, str]] = {}  # each vTPM's swtpm, read while it ran
         self.steps = steps
         self.t0 = time.monotonic()
         self.domids: list[int] = []
@@ -550,6 +711,8 @@ class Scenario:
             run(["dmsetup", "create", LW_NAME, "--table", table])
             run(["dmsetup", "mknodes", LW_NAME], check=False)  # no udev in this dom0 to make /dev/mapper/*
             wait_until(f"{LW_DEV} to appear", LW_DEV.exists, 10)
+            if user_exists():  # dmsetup made the node root's 0600 (no udev rule here): `pvback serve` opens it
+                shutil.chown(os.path.realpath(LW_DEV), PVBACK_USER, PVBACK_USER)
             self.lw["ok"] = "1"
         except (TestFailure, OSError) as exc:
             self.lw["problem"] = f"dm-log-writes setup failed: {exc}"
@@ -565,7 +728,8 @@ class Scenario:
             disks.append(qdisk(LW_DEV, "xvdd"))
         cfg = Path("/tmp") / f"{GUEST}.cfg"
         cfg.write_text("\n".join([
-            f'name = "{GUEST}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"', f'ramdisk = "{DOMU_RAMDISK}"',
+            f'name = "{GUEST}"', f'uuid = "{DOMAIN_UUID}"', 'type = "pv"', f'kernel = "{DOMU_KERNEL}"',
+            f'ramdisk = "{DOMU_RAMDISK}"',
             f'extra = "{extra}"', "memory = 384", "vcpus = 1",
             'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
             "disk = [ " + ", ".join(f"'{d}'" for d in disks) + " ]",
@@ -707,7 +871,9 @@ class Scenario:
 
     def verify_tpm(self, step: str) -> str:
         """What libxl wrote for the guest's vtpm=[...] and what pvback made of it: the backend dir, swtpm running
-        on the state of this uuid, the commands counted."""
+        on the state of this uuid, the commands counted; the key released by the vTPM manager, no NV plaintext."""
+        if self.manager.problem:
+            raise TestFailure(f"the vTPM manager is not available: {self.manager.problem}")
         domid = self.domids[-1]
         be = f"/local/domain/0/backend/vtpm/{domid}/{VTPM_DEVID}"
         keys = {k: xs_read(f"{be}/{k}") for k in ("uuid", "resume", "feature-protocol-v2", "ready", "state")}
@@ -735,9 +901,28 @@ class Scenario:
             if self.kv.get("tpm-nv") != self.kv.get("tpm-nv-after"):
                 raise TestFailure(f"NV value {self.kv.get('tpm-nv')} before the reboot, "
                                   f"{self.kv.get('tpm-nv-after')} after")
+        # #17: the key came from the manager, for this very domain, and the NV value the guest wrote is nowhere
+        # on disk in the clear (swtpm's state is encrypted with it).
+        released = self.manager.releases(domid)
+        if not released:
+            raise TestFailure(f"the vTPM manager's log shows no key released for domain {domid}: "
+                              f"{self.manager.log()[-400:]}")
+        self.swtpm_status[int(pids[0])] = proc_status(int(pids[0]))
+        swtpm_argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+        if not any(a.startswith(b"fd=") and b"mode=aes-256-cbc" in a for a in swtpm_argv):
+            raise TestFailure(f"swtpm {pids[0]} was not given a state key by fd: {swtpm_argv}")
+        nv = bytes.fromhex(self.kv.get("tpm-nv", ""))
+        if len(nv) != 32:
+            raise TestFailure(f"the guest reported no 32-byte NV value ({self.kv.get('tpm-nv')!r})")
+        leaked = plaintext_in(nv, VTPM_STATE, MGR_DIR, MGR_LOG, SERVE_LOG)
+        if leaked:
+            raise TestFailure(f"the guest's NV value is in the clear in {leaked}")
+        permall = (state / "tpm2-00.permall").stat().st_size
         return (f"dom0: {be} uuid/resume={keys['resume']}/protocol-v2/Connected, swtpm pid {pids[0]}, "
-                f"{cmds:.0f} commands, errors {errors or 'none'}; kernel: tpm_version_major={major}, "
-                f"/dev/tpmrm0 {self.kv.get('tpm-rm', '?')}; tpm lines: {tpmlog or 'none'}")
+                f"{cmds:.0f} commands, errors {errors or 'none'}; manager released the key "
+                f"({len(released)}x for domain {domid}), key by fd, NV value not in the clear in "
+                f"{VTPM_STATE}/{VTPM_UUID} (permall {permall} B), the manager's store or logs; kernel: "
+                f"tpm_version_major={major}, /dev/tpmrm0 {self.kv.get('tpm-rm', '?')}; tpm lines: {tpmlog or 'none'}")
 
     def verify_flush(self, detail: str) -> None:
         """pvback counted the guest's flushes on xvdd, without an error; the log replay comes at the end."""
@@ -1246,14 +1431,18 @@ def main() -> int:
         t_platform(report)
     need_guest = any(c in NEEDS_GUEST for c in selected)
     daemon = Daemon()
+    manager = Manager()
     scenario: Scenario | None = None
+    if {"vtpm-tools", "vtpm-reboot"} & set(selected):
+        say("STAGE vtpm-manager-start")
+        manager.start()
     if need_guest or "pvback-serve" in selected:
         say("STAGE pvback-serve-start")
         daemon.start()
     try:
         if need_guest:
             steps = [GUEST_STEP[c] for c in CHECKS if c in GUEST_STEP and c in selected]
-            scenario = Scenario(report, daemon, steps)
+            scenario = Scenario(report, daemon, manager, steps)
             try:
                 scenario.run()
             except Exception as exc:  # whatever broke, every check still gets its RESULT line
@@ -1278,8 +1467,16 @@ def main() -> int:
                 shapes |= shapes_in_metrics(daemon.metrics())
             except OSError as exc:
                 say(f"  final metrics scrape failed: {exc}")
+        if "least-privilege" in selected:
+            try:
+                report("least-privilege", True, t_least_privilege(daemon, scenario))
+            except (TestFailure, OSError, KeyError) as exc:
+                report("least-privilege", False, str(exc))
         say("STAGE pvback-serve-stop")
         rc = daemon.stop()
+        mgr_rc = manager.stop()
+        if mgr_rc not in (None, 0):
+            say(f"  vtpm-manager exited {mgr_rc} on SIGTERM")
         if "pvback-serve" in selected:
             text = SERVE_LOG.read_text(errors="replace") if SERVE_LOG.exists() else ""
             errors = [ln for ln in text.splitlines() if "level=error" in ln or "Traceback" in ln]
@@ -1299,7 +1496,7 @@ def main() -> int:
             say("STAGE dm-log-writes-replay")
             scenario.finish_logwrites()
         keep_logs(console_log(GUEST), Path(f"/var/log/xen/qemu-dm-{GUEST}.log"),
-                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG)
+                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG, MGR_LOG)
     report.fail_rest("not reported by the dom0 driver (see the serial log)")
     say("STAGE tests-done")
     return 1 if report.failed else 0
