@@ -364,17 +364,22 @@ class Manager:
                 if "msg=request" in ln and "op=release" in ln and "result=ok" in ln and f"backend={be}" in ln]
 
     def stop(self) -> int | None:
-        if self.proc is None:
+        return stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """SIGTERM, 30 s to exit, then SIGKILL; the exit status, or None when it had to be killed (or never ran)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return None
-        return self.proc.returncode
+    return proc.returncode
 
 
 def release_uids() -> list[int]:
@@ -446,17 +451,7 @@ class Daemon:
             raise TestFailure(f"pvback serve is not running: {self.tail()}")
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return None
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def metric_samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
