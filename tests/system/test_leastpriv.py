@@ -6,8 +6,9 @@ The daemon starts as the shipped unit starts it (root, the unit's CapabilityBoun
 serves qdisk, vtpm and vif with `[daemon] user = "nobody"` (a test must not create users on a
 shared machine; the shipped unit uses a dedicated `pvback` user) inside the peer's network namespace, as
 tests/system/test_net.py runs it.  Its workdir, image and state directories are the test's own, 0755 so that
-user can reach them.  On this machine the interpreter lives under /root (0700, pyenv): the daemon runs in a
-private mount namespace where /root is a tmpfs holding only .pyenv (the host is not touched).  The kernel's
+user can reach them.  The checkout or the interpreter may sit under a 0700 directory (a clone under
+`mktemp -d`, pyenv under /root): the daemon runs in a private mount namespace where such a directory is a tmpfs
+holding only those trees (tests/system/reachable.py; the host is not touched).  The kernel's
 view of the daemon (/proc/<pid>/status) is the oracle: uid/gid, capability sets, no_new_privs.
 """
 
@@ -33,6 +34,7 @@ from backends.xenbus.toolstack import wait_for_state
 from tests.net import pingtcp
 from tests.net.netns import NetNS
 from tests.system.conftest import REPO, SimProc
+from tests.system.reachable import reachable_prefix
 from tests.system.test_net import GUEST_V4, PEER_V4, NetBed, NetnsServe
 from tests.system.vtpmbed import TpmBed, kill_swtpms
 
@@ -40,19 +42,6 @@ S = XenbusState
 USER_UID = USER_GID = 65534  # nobody / nogroup
 NET_ADMIN = 1 << CAPABILITIES["CAP_NET_ADMIN"]
 UNIT = REPO / "contrib" / "systemd" / "pvback.service"
-
-# /root hidden behind a tmpfs holding only pyenv's tree, in the daemon's own mount namespace.
-WRAPPER = """#!/bin/sh
-set -e
-hold=$(mktemp -d /tmp/pvlp-hold-XXXXXX)
-mount --bind /root/.pyenv "$hold"
-mount -t tmpfs -o mode=0755,size=1m pvback-test-root /root
-mkdir /root/.pyenv
-mount --move "$hold" /root/.pyenv
-rmdir "$hold"
-exec "$@"
-"""
-
 
 @dataclass
 class LeastPrivBed(NetBed, TpmBed):
@@ -69,15 +58,12 @@ def unit_bounding_set() -> list[str]:
 
 class DroppingServe(NetnsServe):
     """Started as the unit starts it: root, with the unit's bounding set and no_new_privs (setpriv stands in
-    for systemd), in the peer's namespace, /root hidden."""
+    for systemd), in the peer's namespace, where pvback and Python are reachable by its user."""
 
     def __init__(self, sim: SimProc, workdir: Path, ns: NetNS, config: str) -> None:
         super().__init__(sim, workdir, ns, config)
-        wrapper = workdir / "hide-root.sh"
-        wrapper.write_text(WRAPPER)
-        wrapper.chmod(0o755)
         caps = ",".join(["-all", *(f"+{c}" for c in unit_bounding_set())])
-        self.prefix = ["unshare", "-m", "--propagation", "private", str(wrapper), *self.prefix,
+        self.prefix = [*reachable_prefix(workdir), *self.prefix,
                        "setpriv", "--bounding-set", caps, "--inh-caps", "-all", "--no-new-privs", "--"]
 
 

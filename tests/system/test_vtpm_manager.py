@@ -32,6 +32,7 @@ from backends.guests.tpmfront import TpmFront, TpmSocket
 from backends.xenbus.toolstack import DevicePaths, remove_device, write_domain_identity
 from backends.xenstore.client import XenStoreClient, XenStoreError
 from tests.system.conftest import PY, REPO, Proc, ServeProc, SimProc, _env
+from tests.system.reachable import reachable_prefix
 from tests.system.vtpmbed import TpmBed, Vtpm, config, kill_swtpms
 
 NV = "0x1500016"
@@ -52,9 +53,10 @@ class ManagerProc:
         self.config.write_text(f'[manager]\nstate_dir = "{self.dir}"\nsocket = "{self.socket}"\n'
                                f'kek_file = "{self.kek}"\nxenstore = "{sim.xenstored}"\n')
         self.proc: Proc | None = None
+        self.prefix: list[str] = []  # e.g. reachable_prefix() when the manager drops to another user
 
     def start(self, *, init: bool = False) -> None:
-        argv = [*PY, "vtpm-manager", "--config", str(self.config), *(["--init"] if init else [])]
+        argv = [*self.prefix, *PY, "vtpm-manager", "--config", str(self.config), *(["--init"] if init else [])]
         self.proc = Proc(argv, self.log)
         deadline = time.monotonic() + 20
         while True:
@@ -610,6 +612,7 @@ def test_the_manager_runs_as_its_own_user(sim: SimProc) -> None:
         os.chown(work, nobody, nobody)
         mgr = ManagerProc(sim, top, top)
         mgr.dir, mgr.kek = work / "mgr", work / "kek"
+        mgr.prefix = reachable_prefix(top)
         mgr.config.write_text(f'[manager]\nstate_dir = "{mgr.dir}"\nsocket = "{mgr.socket}"\nkek_file = "{mgr.kek}"\n'
                               f'xenstore = "{sim.xenstored}"\nuser = "nobody"\n')
         mgr.start(init=True)
