@@ -1,7 +1,7 @@
 """`pvback bench net --switch ovn`: TCP between two hosts of an OVN (Geneve between them), with netback's vifs at
 both ends against the same path with veth ports in place of the vifs, in the same run.
 
-The two hosts are tests/net/ovnbed.py's (network namespaces, each a private OVS on the netdev datapath with
+The two hosts are perf/ovn.py's (network namespaces, each a private OVS on the netdev datapath with
 ovn-controller; NB/SB and ovn-northd in host A's namespace; Geneve over a veth through `br-phy`), every daemon
 started from a private directory and stopped by PID.  Two logical switches, one per path, so both can use the
 same addresses (what net_cells' iperf3 driver expects):
@@ -93,7 +93,7 @@ class PairTopology(Topology):
 
 def run_all(plan: Plan, work: Path, progress: Progress) -> dict[str, Any]:
     from backends.guests.netns import NetNS
-    from tests.net.ovnbed import TwoHostOvn
+    from perf.ovn import TwoHostOvn
 
     samples: list[Sample] = []
     details: list[dict[str, Any]] = []
@@ -189,11 +189,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(quick: bool, out: str, *, argv: list[str] | None = None, plan: Plan | None = None) -> int:
+    from perf import ovn
     from perf.report import target_lines
-    from tests.net import ovnbed
 
     plan = plan or Plan.make(quick)
-    gone = ovnbed.missing() + [t for t in ("iperf3", "ip", "ethtool") if shutil.which(t) is None]
+    gone = ovn.missing() + [t for t in ("iperf3", "ip", "ethtool") if shutil.which(t) is None]
     if gone:
         print(f"pvback bench net --switch ovn: not installed: {', '.join(gone)} (./dev installs them)",
               file=sys.stderr)

@@ -207,3 +207,27 @@ def test_a_new_device_package_is_ruled_like_blk(tmp_path: Path) -> None:
     assert any("upward" in v for v in violations(copy))
     (copy / "backends" / "toy" / "__init__.py").write_text("from backends.blk import proto\n")
     assert any("another" in v for v in violations(copy))
+
+
+def shipped_imports_of_tests(root: Path) -> list[str]:
+    """Imports of the test tree from what ships (backends/) or runs as `pvback bench` (perf/)."""
+    out = []
+    for top in ("backends", "perf"):
+        for path in sorted((root / top).rglob("*.py")):
+            for imp in imports_of(root, path):
+                if imp.imported == "tests" or imp.imported.startswith("tests."):
+                    out.append(f"{imp.importer}:{imp.line} imports {imp.imported}")
+    return out
+
+
+def test_backends_and_perf_never_import_tests(tmp_path: Path) -> None:
+    """`pvback bench` runs from an installed tree, which has no tests/: what a benchmark shares with the tests
+    (the private OVS and OVN, the namespaces) lives under perf/ or backends/ and tests/ re-exports it."""
+    assert shipped_imports_of_tests(ROOT) == []
+    copy = tmp_path / "tree"
+    shutil.copytree(ROOT / "perf", copy / "perf", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (copy / "backends").mkdir()
+    with (copy / "perf" / "ovn.py").open("a") as f:
+        f.write("\n\ndef _planted() -> None:\n    from tests.net import netns\n")
+    found = shipped_imports_of_tests(copy)
+    assert len(found) == 1 and found[0].startswith("perf.ovn:") and found[0].endswith("imports tests.net"), found
