@@ -20,21 +20,50 @@ def test_jain_and_worst_share() -> None:
     assert blk_guests.worst_share([2, 4, 6]) == pytest.approx(0.5)
 
 
+def step(n: int, per: list[float]) -> blk_guests.Step:
+    return blk_guests.Step(n=n, blk_iops=sum(per), blk_mb_s=0.0, fio_iops=1.0, fio_mb_s=0.0, ratio_to_fio=sum(per),
+                           jain=blk_guests.jain(per), worst_share=blk_guests.worst_share(per), fio_jain=1.0,
+                           fio_engine="psync", daemon_threads=2.0, daemon_rss_mib=1.0, daemon_cpu_per_guest=0.1,
+                           per_guest_iops=per)
+
+
+def test_summary_takes_medians_and_judges_collapse_per_round() -> None:
+    """Round 2 is slow everywhere (a busy minute): its raw IOPS are half the others', yet its 32-guest step
+    stands at the same 0.8 of its own round's best, so the median of "over best" is 0.8."""
+    rounds = [[step(1, [400.0]), step(32, [10.0] * 32)],
+              [step(1, [200.0]), step(32, [5.0] * 32)],
+              [step(1, [400.0]), step(32, [9.0] * 31 + [1.0])]]
+    one, many = blk_guests.summarize(rounds)
+    assert one["n"] == 1 and one["over_best"] == 1.0
+    assert one["blk_iops"] == 400.0 and (one["blk_iops_min"], one["blk_iops_max"]) == (200.0, 400.0)
+    assert many["rounds"] == 3 and many["over_best"] == pytest.approx(0.8)
+    assert (many["over_best_min"], many["over_best_max"]) == (pytest.approx(0.7), pytest.approx(0.8))
+    assert many["blk_iops"] == 280.0
+    assert many["jain"] == pytest.approx(1.0) and many["jain_min"] < 0.99
+    assert len(many["shares"]) == 96 and min(many["shares"]) == pytest.approx(1.0 / (280.0 / 32))
+
+
 def test_bench_guests_tiny(tmp_path: Path) -> None:
     out = tmp_path / "out"
     shm = set(Path("/dev/shm").glob("pvback-guests-*"))
     res = blk_guests.run([1, 2], True, out, print, seconds=0.5, warmup=0.2, cap_seconds=1.0, hostile_reps=1,
-                         image_mib=4)
+                         rounds=2, image_mib=4)
     assert set(Path("/dev/shm").glob("pvback-guests-*")) == shm  # the images are gone again
     data = json.loads((out / "guests.json").read_text())
+    assert [[s["n"] for s in r] for r in data["scaling_rounds"]] == [[1, 2], [1, 2]]
+    for r in data["scaling_rounds"]:
+        for s in r:
+            assert len(s["per_guest_iops"]) == s["n"] and all(x > 0 for x in s["per_guest_iops"])
+            assert s["blk_iops"] == pytest.approx(sum(s["per_guest_iops"]))
+            assert s["fio_iops"] > 0 and s["ratio_to_fio"] == pytest.approx(s["blk_iops"] / s["fio_iops"])
+            assert 0 < s["jain"] <= 1.0 + 1e-9 and 0 < s["worst_share"] <= 1.0 + 1e-9
+            assert s["daemon_threads"] >= 1 + s["n"]  # at least the loop thread and one pump per guest
+            assert s["daemon_rss_mib"] > 0
     assert [s["n"] for s in data["scaling"]] == [1, 2]
     for s in data["scaling"]:
-        assert len(s["per_guest_iops"]) == s["n"] and all(x > 0 for x in s["per_guest_iops"])
-        assert s["blk_iops"] == pytest.approx(sum(s["per_guest_iops"]))
-        assert s["fio_iops"] > 0 and s["ratio_to_fio"] == pytest.approx(s["blk_iops"] / s["fio_iops"])
-        assert 0 < s["jain"] <= 1.0 + 1e-9 and 0 < s["worst_share"] <= 1.0 + 1e-9
-        assert s["daemon_threads"] >= 1 + s["n"]  # at least the loop thread and one pump per guest
-        assert s["daemon_rss_mib"] > 0
+        assert s["rounds"] == 2 and len(s["shares"]) == 2 * s["n"]
+        assert s["blk_iops_min"] <= s["blk_iops"] <= s["blk_iops_max"]
+    assert data["targets"]["rounds"] == 2 and "median of 2 interleaved rounds" in (out / "guests.md").read_text()
     cap = data["cap"]
     assert 0 < cap["capped_iops"] < 2 * cap["cap_iops"] < cap["neighbour_iops"], cap
     assert {h["pause_us"] for h in data["hostile_reps"]} == {0, 5000}
