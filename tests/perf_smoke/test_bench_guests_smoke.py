@@ -63,6 +63,7 @@ def test_bench_guests_tiny(tmp_path: Path) -> None:
     for s in data["scaling"]:
         assert s["rounds"] == 2 and len(s["shares"]) == 2 * s["n"]
         assert s["blk_iops_min"] <= s["blk_iops"] <= s["blk_iops_max"]
+    assert set(data["targets"]["jain_holds_every_round"]) == {"1", "2"}
     assert data["targets"]["rounds"] == 2 and "median of 2 interleaved rounds" in (out / "guests.md").read_text()
     cap = data["cap"]
     assert 0 < cap["capped_iops"] < 2 * cap["cap_iops"] < cap["neighbour_iops"], cap
