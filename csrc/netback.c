@@ -2,6 +2,7 @@
 #include "netback.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -915,7 +916,12 @@ struct pv_net_queue *pv_net_queue_create(void *tx_sring, void *rx_sring, const s
     q->gnt = gnt;
     q->ev_tx = evtchn_tx;
     q->ev_rx = evtchn_rx ? evtchn_rx : evtchn_tx;
-    q->tap = dup(cfg->tap_fd);
+    /* Close-on-exec, as every fd of the daemon: a plain dup() is inheritable, and uvloop spawns children
+     * (swtpm) without closing fds.  A child holding a tap queue open keeps that queue attached after the daemon
+     * is killed; the next daemon's queues come in beside it and the tap hashes host frames to the orphan too,
+     * which nobody reads (a peer could not reach the guest until the guest's own traffic taught the tap's flow
+     * table a live queue). */
+    q->tap = fcntl(cfg->tap_fd, F_DUPFD_CLOEXEC, 0);
     if (q->tap < 0)
         FAIL("dup tap fd: %s", strerror(errno));
     attach(&q->tx, tx_sring, PV_NETIF_TX_SLOT_SIZE, PV_NETIF_TX_RSP_SIZE);

@@ -5,6 +5,7 @@ with SCM_RIGHTS) and the synchronous client backends and guests use.  The broker
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno as errno_mod
@@ -47,8 +48,18 @@ def decode(data: bytes) -> dict[str, Any]:
 
 
 def recv_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One packet and its fds; (b"", []) at EOF.  Truncated packets are refused (and their fds closed)."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG + 1, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    """One packet and its fds, close-on-exec; (b"", []) at EOF.  Truncated packets are refused (and their fds
+    closed)."""
+    # Not socket.recv_fds: CPython's (3.11 here) never passes its `flags` on to recvmsg, so MSG_CMSG_CLOEXEC was
+    # lost and every event channel eventfd came in inheritable.  uvloop's subprocess_exec does not implement
+    # close_fds (it relies on every fd being close-on-exec): swtpm, a daemonized child that outlives a killed
+    # daemon, kept them open.
+    arr = array.array("i")
+    data, anc, flags, _ = sock.recvmsg(MAX_MSG + 1, socket.CMSG_LEN(MAX_FDS * arr.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+    fds = arr.tolist()
     if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) > MAX_MSG:
         close_fds(fds)
         raise ValueError("broker message truncated")

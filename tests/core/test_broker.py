@@ -78,6 +78,24 @@ def test_garbage_packets_get_errors_and_the_connection_survives(broker: BrokerTh
         assert json.loads(data) == {}
 
 
+def test_received_fds_are_close_on_exec() -> None:
+    """Every fd that comes with a broker packet is close-on-exec (a daemon's children, swtpm among them, are
+    spawned by uvloop, which closes no fd: an inheritable event channel or memory fd would outlive the daemon)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    with a, b:
+        try:
+            socket.send_fds(a, [b'{"port":1}'], [efd, efd])
+            data, fds = recv_packet(b)
+        finally:
+            os.close(efd)
+        try:
+            assert json.loads(data) == {"port": 1} and len(fds) == 2
+            assert not any(os.get_inheritable(fd) for fd in fds)
+        finally:
+            close_fds(fds)
+
+
 def test_map_domain_and_lifetime(platform: EmulatedPlatform, make_guest: Callable[..., Guest]) -> None:
     g = make_guest(name="life", mem_pages=4, gnt_entries=64)
     g2 = make_guest(name="other", mem_pages=4)
