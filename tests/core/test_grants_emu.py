@@ -1099,7 +1099,7 @@ def test_sigkilled_backend_mid_copy_lets_the_guest_revoke(platform: EmulatedPlat
         proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     # The broker notices the closed connection on its own thread.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a bound, not a timing: the suite runs on 2 loaded vCPUs
     while g.grant_flags(map_ref) & (GTF_READING | GTF_WRITING):
         assert time.monotonic() < deadline, "the dead backend's grants stay pinned"
         time.sleep(0.01)
