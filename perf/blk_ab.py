@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     "iops": r["iops"], "p50_us": r["p50_us"], "errors": r["errors"],
                                     "cpu_us_per_op": (r["cpu_frontend_s"] + (be or 0.0)) / ops * 1e6,
                                     "backend_cpu_us_per_op": (be or 0.0) / ops * 1e6,
-                                    "guest_sleeps_per_op": r["sleeps"] / ops, "t": time.time()})
+                                    "guest_sleeps_per_op": r["sleeps"] / ops, "lat_max_us": r["lat_max_us"],
+                                    "t": time.time()})
                 for w in wls:
                     best = max((g["iops"] for g in got if g["workload"] == w.name and g["system"].startswith("fio-")),
                                default=0.0)
