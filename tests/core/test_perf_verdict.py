@@ -101,3 +101,19 @@ def test_single_value_targets_keep_their_table() -> None:
     assert [r["held"] for r in t.rows] == [True, None]
     table = targets_table({"targets": t.rows})
     assert "| target | value | goal | holds | detail |" in table
+
+
+def test_plan_selects_cells_of_the_standard_plan() -> None:
+    full = matrix.Plan.make(False)
+    p = matrix.Plan.make(False, reps=3, workloads=["rr4k_qd32", "sr64k_qd8"], stores=["tmpfs"],
+                         variants=["2q-persist"], latency=False)
+    assert (p.reps, p.seconds, p.image_mib) == (3, full.seconds, full.image_mib)
+    assert [w.name for w in p.workloads] == [w.name for w in p.disk_workloads] == ["rr4k_qd32", "sr64k_qd8"]
+    assert p.stores == ["tmpfs"] and p.variants == [(2, 1)] and not p.latency
+    assert p.null_variants == [(1, 0)]  # the null driver's baseline stays measured
+    for bad in ({"reps": 0}, {"workloads": ["rr4k_qd7"]}, {"stores": ["nvme"]}, {"variants": ["3q-persist"]}):
+        try:
+            matrix.Plan.make(False, **bad)  # type: ignore[arg-type]
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
