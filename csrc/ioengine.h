@@ -10,6 +10,8 @@
  *  - inline (nr_threads = 0): preadv/pwritev run in the submitter's thread during submit().  Right for
  *    images in tmpfs or the page cache, where an op costs ~0.7 us and any hand-off to another thread costs a
  *    cross-vCPU wakeup (~20 us each way).
+ *    pv_io_engine_file_map() maps the file shared: reads and writes are then a memcpy between the mapping
+ *    and the op's buffers (no syscall, no page-cache lookup), guarded against SIGBUS (see ioengine.c).
  *  - thread pool (nr_threads > 0): workers run the syscalls and post completions; right for O_DIRECT files
  *    and block devices, where the device latency dominates and concurrency is what buys IOPS.  With
  *    io_uring, an O_DIRECT file's reads and writes go instead to a ring per submitter (pv_io_engine_attach):
@@ -101,6 +103,11 @@ struct pv_io_engine *pv_io_engine_null_open(void);
 /* `fd` is duplicated (the engine's lifetime is its own).  nr_threads = 0: inline. */
 struct pv_io_engine *pv_io_engine_file_open(int fd, uint32_t nr_threads, char *err, size_t errlen);
 void pv_io_engine_submit(struct pv_io_engine *e, struct pv_io **ios, uint32_t n);
+/* Inline FILE engines only: serve reads and writes within the file's current size through a shared mapping.
+ * Call before the first submit.  0 or -errno (err says why); the engine keeps working unmapped on failure. */
+int pv_io_engine_file_map(struct pv_io_engine *e, char *err, size_t errlen);
+/* Mapped copies that faulted (file shrunk, no room for a hole's page) and were redone with a syscall. */
+uint64_t pv_io_engine_file_map_faults(const struct pv_io_engine *e);
 /* See pv_io_engine_ops.attach; -EOPNOTSUPP for engines without one. */
 int pv_io_engine_attach(struct pv_io_engine *e, struct pv_io_sink *s);
 void pv_io_engine_close(struct pv_io_engine *e);

@@ -117,12 +117,51 @@ def best_cell(cells: list[Cell], store: str, workload: str, system_prefix: str) 
     return max(cand, key=lambda c: c["iops"]) if cand else None
 
 
+def per_run_ratios(samples: list[dict[str, Any]], key: CellKey, refs: tuple[str, ...]) -> list[float]:
+    """The ratio of cell `key` to the best of `refs` (same store and workload), one per run: each repetition
+    against the references measured in that same repetition, never against another one's."""
+    store, wl, system = key
+    by_rep: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s["store"] == store and s["workload"] == wl and (s["system"] == system or s["system"] in refs):
+            by_rep.setdefault(int(s["rep"]), {})[s["system"]] = float(s["iops"])
+    out = []
+    for _rep, d in sorted(by_rep.items()):
+        best = max((d[r] for r in refs if r in d), default=0.0)
+        if system in d and best > 0:
+            out.append(d[system] / best)
+    return out
+
+
+# A target is judged on at least this many independent runs (repetitions measured against their own
+# references), and holds only if it holds in every one: one that holds in one run and misses in another misses.
+MIN_RUNS = 3
+
+
+def judge(runs: list[float], goal: float, higher: bool = True) -> tuple[float | None, bool | None]:
+    """(median, held) of a target measured once per run; held is None below MIN_RUNS runs (not judged)."""
+    if not runs:
+        return None, None
+    med = median(runs)
+    if len(runs) < MIN_RUNS:
+        return med, None
+    return med, all(r >= goal if higher else r <= goal for r in runs)
+
+
 @dataclass
 class Targets:
-    """The targets a run is judged by: each one a value against a goal, held or not (None: not measured)."""
+    """The targets a run is judged by: each one a value against a goal, held or not (None: not measured, or
+    measured in fewer than MIN_RUNS runs when the per-run values are given)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, name: str, value: float | None, goal: float, detail: str, higher: bool = True) -> None:
+    def add(self, name: str, value: float | None, goal: float, detail: str, higher: bool = True,
+            runs: list[float] | None = None) -> None:
+        if runs is not None:
+            value, held = judge(runs, goal, higher)
+            self.rows.append({"target": name, "value": value, "goal": goal, "held": held, "detail": detail,
+                              "runs": list(runs), "n_runs": len(runs),
+                              "min": min(runs) if runs else None, "max": max(runs) if runs else None})
+            return
         held = None if value is None else (value >= goal if higher else value <= goal)
         self.rows.append({"target": name, "value": value, "goal": goal, "held": held, "detail": detail})

@@ -69,28 +69,60 @@ class Plan:
     pingpong_rounds: int
     latency_seconds: float
 
+    latency: bool = True
+
     @classmethod
-    def make(cls, quick: bool) -> Plan:
+    def make(cls, quick: bool, *, reps: int | None = None, workloads: list[str] | None = None,
+             stores: list[str] | None = None, variants: list[str] | None = None, latency: bool = True) -> Plan:
+        """The standard plans; the keywords select cells of it (`pvback bench --reps/--workloads/--stores/
+        --variants/--no-latency`): a targeted run measures the same cells the same way as the full one."""
         if quick:
             wls = [WL_BY_NAME["rr4k_qd1"], WL_BY_NAME["rr4k_qd32"], WL_BY_NAME["sr64k_qd8"]]
-            return cls(quick=True, reps=1, seconds=1.0, warmup=0.3, image_mib=256, stores=["tmpfs", "disk"],
+            plan = cls(quick=True, reps=1, seconds=1.0, warmup=0.3, image_mib=256, stores=["tmpfs", "disk"],
                        workloads=wls, variants=[(1, 0), (1, 1)], null_variants=[(1, 0)], nbd=True,
                        disk_workloads=[WL_BY_NAME["rr4k_qd32"]], pingpong_rounds=20_000, latency_seconds=1.0)
-        return cls(quick=False, reps=5, seconds=2.0, warmup=0.5, image_mib=1024, stores=["tmpfs", "disk"],
-                   workloads=list(WORKLOADS), variants=list(VARIANTS), null_variants=[(1, 0), (1, 1)], nbd=True,
-                   disk_workloads=list(WORKLOADS), pingpong_rounds=100_000, latency_seconds=3.0)
+        else:
+            plan = cls(quick=False, reps=5, seconds=2.0, warmup=0.5, image_mib=1024, stores=["tmpfs", "disk"],
+                       workloads=list(WORKLOADS), variants=list(VARIANTS), null_variants=[(1, 0), (1, 1)],
+                       nbd=True, disk_workloads=list(WORKLOADS), pingpong_rounds=100_000, latency_seconds=3.0)
+        if reps is not None:
+            if reps < 1:
+                raise ValueError(f"--reps {reps}: at least 1")
+            plan.reps = reps
+        if workloads is not None:
+            unknown = [w for w in workloads if w not in WL_BY_NAME]
+            if unknown:
+                raise ValueError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WL_BY_NAME)}")
+            plan.workloads = [WL_BY_NAME[w] for w in workloads]
+            plan.disk_workloads = list(plan.workloads)
+        if stores is not None:
+            if not stores or any(s not in ("tmpfs", "disk") for s in stores):
+                raise ValueError(f"stores {stores}: tmpfs and/or disk")
+            plan.stores = list(stores)
+        if variants is not None:
+            by_name = {variant_name(q, p)[4:]: (q, p) for q, p in VARIANTS}
+            unknown = [v for v in variants if v not in by_name]
+            if unknown:
+                raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+            plan.variants = [by_name[v] for v in variants]
+            plan.null_variants = [v for v in plan.null_variants if v in plan.variants] or plan.null_variants[:1]
+        plan.latency = latency
+        return plan
 
 
 def blk_serve(work: Path, sim_dir: Path, name: str, *, poll_us: int = 0, cpus: set[int] | None = None,
-              io_threads: int = 32) -> Serve:
-    """`pvback serve` configured for the blk cells."""
+              io_threads: int = 32, extra: Mapping[str, int | str] | None = None, root: Path | None = None) -> Serve:
+    """`pvback serve` configured for the blk cells (`extra`: more [blk] keys; `root`: another source tree)."""
     # persistent_threshold_bytes = 0: "persistent" cells map every request; max_persistent_grants covers a
     # QD8 x 1 MiB working set (2048 pages) so the LRU never evicts during a run.
     blk = {"max_persistent_grants": 4096, "persistent_threshold_bytes": 0, "poll_us": poll_us,
-           "io_threads": io_threads}
-    settings = {"poll_us": poll_us, "cpus": sorted(cpus) if cpus else "any", "io_threads": io_threads,
-                "max_persistent_grants": 4096, "persistent_threshold_bytes": 0}
-    return Serve(work, sim_dir, name, sections={"blk": blk}, settings=settings, cpus=cpus)
+           "io_threads": io_threads, **(extra or {})}
+    settings: dict[str, Any] = {"poll_us": poll_us, "cpus": sorted(cpus) if cpus else "any",
+                                "io_threads": io_threads, "max_persistent_grants": 4096,
+                                "persistent_threshold_bytes": 0, **(extra or {})}
+    if root is not None:
+        settings["root"] = str(root)
+    return Serve(work, sim_dir, name, sections={"blk": blk}, settings=settings, cpus=cpus, root=root)
 
 
 # ---- sessions ----------------------------------------------------------------------------------------------
@@ -164,9 +196,13 @@ def run_matrix(plan: Plan, work: Path, store_dirs: dict[str, Path], progress: Pr
                 serve.close()
         # Sections of their own (a fresh simulator): a failure here is reported, it does not lose the matrix.
         try:
+            if not plan.latency:
+                raise _Skipped("not asked for (--no-latency)")
             with simulator(work / "lat") as sim_dir:
                 latency = run_latency(plan, work, sim_dir, images.get("tmpfs") or images[plan.stores[0]],
                                       progress, serve_settings)
+        except _Skipped:
+            latency = {"blk": [], "pingpong": {}}
         except Exception as exc:
             progress(f"latency section failed: {exc}")
             latency = {"error": str(exc), "blk": [], "pingpong": {}}
@@ -181,6 +217,10 @@ def run_matrix(plan: Plan, work: Path, store_dirs: dict[str, Path], progress: Pr
                 img.unlink()
     return {"samples": [s.__dict__ for s in samples], "latency": latency, "ring": ring,
             "serve_settings": serve_settings}
+
+
+class _Skipped(Exception):
+    pass
 
 
 def _rep_store(plan: Plan, work: Path, sim_dir: Path, serve: Serve, store: str, image: Path, wls: list[Wl],
@@ -312,43 +352,66 @@ def relate(c: Cell, by: Mapping[CellKey, Cell]) -> None:
     analysis.ratio_to(c, by, "nbd", "nbd")
 
 
+FIO_REFS = ("fio-io_uring", "fio-psync")
+
+
 def aggregate(samples: list[dict[str, Any]]) -> list[Cell]:
-    """Median per (store, workload, system), with the spread and the ratios to the references of that cell."""
-    return analysis.aggregate(samples, relate=relate, workload_order=[w.name for w in WORKLOADS])
+    """Median per (store, workload, system), with the spread and the ratios to the references of that cell;
+    blk cells also get their ratios per run (`ratio_to_fio_runs`, `ratio_to_nbd_runs`): each repetition
+    against the references of that repetition."""
+    cells = analysis.aggregate(samples, relate=relate, workload_order=[w.name for w in WORKLOADS])
+    for c in cells:
+        if c["system"].startswith("blk-"):
+            key = analysis.cell_key(c)
+            c["ratio_to_fio_runs"] = analysis.per_run_ratios(samples, key, FIO_REFS)
+            c["ratio_to_nbd_runs"] = analysis.per_run_ratios(samples, key, ("nbd",))
+    return cells
 
 
 def best_blk(cells: list[Cell], store: str, wl: str) -> Cell | None:
     return analysis.best_cell(cells, store, wl, "blk-")
 
 
-def evaluate_targets(cells: list[dict[str, Any]], latency: dict[str, Any],
-                     ring: dict[str, Any]) -> list[dict[str, Any]]:
-    """The brief's targets, for the cells this plan measured."""
+def evaluate_targets(cells: list[dict[str, Any]], latency: dict[str, Any] | list[dict[str, Any]],
+                     ring: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The brief's targets, for the cells this plan measured.  Each is judged on its per-run values (median,
+    min-max, holds only if every run holds, not judged below analysis.MIN_RUNS runs).  `latency` and `ring`
+    may be lists: the sections of several matrix runs merged (python -m perf.matrix a.json b.json c.json)."""
     t = Targets()
     add = t.add
-    for store, goal_rr, goal_seq in (("disk", 0.90, 0.95), ("tmpfs", 0.50, 0.80)):
+    for store, goal_rr, goal_seq in (("disk", 0.90, 0.95), ("tmpfs", 0.80, 0.80)):
         c = best_blk(cells, store, "rr4k_qd32")
         if c is not None:
             add(f"{store} 4k randread QD32 vs best fio", c.get("ratio_to_fio"), goal_rr,
-                f"{c['system']}: {c['iops']:.0f} IOPS vs {c.get('ref_system')}; {c['cpu_us_per_op']:.2f} us CPU/req;"
-                f" per CPU-second {c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio")
+                f"{c['system']}: {c['iops']:.0f} IOPS vs {c.get('ref_system')}; {c['cpu_us_per_op']:.2f} us CPU/req"
+                f" ({c.get('backend_cpu_us_per_op') or 0:.2f} backend); per CPU-second "
+                f"{c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio", runs=c.get("ratio_to_fio_runs", []))
         for wl in ("sr64k_qd8", "sw64k_qd8", "sr1m_qd8", "sw1m_qd8"):
             c = best_blk(cells, store, wl)
             if c is None:
                 continue
             add(f"{store} {wl} vs best fio", c.get("ratio_to_fio"), goal_seq,
                 f"{c['system']}: {c['mb_s']:.0f} MB/s vs {c.get('ref_system')}; per CPU-second "
-                f"{c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio")
+                f"{c.get('per_cpu_ratio_to_fio') or 0:.2f} x fio", runs=c.get("ratio_to_fio_runs", []))
     for store in ("tmpfs", "disk"):
         for wl in ("rr4k_qd32", "rw4k_qd32"):
             c = best_blk(cells, store, wl)
             if c is not None and "ratio_to_nbd" in c:
-                add(f"{store} {wl} blkback vs nbdkit", c["ratio_to_nbd"], 3.0, f"{c['system']}: {c['iops']:.0f} IOPS")
-    for row in latency.get("blk", []):
-        add(f"tmpfs QD1 4k p50 vs eventfd ping-pong ({row['placement']}, {row['wait']})",
-            row["ratio_p50_to_pingpong"], 1.5,
-            f"{row['p50_us']:.2f} us vs {row['pingpong_p50_us']:.2f} us", higher=False)
-    if ring:
-        add("ring slots/s cffi batch vs pure C", ring["ratio"], 0.5,
-            f"{ring['cffi_slots_per_s'] / 1e6:.2f} M vs {ring['c_slots_per_s'] / 1e6:.2f} M")
+                add(f"{store} {wl} blkback vs nbdkit", c["ratio_to_nbd"], 3.0, f"{c['system']}: {c['iops']:.0f} IOPS",
+                    runs=c.get("ratio_to_nbd_runs", []))
+    lat_runs = latency if isinstance(latency, list) else [latency]
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for lat in lat_runs:
+        for row in lat.get("blk", []):
+            rows.setdefault((row["placement"], row["wait"]), []).append(row)
+    for (placement, wait), rs in rows.items():
+        add(f"tmpfs QD1 4k p50 vs eventfd ping-pong ({placement}, {wait})", None, 1.5,
+            "p50 " + ", ".join(f"{r['p50_us']:.2f}" for r in rs) + " us vs ping-pong "
+            + ", ".join(f"{r['pingpong_p50_us']:.2f}" for r in rs) + " us", higher=False,
+            runs=[r["ratio_p50_to_pingpong"] for r in rs])
+    ring_runs = [r for r in (ring if isinstance(ring, list) else [ring]) if r]
+    if ring_runs:
+        add("ring slots/s cffi batch vs pure C", None, 0.5,
+            ", ".join(f"{r['cffi_slots_per_s'] / 1e6:.2f} M vs {r['c_slots_per_s'] / 1e6:.2f} M" for r in ring_runs),
+            runs=[r["ratio"] for r in ring_runs])
     return t.rows

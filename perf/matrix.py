@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
+from typing import Any
 
 from perf import runner
 from perf.blk_cells import WL_BY_NAME, WORKLOADS, Plan, Wl, aggregate, evaluate_targets, run_matrix
@@ -74,13 +75,34 @@ def main(quick: bool, out: str, *, disk_dir: str | None = None, tmpfs_dir: str =
     return runner.run_bench(out, "pvback-bench-", body)
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several bench.json of independent matrix runs as one result: every repetition of every run is a run of
+    its own (reps renumbered), the latency and ring sections listed per run; cells and targets recomputed
+    from the raw samples, so a file written by an older aggregation gets today's columns."""
+    out = dict(results[0])
+    samples: list[dict[str, Any]] = []
+    for i, r in enumerate(results):
+        for smp in r["samples"]:
+            samples.append({**smp, "rep": i * 1000 + int(smp["rep"])})
+    out["samples"] = samples
+    latency = [r.get("latency", {}) for r in results]
+    ring = [r.get("ring", {}) for r in results]
+    out["cells"] = aggregate(samples)
+    out["targets"] = evaluate_targets(out["cells"], latency, ring)
+    if len(results) > 1:
+        out["latency"] = latency[-1]
+        out["ring"] = ring[-1]
+        out["command"] = " + ".join(r["command"] for r in results)
+        out["date"] = " + ".join(r["date"] for r in results)
+        out["plan"] = {**results[0]["plan"], "reps": sum(r["plan"]["reps"] for r in results),
+                       "runs": len(results)}
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="print perf/RESULTS.md tables from a bench.json")
-    ap.add_argument("bench_json")
-    data = json.loads(Path(ap.parse_args().bench_json).read_text())
-    # Recomputed from the raw samples, so a file written by an older aggregation gets today's columns.
-    data["cells"] = aggregate(data["samples"])
-    data["targets"] = evaluate_targets(data["cells"], data.get("latency", {}), data.get("ring", {}))
-    print(markdown(data), end="")
+    ap = argparse.ArgumentParser(description="print perf/RESULTS.md tables from one or more bench.json (several: "
+                                             "independent runs, every repetition judged as a run of its own)")
+    ap.add_argument("bench_json", nargs="+")
+    print(markdown(merge([json.loads(Path(p).read_text()) for p in ap.parse_args().bench_json])), end="")

@@ -20,21 +20,45 @@ def goal_op(t: dict[str, Any]) -> str:
     return "<=" if "ping-pong" in t["target"] else ">="
 
 
+def spread(t: dict[str, Any], fmt: Callable[[Any], str] = f2) -> str:
+    """ "min-max over N runs" of a target judged per run ("" for a single value)."""
+    if "n_runs" not in t:
+        return ""
+    if not t["n_runs"]:
+        return "0 runs"
+    return f"{fmt(t['min'])}-{fmt(t['max'])} over {t['n_runs']} run{'s' if t['n_runs'] != 1 else ''}"
+
+
+def verdict(t: dict[str, Any]) -> str:
+    if t["held"] is None:
+        return "not judged" if t.get("n_runs") else "n/a"
+    return "yes" if t["held"] else "NO"
+
+
 def target_lines(targets: list[dict[str, Any]]) -> list[str]:
     out = []
     for t in targets:
         mark = "HOLDS" if t["held"] else ("n/a" if t["held"] is None else "MISSES")
         v = "-" if t["value"] is None else f"{t['value']:.2f}"
-        out.append(f"  [{mark:6s}] {t['target']}: {v} (goal {goal_op(t)} {t['goal']}) {t['detail']}")
+        sp = spread(t)
+        sp = f" [{sp}{'; < 3 runs: not judged' if t.get('n_runs') and t['held'] is None else ''}]" if sp else ""
+        out.append(f"  [{mark:6s}] {t['target']}: {v}{sp} (goal {goal_op(t)} {t['goal']}) {t['detail']}")
     return out
 
 
 def targets_table(result: dict[str, Any], *, fmt: Callable[[Any], str] = f2, failures: bool = False) -> list[str]:
-    """The markdown table of a result's targets (values through `fmt`), then its failures when asked."""
-    lines = ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
+    """The markdown table of a result's targets (values through `fmt`), then its failures when asked.  Targets
+    judged per run show the median, its spread and how many runs it rests on."""
+    per_run = any("n_runs" in t for t in result["targets"])
+    if per_run:
+        lines = ["", "Targets (median of the per-run ratios; holds only if it holds in every run, >= 3 runs)", "",
+                 "| target | median | min-max (runs) | goal | holds | detail |", "|---|---|---|---|---|---|"]
+    else:
+        lines = ["", "Targets", "", "| target | value | goal | holds | detail |", "|---|---|---|---|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['target']} | {fmt(t['value'])} | {goal_op(t)} {t['goal']} | "
-                     f"{'yes' if t['held'] else 'NO'} | {t['detail']} |")
+        mid = f" {spread(t, fmt)} |" if per_run else ""
+        lines.append(f"| {t['target']} | {fmt(t['value'])} |{mid} {goal_op(t)} {t['goal']} | "
+                     f"{verdict(t)} | {t['detail']} |")
     if failures and result.get("failures"):
         lines += ["", "Failures: " + "; ".join(result["failures"])]
     return lines
@@ -151,17 +175,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"(+{result['plan']['warmup']:g} s warm-up) per cell, {result['plan']['image_mib']} MiB images of random "
         "data; cells are medians (IOPS min-max over the repetitions).",
         "",
-        "| store | workload | system | IOPS (min-max) | MB/s | p50 us | p99 us | CPU us/op | CPU s/GB | vs fio | "
-        "vs fio per CPU-s | vs nbd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| store | workload | system | IOPS (min-max) | MB/s | p50 us | p99 us | CPU us/op | backend CPU us/op | "
+        "CPU s/GB | vs fio | vs fio per run (min-max) | vs fio per CPU-s | vs nbd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     for c in result["cells"]:
+        runs = c.get("ratio_to_fio_runs") or []
+        per_run = f"{min(runs):.2f}-{max(runs):.2f} ({len(runs)})" if runs else ""
         lines.append(
             f"| {c['store']} | {c['workload']} | {c['system']} | {c['iops']:.0f} ({c['iops_min']:.0f}-"
             f"{c['iops_max']:.0f}) | {c['mb_s']:.1f} | {c['p50_us']:.1f} | {c['p99_us']:.1f} | "
-            f"{c['cpu_us_per_op']:.2f} | {c['cpu_s_per_gb']:.2f} | {f2(c.get('ratio_to_fio'))} | "
-            f"{f2(c.get('per_cpu_ratio_to_fio'))} | {f2(c.get('ratio_to_nbd'))} |")
+            f"{c['cpu_us_per_op']:.2f} | {f2(c.get('backend_cpu_us_per_op'))} | {c['cpu_s_per_gb']:.2f} | "
+            f"{f2(c.get('ratio_to_fio'))} | {per_run} | {f2(c.get('per_cpu_ratio_to_fio'))} | "
+            f"{f2(c.get('ratio_to_nbd'))} |")
     lines += ["", "Null driver (backend CPU only): IOPS per backend core", "",
               "| workload | system | IOPS | backend CPU us/op | IOPS per backend core |", "|---|---|---|---|---|"]
     for c in result["cells"]:

@@ -80,11 +80,14 @@ def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
     return f
 
 
-def spawn(argv: list[str], log: Path, *, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+def spawn(argv: list[str], log: Path, *, cpus: set[int] | None = None,
+          root: Path | None = None) -> subprocess.Popen[bytes]:
+    """root: the source tree the child imports `backends` from (default: this one; an A/B run points the daemon
+    of one side at another build)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root or ROOT)}
     with open(log, "ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=ROOT, preexec_fn=_pin(cpus))
+                                cwd=root or ROOT, preexec_fn=_pin(cpus))
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -145,7 +148,8 @@ class Serve:
 
     def __init__(self, work: Path, sim_dir: Path, name: str, *, sections: Mapping[str, Mapping[str, int | str]],
                  settings: dict[str, Any], cpus: set[int] | None = None,
-                 serve_keys: Mapping[str, object] | None = None, prefix: list[str] | None = None) -> None:
+                 serve_keys: Mapping[str, object] | None = None, prefix: list[str] | None = None,
+                 root: Path | None = None) -> None:
         self.cfg = work / f"serve-{name}.toml"
         text = "[serve]\nmetrics_listen = \"\"\nlog_level = \"warning\"\n"
         text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in (serve_keys or {}).items())
@@ -155,7 +159,8 @@ class Serve:
         self.log = work / f"serve-{name}.log"
         self.settings = settings
         self.proc = spawn([*(prefix or []), PY, "-m", "backends.daemon.cli", "serve", "--platform", "emulated",
-                           "--sim-dir", str(sim_dir), "--config", str(self.cfg)], self.log, cpus=cpus)
+                           "--sim-dir", str(sim_dir), "--config", str(self.cfg)], self.log, cpus=cpus,
+                           root=root)
         time.sleep(0.8)
         if self.proc.poll() is not None:
             raise RuntimeError(f"pvback serve exited: {self.log.read_text(errors='replace')[-1500:]}")

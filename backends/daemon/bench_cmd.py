@@ -56,4 +56,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from perf import matrix
 
     argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
-    return matrix.main(bool(args.quick), str(args.out), disk_dir=getattr(args, "disk_dir", None), argv=argv)
+    try:
+        plan = matrix.Plan.make(bool(args.quick), reps=getattr(args, "reps", None),
+                                workloads=_names(getattr(args, "workloads", None)),
+                                stores=_names(getattr(args, "stores", None)),
+                                variants=_names(getattr(args, "variants", None)),
+                                latency=not getattr(args, "no_latency", False))
+    except ValueError as exc:
+        print(f"pvback bench: {exc}", file=sys.stderr)
+        return 2
+    for opt in ("reps", "workloads", "stores", "variants"):
+        if getattr(args, opt, None) is not None:
+            argv += [f"--{opt}", str(getattr(args, opt))]
+    if getattr(args, "no_latency", False):
+        argv.append("--no-latency")
+    return matrix.main(bool(args.quick), str(args.out), disk_dir=getattr(args, "disk_dir", None), argv=argv,
+                       plan=plan)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None

@@ -166,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blk (default): the block matrix; tpm: vTPM command latency vs swtpm direct, and N vTPMs; "
                         "net: iperf3 TCP and 64-byte UDP through netback vs a veth pair, 1 and 2 queues")
     p.add_argument("--quick", action="store_true", help="one short run per cell")
+    p.add_argument("--reps", type=int, default=None, metavar="N",
+                   help="blk matrix: repetitions per cell (default 5, --quick 1); a target is judged on >= 3")
+    p.add_argument("--workloads", default=None, metavar="W,W",
+                   help="blk matrix: only these workloads (e.g. rr4k_qd32,sr64k_qd8), on every store")
+    p.add_argument("--stores", default=None, metavar="S,S", help="blk matrix: only these stores (tmpfs, disk)")
+    p.add_argument("--variants", default=None, metavar="V,V",
+                   help="blk matrix: only these blk variants (e.g. 2q-persist,1q-copy)")
+    p.add_argument("--no-latency", action="store_true", help="blk matrix: skip the QD1 placement section")
     p.add_argument("--out", default="perf/results", help="directory for JSON and PNG output")
     p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
                    help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "

@@ -66,6 +66,19 @@ class IoEngine(CHandle[struct_pv_io_engine]):
     def inline(self) -> bool:
         return bool(lib.pv_io_engine_inline(self.c))
 
+    def map_file(self) -> None:
+        """Inline file engines: serve reads and writes through a shared mapping of the file (one memcpy, no
+        syscall per request).  Raises StorageError if it cannot; the engine then keeps using preadv/pwritev."""
+        err = ffi.new("char[]", 256)
+        rc = int(lib.pv_io_engine_file_map(self.c, err, 256))
+        if rc < 0:
+            raise StorageError(-rc, f"file I/O engine: {ffi.string(err).decode(errors='replace')}")
+
+    @property
+    def map_faults(self) -> int:
+        """Mapped copies that faulted and were redone with a syscall (the file shrank, tmpfs was full)."""
+        return int(lib.pv_io_engine_file_map_faults(self.c))
+
     def _free(self, c: struct_pv_io_engine) -> None:
         lib.pv_io_engine_close(c)
 
