@@ -83,6 +83,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def settles(pred: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait (bounded) for what the daemon does after the toolstack's part returned: a detached vif's tap and
+    switch port go when the daemon sees its backend directory removed, as Linux netback's go on xenbus remove."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(pred):
+        assert loop.time() < deadline, f"still not so after {timeout:g} s: {what}"
+        await asyncio.sleep(0.05)
+
+
 def _tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]

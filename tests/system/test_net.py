@@ -35,7 +35,7 @@ from backends.xenstore.client import XenStoreClient
 from tests.net import pingtcp
 from tests.net.netns import NetNS
 from tests.net.test_datapath import GUEST_MAC, guest_tap, tcp
-from tests.system.conftest import PY, REPO, Bed, ServeProc, SimProc, _env
+from tests.system.conftest import PY, REPO, Bed, ServeProc, SimProc, _env, settles
 
 S = XenbusState
 PEER_V4, GUEST_V4, PEER_V6, GUEST_V6 = "198.18.0.1", "198.18.0.2", "fd00::1", "fd00::2"
@@ -222,7 +222,7 @@ async def test_ping_tcp_attach_status_metrics_detach(nbed: NetBed, datapath: str
     res = await asyncio.to_thread(nbed.cli, "detach", "nic", str(d), "0")
     assert res.returncode == 0, res.stderr
     assert not await (await nbed.dom0()).exists(nic.backend)
-    assert nic.vif not in p.ip("-br", "link", "show")
+    await settles(lambda: nic.vif not in p.ip("-br", "link", "show"), f"{nic.vif} deleted")
 
 
 @pytest.mark.system_timeout(120)
@@ -286,7 +286,7 @@ async def test_attach_refusals_leave_nothing(nbed: NetBed) -> None:
     await xs.write(f"{fe}/state", str(int(S.CLOSED)))
     res = await asyncio.to_thread(nbed.cli, "detach", "nic", str(g.domid), "3")
     assert res.returncode == 0, res.stderr
-    assert vif not in nbed.peer.ip("-br", "link", "show")
+    await settles(lambda: vif not in nbed.peer.ip("-br", "link", "show"), f"{vif} deleted")
     res = await asyncio.to_thread(nbed.cli, "detach", "nic", str(g.domid), "3")
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "no vif" in res.stderr, res.stderr
     assert await read_state(await nbed.dom0(), be) is S.UNKNOWN

@@ -39,7 +39,7 @@ from tests.net.ovsbed import PrivateOvs, veth_peer
 from tests.net.test_csum_full import csum_errors
 from tests.net.test_datapath import tcp
 from tests.net.test_ovsdb import ext_ids
-from tests.system.conftest import SimProc
+from tests.system.conftest import SimProc, settles
 from tests.system.test_net import NetBed, NetnsServe, Nic, interrupted_transfer, metric
 
 S = XenbusState
@@ -221,8 +221,8 @@ async def test_ping_tcp_external_ids_detach_with_userspace_tso(obed: OvsNetBed) 
     await obed.unplug(nic)
     res = await asyncio.to_thread(obed.cli, "detach", "nic", str(d), "0")
     assert res.returncode == 0, res.stderr
-    assert ovs.ports("br0") == ["pv-q"] and ovs.port_rows(vif) == 0
-    assert vif not in obed.peer.ip("-br", "link", "show")
+    await settles(lambda: ovs.ports("br0") == ["pv-q"] and ovs.port_rows(vif) == 0, f"port {vif} removed")
+    await settles(lambda: vif not in obed.peer.ip("-br", "link", "show"), f"{vif} deleted")
 
 
 @pytest.mark.system_timeout(150)
@@ -368,7 +368,7 @@ async def test_stale_port_replaced_and_missing_bridge_fails_only_that_vif(obed: 
     assert res.returncode != 0 and "bridge nobr0 does not exist" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not await dom0.exists(f"/local/domain/0/backend/vif/{g2.domid}/0")
-    assert f"vif{g2.domid}.0" not in obed.peer.ip("-br", "link", "show")  # its tap did not stay behind
+    await settles(lambda: f"vif{g2.domid}.0" not in obed.peer.ip("-br", "link", "show"), "its tap deleted")
     assert f"vif{g2.domid}.0" not in ovs.ports("br0")
     assert "bridge nobr0 does not exist" in obed.serve.log_text()
     assert await ping(gns(good), PEER_V4) == 3
@@ -481,7 +481,7 @@ async def test_linux_bridge_ping_tcp(obed: OvsNetBed) -> None:
     g2, _xs2 = await obed.guest(name="lxvlan", mem_pages=64, gnt_entries=64)
     res = await asyncio.to_thread(obed.cli, "attach", "nic", str(g2.domid), "--bridge", "lxbr0.10")
     assert res.returncode != 0 and "VLAN tags and trunks need an Open vSwitch bridge" in res.stderr, res.stderr
-    assert f"vif{g2.domid}.0" not in h.ip("-br", "link", "show")
+    await settles(lambda: f"vif{g2.domid}.0" not in h.ip("-br", "link", "show"), "its tap deleted")
     assert await ping(g, PEER_V4, 2) == 2
 
 
@@ -543,7 +543,8 @@ async def test_dead_vswitchd_fails_the_attach_and_leaves_nothing(obed_short: Ovs
     res = await asyncio.to_thread(bed.cli, "attach", "nic", str(g.domid), "--bridge", "br0")
     assert res.returncode != 0 and "ovs-vswitchd did not apply the change" in res.stderr, res.stderr
     vif = f"vif{g.domid}.0"
-    assert ovs.port_rows(vif) == 0 and vif not in bed.peer.ip("-br", "link", "show")
+    await settles(lambda: ovs.port_rows(vif) == 0 and vif not in bed.peer.ip("-br", "link", "show"),
+                  f"{vif} and its port gone")
     await asyncio.to_thread(ovs.start_vswitchd)
     nic = await bed.ovs_nic("br0", role="back")
     q = bed.peer_on("br0")
