@@ -237,7 +237,9 @@ async def test_cross_host_bind_gate_traffic_and_nic_move(two_hosts: TwoHosts, be
     assert ovn.cent.binding_chassis("lp-g2") == ovn.b.name and ovn.b.ovn_installed(g2.nic.vif)
     assert ovn.cent.binding_chassis("lp-g3") == ovn.a.name
 
-    # Across hosts, through Geneve: ping both ways (also a full-MTU one) and hashed TCP both ways.
+    # Across hosts, through Geneve: ping both ways (also a full-MTU one) and hashed TCP both ways.  Each
+    # backend waited for its own chassis (ovn-installed); the other chassis learns the binding a moment later.
+    ovn.nbctl("--wait=hv", "sync")
     assert await ping(g1.ns, g2.ip) == 3
     assert await ping(g2.ns, g1.ip, 2, 1472) == 2
     await tcp(g1.ns, g2.ns, g2.ip, 8 << 20, 5301)
@@ -322,7 +324,8 @@ async def test_acl_allows_icmp_and_one_tcp_port_both_ways(two_hosts: TwoHosts, b
     ovn.add_port("lp-b", "00:16:3e:00:02:22", "198.18.0.22")
     ga = await h.nic(ovn.a, "ga", "lp-a", "00:16:3e:00:02:21", "198.18.0.21")
     gb = await h.nic(ovn.b, "gb", "lp-b", "00:16:3e:00:02:22", "198.18.0.22")
-    # Before the ACL: everything passes.
+    # Before the ACL: everything passes (once both chassis know both bindings).
+    ovn.nbctl("--wait=hv", "sync")
     assert await ping(ga.ns, gb.ip) == 3
     assert await asyncio.to_thread(tcp_reachable, ga.ns, gb.ns, gb.ip, 5402)
 
