@@ -198,10 +198,11 @@ class SwitchPlug:
                 raise DeviceError(f"Linux bridge: {exc.strerror}") from exc
             dev.log.info("plugged into Linux bridge %s", spec.name, extra={"vif": vif, "bridge": spec.name})
             return Attachment("linux", spec.name, vif)
-        return await self._attach_ovs(dev, spec, vif=vif, mac=mac, tap_created=tap_created)
+        return await self._attach_ovs(dev, spec, vif=vif, mac=mac, tap_created=tap_created,
+                                      hotplug_script=hotplug_script)
 
     async def _attach_ovs(self, dev: BackendDevice, spec: BridgeSpec, *, vif: str, mac: str,
-                          tap_created: bool) -> Attachment:
+                          tap_created: bool, hotplug_script: str | None = None) -> Attachment:
         vm_name, vm_uuid = await domain_identity(dev)
         override = await dev.read_backend("iface-id")
         try:
@@ -220,6 +221,14 @@ class SwitchPlug:
         try:
             sw = await self._switch()
             br = await asyncio.wrap_future(sw.bridge(spec.name))
+            if br is None and hotplug_script:
+                # As without OVSDB (attach): libxl's default bridge=xenbr0 on a host whose OVS has no such bridge
+                # (a routed or addressed vif beside OVS-bridged ones) is the hotplug script's to handle.
+                self._release(vif)
+                dev.log.warning("bridge %s: no such OVS bridge in %s nor Linux bridge; the tap stays unplugged, "
+                                "the hotplug script %s has the last word", spec.name, self.cfg.ovsdb, hotplug_script,
+                                extra={"vif": vif})
+                return Attachment()
             if br is None:
                 raise OvsError(f"bridge {spec.name} does not exist (no such OVS bridge in {self.cfg.ovsdb} and no "
                                "Linux bridge of that name)")

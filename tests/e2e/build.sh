@@ -115,9 +115,12 @@ fi
 # python3-pyroute2: netback creates the guests' taps with it; ethtool: copied into the domU, which reports what
 # its netfront negotiated (ethtool -k).
 # python3-cryptography: `pvback vtpm-manager` wraps the vTPMs' state keys with it (AESGCM).
+# openvswitch-switch/python3-openvswitch: the net-ovs check's private OVS (ovsdb-server + ovs-vswitchd, started by
+# the test driver; policy-rc.d keeps the service down) and the `ovs` IDL pvback plugs ports with.
 DOM0_PACKAGES="xen-utils-4.17 xen-hypervisor-4.17-amd64 linux-image-amd64 gcc libc6-dev python3-dev \
 python3-distutils python3-cffi python3-uvloop python3-prometheus-client e2fsprogs util-linux dmsetup \
-swtpm swtpm-tools tpm2-tools libtss2-tcti-device0 python3-pyroute2 ethtool python3-cryptography"
+swtpm swtpm-tools tpm2-tools libtss2-tcti-device0 python3-pyroute2 ethtool python3-cryptography \
+openvswitch-switch python3-openvswitch"
 if [ "$REUSE" = 1 ] && [ "$(cat "$ROOTFS/.pvback-packages" 2>/dev/null)" = "$DOM0_PACKAGES" ]; then
     echo "reusing $ROOTFS (packages)" >> "$LOG"
 else

@@ -20,6 +20,9 @@
 #         the reboot the new domain's vif passes traffic again (ping, 2 MiB each way)
 #   eth1  vif 1 from `xl network-attach` while running (198.18.1.0/24, fd00:1::/64): ping, 2 MiB each way,
 #         `xl network-detach`
+#   eth2  vif 2 from `xl create` with bridge=pvbr0.10: pvback's port on a private Open vSwitch in dom0 (VLAN 10),
+#         whose only peer is a network namespace on that bridge (198.18.2.1, fd00:2::1; the guest .2 / ::2): ping,
+#         2 MiB each way, `xl network-detach` (tests/e2e/dom0/ovs_case.py)
 # Kernel command line: pvsteps=all|a+b+...  pva/pvbig/pvb/pvc=sha256 of the regions dom0 wrote, pvnet8/pvnet2=
 # sha256 of what dom0 sends over TCP when asked for 8 or 2 MiB.
 # Console lines (hvc0, logged by xenconsoled in dom0):
@@ -284,7 +287,7 @@ tpm_after_reboot() {
 }
 
 # ---- NICs: xen-netfront against pvback's netback; dom0 addresses its tap when the guest says net-addr-* ----
-NET_STEPS="net-ping net-tcp net-attach net-reboot"
+NET_STEPS="net-ping net-tcp net-attach net-reboot net-ovs"
 NET_PORT_UP=5701   # the guest sends to dom0, which hashes what it got
 NET_PORT_DOWN=5702 # dom0 sends the MiB the guest asks for (a line "N"), whose sha256 dom0 gave as pvnetN
 net_if() { # net_if DEVID: the interface of xen device vif-DEVID, if any
@@ -480,6 +483,30 @@ if want net-attach; then
         else
             say "DOMU-PHASE release-vif1"
             result net-attach FAIL "$WHY"
+        fi
+    fi
+fi
+
+# ---- eth2: vif 2 from xl create, an OVS port in dom0; its peer is a namespace on the bridge, not dom0 ----
+if want net-ovs; then
+    t0=$(now)
+    if ! net_up 2 198.18.2.2 fd00:2::2; then
+        say "DOMU-PHASE release-vif2"
+        result net-ovs FAIL "vif 2 (bridge=pvbr0.10): $WHY"
+    else
+        say "DOMU-PHASE ovs-up"
+        if net_ping 198.18.2.1 fd00:2::1 && net_tcp 198.18.2.1 ovs 2; then
+            nif2=$NIF
+            say "DOMU-PHASE release-vif2"
+            t0=$(now)
+            if wait_for '[ -z "$(net_if 2)" ]' $HOTPLUG_WAIT; then
+                result net-ovs PASS "$nif2 (vif 2, bridge=pvbr0.10) <-> the peer namespace through OVS: pings $PINGS, $TCP; gone $(since "$t0") s after asking for the detach"
+            else
+                result net-ovs FAIL "$nif2 still present $HOTPLUG_WAIT s after asking dom0 to xl network-detach it"
+            fi
+        else
+            say "DOMU-PHASE release-vif2"
+            result net-ovs FAIL "vif 2 (bridge=pvbr0.10): $WHY"
         fi
     fi
 fi

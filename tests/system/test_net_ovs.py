@@ -32,12 +32,12 @@ import pytest
 
 from backends.guests.netfront import NetFront, xenbus_connect
 from backends.xenbus.state import XenbusState
-from backends.xenbus.toolstack import wait_for_state
+from backends.xenbus.toolstack import add_device, wait_for_state
 from tests.net import pingtcp
 from tests.net.netns import NetNS
 from tests.net.ovsbed import PrivateOvs, veth_peer
 from tests.net.test_csum_full import csum_errors
-from tests.net.test_datapath import tcp
+from tests.net.test_datapath import guest_tap, tcp
 from tests.net.test_ovsdb import ext_ids
 from tests.system.conftest import SimProc, settles
 from tests.system.test_net import NetBed, NetnsServe, Nic, interrupted_transfer, metric
@@ -374,6 +374,33 @@ async def test_stale_port_replaced_and_missing_bridge_fails_only_that_vif(obed: 
     assert await ping(gns(good), PEER_V4) == 3
     await tcp(q, gns(good), GUEST_V4, 2 << 20, 5131)
     assert await dom0.read_str(f"{good.backend}/state") == str(int(S.CONNECTED))
+
+
+@pytest.mark.system_timeout(120)
+async def test_libxl_default_bridge_absent_from_ovs_is_left_to_the_hotplug_script(obed: OvsNetBed) -> None:
+    """libxl writes bridge=xenbr0 for a vif line that names no bridge, with its hotplug script (the real-Xen e2e's
+    vif 0, beside a vif on an OVS bridge): with OVSDB there but no xenbr0 in it, the vif is not failed — the tap
+    stays unplugged (logged), the script says connected, the guest's netfront connects; no port is added."""
+    g, xs = await obed.guest(name="xlnobr", mem_pages=640, gnt_entries=1024)
+    dom0 = await obed.dom0()
+    keys = {"mac": "00:16:3e:00:03:01", "mtu": "1500", "handle": "0"}
+    paths = await add_device(dom0, backend_domid=0, frontend_domid=g.domid, type_name="vif", devid=0,
+                             backend={**keys, "bridge": "xenbr0", "script": "/etc/xen/scripts/vif-pvback",
+                                      "hotplug-status": "", "type": "vif"},
+                             frontend=keys)
+    gfds = guest_tap(obed.gns, 1500, 1)
+    nic = Nic(g, xs, [NetFront(g, 0, fd) for fd in gfds], gfds, 0, backend=paths.backend)
+    obed.nics.append(nic)
+    connecting = asyncio.create_task(xenbus_connect(xs, nic.fe_path, nic.fronts))
+    await wait_for_state(dom0, paths.backend, S.INIT_WAIT, timeout=10)
+    assert await dom0.read_str(f"{paths.backend}/error") is None
+    assert nic.vif in obed.peer.ip("-br", "link", "show")
+    assert obed.ovs.port_rows(nic.vif) == 0 and nic.vif not in obed.ovs.ports("br0")
+    assert "bridge xenbr0: no such OVS bridge" in obed.serve.log_text()
+    await dom0.write(f"{paths.backend}/hotplug-status", "connected")  # what vif-pvback online writes
+    assert await asyncio.wait_for(connecting, 10) == paths.backend
+    await wait_for_state(dom0, paths.backend, S.CONNECTED, timeout=10)
+    assert obed.ovs.port_rows(nic.vif) == 0
 
 
 # -- switch restarts ----------------------------------------------------------------------------------------
