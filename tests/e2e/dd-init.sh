@@ -33,11 +33,13 @@ IMG_MIB=96
 SERVE_LOG=/var/log/pvback-serve.log
 DEVD_LOG=/var/log/xen/xl-devd.log
 METRICS=127.0.0.1:9477
+: > "$SERVE_LOG"
 PV_PID=""
 DEVD_PID=""
 
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-netfront tun bridge; do
-    modprobe "$m" || say "DD-LOG modprobe $m failed"
+    # The initramfs loaded them already (build-dd.sh): modprobe only what is missing.
+    [ -d "/sys/module/$(echo "$m" | tr - _)" ] || modprobe "$m" || say "DD-LOG modprobe $m failed"
 done
 mount -t xenfs xenfs /proc/xen || say "DD-LOG cannot mount xenfs"
 mkdir -p /run/xen /run/pvback /var/log/xen /var/lib/xen /var/lib/pvback-dd
@@ -79,18 +81,21 @@ xl devd -F > "$DEVD_LOG" 2>&1 &
 DEVD_PID=$!
 say "DD-STAGE xl-devd pid=$DEVD_PID $(now)"
 
-metrics_up() { busybox wget -q -T 3 -O /dev/null "http://$METRICS/metrics" 2>/dev/null; }
-# start_pvback: a new `pvback serve`, ready when its metrics endpoint answers (at most 90 s); sets PV_PID, UP_S
+# Ready once it logged `msg=serving` (its buses watch and its metrics endpoint listens).  Not a request to the
+# endpoint: the static busybox's wget crashes on a name lookup, and python would take seconds to start here.
+servings() { grep -c 'msg=serving' "$SERVE_LOG" 2>/dev/null; }
+# start_pvback: a new `pvback serve`, ready when it says so (at most 300 s); sets PV_PID, UP_S
 start_pvback() {
     t0=$(now)
+    n0=$(servings)
     echo "---- start $(now)" >> "$SERVE_LOG"
     pvback serve --platform xen --types qdisk,vif --metrics "$METRICS" >> "$SERVE_LOG" 2>&1 &
     PV_PID=$!
     i=0
-    until metrics_up; do
+    while [ "$(servings)" = "$n0" ]; do
         kill -0 "$PV_PID" 2>/dev/null || return 1
         i=$((i + 1))
-        [ $i -le 180 ] || return 1
+        [ $i -le 600 ] || return 1
         sleep 0.5
     done
     UP_S=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')

@@ -12,6 +12,8 @@ while read -r m; do
 done < /lib/modules/order
 i=0
 while [ ! -b /dev/xvda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+# Whole-MiB reads: every read of the root disk is a round trip to dom0's pvback.
+echo 4096 > /sys/block/xvda/queue/read_ahead_kb 2>/dev/null
 if [ ! -b /dev/xvda ] || ! mount -t ext4 -o rw /dev/xvda /newroot; then
     echo "DD-INITRAMFS FAIL no root disk (xvda present: $([ -b /dev/xvda ] && echo yes || echo no))"
     sleep 2
