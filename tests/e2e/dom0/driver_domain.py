@@ -351,6 +351,21 @@ class DriverDomain:
                                                   f"{' | '.join(rt.console_text(GUEST).strip().splitlines()[-4:])}")
 
 
+def diagnose(rt: ModuleType) -> None:
+    """What dom0 is doing when a toolstack command hangs: its processes and where they sleep, the kernel's tail."""
+    import subprocess
+    for cmd in (["ps", "-eo", "pid,stat,wchan:24,etime,args"], ["dmesg"], ["xl", "list"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out = f"{exc}"
+        lines = out.splitlines()
+        if cmd[0] == "ps":
+            lines = [ln for ln in lines if re.search(r"xl|xenstore|pvback|python|  D ", ln)]
+        for ln in lines[-40:]:
+            rt.say(f"  diag {cmd[0]}: {ln[:200]}")
+
+
 def run(rt: ModuleType, report: Any, daemon: Any, selected: list[str]) -> None:
     """Every selected driver-domain check gets its RESULT line, whatever breaks."""
     dd = DriverDomain(rt, report, daemon, selected)
@@ -372,18 +387,25 @@ def run(rt: ModuleType, report: Any, daemon: Any, selected: list[str]) -> None:
             finally:
                 if dd.net is not None:
                     dd.net.stop()
-                rt.run(["xl", "destroy", GUEST], timeout=120, check=False)  # fails harmlessly once it is gone
+                try:
+                    rt.run(["xl", "destroy", GUEST], timeout=120, check=False)  # fails harmlessly once it is gone
+                except rt.TestFailure as exc:
+                    rt.say(f"  {exc}")
+                    diagnose(rt)
     except Exception as exc:  # whatever broke, every check still gets its RESULT line
         why = str(exc) if isinstance(exc, rt.TestFailure) else f"{type(exc).__name__}: {exc}"
         rt.say(f"  driver-domain scenario failed: {why}")
+        diagnose(rt)
         for c in dd.selected:
             if c != "dd-serve":  # judged by the stop below, if the driver domain is up
                 report(c, False, why)
     finally:
         rt.say("STAGE dd:teardown")
+        logs = (rt.console_log(DD), rt.console_log(GUEST), Path(f"/var/log/xen/xl-{DD}.log"),
+                Path(f"/var/log/xen/xl-{GUEST}.log"), Path(f"/var/log/xen/qemu-dm-{DD}.log"))
+        rt.keep_logs(*logs)  # now, should the teardown hang
         try:
             dd.stop()
         except Exception as exc:  # the logs below matter more
             report("dd-serve", False, f"stopping the driver domain: {type(exc).__name__}: {exc}")
-        rt.keep_logs(rt.console_log(DD), rt.console_log(GUEST), Path(f"/var/log/xen/xl-{DD}.log"),
-                     Path(f"/var/log/xen/xl-{GUEST}.log"), Path(f"/var/log/xen/qemu-dm-{DD}.log"))
+        rt.keep_logs(*logs)
