@@ -287,6 +287,10 @@ class BackendDevice:
         except XenStoreError as exc:
             if exc.name == "ENOENT":
                 return None
+            # In a driver domain xenstored answers EACCES, not ENOENT, for a frontend node that is gone: it
+            # judges the nearest existing ancestor, the guest's home, which only the guest and dom0 may read.
+            if exc.name == "EACCES" and not path.startswith(self.backend_path + "/"):
+                return None
             raise
 
     async def _read_frontend_raw(self, key: str) -> bytes | None:

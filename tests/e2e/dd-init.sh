@@ -7,7 +7,7 @@
 #   `xl devd`: runs the vif hotplug script (vif-pvback) and starts libxl's "QEMU" for qdisk backends, which here is
 #              `pvback dm-stub` (contrib/xen/qemu-dm-pvback at libxl's qemu-xen path)
 #   `pvback serve --types qdisk,vif`: learns its domid from xenstore, drops to the pvback user
-#   br0: this domain's own NIC (eth0, served by dom0's pvback) and the guests' taps (their vif line says bridge=br0)
+#   routing: this domain's own NIC (eth0, served by dom0's pvback) 198.18.8.3, the guests' taps 198.18.9.1
 #
 # dom0 talks to it through xenstore, in this domain's own data/ directory (dom0 may write there, this domain owns
 # it): dom0 writes data/pvback-e2e/cmd = "<seq> <verb> <args>", this script answers data/pvback-e2e/ack =
@@ -37,7 +37,7 @@ METRICS=127.0.0.1:9477
 PV_PID=""
 DEVD_PID=""
 
-for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-netfront tun bridge; do
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-netfront tun; do
     # The initramfs loaded them already (build-dd.sh): modprobe only what is missing.
     [ -d "/sys/module/$(echo "$m" | tr - _)" ] || modprobe "$m" || say "DD-LOG modprobe $m failed"
 done
@@ -57,13 +57,14 @@ fail() {
 DOMID=$(xenstore-read domid) || fail "xenstore-read domid (through /dev/xen/xenbus) failed"
 say "DD-STAGE xenstore domid=$DOMID $(now)"
 
-# This domain's own NIC (eth0, from dom0) and the guests' taps share br0: one segment with dom0's tap.
+# This domain's own NIC (eth0, from dom0's pvback) on 198.18.8.0/24 with dom0; the guests' taps each get
+# 198.18.9.1/24 when dom0 asks (`tap DOMID`) and this domain routes between them.  Routed, not bridged: dom0's
+# netback drops frames whose source MAC is not the vif's own ([net] check_mac), as it should.
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 if [ -e /sys/class/net/eth0 ]; then
-    ip link add br0 type bridge && ip link set br0 type bridge forward_delay 0 stp_state 0 \
-        && ip link set eth0 master br0 && ip link set eth0 up && ip link set br0 up \
-        && ip addr add 198.18.8.3/24 dev br0 || say "DD-LOG cannot set up br0"
+    ip link set eth0 up && ip addr add 198.18.8.3/24 dev eth0 || say "DD-LOG cannot address eth0"
+    echo 1 > /proc/sys/net/ipv4/ip_forward
 else
     say "DD-LOG no eth0: guests' NICs will have no way out"
 fi
@@ -118,6 +119,14 @@ do_cmd() {
         ;;
     sha)
         R=$(region_sha "$2" "$3")
+        ;;
+    tap)
+        t=vif$2.0
+        i=0
+        while [ ! -e "/sys/class/net/$t" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        ip addr replace 198.18.9.1/24 dev "$t" 2>/tmp/ip.err && ip link set "$t" up 2>>/tmp/ip.err \
+            || { R="cannot address $t: $(head -n 1 /tmp/ip.err)"; return 1; }
+        R="$t 198.18.9.1/24 up, forwarding $(cat /proc/sys/net/ipv4/ip_forward)"
         ;;
     kill)
         old=$PV_PID

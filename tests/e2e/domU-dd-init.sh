@@ -1,12 +1,13 @@
 #!/bin/busybox sh
 # /init-dd of the test domU's initramfs (rdinit=/init-dd): the guest of the driver-domain checks (#19).  Its disk
 # and NIC are served by `pvback serve` inside the driver domain (xl: disk=['backend=pvdd,backendtype=qdisk,...'],
-# vif=['backend=pvdd,...,bridge=br0,script=vif-pvback']); tests/e2e/dom0/driver_domain.py drives it.
+# vif=['backend=pvdd,mac=...,script=vif-pvback']); tests/e2e/dom0/driver_domain.py drives it.
 #   xvda (96 MiB, an image in the driver domain):  [64,65) MiB written by the driver domain (sha pvdd64= on the
 #         command line) is read, [66,67) written (the driver domain hashes the image), an ext4 of 32 MiB at the
 #         start, [40,56) rewritten round after round while the driver domain SIGKILLs and restarts pvback (the new
 #         daemon writes "RESTARTED" at 88 MiB), the boot marker at 90 MiB
-#   eth0  198.18.8.2/24 on the driver domain's br0 with dom0's tap (198.18.8.1): ping, 2 MiB each way over TCP
+#   eth0  198.18.9.2/24, routed by the driver domain (its tap end 198.18.9.1) to dom0 (198.18.8.1, the tap of the
+#         driver domain's own vif): ping, 2 MiB each way over TCP
 # Console lines, as domU-init.sh's: DOMU-RESULT <step> PASS|FAIL <detail>, DOMU-KV <key> <value>,
 # DOMU-PHASE <name>, DOMU-KLOG <step> error|info: <line>, DOMU-DONE.
 /bin/busybox --install -s /bin
@@ -182,7 +183,9 @@ if want net; then
         why="no interface for vif-0 within 60 s"
     else
         NIF=$(net_if)
-        ip link set "$NIF" up && ip addr add 198.18.8.2/24 dev "$NIF" || why="cannot address $NIF"
+        { ip link set "$NIF" up && ip addr add 198.18.9.2/24 dev "$NIF" && ip route add default via 198.18.9.1; } \
+            || why="cannot address $NIF"
+        say "DOMU-PHASE dd-net-addr" # dom0 has the driver domain address its end of the tap
     fi
     if [ -z "$why" ]; then
         until_ok 60 ping_ok 198.18.8.1 || why="no echo reply from dom0 (198.18.8.1) within 60 s"

@@ -7,12 +7,12 @@ dom0 starts the driver domain `pvdd`: a PV domU with driver_domain=1 whose root 
 domain, configured as an operator would:
 
     disk = ['backend=pvdd,backendtype=qdisk,format=raw,vdev=xvda,access=rw,target=/var/lib/pvback-dd/guest.img']
-    vif  = ['backend=pvdd,mac=...,bridge=br0,script=vif-pvback']
+    vif  = ['backend=pvdd,mac=...,script=vif-pvback']
 
 dom0 talks to dd-init through xenstore (the driver domain's data/pvback-e2e: cmd written here, ack there) to have
 the image hashed and fsck'ed where it lives, and pvback SIGKILLed and restarted while the guest does I/O.  The
-guest's NIC reaches dom0 through the driver domain's br0 (its eth0 and the guest's tap) and dom0's tap of the
-driver domain's vif (198.18.8.0/24: dom0 .1, guest .2, the driver domain .3).
+guest's NIC reaches dom0 through the driver domain, which routes between 198.18.9.0/24 (the guest .2, its tap
+end .1) and 198.18.8.0/24 (dom0 .1 on the tap of the driver domain's own vif, the driver domain .3).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ DD_DISK = "/dev/vdb"  # QEMU's second virtio disk: dd.img
 DD_RAMDISK = "/opt/pvback-e2e/dd.cpio.gz"
 DD_MEM, GUEST_MEM = 384, 256
 DD_MAC, GUEST_MAC = "00:16:3e:5e:00:10", "00:16:3e:5e:00:11"
-DD_NET = "198.18.8"  # dom0 .1 on its tap of the driver domain's vif, the guest .2, the driver domain's br0 .3
+DD_NET = "198.18.8"  # dom0 .1 on its tap of the driver domain's vif, the driver domain's eth0 .3
+GUEST_NET = "198.18.9"  # the guest .2, the driver domain's end of its tap .1: routed by the driver domain
 CTL = "data/pvback-e2e"  # under the driver domain's home
 IMG = "/var/lib/pvback-dd/guest.img"  # in the driver domain (dd-init.sh makes it)
 NET_MIB = 2
@@ -141,6 +142,7 @@ class DriverDomain:
         rt.wait_until(f"the tap {tap} of the driver domain's vif", lambda: rt.link_exists(tap), 30)
         rt.run(["ip", "addr", "replace", f"{DD_NET}.1/24", "dev", tap])
         rt.run(["ip", "link", "set", tap, "up"])
+        rt.run(["ip", "route", "replace", f"{GUEST_NET}.0/24", "via", f"{DD_NET}.3", "dev", tap])
 
     def echo_dd(self) -> None:
         """The driver domain's own lines (dd-init's, its initramfs') to the serial log, as they come."""
@@ -235,7 +237,7 @@ class DriverDomain:
             'on_poweroff = "destroy"', 'on_reboot = "restart"', 'on_crash = "destroy"',
             # What an operator writes for a guest served by a pvback driver domain (docs/driver-domain.md).
             f"disk = [ 'backend={DD},backendtype=qdisk,format=raw,vdev=xvda,access=rw,target={IMG}' ]",
-            *([f'vif = [ "backend={DD},mac={GUEST_MAC},bridge=br0,script={rt.VIF_SCRIPT}" ]'] if self.net else []),
+            *([f'vif = [ "backend={DD},mac={GUEST_MAC},script={rt.VIF_SCRIPT}" ]'] if self.net else []),
         ]) + "\n")
         return cfg
 
@@ -298,6 +300,9 @@ class DriverDomain:
             ok, detail = self.cmd("kill")
             self.kill_detail = ("ok " if ok else "") + detail
             self.say(f"  dd kill: {self.kill_detail}")
+        elif phase == "dd-net-addr":
+            ok, detail = self.cmd("tap", str(self.domids[-1]))
+            self.say(f"  dd tap: {'ok' if ok else 'FAILED'} {detail}")
         elif phase == "rebooting":
             rt.say("STAGE dd:reboot")
 
