@@ -162,6 +162,7 @@ do_cmd() {
         return 1
         ;;
     esac
+    return 0 # not the status of the last command substitution (grep -c of no match is 1)
 }
 
 last=""

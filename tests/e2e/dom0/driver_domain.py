@@ -149,7 +149,8 @@ class DriverDomain:
         lines = [ln for ln in self.rt.console_text(DD).splitlines()
                  if ln.startswith(("DD-", "DD-INITRAMFS")) and not ln.startswith("DD-LOG")]
         for ln in lines[self.dd_lines:]:
-            self.say(f"  {DD}: {ln[:300]}")
+            # Not "STAGE <name>": the host times the dom0 driver's stages by that word.
+            self.say(f"  {DD}: {ln[:300].replace('DD-STAGE', 'DD-AT')}")
         self.dd_lines = len(lines)
 
     def console_tail(self, n: int = 6) -> str:

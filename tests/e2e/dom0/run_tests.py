@@ -597,6 +597,12 @@ class NetServers:
     def stop(self) -> None:
         self.stopping.set()
         for sock in self.socks:
+            # shutdown first: a thread blocked in accept() keeps a merely closed socket listening, and the next
+            # NetServers (the driver-domain checks) would find the port taken.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             sock.close()
 
 
