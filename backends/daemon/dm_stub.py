@@ -9,6 +9,10 @@ QEMU would: say "running", answer libxl's QMP, and live as long as the domain (l
 It answers what libxl sends a PV guest's device model (greeting, qmp_capabilities, query-chardev, query-status,
 quit, ...) and, like QEMU, `CommandNotFound` to anything else; every command is logged on stderr, which libxl
 writes to /var/log/xen/qemu-dm-<name>.log.
+
+In a driver domain `xl devd` starts "QEMU" itself for each guest with qdisk backends there, from libxl's fixed
+qemu-xen path and with `-xen-attach` and no QMP monitor (docs/driver-domain.md): installed at that path
+(contrib/xen/qemu-dm-pvback), the stub then only says "running" and waits for libxl's SIGHUP.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class DmArgs:
     qmp: list[str] = field(default_factory=list)  # unix socket paths to listen on
     qmp_fds: list[int] = field(default_factory=list)  # listening sockets libxl opened for us
     pidfile: str | None = None
+    attach: bool = False  # -xen-attach: the domain exists already (xl devd's qdisk backend in a driver domain)
 
 
 def _opts(spec: str) -> tuple[str, dict[str, str]]:
@@ -61,6 +66,7 @@ def parse_args(argv: Sequence[str]) -> DmArgs:
     monitors: list[str] = []
     qmp_direct: list[str] = []
     pidfile = None
+    attach = False
     it = iter(range(len(argv)))
     for i in it:
         a = argv[i]
@@ -89,12 +95,15 @@ def parse_args(argv: Sequence[str]) -> DmArgs:
                 qmp_direct.append(kind[len("unix:"):])
         elif a == "-pidfile":
             pidfile = val
+        elif a == "-xen-attach":
+            attach = True
+            continue  # a flag: no value to skip
         else:
             continue
         next(it, None)  # the value
     if domid < 0:
         raise DmStubError("no -xen-domid: libxl passes it to every device model it starts")
-    out = DmArgs(domid=domid, qmp=qmp_direct, pidfile=pidfile)
+    out = DmArgs(domid=domid, qmp=qmp_direct, pidfile=pidfile, attach=attach)
     for cid in monitors:
         if cid not in chardevs:
             raise DmStubError(f"-mon chardev={cid}: no -chardev socket with that id")
@@ -109,7 +118,7 @@ def parse_args(argv: Sequence[str]) -> DmArgs:
             out.qmp.append(opts["path"])
         else:
             raise DmStubError(f"-chardev {cid}: neither path= nor fd=")
-    if not out.qmp and not out.qmp_fds:
+    if not out.qmp and not out.qmp_fds and not attach:
         raise DmStubError("no QMP monitor (-chardev socket,...,server=on + -mon chardev=...,mode=control): "
                           "libxl would wait for one")
     return out
@@ -264,10 +273,22 @@ class DmStub:
 
     async def _watch_domain(self, xs: Any) -> None:
         """Exit when the domain is gone, should libxl not be there to kill us (xl crashed, domain died)."""
-        watch = await xs.watch("@releaseDomain")
+        from backends.xenstore.client import XenStoreError
+
+        try:
+            watch = await xs.watch("@releaseDomain")
+        except XenStoreError as exc:
+            # A driver domain may not be allowed to watch it (or read the guest's home): xl devd's SIGHUP it is.
+            _log(self.args.domid, f"cannot watch @releaseDomain ({exc}): stopping on libxl's signal only")
+            return
         try:
             async for _ in watch:
-                if not await xs.exists(f"/local/domain/{self.args.domid}"):
+                try:
+                    gone = not await xs.exists(f"/local/domain/{self.args.domid}")
+                except XenStoreError as exc:
+                    _log(self.args.domid, f"cannot look at the domain ({exc}): stopping on libxl's signal only")
+                    return
+                if gone:
                     _log(self.args.domid, "domain gone")
                     self.done.set()
                     return
@@ -294,7 +315,8 @@ class DmStub:
                 path = await self._announce(xs)
             except XenStoreError as exc:
                 raise DmStubError(f"cannot write the device-model state: {exc}") from exc
-            _log(self.args.domid, f"running ({path}); QMP on {', '.join(self.args.qmp) or 'inherited fds'}")
+            qmp = ", ".join(self.args.qmp) or ("inherited fds" if self.args.qmp_fds else "none (-xen-attach)")
+            _log(self.args.domid, f"running ({path}); QMP on {qmp}")
             watcher = asyncio.ensure_future(self._watch_domain(xs))
             await self.done.wait()
         finally:

@@ -287,6 +287,10 @@ class BackendDevice:
         except XenStoreError as exc:
             if exc.name == "ENOENT":
                 return None
+            # In a driver domain xenstored answers EACCES, not ENOENT, for a frontend node that is gone: it
+            # judges the nearest existing ancestor, the guest's home, which only the guest and dom0 may read.
+            if exc.name == "EACCES" and not path.startswith(self.backend_path + "/"):
+                return None
             raise
 
     async def _read_frontend_raw(self, key: str) -> bytes | None:
@@ -612,7 +616,17 @@ class XenBus:
         never counts as a dead domain, and a live domain never does."""
         from backends.xenstore.client import XenStoreError
 
-        if domid in (0, self.backend_domid) or await self.xs.exists(f"/local/domain/{domid}"):
+        if domid in (0, self.backend_domid):
+            return False
+        try:
+            if await self.xs.exists(f"/local/domain/{domid}"):
+                return False
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            # A driver domain may not read another domain's home (libxl gives it to the domain and dom0 only),
+            # nor ask IS_DOMAIN_INTRODUCED: it cannot tell, so the domain counts as alive and its devices go when
+            # the toolstack removes their backend directories (libxl does when it destroys the domain).
             return False
         if self._ask_introduced:
             try:

@@ -257,11 +257,16 @@ ln -sf e2fsck "$D/sbin/fsck.ext4"
 cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
 grep -q has_journal "$D/etc/mke2fs.conf" || die "the rootfs's /etc/mke2fs.conf does not enable has_journal"
 install -m 0755 "$HERE/domU-init.sh" "$D/init"
+install -m 0755 "$HERE/domU-dd-init.sh" "$D/init-dd" # the driver-domain checks' guest (rdinit=/init-dd)
 (cd "$D" && find . | cpio -o -H newc 2>>"$LOG" | gzip -1) > "$WORK/domU.cpio.gz"
 mkdir -p "$ROOTFS/opt/pvback-e2e"
 cp "$WORK/domU.cpio.gz" "$ROOTFS/opt/pvback-e2e/domU.cpio.gz"
 cp "$ROOTFS/boot/vmlinuz-$KVER" "$ROOTFS/opt/pvback-e2e/vmlinuz"
 stage_end domU-initramfs
+
+# ---- 5b. the driver domain (#19): its root image dd.img (dom0's second disk) and initramfs ----
+ROOT=$ROOT HERE=$HERE WORK=$WORK ROOTFS=$ROOTFS KVER=$KVER LOG=$LOG "$HERE/build-dd.sh" \
+    || die "building the driver domain failed"
 
 # ---- 6. the dom0 disk image ----
 stage_begin image

@@ -49,6 +49,20 @@ def test_parse_inherited_fd_and_old_style_flags() -> None:
     assert args.qmp_fds == [9] and args.qmp == ["/run/q"]
 
 
+# What `xl devd` in a driver domain passes for a guest's qdisk backends there (libxl__spawn_qdisk_backend, 4.17):
+# no QMP, and the domain exists already.
+DEVD_ARGS = ["-xen-domid", "12", "-xen-attach", "-name", "domain-12", "-nographic", "-M", "xenpv",
+             "-monitor", "/dev/null", "-serial", "/dev/null", "-parallel", "/dev/null"]
+
+
+def test_parse_xl_devd_arguments() -> None:
+    args = parse_args(DEVD_ARGS)
+    assert (args.domid, args.attach, args.qmp, args.qmp_fds) == (12, True, [], [])
+    # Without -xen-attach a device model with no QMP is one libxl would wait for in vain.
+    with pytest.raises(DmStubError, match="no QMP monitor"):
+        parse_args([a for a in DEVD_ARGS if a != "-xen-attach"])
+
+
 @pytest.mark.parametrize("argv,why", [
     ([], "no -xen-domid"),
     (["-xen-domid", "0", "-qmp", "unix:/q,server"], "not a guest domain id"),

@@ -134,6 +134,8 @@ def _boot(qemu: str, work: Path, out: Path, serial: Path, run: E2ERun) -> None:
         qemu, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "2", "-m", "3072",
         "-nographic", "-monitor", "none", "-serial", "stdio", "-nic", "none", "-no-reboot",
         "-drive", f"file={work / 'dom0.img'},if=virtio,format=raw,cache=unsafe",
+        # dom0's /dev/vdb: the driver domain's root disk, served to it by dom0's pvback (build-dd.sh)
+        "-drive", f"file={work / 'dd.img'},if=virtio,format=raw,cache=unsafe",
         "-virtfs", f"local,path={ROOT},mount_tag=host0,security_model=none,readonly=on,id=host0",
         "-virtfs", f"local,path={out},mount_tag=out0,security_model=none,id=out0",
         "-kernel", str(work / "xen"),
