@@ -45,16 +45,18 @@ NETFRONT_RUN_KEYS = ("backend", "event-channel", "event-channel-tx", "event-chan
 pytestmark = pytest.mark.e2e
 
 
-def _dom0_checks() -> list[str]:
+def _dom0_checks() -> tuple[list[str], list[str]]:
+    """The checks a run makes by default, and those it makes only when PVBACK_E2E_TESTS names them."""
     spec = importlib.util.spec_from_file_location("pvback_e2e_run_tests", E2E / "dom0" / "run_tests.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return list(mod.CHECKS)
+    return list(mod.CHECKS), list(mod.OPT_IN_CHECKS)
 
 
-ALL_CHECKS = _dom0_checks()
-SELECTED = [t for t in os.environ.get("PVBACK_E2E_TESTS", "").split("+") if t] or ALL_CHECKS
+DEFAULT_CHECKS, OPT_IN_CHECKS = _dom0_checks()
+SELECTED = [t for t in os.environ.get("PVBACK_E2E_TESTS", "").split("+") if t] or DEFAULT_CHECKS
+ALL_CHECKS = DEFAULT_CHECKS + [c for c in OPT_IN_CHECKS if c in SELECTED]  # no test for an opt-in check not run
 
 
 @dataclass
