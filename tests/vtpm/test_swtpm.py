@@ -6,11 +6,14 @@ and the errors an operator sees when something is missing."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
 import shutil
 import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -144,6 +147,37 @@ def test_state_is_created_once_private_and_never_overwritten(tmp_path: Path) -> 
     assert perm.read_bytes() == before
     # The local CA stays in the private dir: its signing key and issuer certificate are there.
     assert (tmp_path / "ca" / "issuercert.pem").exists()
+
+
+def test_concurrent_setups_share_one_complete_ca_config(tmp_path: Path) -> None:
+    """Two vTPMs made at once (bench tpm's scale step, a host booting many guests) both find no config and
+    write it: neither fails, and a reader never sees a half-written file."""
+    ca = tmp_path / "ca"
+    stop = threading.Event()
+    torn: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            for name in ("swtpm-localca.conf", "swtpm-localca.options", "swtpm_setup.conf"):
+                with contextlib.suppress(FileNotFoundError):
+                    text = (ca / name).read_text()
+                    if not text.endswith("\n"):
+                        torn.append(name)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    try:
+        for round_ in range(20):
+            shutil.rmtree(ca, ignore_errors=True)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                cfgs = list(pool.map(lambda _: private_setup_config(ca), range(8)))
+            assert set(cfgs) == {ca / "swtpm_setup.conf"}, round_
+            assert sorted(p.name for p in ca.iterdir()) == ["swtpm-localca.conf", "swtpm-localca.options",
+                                                            "swtpm_setup.conf"]  # no temporary file left
+    finally:
+        stop.set()
+        watcher.join()
+    assert torn == []
 
 
 def test_missing_tools_say_what_to_install(tmp_path: Path) -> None:

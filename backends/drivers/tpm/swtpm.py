@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,6 +141,20 @@ async def capabilities(swtpm_bin: str = "swtpm") -> frozenset[str]:
     return _CAPS[swtpm_bin]
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one: two vTPMs set up at once may both write the CA config
+    while the first one's swtpm_setup already reads it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def private_setup_config(ca_dir: Path) -> Path:
     """A swtpm_setup configuration whose local CA lives in `ca_dir` (0700) instead of /var/lib/swtpm-localca."""
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -147,14 +162,14 @@ def private_setup_config(ca_dir: Path) -> Path:
     localca = ca_dir / "swtpm-localca.conf"
     setup = ca_dir / "swtpm_setup.conf"
     if not setup.exists():
-        localca.write_text(f"statedir = {ca_dir}\nsigningkey = {ca_dir}/signkey.pem\n"
-                           f"issuercert = {ca_dir}/issuercert.pem\ncertserial = {ca_dir}/certserial\n")
+        _write_atomically(localca, f"statedir = {ca_dir}\nsigningkey = {ca_dir}/signkey.pem\n"
+                                   f"issuercert = {ca_dir}/issuercert.pem\ncertserial = {ca_dir}/certserial\n")
         options = ca_dir / "swtpm-localca.options"
-        options.write_text("--platform-manufacturer pvback\n--platform-version 1.0\n--platform-model pvback-vtpm\n")
-        tmp = setup.with_suffix(".tmp")
-        tmp.write_text(f"create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {localca}\n"
-                       f"create_certs_tool_options = {options}\nactive_pcr_banks = sha256\n")
-        tmp.rename(setup)
+        _write_atomically(options,
+                          "--platform-manufacturer pvback\n--platform-version 1.0\n--platform-model pvback-vtpm\n")
+        # Last: its presence says the other two are complete.
+        _write_atomically(setup, f"create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {localca}\n"
+                                 f"create_certs_tool_options = {options}\nactive_pcr_banks = sha256\n")
     return setup
 
 
