@@ -42,6 +42,7 @@ T = TypeVar("T")
 # A frontend may write anything into its own directory; these bound what we accept from it.
 FRONTEND_STR_MAX = 256
 ERROR_MESSAGE_MAX = 1024  # xenstored's default entry size quota is 2048
+EACCES_RETRY_S = 0.5  # one more try after xenstored refused a write into our own backend dir
 _DEC = re.compile(r"[0-9]{1,20}")
 _HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 _KEY = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
@@ -144,6 +145,7 @@ class BackendDevice:
         self._fe_task: asyncio.Task[None] | None = None
         self._removed = False
         self._domain_held = False
+        self._frontend_seen = False  # the frontend's state key has been read at least once
         self.done = asyncio.Event()
 
     @property
@@ -220,7 +222,38 @@ class BackendDevice:
             for k, v in checked.items():
                 await tx.write(f"{self.backend_path}/{k}", v)
 
-        await self._transaction(body)
+        from backends.xenstore.client import XenStoreError
+
+        try:
+            await self._transaction(body)
+            return
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            first = exc
+        # Our own backend dir refused us.  Seen once on real Xen in a driver domain, for a device dom0 had just
+        # created, and gone 0.2 s later: say what xenstored showed us, and try once more before failing.
+        perms = await self._perms_shown(self.backend_path)
+        self.log.warning("xenstored refused a write into the backend directory (%s; its permissions as we see "
+                         "them: %s); trying once more in %.1f s", first, perms, EACCES_RETRY_S)
+        await asyncio.sleep(EACCES_RETRY_S)
+        try:
+            await self._transaction(body)
+        except XenStoreError as exc:
+            if exc.name != "EACCES":
+                raise
+            raise DeviceError(f"xenstored refuses writes into {self.backend_path} ({exc}); its permissions as "
+                              f"this domain sees them: {await self._perms_shown(self.backend_path)}") from exc
+        self.log.info("the write went through on the second try (permissions now: %s)",
+                      await self._perms_shown(self.backend_path))
+
+    async def _perms_shown(self, path: str) -> str:
+        from backends.xenstore.client import XenStoreError
+
+        try:
+            return " ".join(str(p) for p in await self.xs.get_perms(path))
+        except XenStoreError as exc:
+            return f"unreadable ({exc.name})"
 
     async def notify_frontend(self, values: dict[str, str] | None = None) -> None:
         """Rewrite `values` and the current `state` in one transaction so the frontend's watch on our state
@@ -350,6 +383,7 @@ class BackendDevice:
                     self._pending_failures.append(f"frontend state {_show(raw or b'')} is not a xenbus state")
             else:
                 frontend = parsed
+                self._frontend_seen = True
         self.frontend_state = frontend
         self.stats["observations"] = self.stats.get("observations", 0) + 1
         plugged = True
@@ -402,9 +436,13 @@ class BackendDevice:
             self._removed = True
             await self._execute(self.machine.removed(), feed_failures=False)
             return
-        if ob.frontend is XenbusState.UNKNOWN and await self.bus.domain_dead(self.frontend_id):
-            await self._retire()
-            return
+        if ob.frontend is XenbusState.UNKNOWN:
+            if await self.bus.domain_dead(self.frontend_id):
+                await self._retire()
+                return
+            if not self.bus.sees_domains and ob.online and self._frontend_seen and await self._frontend_dir_gone():
+                await self._retire_offline()
+                return
         await self._execute(self.machine.observe(ob), feed_failures=True)
         if self._watched and self.machine.phase is Phase.LIVE and self.data is not None:
             await self._deliver_watched()
@@ -434,6 +472,35 @@ class BackendDevice:
         await self._execute(self.machine.stop(close=True), feed_failures=False)
         if await self.bus.remove_if_attached(self.backend_path, self.frontend_path):
             self._removed = True
+
+    async def _frontend_dir_gone(self) -> bool:
+        """The frontend's directory, readable to us until now, no longer is: removed (ENOENT, or EACCES where
+        xenstored judges the guest's home instead, as it does for a driver domain)."""
+        from backends.xenstore.client import XenStoreError
+
+        try:
+            return not await self.xs.exists(self.frontend_path)
+        except XenStoreError as exc:
+            if exc.name == "EACCES":
+                return True
+            raise
+
+    async def _retire_offline(self) -> None:
+        """The toolstack removed the frontend but left this backend online.  libxl 4.17 does so when it destroys
+        a guest whose qdisk disks live in a driver domain (its QEMU bodge writes no `online=0` for a dying
+        guest), then waits 10 s for the driver domain to remove the backend, which `xl devd` there only does
+        once it sees Closed with online=0.  Say both, so devd stops the guest's device model and removes the
+        directory; without it the directory and the device model stay behind for good."""
+        self.log.info("the frontend directory is gone but the backend is still online: releasing the device "
+                      "and marking it offline for the toolstack to remove", extra={"frontend": self.frontend_path})
+        await self._execute(self.machine.stop(close=True), feed_failures=False)
+
+        async def body(tx: Transaction) -> None:
+            await self._require_backend_dir(tx)
+            await tx.write(f"{self.backend_path}/online", "0")
+
+        with contextlib.suppress(_Gone):
+            await self._transaction(body)
 
     async def _execute(self, actions: list[Action], *, feed_failures: bool) -> None:
         for action in actions:
@@ -578,6 +645,9 @@ class XenBus:
                 self.classes[name] = cls
         self.devices: dict[str, BackendDevice] = {}  # by backend path
         self._ask_introduced = True  # xenstored may refuse IS_DOMAIN_INTRODUCED to a driver domain
+        # False once xenstored refused us another domain's home (a driver domain): a guest's death is then
+        # only seen as its directories going away.
+        self.sees_domains = True
         self._watches: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._rechecks: set[asyncio.Task[None]] = set()
@@ -627,6 +697,7 @@ class XenBus:
             # A driver domain may not read another domain's home (libxl gives it to the domain and dom0 only),
             # nor ask IS_DOMAIN_INTRODUCED: it cannot tell, so the domain counts as alive and its devices go when
             # the toolstack removes their backend directories (libxl does when it destroys the domain).
+            self.sees_domains = False
             return False
         if self._ask_introduced:
             try:

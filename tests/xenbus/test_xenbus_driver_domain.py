@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from backends.xenbus.device import XenBus
+from backends.xenbus.state import XenbusState
+from backends.xenbus.toolstack import add_device
 from backends.xenstore.client import XenStoreError
+
+from .conftest import FakeClass, Frontend, eventually, settle, xenbus_env
+
+S = XenbusState
 
 
 class _Store:
@@ -39,3 +47,91 @@ async def test_other_errors_still_raise() -> None:
     bus = XenBus(platform=None, xs=xs, classes=[], backend_domid=7)  # type: ignore[arg-type]
     with pytest.raises(XenStoreError):
         await bus.domain_dead(12)
+
+
+async def test_frontend_removed_while_online_is_marked_offline_for_devd(tmp_path: Path) -> None:
+    """libxl 4.17 destroying a guest whose qdisk lives in a driver domain: the guest closed its frontend, dom0
+    writes no online=0 (its QEMU bodge for dying guests), waits for the driver domain to remove the backend,
+    then removes the frontend and the guest's home.  `xl devd` removes the backend only on Closed + online=0,
+    so the bus must say online=0 itself, once the frontend is gone, and not before."""
+    async with xenbus_env(tmp_path) as env:
+        dd = await env.guest(5)
+        cls = FakeClass()
+        bus = XenBus(env.platform, dd, [cls], backend_domid=5)  # type: ignore[arg-type]
+        await bus.start()
+        env.buses.append(bus)
+        await env.guest(2)
+        paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=51712,
+                                 backend={"params": "/dev/null", "mode": "w"}, frontend={"virtual-device": "51712"})
+        fe = Frontend(env.guests[2], paths)
+        assert await fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
+        await fe.publish(ring=8, port=5)
+        assert await fe.wait_backend(S.CONNECTED) is S.CONNECTED
+        # The guest reboots: its frontend closes; the backend follows and stays online.
+        await fe.close()
+        assert await fe.wait_backend(S.CLOSED) is S.CLOSED
+        await settle(bus)
+        assert await env.read(f"{paths.backend}/online") == "1"
+        # dom0 gives up waiting and removes the frontend side and the guest's home.
+        await env.dom0.rm(paths.frontend)
+        await env.dom0.rm("/local/domain/2")
+        await eventually(lambda: env.read(f"{paths.backend}/online"))
+        await eventually(lambda: _is(env.read(f"{paths.backend}/online"), "0"))
+        assert await env.read(f"{paths.backend}/state") == str(int(S.CLOSED))
+        await eventually(lambda: "unrealize" in cls.names(paths.backend))
+        # What devd does next: remove the directory.  The bus lets go of the device.
+        await env.dom0.rm(paths.backend)
+        await eventually(lambda: paths.backend not in bus.devices)
+
+
+async def test_frontend_kept_while_closed_stays_online(tmp_path: Path) -> None:
+    """A frontend that closed (a guest unloading its driver) but whose directory is still there is not a
+    teardown: the backend stays online and waits for it to come back."""
+    async with xenbus_env(tmp_path) as env:
+        dd = await env.guest(5)
+        cls = FakeClass()
+        bus = XenBus(env.platform, dd, [cls], backend_domid=5)  # type: ignore[arg-type]
+        await bus.start()
+        env.buses.append(bus)
+        await env.guest(2)
+        paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=7,
+                                 backend={"params": "/dev/null"}, frontend={"virtual-device": "7"})
+        fe = Frontend(env.guests[2], paths)
+        await fe.wait_backend(S.INIT_WAIT)
+        await fe.publish(ring=8, port=5)
+        await fe.wait_backend(S.CONNECTED)
+        await fe.close()
+        await fe.wait_backend(S.CLOSED)
+        await env.guests[2].rm(f"{paths.frontend}/ring-ref")  # churn in the frontend dir, not its removal
+        await settle(bus)
+        assert await env.read(f"{paths.backend}/online") == "1"
+        await fe.set_state(S.INITIALISING)  # and it comes back
+        assert await fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
+
+
+async def _is(value: Awaitable[str | None], expected: str) -> bool:
+    return await value == expected
+
+
+async def test_a_refused_probe_write_is_tried_once_more(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Realize's first write into a new backend dir was refused once on real Xen (EACCES, fine 0.2 s later):
+    the bus logs the permissions it saw and tries again."""
+    from backends.xenstore.client import Perm
+
+    async with xenbus_env(tmp_path) as env:
+        dd = await env.guest(5)
+        await env.guest(2)
+        paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=3,
+                                 backend={"params": "/dev/null"}, frontend={"virtual-device": "3"})
+        await env.dom0.set_perms(paths.backend, [Perm(0, "n"), Perm(5, "r")])  # read-only to the driver domain
+        cls = FakeClass()
+        bus = XenBus(env.platform, dd, [cls], backend_domid=5)  # type: ignore[arg-type]
+        await bus.start()
+        env.buses.append(bus)
+        await eventually(lambda: "realize" in cls.names())
+        await env.dom0.set_perms(paths.backend, [Perm(5, "n"), Perm(2, "r")])
+        fe = Frontend(env.guests[2], paths)
+        assert await fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
+        assert await env.read(f"{paths.backend}/feature-fake") == "1"
+        assert "refused a write into the backend directory" in caplog.text
+        assert "n0 r5" in caplog.text  # what it saw

@@ -36,6 +36,7 @@ GUEST_NET = "198.18.9"  # the guest .2, the driver domain's end of its tap .1: r
 CTL = "data/pvback-e2e"  # under the driver domain's home
 IMG = "/var/lib/pvback-dd/guest.img"  # in the driver domain (dd-init.sh makes it)
 NET_MIB = 2
+STALE_WAIT_S = 30  # libxl waits 10 s for the driver domain to remove a backend, devd needs a moment more
 DD_READY_TIMEOUT_S = 600  # xl create to `pvback serve` answering inside: 60-90 s on an idle host, 5 min loaded (TCG)
 GUEST_TIMEOUT_S = 600
 CMD_TIMEOUT_S = 150  # a command to dd-init (the kill waits up to 90 s for the new daemon)
@@ -291,8 +292,32 @@ class DriverDomain:
             if not ok or sha != self.kv.get("dd-reboot-wsha"):
                 raise rt.TestFailure(f"the image has sha {sha[:16]} at [68,69) MiB, the rebooted guest wrote "
                                      f"{self.kv.get('dd-reboot-wsha', '?')[:16]}")
-            return f"domain {self.domids[0]} -> {self.domids[-1]}, the driver domain read the new domain's write"
+            left = self.stale_backends(self.domids[0])
+            if left:
+                raise rt.TestFailure(f"the old domain's backend directories are still in the driver domain "
+                                     f"after {STALE_WAIT_S} s: {', '.join(left)}")
+            return (f"domain {self.domids[0]} -> {self.domids[-1]}, the driver domain read the new domain's write; "
+                    f"the old domain's backend directories are gone")
         return "ok"
+
+    def stale_backends(self, domid: int) -> list[str]:
+        """The driver domain's backend directories still kept for `domid`, after waiting for them to go: libxl
+        in dom0 gives the driver domain 10 s (then logs an error and goes on without them), and `xl devd` there
+        removes them once the backend says Closed with online=0."""
+        deadline = time.monotonic() + STALE_WAIT_S
+        while True:
+            left = [f"{kind}/{domid}" for kind in ("qdisk", "vif")
+                    if self.rt.xs_read(f"/local/domain/{self.dd_domid}/backend/{kind}/{domid}") is not None]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(1)
+
+    def dump_backends(self) -> None:
+        """The driver domain's backend tree with permissions, into the serial log (what went wrong, if it did)."""
+        cp = self.rt.run(["xenstore-ls", "-fp", f"/local/domain/{self.dd_domid}/backend"], timeout=60, check=False)
+        for ln in (cp.stdout + cp.stderr).splitlines()[:80]:
+            if re.search(r"/(state|online|error) = |= \"\"", ln):  # directories and the keys that tell
+                self.say(f"  dd xenstore: {ln[:200]}")
 
     def on_phase(self, phase: str) -> None:
         rt = self.rt
@@ -391,6 +416,7 @@ def run(rt: ModuleType, report: Any, daemon: Any, selected: list[str]) -> None:
             try:
                 dd.run_guest()
             finally:
+                dd.dump_backends()
                 if dd.net is not None:
                     dd.net.stop()
                 try:
