@@ -83,14 +83,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def settles(pred: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Wait (bounded) for what the daemon does after the toolstack's part returned: a detached vif's tap and
-    switch port go when the daemon sees its backend directory removed, as Linux netback's go on xenbus remove."""
+async def settles(pred: Callable[[], bool], what: str, timeout: float = 15.0, *, poll: float = 0.05) -> float:
+    """Wait (bounded) for what the system does after the step the test took returned (a detached vif's tap and
+    switch port go when the daemon sees its backend directory removed, as Linux netback's go on xenbus remove;
+    OVN binds a port; a swtpm restarts).  `pred` runs in a thread: it may block (ovs-vsctl, ip).  Returns the
+    seconds it took."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    start = loop.time()
     while not await asyncio.to_thread(pred):
-        assert loop.time() < deadline, f"still not so after {timeout:g} s: {what}"
-        await asyncio.sleep(0.05)
+        assert loop.time() - start < timeout, f"still not so after {timeout:g} s: {what}"
+        await asyncio.sleep(poll)
+    return loop.time() - start
 
 
 def _tail(path: Path, n: int = 3000) -> str:

@@ -40,7 +40,7 @@ from tests.net import ovnbed, pingtcp
 from tests.net.netns import NetNS
 from tests.net.ovnbed import OvnHost, TwoHostOvn
 from tests.net.test_datapath import tcp
-from tests.system.conftest import SimProc
+from tests.system.conftest import SimProc, settles
 from tests.system.test_net import NetnsServe, Nic
 from tests.system.test_net_ovs import TUN_F_CSUM, TUNSETOFFLOAD, OvsNetBed, guest_nic
 
@@ -163,15 +163,6 @@ async def ping(ns: NetNS, addr: str, count: int = 3, size: int = 56, timeout: fl
     return await asyncio.to_thread(ns.run, lambda: pingtcp.ping(addr, count=count, size=size, timeout=timeout))
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not await asyncio.to_thread(pred):
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
-
-
 def tcp_reachable(src: NetNS, dst: NetNS, addr: str, port: int, timeout: float = 1.5) -> bool:
     """Does a TCP connection from `src` to addr:port (a listener in `dst`) get through and carry a byte?"""
     lst = dst.run(lambda: pingtcp.listener(addr, port))
@@ -212,7 +203,7 @@ async def test_cross_host_bind_gate_traffic_and_nic_move(two_hosts: TwoHosts, be
     # The readiness gate: g1's logical port does not exist yet, so ovn-controller never marks its interface
     # ovn-installed, and pvback must not say the NIC is plugged.
     g1 = await h.nic(ovn.a, "g1", "lp-g1", "00:16:3e:00:01:11", "198.18.0.11", connect=False)
-    await wait_until(lambda: g1.nic.vif in ovn.a.ovs.ports("br-int"), 20, "g1's port on br-int")
+    await settles(lambda: g1.nic.vif in ovn.a.ovs.ports("br-int"), "g1's port on br-int", 20)
     await asyncio.sleep(2.0)
     assert await dom0_a.read_str(f"{g1.nic.backend}/hotplug-status") is None
     assert await read_state(dom0_a, g1.nic.backend) not in (S.INIT_WAIT, S.CONNECTED)
@@ -251,7 +242,7 @@ async def test_cross_host_bind_gate_traffic_and_nic_move(two_hosts: TwoHosts, be
 
     # -- the move: g1 leaves host A; a guest with the same MAC and iface-id comes up on host B ---------------
     await h.detach(g1)
-    await wait_until(lambda: ovn.cent.binding_chassis("lp-g1") is None, 20, "lp-g1 unbound after the detach")
+    await settles(lambda: ovn.cent.binding_chassis("lp-g1") is None, "lp-g1 unbound after the detach", 20)
     # The third guest keeps the moved guest's MAC (a migrated guest keeps it) and sends it a datagram every ms
     # with the send time in it; the new guest's namespace listens from before its attach.
     g3.ns.ip("neigh", "replace", g1.ip, "lladdr", g1.mac, "nud", "permanent", "dev", "eth0")
@@ -275,7 +266,7 @@ async def test_cross_host_bind_gate_traffic_and_nic_move(two_hosts: TwoHosts, be
     t_attach = time.monotonic()
     attach = asyncio.create_task(h.nic(ovn.b, "g1b", "lp-g1", g1.mac, g1.ip, gns=g1b_ns))
     # The listener needs the guest's address, which guest_nic configures: wait for it.
-    await wait_until(lambda: g1.ip in g1b_ns.ip("-4", "addr", "show"), 20, "g1b's address")
+    await settles(lambda: g1.ip in g1b_ns.ip("-4", "addr", "show"), "g1b's address", 20)
     rsock = g1b_ns.run(lambda: _bound_udp(g1.ip, 7001))
     sending = threading.Thread(target=lambda: g3.ns.run(sender), name="ovn-move-sender")
     receiving = threading.Thread(target=receiver, args=(rsock,), name="ovn-move-receiver")

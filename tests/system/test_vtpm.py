@@ -8,13 +8,13 @@ import hashlib
 import os
 import signal
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backends.xenbus.toolstack import wait_for_state
-from tests.system.conftest import SimProc
+from tests.system.conftest import SimProc, settles
 from tests.system.vtpmbed import S, TpmBed, Vtpm, tpm_bed
 
 NV = "0x1500016"
@@ -62,13 +62,6 @@ async def nv_read(tbed: TpmBed, v: Vtpm) -> bytes:
     return out.read_bytes()
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-    assert cond(), what
-
-
 async def test_nv_survives_daemon_kill_swtpm_kill_and_reboot(tbed: TpmBed) -> None:
     v = await tbed.tpm()
     await tbed.tools(v, "tpm2_nvdefine", "-C", "o", "-s", "32", "-a", "ownerread|ownerwrite|authread|authwrite", NV)
@@ -88,7 +81,7 @@ async def test_nv_survives_daemon_kill_swtpm_kill_and_reboot(tbed: TpmBed) -> No
 
     # swtpm SIGKILL: restarted with its state by the daemon.
     os.kill(pid, signal.SIGKILL)
-    await wait_for(lambda: tbed.swtpm_pid(v.uuid) not in (0, pid), 10.0, "swtpm was not restarted")
+    await settles(lambda: tbed.swtpm_pid(v.uuid) not in (0, pid), "swtpm was not restarted", 10.0, poll=0.01)
     assert await nv_read(tbed, v) == VALUE
 
     # Guest reboot (xl: a new domain, the same vTPM uuid): TPM reset (PCRs zero), NV kept.
@@ -102,7 +95,7 @@ async def test_nv_survives_daemon_kill_swtpm_kill_and_reboot(tbed: TpmBed) -> No
         except OSError:
             return True
 
-    await wait_for(gone, 5.0, "swtpm left running at unplug")
+    await settles(gone, "swtpm left running at unplug", 5.0, poll=0.01)
     v2 = await tbed.tpm(uuid=uuid, name="rebooted")
     assert await nv_read(tbed, v2) == VALUE
     _rc, pcr, _ = await tbed.tools(v2, "tpm2_pcrread", "sha256:16")
@@ -137,9 +130,9 @@ async def test_cancel_of_a_long_command(tbed: TpmBed) -> None:
         shr = v.front.shr
         return v.front.state == 1 and struct.unpack_from(">I", shr, 8 + 6)[0] == 0x153  # TPM2_CC_Create
 
-    await wait_for(create_running, 20.0, "TPM2_Create never reached the page")
+    await settles(create_running, "TPM2_Create never reached the page", 20.0, poll=0.01)
     v.front.cancel()
-    await wait_for(lambda: v.front.state in (0, 2), 20.0, "the backend never answered the cancel")
+    await settles(lambda: v.front.state in (0, 2), "the backend never answered the cancel", 20.0, poll=0.01)
     assert v.front.state == 0, "a cancelled command must be answered with IDLE"
     rc, _o, _e = await tool
     assert rc != 0
@@ -155,8 +148,9 @@ async def test_daemon_killed_mid_command_never_runs_it_twice(tbed: TpmBed) -> No
     tool = asyncio.ensure_future(tbed.tools(v, "tpm2_create", "-C", "prim.ctx", "-G", "rsa2048", "-u", "k.pub",
                                             "-r", "k.priv", check=False, flush=False))
     # tpm2_create first sends ContextLoad (and others): wait for the Create itself, taken by the backend.
-    await wait_for(lambda: v.front.state == 1 and v.front.shr[6] == 1 and
-                   struct.unpack_from(">I", v.front.shr, 8 + 6)[0] == 0x153, 20.0, "TPM2_Create never taken")
+    await settles(lambda: v.front.state == 1 and v.front.shr[6] == 1 and
+                  struct.unpack_from(">I", v.front.shr, 8 + 6)[0] == 0x153, "TPM2_Create never taken", 20.0,
+                  poll=0.01)
     tbed.serve.kill(signal.SIGKILL)
     assert v.front.state == 1
     tbed.serve.start()
