@@ -258,6 +258,7 @@ cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
 grep -q has_journal "$D/etc/mke2fs.conf" || die "the rootfs's /etc/mke2fs.conf does not enable has_journal"
 install -m 0755 "$HERE/domU-init.sh" "$D/init"
 install -m 0755 "$HERE/domU-dd-init.sh" "$D/init-dd" # the driver-domain checks' guest (rdinit=/init-dd)
+install -m 0644 "$HERE/guest-lib.sh" "$D/guest-lib.sh" # what both scripts source
 (cd "$D" && find . | cpio -o -H newc 2>>"$LOG" | gzip -1) > "$WORK/domU.cpio.gz"
 mkdir -p "$ROOTFS/opt/pvback-e2e"
 cp "$WORK/domU.cpio.gz" "$ROOTFS/opt/pvback-e2e/domU.cpio.gz"

@@ -36,7 +36,18 @@ mount -t xenfs xenfs /proc/xen || fail_boot "cannot mount xenfs"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro host0 /mnt/host || fail_boot "cannot mount the 9p share host0"
 mount -t 9p -o trans=virtio,version=9p2000.L out0 /mnt/out || say "no writable out0 share (logs stay in dom0)"
 
-"$XENBIN/xenstored" --pid-file /run/xenstore.pid || fail_boot "xenstored did not start"
+TESTS=$(sed -n 's/.*pvtests=\([^ ]*\).*/\1/p' /proc/cmdline)
+# In the foreground of a subshell, so that its end is on the console with its status and its last words (it
+# daemonizes to /dev/null otherwise).  The driver-domain checks trace every request: what a guest domain sent
+# last, should xenstored go away mid-run (seen with a driver domain).
+XS_TRACE=
+case "+$TESTS+" in *+dd-*) XS_TRACE=/var/log/xen/xenstored-trace.log ;; esac
+(
+    "$XENBIN/xenstored" --no-fork --pid-file /run/xenstore.pid ${XS_TRACE:+--trace-file "$XS_TRACE"} \
+        > /var/log/xen/xenstored.log 2>&1
+    rc=$?
+    say "DOM0 xenstored exited with status $rc; its log: $(tail -n 5 /var/log/xen/xenstored.log | tr '\n' '|')"
+) &
 i=0
 while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -S /run/xenstored/socket ] || fail_boot "xenstored socket did not appear within 10 s"
@@ -45,7 +56,6 @@ while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1
 xl list > /dev/null 2>&1 || fail_boot "xl list does not work"
 say "STAGE xen-tools"
 
-TESTS=$(sed -n 's/.*pvtests=\([^ ]*\).*/\1/p' /proc/cmdline)
 DRIVER=/mnt/host/tests/e2e/dom0/run_tests.py
 if [ -f "$DRIVER" ]; then
     # The driver bounds each test itself; this bounds the driver.

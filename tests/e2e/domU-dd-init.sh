@@ -17,24 +17,12 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /tmp
 
-arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
+. /guest-lib.sh
 STEPS=$(arg pvsteps)
-MiB=1048576
 A=/dev/xvda
 MARK_SECT=$((90 * 2048))
 RESTART_SECT=$((88 * 2048))
-say() { echo "$*"; }
 want() { case "+$STEPS+" in *"+$1+"*) true ;; *) false ;; esac; }
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-wait_for() { # wait_for EXPR SECONDS
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ $i -gt $(($2 * 10)) ] && return 1
-        sleep 0.1
-    done
-}
 # The kernel's block/fs/net complaints since the last step: a step that passed fails on one.
 klog_bad() { # klog_bad STEP: true if /tmp/klog.rel holds an error line (each line is reported)
     bad=1
@@ -62,28 +50,6 @@ result() { # result STEP PASS|FAIL DETAIL
         detail="guest kernel: $first (the step itself passed: $detail)"
     fi
     say "DOMU-RESULT $step $verdict $detail"
-}
-finish() {
-    sync
-    say "DOMU-DONE"
-    poweroff -f
-    sleep 60
-}
-dropcache() { blockdev --flushbufs "$1" 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; }
-region_sha() { # region_sha DEV OFFSET_MIB COUNT_MIB (through a tmpfs file: see domU-init.sh)
-    dd if="$1" of=/tmp/r bs=$MiB skip="$2" count="$3" 2>/dev/null
-    sha256sum /tmp/r | cut -d' ' -f1
-    rm -f /tmp/r
-}
-write_region() { # write_region DEV OFFSET_MIB COUNT_MIB: fresh random data, fsync, reread uncached; prints the sha
-    dd if=/dev/urandom of=/tmp/w bs=$MiB count="$3" 2>/dev/null
-    want=$(sha256sum /tmp/w | cut -d' ' -f1)
-    dd if=/tmp/w of="$1" bs=$MiB seek="$2" conv=fsync 2>/tmp/dd.err || { head -n 1 /tmp/dd.err; rm -f /tmp/w; return 1; }
-    rm -f /tmp/w
-    dropcache "$1"
-    got=$(region_sha "$1" "$2" "$3")
-    [ "$got" = "$want" ] || { echo "readback $got != written $want"; return 1; }
-    echo "$want"
 }
 sector_text() { dd if=$A bs=512 skip="$1" count=1 2>/dev/null | tr -d '\0' | head -c 120; }
 
@@ -166,23 +132,13 @@ if want fs; then
 fi
 
 # ---- the NIC from the driver domain: dom0 is 198.18.8.1 on the same segment ----
-net_if() { for n in /sys/class/net/*; do [ "$(basename "$(readlink "$n/device" 2>/dev/null)")" = vif-0 ] && basename "$n"; done; }
-until_ok() { # until_ok SECONDS CMD...
-    end=$(($(cut -d. -f1 /proc/uptime) + $1))
-    shift
-    until "$@"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] || return 1
-        sleep 0.5
-    done
-}
-ping_ok() { ping -c 1 -W 1 "$1" > /dev/null 2>&1; }
 if want net; then
     t0=$(now)
     why=""
-    if ! wait_for '[ -n "$(net_if)" ]' 60; then
+    if ! wait_for '[ -n "$(net_if 0)" ]' 60; then
         why="no interface for vif-0 within 60 s"
     else
-        NIF=$(net_if)
+        NIF=$(net_if 0)
         { ip link set "$NIF" up && ip addr add 198.18.9.2/24 dev "$NIF" && ip route add default via 198.18.9.1; } \
             || why="cannot address $NIF"
         say "DOMU-PHASE dd-net-addr" # dom0 has the driver domain address its end of the tap

@@ -39,9 +39,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /tmp
 
-arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
+. /guest-lib.sh
 STEPS=$(arg pvsteps)
-MiB=1048576
 A=/dev/xvda
 B=/dev/xvdb
 C=/dev/xvdc
@@ -53,7 +52,6 @@ LW_FILES=6
 # Each wait for dom0 is bounded; dom0's own waits are longer, so the guest is the one that gives up first.
 HOTPLUG_WAIT=150
 
-say() { echo "$*"; }
 want() { [ -z "$STEPS" ] || [ "$STEPS" = all ] || case "+$STEPS+" in *"+$1+"*) true ;; *) false ;; esac; }
 
 # The guest kernel's side of every check.  blkfront says what went wrong at KERN_WARNING/INFO (e.g. "xvda: empty
@@ -133,42 +131,6 @@ flushes() { # flush requests completed on disk $1 (field 16 of /sys/block/X/stat
     read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ f _ < "/sys/block/$1/stat"
     echo "${f:-?}"
 }
-finish() {
-    sync
-    say "DOMU-DONE"
-    poweroff -f
-    sleep 60
-}
-wait_for() { # wait_for EXPR SECONDS
-    i=0
-    while ! eval "$1"; do
-        i=$((i + 1))
-        [ $i -gt $(($2 * 10)) ] && return 1
-        sleep 0.1
-    done
-    return 0
-}
-dropcache() { blockdev --flushbufs "$1" 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; }
-# Through a tmpfs file, not a pipe: a pipe costs two context switches per 64 KiB, and in a PV guest under TCG
-# each switch is slow enough that `dd | sha256sum` of 64 MiB takes a minute instead of 4 s.
-region_sha() { # region_sha DEV OFFSET_MIB COUNT_MIB
-    dd if="$1" of=/tmp/r bs=$MiB skip="$2" count="$3" 2>/dev/null
-    sha256sum /tmp/r | cut -d' ' -f1
-    rm -f /tmp/r
-}
-# Write COUNT_MIB of fresh random data at OFFSET_MIB of DEV and read it back uncached; prints the sha on success.
-write_region() { # write_region DEV OFFSET_MIB COUNT_MIB
-    dd if=/dev/urandom of=/tmp/w bs=$MiB count="$3" 2>/dev/null
-    want=$(sha256sum /tmp/w | cut -d' ' -f1)
-    dd if=/tmp/w of="$1" bs=$MiB seek="$2" conv=fsync 2>/tmp/dd.err || { head -n 1 /tmp/dd.err; rm -f /tmp/w; return 1; }
-    rm -f /tmp/w
-    dropcache "$1"
-    got=$(region_sha "$1" "$2" "$3")
-    [ "$got" = "$want" ] || { echo "readback $got != written $want"; return 1; }
-    echo "$want"
-}
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # mkfs.ext4 on the first 96 MiB of xvdc, files, umount, remount, fsck; prints why on failure.
 fs_check() {
@@ -290,20 +252,6 @@ tpm_after_reboot() {
 NET_STEPS="net-ping net-tcp net-attach net-reboot net-ovs"
 NET_PORT_UP=5701   # the guest sends to dom0, which hashes what it got
 NET_PORT_DOWN=5702 # dom0 sends the MiB the guest asks for (a line "N"), whose sha256 dom0 gave as pvnetN
-net_if() { # net_if DEVID: the interface of xen device vif-DEVID, if any
-    for n in /sys/class/net/*; do
-        [ "$(basename "$(readlink "$n/device" 2>/dev/null)")" = "vif-$1" ] && basename "$n"
-    done
-}
-# until_ok SECONDS CMD...: CMD until it succeeds, for at most SECONDS of wall time (CMD itself may take a while)
-until_ok() {
-    end=$(($(cut -d. -f1 /proc/uptime) + $1))
-    shift
-    until "$@"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] || return 1
-        sleep 0.5
-    done
-}
 # net_up DEVID V4 V6: the interface is there, up, addressed (sets NIF); WHY on failure
 net_up() {
     if ! wait_for "[ -n \"\$(net_if $1)\" ]" 60; then
@@ -317,7 +265,6 @@ net_up() {
         || { WHY="cannot address $NIF: $(head -n 1 /tmp/ip.err)"; return 1; }
     say "DOMU-KV net-if-$1 $NIF $(cat "/sys/class/net/$NIF/address") mtu=$(cat "/sys/class/net/$NIF/mtu")"
 }
-ping_ok() { ping -c 1 -W 1 "$1" > /dev/null 2>&1; }
 ping6_ok() { ping6 -c 1 -W 1 "$1" > /dev/null 2>&1; }
 # net_ping V4 V6: first reply within 60 s (dom0 addresses its tap meanwhile), then 3 each with no loss
 net_ping() {

@@ -244,17 +244,8 @@ class DriverDomain:
         return cfg
 
     def on_result(self, step: str, ok: bool, detail: str) -> None:
-        check = STEP_CHECK.get(step)
-        if check is None:
-            return
-        if not ok:
-            self.report(check, False, f"domU: {detail} {self.stamp()}")
-            return
-        try:
-            extra = self.verify(step)
-            self.report(check, True, f"{detail}; {extra} {self.stamp()}")
-        except self.rt.TestFailure as exc:
-            self.report(check, False, f"domU passed ({detail}) but: {exc} {self.stamp()}")
+        self.rt.judge_step(self.report, STEP_CHECK.get(step), ok, detail, self.stamp, lambda: self.verify(step),
+                           self.rt.TestFailure)
 
     def verify(self, step: str) -> str:
         rt = self.rt
@@ -314,7 +305,7 @@ class DriverDomain:
 
     def dump_backends(self) -> None:
         """The driver domain's backend tree with permissions, into the serial log (what went wrong, if it did)."""
-        cp = self.rt.run(["xenstore-ls", "-fp", f"/local/domain/{self.dd_domid}/backend"], timeout=60, check=False)
+        cp = self.rt.run(["xenstore-ls", "-fp", f"/local/domain/{self.dd_domid}/backend"], timeout=20, check=False)
         for ln in (cp.stdout + cp.stderr).splitlines()[:80]:
             if re.search(r"/(state|online|error) = |= \"\"", ln):  # directories and the keys that tell
                 self.say(f"  dd xenstore: {ln[:200]}")
@@ -385,6 +376,14 @@ class DriverDomain:
 def diagnose(rt: ModuleType) -> None:
     """What dom0 is doing when a toolstack command hangs: its processes and where they sleep, the kernel's tail."""
     import subprocess
+    if not rt.run(["pidof", "xenstored"], check=False).stdout.strip():
+        rt.say("  diag: xenstored is not running (its exit, if it said anything, is on the console above)")
+        trace = rt.XENSTORED_TRACE
+        if trace.exists():
+            with open(trace, "rb") as f:
+                f.seek(max(0, trace.stat().st_size - 8000))
+                for ln in f.read().decode(errors="replace").splitlines()[-25:]:
+                    rt.say(f"  diag xenstored trace: {ln[:200]}")
     for cmd in (["ps", "-eo", "pid,stat,wchan:24,etime,args"], ["dmesg"], ["xl", "list"]):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
@@ -416,7 +415,10 @@ def run(rt: ModuleType, report: Any, daemon: Any, selected: list[str]) -> None:
             try:
                 dd.run_guest()
             finally:
-                dd.dump_backends()
+                try:
+                    dd.dump_backends()
+                except rt.TestFailure as exc:  # must not hide what ended run_guest
+                    rt.say(f"  dd xenstore: {exc}")
                 if dd.net is not None:
                     dd.net.stop()
                 try:

@@ -21,7 +21,6 @@ import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -30,6 +29,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # the host (mypy); dom0 runs these files as scripts from the share, side by side
+    from tests.e2e.dom0.shared import stop_process
+except ImportError:
+    from shared import stop_process  # type: ignore[import-not-found,no-redef]
 
 OVS_DIR = Path("/run/pvback-e2e-ovs")  # the pvback user must reach the socket: the dir is 0755
 OVS_SOCK = OVS_DIR / "db.sock"
@@ -238,15 +242,7 @@ class DomOvs:
             with contextlib.suppress(OvsProblem):
                 _run(["ovs-appctl", "-t", f"{OVS_DIR}/ovs-vswitchd.ctl", "exit", "--cleanup"], timeout=20)
         for name, proc in (("ovs-vswitchd", self.vswitchd), ("ovsdb-server", self.ovsdb)):
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            if proc is not None and stop_process(proc, wait=10) is None:
                 problems.append(f"{name} (pid {proc.pid}) had to be killed")
         self.vswitchd = self.ovsdb = None
         if self.ns_made:

@@ -26,7 +26,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -39,10 +38,12 @@ from pathlib import Path
 
 try:  # the host: mypy, and the pytest side reading CHECKS
     from tests.e2e.dom0 import driver_domain, logwrites, ovs_case
+    from tests.e2e.dom0.shared import judge_step, stop_process
 except ImportError:  # dom0 runs this file as a script from the share, next to logwrites.py
     import driver_domain  # type: ignore[import-not-found,no-redef]
     import logwrites  # type: ignore[import-not-found,no-redef]
     import ovs_case  # type: ignore[import-not-found,no-redef]
+    from shared import judge_step, stop_process  # type: ignore[import-not-found,no-redef]
 
 HERE = Path(__file__).resolve().parent
 CONSOLE_DIR = Path("/var/log/xen/console")
@@ -323,6 +324,23 @@ def keep_logs(*paths: Path) -> None:
             pass
 
 
+def keep_tail(path: Path, lines: int) -> None:
+    """The last `lines` of a log too big to copy whole (xenstored's request trace), to the host."""
+    if not OUT.is_dir() or not path.exists():
+        return
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - lines * 200))
+            tail = f.read().splitlines()[-lines:]
+        (OUT / f"{path.name}.tail").write_bytes(b"\n".join(tail) + b"\n")
+    except OSError:
+        pass
+
+
+XENSTORED_LOG = Path("/var/log/xen/xenstored.log")
+XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")  # dom0-init.sh: only when driver-domain checks run
+
+
 FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
 
 
@@ -370,21 +388,6 @@ class Manager:
 
     def stop(self) -> int | None:
         return stop_process(self.proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None) -> int | None:
-    """SIGTERM, 30 s to exit, then SIGKILL; the exit status, or None when it had to be killed (or never ran)."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-            return None
-    return proc.returncode
 
 
 def release_uids() -> list[int]:
@@ -789,22 +792,8 @@ class Scenario:
     # -- the guest's reports --
 
     def on_step(self, step: str, ok: bool, detail: str) -> None:
-        check = STEP_CHECK.get(step)
-        if check is None:
-            return
-        if not ok:
-            self.report(check, False, f"domU: {detail} {self.stamp()}")
-            return
-        try:
-            extra = self.verify(step, detail)
-        except TestFailure as exc:
-            self.report(check, False, f"domU passed ({detail}) but dom0: {exc} {self.stamp()}")
-            return
-        except OSError as exc:
-            self.report(check, False, f"domU passed ({detail}) but dom0 could not check: {exc} {self.stamp()}")
-            return
-        if extra is not None:
-            self.report(check, True, f"{detail}; {extra} {self.stamp()}")
+        judge_step(self.report, STEP_CHECK.get(step), ok, detail, self.stamp, lambda: self.verify(step, detail),
+                   TestFailure)
 
     def verify(self, step: str, detail: str) -> str | None:
         """dom0's side of a check the guest passed; None when the verdict has to wait for later events."""
@@ -1588,7 +1577,8 @@ def main() -> int:
             say("STAGE dm-log-writes-replay")
             scenario.finish_logwrites()
         keep_logs(console_log(GUEST), Path(f"/var/log/xen/qemu-dm-{GUEST}.log"),
-                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG, MGR_LOG)
+                  Path(f"/var/log/xen/xl-{GUEST}.log"), SERVE_LOG, MGR_LOG, XENSTORED_LOG)
+        keep_tail(XENSTORED_TRACE, 4000)
     report.fail_rest("not reported by the dom0 driver (see the serial log)")
     say("STAGE tests-done")
     return 1 if report.failed else 0

@@ -1,0 +1,58 @@
+# shellcheck shell=sh
+# Helpers both guest scripts use (domU-init.sh as /init, domU-dd-init.sh as /init-dd): sourced from the
+# guest's initramfs (build.sh puts this file at /guest-lib.sh).  busybox sh.
+
+MiB=1048576
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
+say() { echo "$*"; }
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+finish() {
+    sync
+    say "DOMU-DONE"
+    poweroff -f
+    sleep 60
+}
+wait_for() { # wait_for EXPR SECONDS
+    i=0
+    while ! eval "$1"; do
+        i=$((i + 1))
+        [ $i -gt $(($2 * 10)) ] && return 1
+        sleep 0.1
+    done
+    return 0
+}
+# until_ok SECONDS CMD...: CMD until it succeeds, for at most SECONDS of wall time (CMD itself may take a while)
+until_ok() {
+    end=$(($(cut -d. -f1 /proc/uptime) + $1))
+    shift
+    until "$@"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] || return 1
+        sleep 0.5
+    done
+}
+dropcache() { blockdev --flushbufs "$1" 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches; }
+# Through a tmpfs file, not a pipe: a pipe costs two context switches per 64 KiB, and in a PV guest under TCG
+# each switch is slow enough that `dd | sha256sum` of 64 MiB takes a minute instead of 4 s.
+region_sha() { # region_sha DEV OFFSET_MIB COUNT_MIB
+    dd if="$1" of=/tmp/r bs=$MiB skip="$2" count="$3" 2>/dev/null
+    sha256sum /tmp/r | cut -d' ' -f1
+    rm -f /tmp/r
+}
+# Write COUNT_MIB of fresh random data at OFFSET_MIB of DEV and read it back uncached; prints the sha on success.
+write_region() { # write_region DEV OFFSET_MIB COUNT_MIB
+    dd if=/dev/urandom of=/tmp/w bs=$MiB count="$3" 2>/dev/null
+    want=$(sha256sum /tmp/w | cut -d' ' -f1)
+    dd if=/tmp/w of="$1" bs=$MiB seek="$2" conv=fsync 2>/tmp/dd.err || { head -n 1 /tmp/dd.err; rm -f /tmp/w; return 1; }
+    rm -f /tmp/w
+    dropcache "$1"
+    got=$(region_sha "$1" "$2" "$3")
+    [ "$got" = "$want" ] || { echo "readback $got != written $want"; return 1; }
+    echo "$want"
+}
+net_if() { # net_if DEVID: the interface of xen device vif-DEVID, if any
+    for n in /sys/class/net/*; do
+        [ "$(basename "$(readlink "$n/device" 2>/dev/null)")" = "vif-$1" ] && basename "$n"
+    done
+}
+ping_ok() { ping -c 1 -W 1 "$1" > /dev/null 2>&1; }
