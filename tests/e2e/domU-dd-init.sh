@@ -193,7 +193,7 @@ if want restart; then
             after=$((after + 1))
             [ $after -le 2 ] || break
         fi
-        [ "$(since "$t0" | cut -d. -f1)" -lt 240 ] || { why="no restart seen in 240 s ($i rounds)"; break; }
+        [ "$(since "$t0" | cut -d. -f1)" -lt 360 ] || { why="no restart seen in 360 s ($i rounds)"; break; }
     done
     if [ -n "$why" ]; then
         result restart FAIL "$why"

@@ -39,7 +39,7 @@ NET_MIB = 2
 STALE_WAIT_S = 30  # libxl waits 10 s for the driver domain to remove a backend, devd needs a moment more
 DD_READY_TIMEOUT_S = 600  # xl create to `pvback serve` answering inside: 60-90 s on an idle host, 5 min loaded (TCG)
 GUEST_TIMEOUT_S = 600
-CMD_TIMEOUT_S = 150  # a command to dd-init (the kill waits up to 90 s for the new daemon)
+CMD_TIMEOUT_S = 330  # a command to dd-init: its kill waits up to 300 s for the new daemon (12-120 s seen under TCG)
 
 CHECKS = ["dd-boot", "dd-blk-rw", "dd-blk-fs", "dd-net", "dd-restart", "dd-reboot", "dd-serve"]
 GUEST_STEP = {"dd-blk-rw": "rw", "dd-blk-fs": "fs", "dd-net": "net", "dd-restart": "restart",
