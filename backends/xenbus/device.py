@@ -42,7 +42,6 @@ T = TypeVar("T")
 # A frontend may write anything into its own directory; these bound what we accept from it.
 FRONTEND_STR_MAX = 256
 ERROR_MESSAGE_MAX = 1024  # xenstored's default entry size quota is 2048
-EACCES_RETRY_S = 0.5  # one more try after xenstored refused a write into our own backend dir
 _DEC = re.compile(r"[0-9]{1,20}")
 _HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 _KEY = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
@@ -222,38 +221,7 @@ class BackendDevice:
             for k, v in checked.items():
                 await tx.write(f"{self.backend_path}/{k}", v)
 
-        from backends.xenstore.client import XenStoreError
-
-        try:
-            await self._transaction(body)
-            return
-        except XenStoreError as exc:
-            if exc.name != "EACCES":
-                raise
-            first = exc
-        # Our own backend dir refused us.  Seen once on real Xen in a driver domain, for a device dom0 had just
-        # created, and gone 0.2 s later: say what xenstored showed us, and try once more before failing.
-        perms = await self._perms_shown(self.backend_path)
-        self.log.warning("xenstored refused a write into the backend directory (%s; its permissions as we see "
-                         "them: %s); trying once more in %.1f s", first, perms, EACCES_RETRY_S)
-        await asyncio.sleep(EACCES_RETRY_S)
-        try:
-            await self._transaction(body)
-        except XenStoreError as exc:
-            if exc.name != "EACCES":
-                raise
-            raise DeviceError(f"xenstored refuses writes into {self.backend_path} ({exc}); its permissions as "
-                              f"this domain sees them: {await self._perms_shown(self.backend_path)}") from exc
-        self.log.info("the write went through on the second try (permissions now: %s)",
-                      await self._perms_shown(self.backend_path))
-
-    async def _perms_shown(self, path: str) -> str:
-        from backends.xenstore.client import XenStoreError
-
-        try:
-            return " ".join(str(p) for p in await self.xs.get_perms(path))
-        except XenStoreError as exc:
-            return f"unreadable ({exc.name})"
+        await self._transaction(body)
 
     async def notify_frontend(self, values: dict[str, str] | None = None) -> None:
         """Rewrite `values` and the current `state` in one transaction so the frontend's watch on our state

@@ -10,6 +10,7 @@ xenbus device.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import itertools
@@ -118,6 +119,13 @@ class _SocketProtocol(asyncio.Protocol):
 
 class _DeviceChannel:
     """/dev/xen/xenbus (or any character device with the same framing), driven by add_reader/add_writer.
+
+    One request at a time, as libxenstore does: the next is written only once the reply to the last one came.
+    Linux's xenbus device takes a request's header at write() but its payload from the file's one message
+    buffer later, when its xenbus thread puts the request on the ring, and the next write() refills that
+    buffer: a request written behind another one in flight could go out as the first one's header with the
+    second one's payload (seen on real Xen from a driver domain: a READ of one path carrying the tail of the
+    previous path, which made xenstored 4.17 abort on an assertion and took every domain's xenstore down).
     The kernel takes whole messages per write and never blocks long, but EAGAIN is handled anyway."""
 
     def __init__(self, client: XenStoreClient, fd: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -125,6 +133,8 @@ class _DeviceChannel:
         self.fd = fd
         self.loop = loop
         self.out = bytearray()
+        self.waiting: collections.deque[bytes] = collections.deque()  # requests not written yet
+        self.in_flight = False  # a request was written and its reply has not come yet
         self.closed = False
         loop.add_reader(fd, self._readable)
 
@@ -142,8 +152,23 @@ class _DeviceChannel:
         self.client._framer.feed(data)
 
     def write(self, data: bytes) -> None:
+        """`data`: one whole request."""
         if self.closed:
             return
+        if self.in_flight:
+            self.waiting.append(data)
+            return
+        self.in_flight = True
+        self._write_now(data)
+
+    def reply_arrived(self) -> None:
+        """A reply (not a watch event) came: the request in flight is done, the next may go."""
+        self.in_flight = False
+        if self.waiting and not self.closed:
+            self.in_flight = True
+            self._write_now(self.waiting.popleft())
+
+    def _write_now(self, data: bytes) -> None:
         if self.out:
             self.out += data
             return
@@ -517,6 +542,8 @@ class XenStoreClient(_Ops):
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _on_message(self, type_: int, req_id: int, tx_id: int, payload: bytes) -> None:
+        if type_ != XsType.WATCH_EVENT and self._device is not None:
+            self._device.reply_arrived()
         if type_ == XsType.WATCH_EVENT:
             parts = payload.split(b"\0")
             if len(parts) < 3:

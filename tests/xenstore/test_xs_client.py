@@ -299,3 +299,71 @@ async def test_character_device_transport(tmp_path: Path) -> None:
         os.close(master)
         os.close(slave)
         await server.close()
+
+
+async def test_character_device_one_request_in_flight(tmp_path: Path) -> None:
+    """Linux's /dev/xen/xenbus reads a request's payload after write() returned, from the buffer the next write
+    refills: the client must write a request only once the last one's reply came, however many callers wait
+    (as libxenstore does).  The relay counts requests written and replies read back."""
+    server = XenStoreServer()
+    await server.listen(str(tmp_path / "s"))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    sock = server.connect_domain(0)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    seen = {"requests": 0, "replies": 0, "most_in_flight": 0}
+    down = bytearray()  # client -> server, framed here to count whole requests
+    up = bytearray()  # server -> client
+
+    def frames(buf: bytearray) -> list[int]:
+        types = []
+        while len(buf) >= HEADER_SIZE:
+            type_, _req, _tx, length = unpack_header(bytes(buf[:HEADER_SIZE]))
+            if len(buf) < HEADER_SIZE + length:
+                break
+            types.append(type_)
+            del buf[:HEADER_SIZE + length]
+        return types
+
+    def from_device() -> None:
+        data = os.read(master, 65536)
+        down.extend(data)
+        seen["requests"] += len(frames(down))
+        seen["most_in_flight"] = max(seen["most_in_flight"], seen["requests"] - seen["replies"])
+        sock.sendall(data)
+
+    def to_device() -> None:
+        data = sock.recv(65536)
+        up.extend(data)
+        seen["replies"] += sum(1 for t in frames(up) if t != XsType.WATCH_EVENT)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(master, view) :]
+
+    loop.add_reader(master, from_device)
+    loop.add_reader(sock.fileno(), to_device)
+    try:
+        xs = await XenStoreClient.connect(os.ttyname(slave))
+        w = await xs.watch("/dev")
+        writes = [xs.write(f"/dev/k{i}", f"value {i}" * (i + 1)) for i in range(16)]
+        await asyncio.gather(*writes, w.next(2))
+        values = await asyncio.gather(*(xs.read(f"/dev/k{i}") for i in range(16)))
+        assert values == [f"value {i}".encode() * (i + 1) for i in range(16)]
+
+        async def body(tx: Transaction) -> None:
+            await asyncio.gather(*(tx.write(f"/dev/t{i}", "x") for i in range(8)))
+
+        await xs.transaction(body)
+        names = [*(f"k{i}" for i in range(16)), *(f"t{i}" for i in range(8))]
+        assert sorted(await xs.directory("/dev")) == sorted(names)
+        await xs.close()
+        assert seen["requests"] >= 16 + 16 + 8
+        assert seen["most_in_flight"] == 1, seen
+    finally:
+        loop.remove_reader(master)
+        loop.remove_reader(sock.fileno())
+        sock.close()
+        os.close(master)
+        os.close(slave)
+        await server.close()
