@@ -98,10 +98,7 @@ NET_MAX_BYTES = 64 * MiB  # what one upload may send before dom0 hangs up
 CHECKS = ["platform", "pvback-serve", "xl-boot", "xl-qdisk-stub", "blk-rw-xl", "blk-big", "blk-discard",
           "blk-ro", "pvback-status", "blk-flush", "blk-fs-replay", "blk-domain-gone", "blk-rw-attach", "blk-fs",
           "blk-hotplug", "guest-klog", "blk-reboot", "blk-shapes", "vtpm-tools", "vtpm-reboot", "net-ping", "net-tcp",
-          "net-attach", "net-ovs", "net-reboot", "least-privilege"]
-# Run only when named (PVBACK_E2E_TESTS=dd-boot+...): the driver-domain scenario (#19) does not pass reliably
-# yet — in 3 of 5 runs the guest's `xl create`, then `xl destroy`, hung in dom0 (docs/driver-domain.md).
-OPT_IN_CHECKS = list(driver_domain.CHECKS)
+          "net-attach", "net-ovs", "net-reboot", "least-privilege", *driver_domain.CHECKS]
 # The guest's step name for each check it takes part in (domU-init.sh's `want`).
 GUEST_STEP = {"xl-boot": "boot", "blk-rw-xl": "rw", "blk-big": "big", "blk-discard": "discard", "blk-ro": "ro",
               "blk-flush": "flush", "blk-fs-replay": "fs-replay", "blk-domain-gone": "gone",
@@ -1493,8 +1490,8 @@ def main() -> int:
     selected = list(CHECKS) if args.tests == "all" else [t for t in args.tests.split("+") if t]
     report = Report(selected)
     for name in selected:
-        if name not in CHECKS and name not in OPT_IN_CHECKS:
-            say(f"RESULT {name} FAIL unknown check (known: {', '.join(CHECKS + OPT_IN_CHECKS)})")
+        if name not in CHECKS:
+            say(f"RESULT {name} FAIL unknown check (known: {', '.join(CHECKS)})")
     if "platform" in selected:
         say("STAGE platform")
         t_platform(report)
