@@ -49,24 +49,31 @@ async def test_other_errors_still_raise() -> None:
         await bus.domain_dead(12)
 
 
+async def _served_from_driver_domain(env: Any, cls: FakeClass, devid: int) -> tuple[XenBus, Frontend]:
+    """A bus in driver domain 5 (its own unprivileged connection) serving a device of guest 2, connected."""
+    dd = await env.guest(5)
+    bus = XenBus(env.platform, dd, [cls], backend_domid=5)
+    await bus.start()
+    env.buses.append(bus)
+    await env.guest(2)
+    paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=devid,
+                             backend={"params": "/dev/null", "mode": "w"}, frontend={"virtual-device": str(devid)})
+    fe = Frontend(env.guests[2], paths)
+    assert await fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
+    await fe.publish(ring=8, port=5)
+    assert await fe.wait_backend(S.CONNECTED) is S.CONNECTED
+    return bus, fe
+
+
 async def test_frontend_removed_while_online_is_marked_offline_for_devd(tmp_path: Path) -> None:
     """libxl 4.17 destroying a guest whose qdisk lives in a driver domain: the guest closed its frontend, dom0
     writes no online=0 (its QEMU bodge for dying guests), waits for the driver domain to remove the backend,
     then removes the frontend and the guest's home.  `xl devd` removes the backend only on Closed + online=0,
     so the bus must say online=0 itself, once the frontend is gone, and not before."""
     async with xenbus_env(tmp_path) as env:
-        dd = await env.guest(5)
         cls = FakeClass()
-        bus = XenBus(env.platform, dd, [cls], backend_domid=5)  # type: ignore[arg-type]
-        await bus.start()
-        env.buses.append(bus)
-        await env.guest(2)
-        paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=51712,
-                                 backend={"params": "/dev/null", "mode": "w"}, frontend={"virtual-device": "51712"})
-        fe = Frontend(env.guests[2], paths)
-        assert await fe.wait_backend(S.INIT_WAIT) is S.INIT_WAIT
-        await fe.publish(ring=8, port=5)
-        assert await fe.wait_backend(S.CONNECTED) is S.CONNECTED
+        bus, fe = await _served_from_driver_domain(env, cls, 51712)
+        paths = fe.paths
         # The guest reboots: its frontend closes; the backend follows and stays online.
         await fe.close()
         assert await fe.wait_backend(S.CLOSED) is S.CLOSED
@@ -88,18 +95,8 @@ async def test_frontend_kept_while_closed_stays_online(tmp_path: Path) -> None:
     """A frontend that closed (a guest unloading its driver) but whose directory is still there is not a
     teardown: the backend stays online and waits for it to come back."""
     async with xenbus_env(tmp_path) as env:
-        dd = await env.guest(5)
-        cls = FakeClass()
-        bus = XenBus(env.platform, dd, [cls], backend_domid=5)  # type: ignore[arg-type]
-        await bus.start()
-        env.buses.append(bus)
-        await env.guest(2)
-        paths = await add_device(env.dom0, backend_domid=5, frontend_domid=2, type_name="fake", devid=7,
-                                 backend={"params": "/dev/null"}, frontend={"virtual-device": "7"})
-        fe = Frontend(env.guests[2], paths)
-        await fe.wait_backend(S.INIT_WAIT)
-        await fe.publish(ring=8, port=5)
-        await fe.wait_backend(S.CONNECTED)
+        bus, fe = await _served_from_driver_domain(env, FakeClass(), 7)
+        paths = fe.paths
         await fe.close()
         await fe.wait_backend(S.CLOSED)
         await env.guests[2].rm(f"{paths.frontend}/ring-ref")  # churn in the frontend dir, not its removal

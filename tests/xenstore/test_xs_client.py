@@ -4,10 +4,11 @@ semantics, and the character-device transport (a pty stands in for /dev/xen/xenb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tty
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -257,9 +258,11 @@ async def test_protocol_errors_close_the_client() -> None:
     peer.close()
 
 
-async def test_character_device_transport(tmp_path: Path) -> None:
-    """/dev/xen/xenbus is a character device with the same framing: a raw pty relayed to the server stands
-    in for it, so the O_RDWR + add_reader path is exercised."""
+@contextlib.asynccontextmanager
+async def _xenbus_pty(tmp_path: Path, down: Callable[[bytes], None] | None = None,
+                      up: Callable[[bytes], None] | None = None) -> AsyncIterator[str]:
+    """/dev/xen/xenbus is a character device with the same framing: a raw pty relayed to a server stands in
+    for it (its path is yielded).  `down`/`up` see the bytes going to the server and coming back."""
     server = XenStoreServer()
     await server.listen(str(tmp_path / "s"))
     master, slave = os.openpty()
@@ -270,10 +273,14 @@ async def test_character_device_transport(tmp_path: Path) -> None:
 
     def from_device() -> None:
         data = os.read(master, 65536)
+        if down is not None:
+            down(data)
         sock.sendall(data)
 
     def to_device() -> None:
         data = sock.recv(65536)
+        if up is not None:
+            up(data)
         view = memoryview(data)
         while view:
             view = view[os.write(master, view) :]
@@ -281,7 +288,20 @@ async def test_character_device_transport(tmp_path: Path) -> None:
     loop.add_reader(master, from_device)
     loop.add_reader(sock.fileno(), to_device)
     try:
-        xs = await XenStoreClient.connect(os.ttyname(slave))
+        yield os.ttyname(slave)
+    finally:
+        loop.remove_reader(master)
+        loop.remove_reader(sock.fileno())
+        sock.close()
+        os.close(master)
+        os.close(slave)
+        await server.close()
+
+
+async def test_character_device_transport(tmp_path: Path) -> None:
+    """The O_RDWR + add_reader path, through a pty standing in for /dev/xen/xenbus."""
+    async with _xenbus_pty(tmp_path) as path:
+        xs = await XenStoreClient.connect(path)
         assert xs._device is not None
         await xs.write("/dev/test", "via device")
         assert await xs.read("/dev/test") == b"via device"
@@ -292,29 +312,15 @@ async def test_character_device_transport(tmp_path: Path) -> None:
         await xs.write("/dev/other", "1")
         assert await w.next(1) == "/dev/other"
         await xs.close()
-    finally:
-        loop.remove_reader(master)
-        loop.remove_reader(sock.fileno())
-        sock.close()
-        os.close(master)
-        os.close(slave)
-        await server.close()
 
 
 async def test_character_device_one_request_in_flight(tmp_path: Path) -> None:
     """Linux's /dev/xen/xenbus reads a request's payload after write() returned, from the buffer the next write
     refills: the client must write a request only once the last one's reply came, however many callers wait
     (as libxenstore does).  The relay counts requests written and replies read back."""
-    server = XenStoreServer()
-    await server.listen(str(tmp_path / "s"))
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    sock = server.connect_domain(0)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
     seen = {"requests": 0, "replies": 0, "most_in_flight": 0}
-    down = bytearray()  # client -> server, framed here to count whole requests
-    up = bytearray()  # server -> client
+    down_buf = bytearray()  # client -> server, framed here to count whole requests
+    up_buf = bytearray()  # server -> client
 
     def frames(buf: bytearray) -> list[int]:
         types = []
@@ -326,25 +332,17 @@ async def test_character_device_one_request_in_flight(tmp_path: Path) -> None:
             del buf[:HEADER_SIZE + length]
         return types
 
-    def from_device() -> None:
-        data = os.read(master, 65536)
-        down.extend(data)
-        seen["requests"] += len(frames(down))
+    def down(data: bytes) -> None:
+        down_buf.extend(data)
+        seen["requests"] += len(frames(down_buf))
         seen["most_in_flight"] = max(seen["most_in_flight"], seen["requests"] - seen["replies"])
-        sock.sendall(data)
 
-    def to_device() -> None:
-        data = sock.recv(65536)
-        up.extend(data)
-        seen["replies"] += sum(1 for t in frames(up) if t != XsType.WATCH_EVENT)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(master, view) :]
+    def up(data: bytes) -> None:
+        up_buf.extend(data)
+        seen["replies"] += sum(1 for t in frames(up_buf) if t != XsType.WATCH_EVENT)
 
-    loop.add_reader(master, from_device)
-    loop.add_reader(sock.fileno(), to_device)
-    try:
-        xs = await XenStoreClient.connect(os.ttyname(slave))
+    async with _xenbus_pty(tmp_path, down, up) as path:
+        xs = await XenStoreClient.connect(path)
         w = await xs.watch("/dev")
         writes = [xs.write(f"/dev/k{i}", f"value {i}" * (i + 1)) for i in range(16)]
         await asyncio.gather(*writes, w.next(2))
@@ -360,10 +358,3 @@ async def test_character_device_one_request_in_flight(tmp_path: Path) -> None:
         await xs.close()
         assert seen["requests"] >= 16 + 16 + 8
         assert seen["most_in_flight"] == 1, seen
-    finally:
-        loop.remove_reader(master)
-        loop.remove_reader(sock.fileno())
-        sock.close()
-        os.close(master)
-        os.close(slave)
-        await server.close()
