@@ -60,9 +60,9 @@ DRIVER=/mnt/host/tests/e2e/dom0/run_tests.py
 if [ -f "$DRIVER" ]; then
     # The driver bounds each test itself; this bounds the driver.
     # 1 = some check failed (its RESULT line says why); anything else = the driver itself broke or hung.
-    timeout -k 5 1500 python3 "$DRIVER" --tests "${TESTS:-all}"
+    timeout -k 5 2400 python3 "$DRIVER" --tests "${TESTS:-all}"
     rc=$?
-    [ $rc -le 1 ] || say "RESULT dom0-driver FAIL exited with $rc (124: still running after 1500 s)"
+    [ $rc -le 1 ] || say "RESULT dom0-driver FAIL exited with $rc (124: still running after 2400 s)"
 else
     say "RESULT dom0-driver FAIL $DRIVER not found on the share"
 fi

@@ -33,7 +33,7 @@ import pytest
 E2E = Path(__file__).resolve().parent
 ROOT = E2E.parent.parent
 BUILD_TIMEOUT_S = 900  # debootstrap + apt from the mirror: ~1-4 min; a stuck mirror must not eat the CI budget
-BOOT_TIMEOUT_S = 1620  # QEMU: boot ~15-60 s; dom0-init.sh bounds its driver (main guest, then driver domain) at 1500 s
+BOOT_TIMEOUT_S = 2520  # QEMU: boot ~15-60 s; dom0-init.sh bounds its driver at 2400 s (~1000 s idle, 1600 s at load 40)
 LOG_DIR = E2E / "build" / "last"  # survives pytest's tmp rotation; git-ignored
 # The request shapes real Linux xen-blkfront sends; a unit test on the emulated blkfront covers every one.
 SHAPES_FIXTURE = ROOT / "tests" / "blk" / "fixtures" / "linux-blkfront-shapes.json"
