@@ -109,6 +109,13 @@ struct pv_blk_queue {
     uint32_t spurious_run;
     int evt_timer;
     struct pv_pump_source *pump_src;
+
+    /* Shared pumps (blkpump.h): requests this pass may still consume (UINT32_MAX: no bound), whether it left
+     * some on the ring, and how to stop/resume listening to the event channel (the spurious pause). */
+    uint32_t budget_left;
+    int more;
+    void (*listen)(void *ctx, int on);
+    void *listen_ctx;
 };
 
 /* The operation a response carries: for INDIRECT the inner operation, as Linux blkback answers and as Linux
@@ -697,15 +704,32 @@ static int32_t pump(struct pv_blk_queue *q)
         }
         if (!limit_admit(q))
             break; /* the limit timer brings us back */
-        int32_t n = pv_back_ring_consume(&q->ring, q->slots, q->nfree);
-        if (n < 0) {
-            mark_dead(q);
-            break;
-        }
-        if (n > 0) {
-            q->consumed += (uint32_t)n;
-            process_slots(q, (uint32_t)n);
-            continue;
+        if (q->budget_left == 0) {
+            /* A shared pump's pass is bounded: what is left waits for the next pass (the pump comes back
+             * without an event), so a ring kept full gets one batch per pass and its neighbours theirs. */
+            int32_t p = pv_back_ring_pending(&q->ring);
+            if (p < 0) {
+                mark_dead(q);
+                break;
+            }
+            if (p > 0) {
+                q->more = 1;
+                break;
+            }
+        } else {
+            uint32_t want = q->nfree < q->budget_left ? q->nfree : q->budget_left;
+            int32_t n = pv_back_ring_consume(&q->ring, q->slots, want);
+            if (n < 0) {
+                mark_dead(q);
+                break;
+            }
+            if (n > 0) {
+                q->consumed += (uint32_t)n;
+                uint32_t admitted = process_slots(q, (uint32_t)n);
+                if (q->budget_left != UINT32_MAX)
+                    q->budget_left -= admitted;
+                continue;
+            }
         }
         flush_responses(q);
         int32_t more = pv_back_ring_final_check(&q->ring);
@@ -716,8 +740,8 @@ static int32_t pump(struct pv_blk_queue *q)
         if (more > 0)
             continue;
         uint32_t poll_us = __atomic_load_n(&q->cfg.poll_us, __ATOMIC_RELAXED);
-        if (poll_us == 0)
-            break;
+        if (poll_us == 0 || q->listen)
+            break; /* a shared pump polls for all its queues at once (blkpump.c), never for one */
         uint64_t t = now_ns();
         if (!deadline)
             deadline = t + (uint64_t)poll_us * 1000u;
@@ -822,6 +846,16 @@ void pv_blk_queue_limit_kick(struct pv_blk_queue *q)
  * (they also look at the ring), and the pause ends with a look at the ring. */
 #define SPURIOUS_PAUSE_MIN_NS 20000u
 
+/* Stop or resume listening to the event channel: in pv_blk_queue_run's source array (poll skips a negative
+ * fd) or through the shared pump's hook. */
+static void evt_listen(struct pv_blk_queue *q, int on)
+{
+    if (q->pump_src)
+        q->pump_src[1].fd = on ? q->evtchn->fd : -1;
+    else if (q->listen)
+        q->listen(q->listen_ctx, on);
+}
+
 static int32_t on_event(void *ctx)
 {
     struct pv_blk_queue *q = ctx;
@@ -829,8 +863,10 @@ static int32_t on_event(void *ctx)
     int32_t rc = pv_blk_queue_event(q);
     if (rc < 0)
         return rc;
-    if (q->consumed != c0 || q->st.responses != r0 || q->throttled) {
-        q->spurious_run = 0; /* a throttled queue leaves work on the ring on purpose: not the guest's fault */
+    if (q->consumed != c0 || q->st.responses != r0 || q->throttled || q->more) {
+        /* A throttled queue, or one whose pass budget an earlier handler spent, leaves work on the ring on
+         * purpose: not the guest's fault. */
+        q->spurious_run = 0;
         return rc;
     }
     uint64_t max_ns = (uint64_t)q->cfg.spurious_pause_max_us * 1000u;
@@ -842,7 +878,7 @@ static int32_t on_event(void *ctx)
         ns = max_ns;
     struct itimerspec its = {.it_value = {.tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u)}};
     if (timerfd_settime(q->evt_timer, 0, &its, NULL) == 0) {
-        q->pump_src[1].fd = -1; /* pv_pump_run skips a negative fd until the timer restores it */
+        evt_listen(q, 0);
         q->st.spurious_pauses++;
     }
     return rc;
@@ -854,7 +890,7 @@ static int32_t on_evt_timer(void *ctx)
     uint64_t expirations;
     if (read(q->evt_timer, &expirations, sizeof(expirations)) != (ssize_t)sizeof(expirations))
         return 0;
-    q->pump_src[1].fd = q->evtchn->fd;
+    evt_listen(q, 1);
     /* What the guest queued during the pause, and its events (coalesced in the channel meanwhile): judged
      * like any event, so a guest still hammering pauses again, for longer. */
     return on_event(q);
@@ -882,6 +918,57 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
         (void)timerfd_settime(q->evt_timer, 0, &off, NULL);
     }
     return rc == -PV_PUMP_EPOLL ? -PV_BLK_EEVTCHN : rc;
+}
+
+/* ---- shared pumps (blkpump.c) ------------------------------------------------------------------------ */
+
+void pv_blk_queue_sources(const struct pv_blk_queue *q, int fds[PV_BLK_NR_SOURCES])
+{
+    fds[PV_BLK_SRC_COMPLETE] = q->sink.efd;
+    fds[PV_BLK_SRC_EVENT] = q->evtchn ? q->evtchn->fd : -1;
+    fds[PV_BLK_SRC_EVT_TIMER] = q->evtchn ? q->evt_timer : -1;
+    fds[PV_BLK_SRC_LIMIT_TIMER] = q->limit_timer;
+}
+
+void pv_blk_queue_attach(struct pv_blk_queue *q, void (*listen)(void *ctx, int on), void *ctx)
+{
+    q->listen = listen;
+    q->listen_ctx = ctx;
+    q->spurious_run = 0;
+    if (!listen && q->evt_timer >= 0) {
+        struct itimerspec off = {0};
+        (void)timerfd_settime(q->evt_timer, 0, &off, NULL);
+    }
+}
+
+int32_t pv_blk_queue_serve(struct pv_blk_queue *q, uint32_t ready, uint32_t budget, int *more)
+{
+    static int32_t (*const handler[PV_BLK_NR_SOURCES])(void *) = {
+        [PV_BLK_SRC_COMPLETE] = on_complete, [PV_BLK_SRC_EVENT] = on_event,
+        [PV_BLK_SRC_EVT_TIMER] = on_evt_timer, [PV_BLK_SRC_LIMIT_TIMER] = on_limit_timer,
+    };
+    q->budget_left = budget ? budget : UINT32_MAX;
+    q->more = 0;
+    int32_t total = 0, rc = 0;
+    if (!ready) {
+        rc = pump(q); /* a continuation (or the first look): no source fired */
+        total = rc;
+    }
+    /* Completions first (they free requests a full ring waits for); the event last, so that it sees
+     * whether the pass had work for it (the spurious-event judgement). */
+    static const int order[PV_BLK_NR_SOURCES] = {PV_BLK_SRC_COMPLETE, PV_BLK_SRC_LIMIT_TIMER,
+                                                 PV_BLK_SRC_EVT_TIMER, PV_BLK_SRC_EVENT};
+    for (int i = 0; i < PV_BLK_NR_SOURCES && rc >= 0; i++) {
+        if (!(ready & (1u << order[i])))
+            continue;
+        rc = handler[order[i]](q);
+        if (rc > 0)
+            total += rc;
+    }
+    *more = q->more && rc >= 0;
+    q->budget_left = UINT32_MAX;
+    q->more = 0;
+    return rc < 0 ? rc : total;
 }
 
 /* ---- set-up ------------------------------------------------------------------------------------------ */
@@ -966,6 +1053,7 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
     q->sink.efd = -1;
     q->limit_timer = -1;
     q->evt_timer = -1;
+    q->budget_left = UINT32_MAX;
     q->cfg = *cfg;
     q->gnt = gnt;
     q->evtchn = evtchn;

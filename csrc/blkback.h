@@ -125,6 +125,19 @@ int32_t pv_blk_queue_complete(struct pv_blk_queue *q);
  * or the queue dies (-PV_BLK_EDEAD, -PV_BLK_EEVTCHN).  Blocks; run it in a thread of its own, one per queue,
  * so queues use as many cores as there are and the control loop's work never delays a response. */
 int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd);
+/* For a shared pump (blkpump.h), which serves many queues from one thread: a queue's sources by index, the
+ * hook through which the queue stops/resumes listening to its event channel (NULL: detach, which also
+ * disarms the pause timer), and one bounded pass.  `ready` has bit (1 << PV_BLK_SRC_*) set for each source
+ * that fired (0: just look at the ring); at most `budget` requests are consumed (0: no bound) and *more says
+ * whether requests were left on the ring for the next pass.  Returns responses written or -PV_BLK_E*. */
+#define PV_BLK_SRC_COMPLETE 0
+#define PV_BLK_SRC_EVENT 1
+#define PV_BLK_SRC_EVT_TIMER 2
+#define PV_BLK_SRC_LIMIT_TIMER 3
+#define PV_BLK_NR_SOURCES 4
+void pv_blk_queue_sources(const struct pv_blk_queue *q, int fds[PV_BLK_NR_SOURCES]);
+void pv_blk_queue_attach(struct pv_blk_queue *q, void (*listen)(void *ctx, int on), void *ctx);
+int32_t pv_blk_queue_serve(struct pv_blk_queue *q, uint32_t ready, uint32_t budget, int *more);
 /* Block (up to timeout_ms, < 0 = forever) until nothing is in flight, answering what completes.  Returns
  * the number still in flight. */
 uint32_t pv_blk_queue_drain(struct pv_blk_queue *q, int timeout_ms);

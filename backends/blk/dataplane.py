@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from backends.blk import proto
 from backends.blk.proto import DEFAULT_MAX_PERSISTENT_GRANTS, OP_NAMES, Abi
+from backends.blk.pumps import PumpPool
 from backends.native import (
     CData,
     ffi,
@@ -301,7 +302,8 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
 
 class BlkDataplane(QueueDataplane):
     """One queue of a connected disk: owns the ring mapping, the bound event channel, the C queue and the
-    queue's pump thread (backends.xenbus.pump).
+    queue's pump thread (backends.xenbus.pump), or, with `pool`, its place on one of the shared pumps
+    (backends.blk.pumps).
 
     `on_dead` is called (once, on the event loop) when the frontend breaks the ring protocol or the event
     channel fails; the device should fail.
@@ -317,15 +319,54 @@ class BlkDataplane(QueueDataplane):
         *,
         on_dead: Callable[[str], None] | None = None,
         name: str = "blk",
+        pool: PumpPool | None = None,
     ) -> None:
         if ring.npages != cfg.nr_ring_pages:
             raise ValueError(f"ring mapping has {ring.npages} pages, config says {cfg.nr_ring_pages}")
         self._queue = BlkQueue(ring.address, cfg, gnt, evtchn.c, engine.c)
         super().__init__(name, self._queue, [ring], [evtchn], on_dead=on_dead, errors=(QueueDeadError, OSError))
+        self._pool = pool
+        self._on_dead = on_dead
+        self._pooled = False
+        self._quiet = False  # stopping or already reported: a death is not news
 
     @property
     def queue(self) -> BlkQueue:
         return self._queue
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._pool is None:
+            super().start(loop)
+            return
+        if self._stopped or self._pooled:
+            return
+        self._pool.add(self._queue.c, self._dead, loop or asyncio.get_running_loop())
+        self._pooled = True
+
+    def _dead(self, message: str) -> None:
+        if self._quiet or self._stopped:
+            return
+        self._quiet = True
+        log.error("%s: %s", self.name, message)
+        if self._on_dead is not None:
+            self._on_dead(message)
+
+    def _unpool(self) -> None:
+        if self._pooled and self._pool is not None:
+            self._pooled = False
+            self._pool.remove(self._queue.c)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self._pooled:
+            # Off the loop: removal waits for the pump's current pass (bounded by its budget).
+            self._quiet = True
+            await asyncio.to_thread(self._unpool)
+        await super().stop(timeout)
+
+    def close(self) -> None:
+        self._quiet = True
+        self._unpool()
+        super().close()
 
     async def _quiesce(self, timeout: float) -> None:
         # In-flight I/O is answered before the ring is let go of.

@@ -32,6 +32,7 @@ from backends.blk.proto import (
     parse_uint,
     probe_keys,
 )
+from backends.blk.pumps import PumpPool
 from backends.drivers.storage.base import StorageCaps, StorageDriver, StorageError
 from backends.xenbus.device import DeviceError
 from backends.xenbus.state import XenbusState
@@ -196,6 +197,15 @@ class BlkDeviceClass:
     def __init__(self, cfg: BlkConfig, type_names: tuple[str, ...] = ("qdisk",)) -> None:
         self.cfg = cfg
         self.type_names = type_names
+        self._pool: PumpPool | None = None
+
+    def pump_pool(self) -> PumpPool | None:
+        """The shared pumps every queue of this daemon goes to (`[blk] pumps`), None for a thread per queue."""
+        if self.cfg.pumps == 0:
+            return None
+        if self._pool is None:
+            self._pool = PumpPool(self.cfg.pumps, self.cfg.pump_budget, self.cfg.poll_us)
+        return self._pool
 
     # -- realize / unrealize ----------------------------------------------------------------------------
 
@@ -338,7 +348,7 @@ class BlkDeviceClass:
                 ring, evtchn = dev.connect_ring(list(q.ring_refs), q.event_channel)
                 try:
                     dp = BlkDataplane(ring, evtchn, platform.gnt, disk.driver.engine(), qcfg, on_dead=on_dead,
-                                      name=f"{dev.backend_path} queue {qi}")
+                                      name=f"{dev.backend_path} queue {qi}", pool=self.pump_pool())
                 except BaseException:
                     ring.unmap()
                     evtchn.close()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from backends._native import (
         CData,
         struct_pv_back_ring,
+        struct_pv_blk_pump,
         struct_pv_blk_queue,
         struct_pv_evtchn,
         struct_pv_front_ring,
@@ -29,10 +30,11 @@ if TYPE_CHECKING:
     )
 else:
     # At run time every cdata is of the one class ffi.CData; the stub's per-struct classes exist for mypy only.
-    CData = struct_pv_back_ring = struct_pv_blk_queue = struct_pv_evtchn = struct_pv_front_ring = struct_pv_gnt = \
-        struct_pv_io_engine = ffi.CData
+    CData = struct_pv_back_ring = struct_pv_blk_pump = struct_pv_blk_queue = struct_pv_evtchn = \
+        struct_pv_front_ring = struct_pv_gnt = struct_pv_io_engine = ffi.CData
 
 __all__ = [
-    "CData", "ffi", "lib", "struct_pv_back_ring", "struct_pv_blk_queue", "struct_pv_evtchn", "struct_pv_front_ring",
+    "CData", "ffi", "lib", "struct_pv_back_ring", "struct_pv_blk_pump", "struct_pv_blk_queue", "struct_pv_evtchn",
+    "struct_pv_front_ring",
     "struct_pv_gnt", "struct_pv_io_engine",
 ]
