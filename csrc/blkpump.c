@@ -1,4 +1,4 @@
-/* A shared pump serving many blk queues; see blkpump.h. */
+/* Shared pumps: a few threads serving many blk queues; see blkpump.h. */
 #include "blkpump.h"
 
 #include <errno.h>
@@ -26,6 +26,7 @@ struct slot {
     uint32_t pending; /* 1 << PV_BLK_SRC_* seen since its last turn */
     int fds[PV_BLK_NR_SOURCES];
     int queued;
+    int busy; /* a thread is serving it (outside the lock) */
     int hup;
     int32_t dead_rc; /* != 0: died, no longer served */
     int dead_reported;
@@ -34,6 +35,8 @@ struct slot {
 
 struct pv_blk_pump {
     pthread_mutex_t lock;
+    pthread_cond_t idle; /* a slot stopped being busy (remove waits for it) */
+    uint32_t sleepers;   /* threads in a blocking epoll_wait */
     int epfd;
     int wake_fd;
     uint32_t capacity;
@@ -106,12 +109,11 @@ static void unwatch(struct pv_blk_pump *p, struct slot *s)
             (void)epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->fds[i], NULL);
 }
 
-/* The queue's spurious-event pause: stop/resume reporting its event channel (called inside a turn, with the
- * lock held by the pump thread). */
+/* The queue's spurious-event pause: stop/resume reporting its event channel (called inside its turn). */
 static void listen_hook(void *ctx, int on)
 {
     struct slot *s = ctx;
-    struct epoll_event ev = {.events = on ? EPOLLIN : 0, .data.u64 = token(s, PV_BLK_SRC_EVENT)};
+    struct epoll_event ev = {.events = on ? EPOLLIN | EPOLLET : 0, .data.u64 = token(s, PV_BLK_SRC_EVENT)};
     (void)epoll_ctl(s->pump->epfd, EPOLL_CTL_MOD, s->fds[PV_BLK_SRC_EVENT], &ev);
 }
 
@@ -137,7 +139,7 @@ struct pv_blk_pump *pv_blk_pump_create(uint32_t capacity, uint32_t budget, uint3
     p->spin_us = spin_us;
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TOKEN_WAKE};
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = TOKEN_WAKE};
     if (p->epfd < 0 || p->wake_fd < 0 || epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->wake_fd, &ev) < 0) {
         snprintf(err, errlen, "epoll/eventfd: %s", strerror(errno));
         if (p->epfd >= 0)
@@ -153,6 +155,7 @@ struct pv_blk_pump *pv_blk_pump_create(uint32_t capacity, uint32_t budget, uint3
         p->slots[i].index = i;
     }
     pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->idle, NULL);
     return p;
 }
 
@@ -163,6 +166,7 @@ void pv_blk_pump_destroy(struct pv_blk_pump *p)
     close(p->epfd);
     close(p->wake_fd);
     pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->idle);
     free(p->slots);
     free(p);
 }
@@ -193,7 +197,7 @@ int pv_blk_pump_add(struct pv_blk_pump *p, struct pv_blk_queue *q)
     for (int i = 0; i < PV_BLK_NR_SOURCES; i++) {
         if (s->fds[i] < 0)
             continue;
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = token(s, i)};
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = token(s, i)};
         if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, s->fds[i], &ev) < 0) {
             int e = errno;
             while (i-- > 0)
@@ -221,6 +225,8 @@ int32_t pv_blk_pump_remove(struct pv_blk_pump *p, struct pv_blk_queue *q)
         struct slot *s = &p->slots[i];
         if (s->q != q)
             continue;
+        while (s->busy)
+            pthread_cond_wait(&p->idle, &p->lock);
         if (!s->dead_rc)
             unwatch(p, s);
         else if (!s->dead_reported)
@@ -238,7 +244,9 @@ int32_t pv_blk_pump_remove(struct pv_blk_pump *p, struct pv_blk_queue *q)
     return -ENOENT;
 }
 
-/* One pass: every queue ready at its start gets one turn, in the order it became ready. */
+/* Turns for the calling thread: the queues ready when it starts (at least one), each once, in the order
+ * they became ready; a queue another thread is serving is not ready (it goes back to the line when that
+ * turn ends).  Called and returns with the lock held; serves with it released. */
 static int32_t pass(struct pv_blk_pump *p)
 {
     uint32_t budget = __atomic_load_n(&p->budget, __ATOMIC_RELAXED);
@@ -247,10 +255,18 @@ static int32_t pass(struct pv_blk_pump *p)
     p->st.passes++;
     while (n--) {
         struct slot *s = ready_pop(p);
+        if (!s)
+            break; /* another thread took the rest */
         uint32_t bits = s->pending;
         s->pending = 0;
+        s->busy = 1;
+        int hup = s->hup;
+        pthread_mutex_unlock(&p->lock);
         int more = 0;
-        int32_t rc = s->hup ? -PV_BLK_EEVTCHN : pv_blk_queue_serve(s->q, bits, budget, &more);
+        int32_t rc = hup ? -PV_BLK_EEVTCHN : pv_blk_queue_serve(s->q, bits, budget, &more);
+        pthread_mutex_lock(&p->lock);
+        s->busy = 0;
+        pthread_cond_broadcast(&p->idle);
         p->st.turns++;
         if (rc < 0) {
             /* Only this queue stops: its sources leave the set, the caller hears of it (take_dead). */
@@ -263,34 +279,45 @@ static int32_t pass(struct pv_blk_pump *p)
         if (more) {
             p->st.budget_hits++;
             work++;
-            ready_push(p, s);
         }
+        /* Left with requests, or something fired during the turn: back in line. */
+        if (more || s->pending || s->hup)
+            ready_push(p, s);
     }
     return work;
 }
 
 int32_t pv_blk_pump_run(struct pv_blk_pump *p, int stop_fd)
 {
+    /* Level-triggered, unlike the queues' sources: every thread of the pump must see it. */
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TOKEN_STOP};
-    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0)
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0 && errno != EEXIST)
         return -PV_BLK_EEVTCHN;
     struct epoll_event evs[MAX_EVENTS];
     uint64_t spin_until = 0; /* look without sleeping until then (0: sleep when nothing is ready) */
     int32_t ret = 0;
     for (;;) {
-        /* nready is only ever raised under the lock by add(), which also writes wake_fd: a stale read here
-         * costs at most one wake-up. */
-        int may_sleep = !__atomic_load_n(&p->nready, __ATOMIC_RELAXED) && !spin_until;
-        if (may_sleep)
+        pthread_mutex_lock(&p->lock);
+        int may_sleep = !p->nready && !spin_until;
+        if (may_sleep) {
+            p->sleepers++;
             p->st.sleeps++;
+        }
+        pthread_mutex_unlock(&p->lock);
+        /* Sources are edge-triggered: each new event is reported once, to one thread, and becomes a pending
+         * bit of its queue, so no thread spins on a source another is in the middle of serving. */
         int n = epoll_wait(p->epfd, evs, MAX_EVENTS, may_sleep ? -1 : 0);
+        int err = n < 0 ? errno : 0;
+        pthread_mutex_lock(&p->lock);
+        if (may_sleep)
+            p->sleepers--;
         if (n < 0) {
-            if (errno == EINTR)
+            pthread_mutex_unlock(&p->lock);
+            if (err == EINTR)
                 continue;
             ret = -PV_BLK_EEVTCHN;
             break;
         }
-        pthread_mutex_lock(&p->lock);
         int stop = 0;
         for (int i = 0; i < n; i++) {
             uint64_t t = evs[i].data.u64;
@@ -312,11 +339,17 @@ int32_t pv_blk_pump_run(struct pv_blk_pump *p, int stop_fd)
             s->pending |= 1u << src;
             if (src == PV_BLK_SRC_EVENT && (evs[i].events & (EPOLLERR | EPOLLHUP)))
                 s->hup = 1;
-            ready_push(p, s);
+            if (!s->busy)
+                ready_push(p, s);
         }
         if (stop) {
             pthread_mutex_unlock(&p->lock);
             break;
+        }
+        /* More in line than this thread will take at once while others sleep: wake one to share it. */
+        if (p->nready > 1 && p->sleepers) {
+            uint64_t one = 1;
+            (void)!write(p->wake_fd, &one, sizeof(one));
         }
         int32_t work = p->nready ? pass(p) : 0;
         int dead = p->ndead_unreported != 0;
@@ -335,7 +368,6 @@ int32_t pv_blk_pump_run(struct pv_blk_pump *p, int stop_fd)
                 cpu_relax();
         }
     }
-    (void)epoll_ctl(p->epfd, EPOLL_CTL_DEL, stop_fd, NULL);
     return ret;
 }
 

@@ -1,17 +1,18 @@
-/* A shared pump: one thread serving many blk queues (N queues on M pumps instead of one thread per queue).
+/* Shared pumps: a few threads serving many blk queues (N queues on M threads instead of a thread per queue).
  *
- * The thread sleeps in epoll_wait on every source of every queue it holds (event channel, completion fd,
- * pause and limit timers) and then makes passes: each queue that has something to do is served once per
- * pass, in the order it became ready, and consumes at most `budget` requests in that turn
- * (pv_blk_queue_serve).  A queue that still has requests on its ring goes to the back of the line and is
- * served again in the next pass without waiting for an event, so a guest that keeps its ring full gets one
- * batch per pass and its neighbours get theirs in between.  After a pass that did work the pump may keep
- * looking (epoll_wait without sleeping) for `spin_us` before it sleeps again.
+ * One pump object holds the queues; each of its threads runs pv_blk_pump_run.  The threads sleep in one
+ * epoll_wait on every source of every queue (event channel, completion fd, pause and limit timers; edge-
+ * triggered, so each new event wakes one thread and becomes a pending bit of its queue) and then take turns:
+ * each queue that has something to do gets one turn at a time, in the order it became ready, by whichever
+ * thread is free, and consumes at most `budget` requests in that turn (pv_blk_queue_serve).  A queue that
+ * still has requests on its ring goes to the back of the line and gets another turn without waiting for an
+ * event, so a guest that keeps its ring full gets one batch per turn and its neighbours theirs in between,
+ * and no queue is ever served by two threads at once.  A thread whose turns found work may keep looking
+ * (epoll_wait without sleeping) for `spin_us` before it sleeps again.
  *
- * Threads: pv_blk_pump_run runs in one thread.  add/remove/take_dead/set_* may be called from any other
- * thread; they take the pump's lock, which the running thread holds for the length of a pass (never while
- * it sleeps), so remove() returning means the pump will not touch that queue again.  The sizes are the
- * caller's policy (config knobs); this file only bounds them.
+ * Threads: add/remove/take_dead/set_* may be called from any thread; remove() waits for a turn in progress
+ * on that queue, so its return means no thread will touch the queue again.  The sizes are the caller's
+ * policy (config knobs); this file only bounds them.
  */
 #ifndef PVBACK_BLKPUMP_H
 #define PVBACK_BLKPUMP_H
@@ -28,7 +29,7 @@
 struct pv_blk_pump;
 
 struct pv_blk_pump_stats {
-    uint64_t passes;      /* passes made (each serves every queue ready at its start once) */
+    uint64_t passes;      /* rounds of turns (each: the queues ready at its start, once each) */
     uint64_t turns;       /* queue turns served */
     uint64_t budget_hits; /* turns that ended with requests left on the ring */
     uint64_t sleeps;      /* epoll_wait calls that could block */
@@ -39,7 +40,7 @@ struct pv_blk_pump_stats {
  * (1..PV_BLK_PUMP_MAX_BUDGET).  NULL with a message in err on failure. */
 struct pv_blk_pump *pv_blk_pump_create(uint32_t capacity, uint32_t budget, uint32_t spin_us, char *err,
                                        size_t errlen);
-/* Only once it is not running and holds no queue. */
+/* Only once no thread runs it and it holds no queue. */
 void pv_blk_pump_destroy(struct pv_blk_pump *p);
 /* Serve `q` from now on (its first turn looks at the ring: requests may be queued already).  0, -ENOSPC when
  * full, -EEXIST if it holds q already, or -errno from epoll. */
@@ -47,8 +48,9 @@ int pv_blk_pump_add(struct pv_blk_pump *p, struct pv_blk_queue *q);
 /* Stop serving `q`: on return the pump thread will not touch it again.  Returns the negative code it died
  * with (-PV_BLK_EDEAD, -PV_BLK_EEVTCHN), 0 if it was alive, -ENOENT if the pump did not hold it. */
 int32_t pv_blk_pump_remove(struct pv_blk_pump *p, struct pv_blk_queue *q);
-/* Serve until stop_fd is readable (0), a queue dies (PV_BLK_PUMP_DEAD: it is no longer served, the others
- * are; call again), or epoll fails (-PV_BLK_EEVTCHN). */
+/* One of the pump's threads: serve until stop_fd (one eventfd shared by all of them) is readable (0), a queue
+ * dies (PV_BLK_PUMP_DEAD: it is no longer served, the others are; call again), or epoll fails
+ * (-PV_BLK_EEVTCHN).  The stop fd stays in the pump's set until it is closed. */
 int32_t pv_blk_pump_run(struct pv_blk_pump *p, int stop_fd);
 /* Queues that died and were not reported yet, with their codes; returns how many were written (<= max). */
 uint32_t pv_blk_pump_take_dead(struct pv_blk_pump *p, struct pv_blk_queue **queues, int32_t *codes, uint32_t max);

@@ -33,7 +33,7 @@ from typing import Any
 from perf.blk_guests import jain, make_images
 from perf.runner import PY, spawn, stop
 
-TICK = 0.02
+TICK = 0.05
 
 
 def tasks(pid: int) -> list[int]:

@@ -1,14 +1,13 @@
 """Shared pumps: N blk queues served by M threads (`[blk] pumps = M`), instead of one pump thread per queue.
 
-Each SharedPump is one thread in one C call (csrc/blkpump.h) that sleeps on every source of the queues it
-holds and serves, in passes, each queue that has work, at most `pump_budget` requests per queue per turn; a
-queue with more on its ring is served again next pass.  So a guest that keeps its ring full gets a batch per
-pass like everyone else, and one wake-up of the thread serves every queue that became ready meanwhile
+The M threads run one C pump object (csrc/blkpump.h) that sleeps on every source of every queue and gives
+each queue with work a turn, at most `pump_budget` requests per turn, from whichever thread is free; a queue
+with more on its ring gets another turn after the others.  So a guest that keeps its ring full gets a batch
+per turn like everyone else, and one wake-up of a thread serves every queue that became ready meanwhile
 instead of one thread per queue being scheduled in turn (measured in perf/RESULTS.md, "Many guests").
 
-A queue goes to the pump holding fewest queues; a pump's thread starts with its first queue and stops with
-its last, so an idle daemon has no pump threads.  The pool's methods are called from the event loop's thread
-(add, remove); `remove` returning means the pump will never touch that queue again.
+The threads start with the first queue and stop with the last, so an idle daemon has no pump threads.
+`remove` returning means no thread will touch that queue again.
 """
 
 from __future__ import annotations
@@ -31,23 +30,25 @@ _DEAD_MESSAGES = {-int(lib.PV_BLK_EDEAD): "frontend provided bogus ring requests
 
 
 class SharedPump(CHandle[struct_pv_blk_pump]):
-    """One pump thread and the C object it runs."""
+    """The C pump object and its `threads` threads (started with the first queue, stopped with the last)."""
 
-    def __init__(self, name: str, budget: int, spin_us: int, capacity: int = int(lib.PV_BLK_PUMP_MAX_QUEUES)) -> None:
+    def __init__(self, name: str, budget: int, spin_us: int, *, threads: int = 1,
+                 capacity: int = int(lib.PV_BLK_PUMP_MAX_QUEUES)) -> None:
+        if threads < 1:
+            raise ValueError(f"pump pool size {threads}: at least 1")
         err = ffi.new("char[]", 256)
         c = lib.pv_blk_pump_create(capacity, budget, spin_us, err, 256)
         if c == ffi.NULL:
             raise ValueError(f"blk pump: {ffi.string(err).decode(errors='replace')}")
         super().__init__(c)
         self.name = name
+        self.nthreads = threads
         self._lock = threading.Lock()
         # queue pointer -> (reporter of its death, the loop to report on)
         self._owners: dict[int, tuple[Callable[[str], None], asyncio.AbstractEventLoop]] = {}
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stop_fd = -1
         self._stats = ffi.new("struct pv_blk_pump_stats *")
-        self._dead_q = ffi.new("struct pv_blk_queue *[]", 64)
-        self._dead_rc = ffi.new("int32_t[]", 64)
 
     @property
     def queues(self) -> int:
@@ -65,40 +66,45 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
             with self._lock:
                 self._owners.pop(self._key(q), None)
             raise OSError(-rc, f"{self.name}: cannot serve the queue: {os.strerror(-rc)}")
-        if self._thread is None:
+        if not self._threads:
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-            self._thread.start()
+            for i in range(self.nthreads):
+                t = threading.Thread(target=self._main, args=(self._stop_fd,), name=f"{self.name} {i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def remove(self, q: struct_pv_blk_queue) -> None:
-        """Stop serving `q` (waits for the pass in progress, if any); stops the thread with the last queue."""
+        """Stop serving `q` (waits for a turn in progress on it); stops the threads with the last queue."""
         lib.pv_blk_pump_remove(self.c, q)
         with self._lock:
             self._owners.pop(self._key(q), None)
             idle = not self._owners
         if idle:
-            self._stop_thread()
+            self._stop_threads()
 
-    def _stop_thread(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
+    def _stop_threads(self) -> None:
+        threads, self._threads = self._threads, []
+        if not threads:
             return
         os.eventfd_write(self._stop_fd, 1)
-        thread.join()
-        os.close(self._stop_fd)
+        for t in threads:
+            t.join()
+        os.close(self._stop_fd)  # which also takes it out of the pump's epoll set
         self._stop_fd = -1
 
-    def _main(self) -> None:
-        c, stop_fd = self.c, self._stop_fd
+    def _main(self, stop_fd: int) -> None:
+        c = self.c
+        dead_q = ffi.new("struct pv_blk_queue *[]", 64)
+        dead_rc = ffi.new("int32_t[]", 64)
         while True:
             rc = int(lib.pv_blk_pump_run(c, stop_fd))
             if rc == lib.PV_BLK_PUMP_DEAD:
-                n = int(lib.pv_blk_pump_take_dead(c, self._dead_q, self._dead_rc, 64))
+                n = int(lib.pv_blk_pump_take_dead(c, dead_q, dead_rc, 64))
                 for i in range(n):
-                    self._report(self._key(self._dead_q[i]), _DEAD_MESSAGES.get(int(self._dead_rc[i]), "queue failed"))
+                    self._report(self._key(dead_q[i]), _DEAD_MESSAGES.get(int(dead_rc[i]), "queue failed"))
                 continue
             if rc < 0:
-                # epoll itself failed: nothing this thread holds can be served any more.
+                # epoll itself failed: nothing this pump holds can be served any more.
                 with self._lock:
                     keys = list(self._owners)
                 for key in keys:
@@ -123,15 +129,16 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
         s = self._stats
         lib.pv_blk_pump_get_stats(self.c, s)
         return {"passes": int(s.passes), "turns": int(s.turns), "budget_hits": int(s.budget_hits),
-                "sleeps": int(s.sleeps), "queues": int(s.queues)}
+                "sleeps": int(s.sleeps), "queues": int(s.queues), "threads": len(self._threads)}
 
     def _free(self, c: struct_pv_blk_pump) -> None:
-        self._stop_thread()
+        self._stop_threads()
         lib.pv_blk_pump_destroy(c)
 
 
 class PumpPool:
-    """`size` shared pumps; a queue goes to the one holding fewest."""
+    """`size` threads sharing every queue (one C pump object): a ready queue gets its next turn from whichever
+    thread is free, so no queue waits on a busy thread while another idles."""
 
     def __init__(self, size: int, budget: int, spin_us: int = 0) -> None:
         if size < 1:
@@ -139,27 +146,22 @@ class PumpPool:
         if not 1 <= budget <= MAX_BUDGET:
             raise ValueError(f"pump budget {budget}: not in 1..{MAX_BUDGET}")
         self.size, self.budget, self.spin_us = size, budget, spin_us
-        self._pumps: list[SharedPump] = []
-        self._where: dict[int, SharedPump] = {}
+        self._pump: SharedPump | None = None
 
     def add(self, q: struct_pv_blk_queue, on_dead: Callable[[str], None], loop: asyncio.AbstractEventLoop) -> None:
-        if len(self._pumps) < self.size:
-            self._pumps.append(SharedPump(f"blk pump {len(self._pumps)}", self.budget, self.spin_us))
-        pump = min(self._pumps, key=lambda p: p.queues)
-        pump.add(q, on_dead, loop)
-        self._where[SharedPump._key(q)] = pump
+        if self._pump is None:
+            self._pump = SharedPump("blk pump", self.budget, self.spin_us, threads=self.size)
+        self._pump.add(q, on_dead, loop)
 
     def remove(self, q: struct_pv_blk_queue) -> None:
         """Idempotent; after it the queue is served by nobody."""
-        pump = self._where.pop(SharedPump._key(q), None)
-        if pump is not None:
-            pump.remove(q)
+        if self._pump is not None:
+            self._pump.remove(q)
 
     def stats(self) -> list[dict[str, Any]]:
-        return [p.stats() for p in self._pumps]
+        return [] if self._pump is None else [self._pump.stats()]
 
     def close(self) -> None:
-        for p in self._pumps:
-            p.close()
-        self._pumps = []
-        self._where = {}
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
