@@ -187,6 +187,7 @@ class Step:
     daemon_rss_mib: float
     daemon_cpu_per_guest: float
     per_guest_iops: list[float]
+    load1: float = 0.0  # the 1-minute load average at the end of the step
 
 
 def scaling(counts: Sequence[int], work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int,
@@ -210,7 +211,7 @@ def scaling(counts: Sequence[int], work: Path, sim_dir: Path, serve: Serve, imag
                      worst_share=worst_share(per), fio_jain=fio["jain"], fio_engine=fio["engine"],
                      daemon_threads=daemon["threads"],
                      daemon_rss_mib=daemon["rss_mib"], daemon_cpu_per_guest=daemon["cpu_cores"] / n,
-                     per_guest_iops=per)
+                     per_guest_iops=per, load1=os.getloadavg()[0])
             steps.append(s)
             progress(f"round {rnd + 1}/{rounds} guests={n:2d} blk {agg:9.0f} IOPS ({s.ratio_to_fio:.2f}x "
                      f"fio-{fio['engine']} {fio['iops']:.0f}) jain={s.jain:.3f} worst={s.worst_share:.2f} "
@@ -303,9 +304,15 @@ def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path]
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables for perf/RESULTS.md."""
-    lines = [f"Load average before/after: {result['load_before'][0]:.1f} / {result['load_after'][0]:.1f} "
+    loads = [st["load1"] for steps in result.get("scaling_rounds", []) for st in steps if "load1" in st]
+    during = f", {min(loads):.1f}-{max(loads):.1f} at the ends of the steps" if loads else ""
+    blk = result.get("blk", {})
+    mode = (f"{blk['pumps']} shared pump threads, budget {blk['pump_budget']} requests per queue per turn"
+            if blk.get("pumps") else "one pump thread per queue") if blk else "daemon settings not recorded"
+    lines = [f"Load average before/after: {result['load_before'][0]:.1f} / {result['load_after'][0]:.1f}{during} "
              f"({os.cpu_count()} CPUs); {result['seconds']:g} s per step after {result['warmup']:g} s warm-up, "
-             f"4 KiB random reads at QD {result['qd']} per guest, one image per guest in tmpfs.", "",
+             f"4 KiB random reads at QD {result['qd']} per guest, one image per guest in tmpfs; daemon: {mode}.",
+             "",
              f"Every figure is the median of {result['rounds']} interleaved rounds, [min-max] beside the ones the "
              "targets use; \"/ best N\" is each round's aggregate over that round's best step.", "",
              "| guests | blk IOPS | / best N | blk MB/s | best fio IOPS (N jobs) | blk / fio | Jain | worst share "
@@ -392,6 +399,10 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
                               "qd": qd, "rounds": rounds, "load_before": os.getloadavg(), "cpus": os.cpu_count()}
     try:
         images = make_images(img_dir, max(max(counts), 2), image_mib or (8 if quick else 16))
+        from backends.blk.config import BlkConfig
+
+        defaults = BlkConfig()
+        result["blk"] = {"io_threads": 4, "pumps": defaults.pumps, "pump_budget": defaults.pump_budget}
         with simulator(work) as sim_dir:
             blk = {"io_threads": 4}
             serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk})

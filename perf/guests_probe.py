@@ -93,7 +93,7 @@ class Sampler(threading.Thread):
             if beg is None:
                 continue
             d = {key: end[key] - beg[key] for key in ("run_ns", "wait_ns", "slices", "migrations", "vol", "invol")}
-            if d["run_ns"] < 0.02 * wall * 1e9:
+            if d["run_ns"] < 0.002 * wall * 1e9:
                 continue  # idle threads (the control loop between scrapes, the I/O pool)
             cpus = self.cpus.get(k, [])
             out.append({"proc": k[0], "tid": k[1], "cpu_frac": d["run_ns"] / 1e9 / wall,

@@ -22,11 +22,12 @@ class BlkConfig:
     persistent_threshold_bytes: int = 16384
     # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
     poll_us: int = 0
-    # Pump threads shared by all queues (N:M): each serves its queues in passes, at most pump_budget requests
-    # per queue per turn, so one wake-up serves every queue that became ready and a ring kept full gets a
-    # batch per pass like its neighbours.  0: one pump thread per queue (the kernel's scheduler shares the
-    # cores between them).  perf/RESULTS.md ("Many guests") has the interleaved A/B behind the default.
-    pumps: int = 0
+    # Pump threads shared by all queues (N:M): a queue with work gets a turn from whichever is free, at most
+    # pump_budget requests per turn, so one wake-up serves every queue that became ready and a ring kept full
+    # gets a batch per turn like its neighbours.  -1: one per CPU the daemon may run on; 0: one pump thread
+    # per queue (the kernel's scheduler shares the cores between them).  The interleaved A/B behind the
+    # default is in perf/RESULTS.md ("Many guests", shared pumps): 1.4x the aggregate at 16 and 32 guests.
+    pumps: int = -1
     # Requests one queue may take per turn of a shared pump.  Smaller is fairer to shallow neighbours of a
     # deep (or hostile) ring; larger costs fewer passes for a deep ring alone.
     pump_budget: int = 32
@@ -51,7 +52,7 @@ BLK_RANGES: dict[str, tuple[int, int]] = {
     "persistent_threshold_bytes": (0, 1 << 30),
     "poll_us": (0, 1_000_000),
     "io_threads": (1, 256),
-    "pumps": (0, 64),
+    "pumps": (-1, 64),
     "pump_budget": (1, 4096),
     "spurious_pause_max_us": (0, 1_000_000),
     "iops_limit": (0, 100_000_000),

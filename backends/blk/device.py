@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,7 +205,8 @@ class BlkDeviceClass:
         if self.cfg.pumps == 0:
             return None
         if self._pool is None:
-            self._pool = PumpPool(self.cfg.pumps, self.cfg.pump_budget, self.cfg.poll_us)
+            size = self.cfg.pumps if self.cfg.pumps > 0 else len(os.sched_getaffinity(0))
+            self._pool = PumpPool(size, self.cfg.pump_budget, self.cfg.poll_us)
         return self._pool
 
     # -- realize / unrealize ----------------------------------------------------------------------------

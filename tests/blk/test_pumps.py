@@ -290,7 +290,7 @@ def test_pool_and_pump_bounds() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("[blk]\npumps = -1", "outside 0..64"), ("[blk]\npumps = 'many'", "expected an integer"),
+    [("[blk]\npumps = -2", "outside -1..64"), ("[blk]\npumps = 'many'", "expected an integer"),
      ("[blk]\npump_budget = 0", "outside 1..4096"), ("[blk]\npump_budget = 1e9", "expected an integer")],
 )
 def test_pump_config_garbage_is_refused_with_one_line(text: str, message: str) -> None:

@@ -1,0 +1,116 @@
+"""Interleaved A/B of daemon settings on the many-guests benchmark: for each repetition and each variant (a
+fresh `pvback serve` with its `[blk]` keys, the order alternating between repetitions), the scaling steps
+(N guests, 4 KiB random reads at QD 8 each, as `pvback bench --guests`) and the hostile case (a healthy guest
+next to a healthy peer, a spinning poller and a hostile guest).
+
+    python -m perf.guests_ab --n 1 2 8 16 32 --reps 3 --variant 'tpq:pumps=0' --variant 'sh2:pumps=2' \
+        --out /tmp/ab.json
+
+Per repetition and variant: each step's aggregate IOPS, its ratio to that repetition-and-variant's best
+step, Jain's index and the worst share, the daemon's CPU; the hostile case's share of the fair share and of
+the poller case.  The summary gives the median [min-max] over repetitions per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from perf.blk_guests import GuestSpec, hostile_case, jain, make_images, run_guests, worst_share
+from perf.runner import Serve, simulator
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, int]]:
+    name, _, kvs = text.partition(":")
+    return name, {k: int(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    keys = sorted({(r["variant"], r["what"], r.get("n", 0)) for r in rows}, key=lambda k: (k[1], k[2], k[0]))
+    for variant, what, n in keys:
+        rs = [r for r in rows if r["variant"] == variant and r["what"] == what and r.get("n", 0) == n]
+        row: dict[str, Any] = {"variant": variant, "what": what, "n": n, "reps": len(rs)}
+        for key in ("iops", "over_best", "jain", "worst", "daemon_cpu", "share_of_fair", "share_vs_poller",
+                    "healthy", "hostile"):
+            xs = [float(r[key]) for r in rs if key in r]
+            if xs:
+                row[key] = [statistics.median(xs), min(xs), max(xs)]
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 2, 8, 16, 32])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--no-hostile", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    work = Path(tempfile.mkdtemp(prefix="pvback-gab-"))
+    img_dir = Path("/dev/shm") / f"pvback-gab-{os.getpid()}"
+    rows: list[dict[str, Any]] = []
+    meta = {"load_before": os.getloadavg(), "start": time.time(), "variants": dict(variants)}
+    try:
+        images = make_images(img_dir, max(max(args.n), 2), 16)
+        with simulator(work) as sim:
+            for rep in range(args.reps):
+                order = variants if rep % 2 == 0 else list(reversed(variants))
+                for name, keys in order:
+                    blk = {"io_threads": 4, **keys}
+                    serve = Serve(work, sim, f"ab-{name}-{rep}", sections={"blk": blk}, settings={"blk": blk})
+                    try:
+                        steps = []
+                        for n in args.n:
+                            res, daemon = run_guests(sim, work, serve.pid, [GuestSpec(f"g{i}") for i in range(n)],
+                                                     images[:n], seconds=args.seconds, warmup=args.warmup)
+                            per = [float(r["iops"]) for r in res]
+                            steps.append({"variant": name, "rep": rep, "what": "scaling", "n": n, "iops": sum(per),
+                                          "jain": jain(per), "worst": worst_share(per), "per": per,
+                                          "daemon_cpu": daemon["cpu_cores"], "load1": os.getloadavg()[0]})
+                            print(f"rep {rep} {name} n={n}: {sum(per):.0f} IOPS jain {jain(per):.3f} worst "
+                                  f"{worst_share(per):.2f} daemon {daemon['cpu_cores']:.2f} cores load "
+                                  f"{os.getloadavg()[0]:.1f}", flush=True)
+                        best = max(s["iops"] for s in steps)
+                        for s in steps:
+                            s["over_best"] = s["iops"] / best if best else 0.0
+                        rows += steps
+                        if not args.no_hostile:
+                            def progress(msg: str, nm: str = name) -> None:
+                                print(nm, msg, flush=True)
+
+                            h = hostile_case(work, sim, serve, images, qd=8, seconds=args.seconds,
+                                             warmup=args.warmup, progress=progress)
+                            rows.append({"variant": name, "rep": rep, "what": "hostile", "n": 2,
+                                         "share_of_fair": h["share_of_fair"], "share_vs_poller": h["share_vs_poller"],
+                                         "healthy": h["healthy_with_hostile_iops"], "hostile": h["hostile_iops"],
+                                         "raw": h, "load1": os.getloadavg()[0]})
+                    finally:
+                        serve.close()
+                    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summarize(rows)},
+                                                         indent=1))
+    finally:
+        shutil.rmtree(img_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    meta["load_after"] = os.getloadavg()
+    meta["end"] = time.time()
+    summary = summarize(rows)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    for s in summary:
+        print(json.dumps(s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
