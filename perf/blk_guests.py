@@ -382,8 +382,10 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *, seconds: float | None = None,
         warmup: float | None = None, cap_seconds: float | None = None, hostile_reps: int | None = None,
-        rounds: int | None = None, image_mib: int | None = None) -> dict[str, Any]:
-    """Everything `pvback bench --guests` measures, in one daemon's life per configuration."""
+        rounds: int | None = None, image_mib: int | None = None,
+        blk_keys: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Everything `pvback bench --guests` measures, in one daemon's life per configuration.  blk_keys: more
+    `[blk]` keys for every daemon of the run (an A/B of daemon settings)."""
     from perf.runner import simulator
 
     seconds = seconds if seconds is not None else (2.0 if quick else 5.0)
@@ -402,9 +404,12 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
         from backends.blk.config import BlkConfig
 
         defaults = BlkConfig()
-        result["blk"] = {"io_threads": 4, "pumps": defaults.pumps, "pump_budget": defaults.pump_budget}
+        extra = dict(blk_keys or {})
+        pumps = extra.get("pumps", defaults.pumps)
+        result["blk"] = {"io_threads": 4, "pumps": pumps if pumps >= 0 else len(os.sched_getaffinity(0)),
+                         "pump_budget": extra.get("pump_budget", defaults.pump_budget), **extra}
         with simulator(work) as sim_dir:
-            blk = {"io_threads": 4}
+            blk = {"io_threads": 4, **extra}
             serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk})
             try:
                 runs = scaling(counts, work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
@@ -419,7 +424,7 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
             reps = []
             for rep in range(hostile_reps):
                 for pause in (0, 5000):
-                    blk = {"io_threads": 4, "spurious_pause_max_us": pause}
+                    blk = {"io_threads": 4, **extra, "spurious_pause_max_us": pause}
                     serve = Serve(work, sim_dir, f"hostile-{pause}", sections={"blk": blk}, settings={"blk": blk})
                     try:
                         progress(f"hostile rep {rep}, spurious pause up to {pause} us:")

@@ -179,6 +179,9 @@ def run_once(work: Path, sim: Path, serve_pid: int, port: int, images: list[Path
             time.sleep(0.25)
         sampler.stop_evt.set()
         sampler.join()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        pauses = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("pvback_device_status{") and 'key="spurious_pauses"' in line)
         wall = time.monotonic() - t0
         threads = sampler.result(wall)
         results = {}
@@ -195,7 +198,7 @@ def run_once(work: Path, sim: Path, serve_pid: int, port: int, images: list[Path
             t["new"] = t["proc"] == "daemon" and t["tid"] not in before
         return {"n": n, "pin": pin, "hostile": hostile, "poller": poller, "region_mib": region_mib,
                 "per_guest_iops": per, "aggregate": sum(per), "jain": jain(per), "threads": threads,
-                "rates_250ms": rates, "load1": la0, "pump_tids": pump_tids}
+                "rates_250ms": rates, "load1": la0, "pump_tids": pump_tids, "spurious_pauses": pauses}
     finally:
         for p in procs + warmers:
             stop(p)
@@ -266,7 +269,8 @@ def main() -> int:
                                           f"{sum(t['cpu_frac'] for t in gs):.2f} wait "
                                           f"{sum(t['wait_frac'] for t in gs):.2f} | wait/slice us daemon "
                                           f"{med([t['wait_us_per_slice'] for t in dm]):.0f} guest "
-                                          f"{med([t['wait_us_per_slice'] for t in gs]):.0f}", flush=True)
+                                          f"{med([t['wait_us_per_slice'] for t in gs]):.0f} | pauses "
+                                          f"{r['spurious_pauses']:.0f}", flush=True)
                                     Path(args.out).write_text(json.dumps(out, indent=1))
                     finally:
                         stop(serve)
