@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf.blk_guests import GuestSpec, hostile_case, jain, make_images, run_guests, worst_share
+from perf.blk_guests import GuestSpec, fio_jobs, hostile_case, jain, make_images, run_guests, worst_share
 from perf.runner import Serve, simulator
 
 
@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--variant", action="append", required=True)
     ap.add_argument("--no-hostile", action="store_true")
+    ap.add_argument("--fio", action="store_true", help="run the benchmark's fio reference before each step")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
@@ -73,6 +74,10 @@ def main() -> int:
                     try:
                         steps = []
                         for n in args.n:
+                            if args.fio:
+                                # What the benchmark does before each step (its reference), and what that
+                                # leaves behind on the machine.
+                                fio_jobs(images[:n], qd=8, bs=4096, seconds=args.seconds, ramp=args.warmup)
                             res, daemon = run_guests(sim, work, serve.pid, [GuestSpec(f"g{i}") for i in range(n)],
                                                      images[:n], seconds=args.seconds, warmup=args.warmup)
                             per = [float(r["iops"]) for r in res]

@@ -206,7 +206,7 @@ class BlkDeviceClass:
             return None
         if self._pool is None:
             size = self.cfg.pumps if self.cfg.pumps > 0 else len(os.sched_getaffinity(0))
-            self._pool = PumpPool(size, self.cfg.pump_budget, self.cfg.poll_us)
+            self._pool = PumpPool(size, self.cfg.pump_budget, self.cfg.poll_us, pin=bool(self.cfg.pump_pinning))
         return self._pool
 
     # -- realize / unrealize ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
     """The C pump object and its `threads` threads (started with the first queue, stopped with the last)."""
 
     def __init__(self, name: str, budget: int, spin_us: int, *, threads: int = 1,
-                 capacity: int = int(lib.PV_BLK_PUMP_MAX_QUEUES)) -> None:
+                 capacity: int = int(lib.PV_BLK_PUMP_MAX_QUEUES), cpus: list[int] | None = None) -> None:
         if threads < 1:
             raise ValueError(f"pump pool size {threads}: at least 1")
         err = ffi.new("char[]", 256)
@@ -43,6 +43,8 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
         super().__init__(c)
         self.name = name
         self.nthreads = threads
+        # Thread i runs on cpus[i % len(cpus)] only (None: wherever the scheduler puts it).
+        self.cpus = cpus
         self._lock = threading.Lock()
         # queue pointer -> (reporter of its death, the loop to report on)
         self._owners: dict[int, tuple[Callable[[str], None], asyncio.AbstractEventLoop]] = {}
@@ -69,7 +71,9 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
         if not self._threads:
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             for i in range(self.nthreads):
-                t = threading.Thread(target=self._main, args=(self._stop_fd,), name=f"{self.name} {i}", daemon=True)
+                cpu = self.cpus[i % len(self.cpus)] if self.cpus else None
+                t = threading.Thread(target=self._main, args=(self._stop_fd, cpu), name=f"{self.name} {i}",
+                                     daemon=True)
                 t.start()
                 self._threads.append(t)
 
@@ -92,7 +96,16 @@ class SharedPump(CHandle[struct_pv_blk_pump]):
         os.close(self._stop_fd)  # which also takes it out of the pump's epoll set
         self._stop_fd = -1
 
-    def _main(self, stop_fd: int) -> None:
+    def _main(self, stop_fd: int, cpu: int | None) -> None:
+        if cpu is not None:
+            # Measured (perf/RESULTS.md, shared pumps): left to the scheduler, both threads sometimes stack on
+            # one vCPU for seconds, and the daemon then gets 0.75 of a core and the guests near it a worse
+            # share.  The threads share the queues, so one whose CPU is busy with other work just takes
+            # fewer turns.
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError as exc:
+                log.warning("%s: cannot pin to CPU %d: %s", self.name, cpu, exc)
         c = self.c
         dead_q = ffi.new("struct pv_blk_queue *[]", 64)
         dead_rc = ffi.new("int32_t[]", 64)
@@ -140,17 +153,19 @@ class PumpPool:
     """`size` threads sharing every queue (one C pump object): a ready queue gets its next turn from whichever
     thread is free, so no queue waits on a busy thread while another idles."""
 
-    def __init__(self, size: int, budget: int, spin_us: int = 0) -> None:
+    def __init__(self, size: int, budget: int, spin_us: int = 0, *, pin: bool = False) -> None:
         if size < 1:
             raise ValueError(f"pump pool size {size}: at least 1")
         if not 1 <= budget <= MAX_BUDGET:
             raise ValueError(f"pump budget {budget}: not in 1..{MAX_BUDGET}")
         self.size, self.budget, self.spin_us = size, budget, spin_us
+        # Pinned: thread i on the i-th CPU the daemon may use (round robin when there are more threads).
+        self.cpus = sorted(os.sched_getaffinity(0)) if pin else None
         self._pump: SharedPump | None = None
 
     def add(self, q: struct_pv_blk_queue, on_dead: Callable[[str], None], loop: asyncio.AbstractEventLoop) -> None:
         if self._pump is None:
-            self._pump = SharedPump("blk pump", self.budget, self.spin_us, threads=self.size)
+            self._pump = SharedPump("blk pump", self.budget, self.spin_us, threads=self.size, cpus=self.cpus)
         self._pump.add(q, on_dead, loop)
 
     def remove(self, q: struct_pv_blk_queue) -> None:

@@ -275,6 +275,35 @@ def test_a_broken_ring_fails_only_its_queue(image: Path, tmp_path: Path) -> None
         g.close()
 
 
+def test_pinned_pump_threads_each_run_on_one_cpu_of_their_own(image: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    g = MiniGuest(pages=256)
+    pool = PumpPool(len(cpus), budget=8, pin=True)
+    dead: list[str] = []
+    f = Front(g, image, pool=pool, dead=dead)
+
+    async def main() -> None:
+        f.dp.start(asyncio.get_running_loop())
+        reqs = f.push(4, 0)
+        await asyncio.to_thread(wait_responses, f, {r for r, _, _ in reqs})
+        threads = [t for t in threading.enumerate() if t.name.startswith("blk pump")]
+        allowed = []
+        for t in threads:
+            status = Path(f"/proc/self/task/{t.native_id}/status").read_text()
+            line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+            allowed.append(line.split(":", 1)[1].strip())
+        assert sorted(allowed) == sorted(str(c) for c in cpus)
+        await f.dp.stop()
+
+    try:
+        asyncio.run(main())
+        assert not dead
+    finally:
+        f.close()
+        pool.close()
+        g.close()
+
+
 def test_pool_and_pump_bounds() -> None:
     with pytest.raises(ValueError, match="budget 0"):
         PumpPool(2, budget=0)
@@ -291,7 +320,8 @@ def test_pool_and_pump_bounds() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [("[blk]\npumps = -2", "outside -1..64"), ("[blk]\npumps = 'many'", "expected an integer"),
-     ("[blk]\npump_budget = 0", "outside 1..4096"), ("[blk]\npump_budget = 1e9", "expected an integer")],
+     ("[blk]\npump_budget = 0", "outside 1..4096"), ("[blk]\npump_budget = 1e9", "expected an integer"),
+     ("[blk]\npump_pinning = 2", "outside 0..1")],
 )
 def test_pump_config_garbage_is_refused_with_one_line(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
