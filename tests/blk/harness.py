@@ -9,9 +9,12 @@ import fcntl
 import gc
 import mmap
 import os
+import random
 import select
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from backends.blk.dataplane import BlkQueue, QueueConfig
@@ -24,6 +27,19 @@ from . import wire
 PAGE = 4096
 GUEST = 1
 BACKEND = 0
+
+
+@contextlib.contextmanager
+def memory_image(tag: str, size: int) -> Iterator[Path]:
+    """An image of `size` bytes of seeded random data on a memory filesystem (so it is served like a tmpfs
+    image), removed afterwards."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path("/tmp")
+    p = base / f"pvback-{tag}-test-{os.getpid()}-{random.getrandbits(32):08x}.img"
+    p.write_bytes(random.Random(3).randbytes(size))
+    try:
+        yield p
+    finally:
+        p.unlink(missing_ok=True)
 
 
 def _sealed_memfd(name: str, size: int) -> int:

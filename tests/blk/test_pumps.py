@@ -26,7 +26,7 @@ from backends.native.events import NativeEventChannel, open_emulated
 from backends.native.ring import FrontRing
 
 from . import wire
-from .harness import GUEST, MiniGuest, Rig
+from .harness import GUEST, MiniGuest, Rig, memory_image
 
 DISK = 1 << 20
 RSP = Abi.X86_64.rsp_size
@@ -34,11 +34,8 @@ RSP = Abi.X86_64.rsp_size
 
 @pytest.fixture
 def image() -> Iterator[Path]:
-    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path("/tmp")
-    p = base / f"pvback-pump-test-{os.getpid()}-{random.getrandbits(32):08x}.img"
-    p.write_bytes(random.Random(3).randbytes(DISK))
-    yield p
-    p.unlink(missing_ok=True)
+    with memory_image("pump", DISK) as p:
+        yield p
 
 
 def test_a_turn_consumes_at_most_the_budget_and_says_more(image: Path) -> None:

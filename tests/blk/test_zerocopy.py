@@ -21,7 +21,7 @@ from backends.blk.proto import Abi
 from backends.drivers.storage import FileDriver
 
 from . import wire
-from .harness import PAGE, Pending, Rig
+from .harness import PAGE, Pending, Rig, memory_image
 
 DISK = 4 << 20
 OKAY, ERROR = proto.RSP_OKAY, proto.RSP_ERROR
@@ -30,11 +30,8 @@ SENTINEL = b"\x5a" * PAGE
 
 @pytest.fixture
 def image() -> Iterator[Path]:
-    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path("/tmp")
-    p = base / f"pvback-zc-test-{os.getpid()}-{random.getrandbits(32):08x}.img"
-    p.write_bytes(random.Random(3).randbytes(DISK))
-    yield p
-    p.unlink(missing_ok=True)
+    with memory_image("zc", DISK) as p:
+        yield p
 
 
 def open_driver(image: Path, mapped: bool) -> FileDriver:
