@@ -87,16 +87,7 @@ esac
 
 # ---- the hash round trip: the driver domain's data read here, this guest's checked there ----
 if want rw; then
-    t0=$(now)
-    got=$(region_sha $A 64 1)
-    if [ "$got" != "$(arg pvdd64)" ]; then
-        result rw FAIL "read of the driver domain's 1 MiB: sha $got, it wrote $(arg pvdd64)"
-    elif w=$(write_region $A 66 1); then
-        say "DOMU-KV dd-wsha $w"
-        result rw PASS "read the driver domain's 1 MiB, wrote+reread 1 MiB ($(since "$t0") s)"
-    else
-        result rw FAIL "write/readback: $w"
-    fi
+    rw_round_trip $A 64 "$(arg pvdd64)" 66 dd-wsha "the driver domain"
 fi
 
 # ---- a filesystem on the first 32 MiB; the driver domain fsck's the image afterwards ----

@@ -461,16 +461,7 @@ fi
 # ---- xvda: read/write, 64 MiB, discard ----
 if want rw; then
     wrote xvda
-    t0=$(now)
-    got=$(region_sha $A 1 1)
-    if [ "$got" != "$(arg pva)" ]; then
-        result rw FAIL "read of dom0's 1 MiB: sha $got, dom0 wrote $(arg pva)"
-    elif w=$(write_region $A 2 1); then
-        say "DOMU-KV rw-wsha $w"
-        result rw PASS "read dom0's 1 MiB, wrote+reread 1 MiB ($(since "$t0") s)"
-    else
-        result rw FAIL "write/readback: $w"
-    fi
+    rw_round_trip $A 1 "$(arg pva)" 2 rw-wsha dom0
 fi
 
 if want big; then

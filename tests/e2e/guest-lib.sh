@@ -50,6 +50,20 @@ write_region() { # write_region DEV OFFSET_MIB COUNT_MIB
     [ "$got" = "$want" ] || { echo "readback $got != written $want"; return 1; }
     echo "$want"
 }
+# rw_round_trip DEV READ_MIB WANT WRITE_MIB KV WHO: the `rw` step.  Reads the 1 MiB WHO wrote at READ_MIB (its
+# sha WANT), writes fresh 1 MiB at WRITE_MIB and rereads it uncached (its sha goes out as DOMU-KV KV, for WHO to check).
+rw_round_trip() {
+    t0=$(now)
+    got=$(region_sha "$1" "$2" 1)
+    if [ "$got" != "$3" ]; then
+        result rw FAIL "read of $6's 1 MiB: sha $got, $6 wrote $3"
+    elif w=$(write_region "$1" "$4" 1); then
+        say "DOMU-KV $5 $w"
+        result rw PASS "read $6's 1 MiB, wrote+reread 1 MiB ($(since "$t0") s)"
+    else
+        result rw FAIL "write/readback: $w"
+    fi
+}
 net_if() { # net_if DEVID: the interface of xen device vif-DEVID, if any
     for n in /sys/class/net/*; do
         [ "$(basename "$(readlink "$n/device" 2>/dev/null)")" = "vif-$1" ] && basename "$n"

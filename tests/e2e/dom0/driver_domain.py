@@ -378,12 +378,8 @@ def diagnose(rt: ModuleType) -> None:
     import subprocess
     if not rt.run(["pidof", "xenstored"], check=False).stdout.strip():
         rt.say("  diag: xenstored is not running (its exit, if it said anything, is on the console above)")
-        trace = rt.XENSTORED_TRACE
-        if trace.exists():
-            with open(trace, "rb") as f:
-                f.seek(max(0, trace.stat().st_size - 8000))
-                for ln in f.read().decode(errors="replace").splitlines()[-25:]:
-                    rt.say(f"  diag xenstored trace: {ln[:200]}")
+        for ln in rt.tail_lines(rt.XENSTORED_TRACE, 25):
+            rt.say(f"  diag xenstored trace: {ln.decode(errors='replace')[:200]}")
     for cmd in (["ps", "-eo", "pid,stat,wchan:24,etime,args"], ["dmesg"], ["xl", "list"]):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout

@@ -19,6 +19,7 @@ cross-checked here against the image files, pvback's metrics and its log.  Every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -324,17 +325,22 @@ def keep_logs(*paths: Path) -> None:
             pass
 
 
-def keep_tail(path: Path, lines: int) -> None:
-    """The last `lines` of a log too big to copy whole (xenstored's request trace), to the host."""
-    if not OUT.is_dir() or not path.exists():
-        return
+def tail_lines(path: Path, lines: int) -> list[bytes]:
+    """The last `lines` lines of a log too big to read whole (xenstored's request trace); [] if it is not there."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - lines * 200))
-            tail = f.read().splitlines()[-lines:]
-        (OUT / f"{path.name}.tail").write_bytes(b"\n".join(tail) + b"\n")
+            return f.read().splitlines()[-lines:]
     except OSError:
-        pass
+        return []
+
+
+def keep_tail(path: Path, lines: int) -> None:
+    """The last `lines` of a log too big to copy whole, to the host."""
+    tail = tail_lines(path, lines)
+    if OUT.is_dir() and tail:
+        with contextlib.suppress(OSError):
+            (OUT / f"{path.name}.tail").write_bytes(b"\n".join(tail) + b"\n")
 
 
 XENSTORED_LOG = Path("/var/log/xen/xenstored.log")
