@@ -260,7 +260,21 @@ def test_handoff_ring_is_bounded_and_drops_are_counted(bed: Any) -> None:
                 dp.start(loop)
             fronts[0].start()  # queue 1's frontend posts nothing yet
             await asyncio.to_thread(ctrl.toeplitz, MS_KEY, 15, [1])
-            base0 = dps[0].stats()["rx_packets"]  # what queue 0 delivered before the hash was selected
+            # Until the mapping arrives the algorithm already hashes over both queues (as Linux netback's
+            # does), so queue 1 may hand the tap's own early frames (IPv6 link-local chatter) to queue 0.
+            # Count from the moment those are delivered and nothing moves.
+            last: tuple[int, ...] = ()
+            for _ in range(100):
+                s0, s1 = dps[0].stats(), dps[1].stats()
+                now = (s0["rx_packets"], s0["rx_handoff_in"], s1["rx_steered"], s0["rx_steered"])
+                if now == last and s0["rx_handoff_in"] == s1["rx_steered"]:
+                    break
+                last = now
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"queue 0 does not settle: {s0}, {s1}")
+            base0 = s0["rx_packets"]  # what queue 0 delivered before the mapping [1] took over
+            early = (s0["rx_steered"], s1["rx_steered"])
             rcv = g.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             closing.callback(rcv.close)
             rcv.bind(("198.18.0.2", 7000))
@@ -275,17 +289,19 @@ def test_handoff_ring_is_bounded_and_drops_are_counted(bed: Any) -> None:
             await asyncio.sleep(0.5)
             s0, s1 = dps[0].stats(), dps[1].stats()
             assert s1["rx_packets"] == 0 and s1["rx_stalls"] == 1  # holding one frame, nothing delivered
-            steered, drops = s0["rx_steered"] + s1["rx_steered"], s0["rx_handoff_drops"] + s1["rx_handoff_drops"]
+            assert s1["rx_steered"] == early[1], (s1, early)  # the mapping sends nothing from queue 1 away
+            steered = s0["rx_steered"] - early[0]
+            drops = s0["rx_handoff_drops"] + s1["rx_handoff_drops"]
             # The ring's bound: 32 cells, plus the frame queue 1 took out of it and holds.
-            assert 0 < s0["rx_steered"] <= 33 and steered <= 33, (s0, s1)
-            assert drops > 0 and s0["rx_steered"] + s0["rx_handoff_drops"] <= 400, (s0, s1)
+            assert 0 < steered <= 33, (early, s0, s1)
+            assert drops > 0 and steered + s0["rx_handoff_drops"] <= 400, (s0, s1)
             fronts[1].start()
             got = set()
             with contextlib.suppress(TimeoutError):
                 while True:
                     got.add(struct.unpack(">I", rcv.recv(64))[0])
             s0, s1 = dps[0].stats(), dps[1].stats()
-            assert s1["rx_handoff_in"] == s0["rx_steered"] and len(got) >= s0["rx_steered"], (len(got), s1)
+            assert s1["rx_handoff_in"] == s0["rx_steered"] and len(got) >= steered, (len(got), s1)
             assert s0["rx_packets"] == base0  # every frame queue 0 read since went to queue 1
             ours = [(h, head) for _o, h, _x, head in list(fronts[1].rx_log)
                     if head[23] == 17 and head[36:38] == b"\x1b\x58"]  # UDP to port 7000
