@@ -6,7 +6,8 @@ same moment on a machine other people share.
         --variant 'base:2:1:root=/tmp/base' --variant 'new:2:1' --variant 'poll20:2:1:poll_us=20'
 
 A variant is NAME:QUEUES:PERSISTENT[:KEY=VALUE...]: KEY is a [blk] key of `pvback serve` (poll_us, io_threads,
-...) or `root` (the source tree whose `backends` the daemon runs, for a code A/B). Each repetition runs fio
+...), `spin_us` (the guest spins that long on its ring before it sleeps) or `root` (the source tree whose
+`backends` the daemon runs, for a code A/B). Each repetition runs fio
 psync and io_uring on the same file, then every variant (a fresh daemon each), in an order that alternates
 between repetitions; the ratio of a variant in a repetition is its IOPS over the better fio engine of that
 repetition. The summary is the median ratio with its min-max over the repetitions, CPU per request (all in,
@@ -117,11 +118,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 order = variants if rep % 2 == 0 else list(reversed(variants))
                 for v in order:
                     serve = blk_serve(work, sim, f"ab-{v.name}", poll_us=int(v.extra.get("poll_us", 0)),
-                                      extra={k: x for k, x in v.extra.items() if k != "poll_us"}, root=v.root)
+                                      extra={k: x for k, x in v.extra.items() if k not in ("poll_us", "spin_us")},
+                                      root=v.root)
                     try:
                         res = run_blkload(sim, work, f"aio:{image}", wls, queues=v.queues, persistent=v.persistent,
                                           seconds=args.seconds, warmup=args.warmup, backend_pid=serve.pid,
-                                          tag=v.name)
+                                          spin_us=int(v.extra.get("spin_us", 0)), tag=v.name)
                     finally:
                         serve.close()
                     for r in res:
