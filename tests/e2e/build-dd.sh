@@ -14,12 +14,8 @@ set -euo pipefail
 
 : "${ROOT:?}" "${HERE:?}" "${WORK:?}" "${ROOTFS:?}" "${KVER:?}" "${LOG:?}"
 die() { echo "build-dd.sh: $*" >&2; exit 1; }
-stage_t0=0
-stage_begin() { stage_t0=$(date +%s%N); echo "== $1" >> "$LOG"; }
-stage_end() {
-    local ms=$((($(date +%s%N) - stage_t0) / 1000000))
-    printf 'STAGE %s %d.%d\n' "$1" $((ms / 1000)) $((ms % 1000 / 100))
-}
+# shellcheck source=tests/e2e/build-lib.sh
+. "$HERE/build-lib.sh"
 in_chroot() { chroot "$1" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "${@:2}"; }
 
 # ---- the initramfs: just enough to mount the root disk dom0's pvback serves ----
@@ -28,23 +24,9 @@ I=$WORK/dd-initramfs
 rm -rf "$I"
 mkdir -p "$I"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$ROOTFS/bin/busybox" "$I/bin/busybox"
-: > "$I/lib/modules/order"
 # The rest of what dd-init loads, too: insmod from RAM here is seconds faster under TCG than modprobe reading
 # modules.dep and each module through the PV disk after the switch.
-for m in xen-blkfront ext4 xen-gntdev xen-evtchn xen-gntalloc xen-privcmd xenfs xen-netfront tun bridge; do
-    for f in $(in_chroot "$ROOTFS" modprobe -S "$KVER" --show-depends "$m" 2>>"$LOG" | awk '$1 == "insmod" {print $2}'); do
-        name=$(basename "$f")
-        name=${name%.xz}
-        name=${name%.zst}
-        grep -qx "$name" "$I/lib/modules/order" && continue
-        case $f in
-            *.xz) xz -dc "$ROOTFS$f" > "$I/lib/modules/$name" ;;
-            *.zst) zstd -qdc "$ROOTFS$f" > "$I/lib/modules/$name" ;;
-            *) cp "$ROOTFS$f" "$I/lib/modules/$name" ;;
-        esac
-        echo "$name" >> "$I/lib/modules/order"
-    done
-done
+copy_modules "$I" xen-blkfront ext4 xen-gntdev xen-evtchn xen-gntalloc xen-privcmd xenfs xen-netfront tun bridge
 grep -qx xen-blkfront.ko "$I/lib/modules/order" || die "xen-blkfront.ko not found for $KVER"
 install -m 0755 "$HERE/dd-initramfs-init.sh" "$I/init"
 mkdir -p "$ROOTFS/opt/pvback-e2e"

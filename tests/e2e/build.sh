@@ -25,12 +25,8 @@ REUSE=${PVBACK_E2E_REUSE:-0}
 
 die() { echo "build.sh: $*" >&2; echo "build.sh: see $LOG" >&2; tail -n 30 "$LOG" >&2 || true; exit 1; }
 
-stage_t0=0
-stage_begin() { stage_t0=$(date +%s%N); echo "== $1" >> "$LOG"; }
-stage_end() {
-    local ms=$((($(date +%s%N) - stage_t0) / 1000000))
-    printf 'STAGE %s %d.%d\n' "$1" $((ms / 1000)) $((ms % 1000 / 100))
-}
+# shellcheck source=tests/e2e/build-lib.sh
+. "$HERE/build-lib.sh"
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
 for tool in debootstrap mke2fs cpio gzip chroot python3; do
@@ -209,22 +205,7 @@ rm -rf "$D"
 mkdir -p "$D"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules,etc}
 cp "$ROOTFS/bin/busybox" "$D/bin/busybox"
 # The front ends and ext4 (a module in Debian's kernel), with their dependencies, in load order.
-: > "$D/lib/modules/order"
-for m in xen-blkfront ext4 xen-netfront xen-tpmfront; do
-    deps=$(in_chroot modprobe -S "$KVER" --show-depends "$m" 2>>"$LOG") || { echo "no module $m" >> "$LOG"; continue; }
-    for f in $(echo "$deps" | awk '$1 == "insmod" {print $2}'); do
-        name=$(basename "$f")
-        name=${name%.xz}
-        name=${name%.zst}
-        grep -qx "$name" "$D/lib/modules/order" && continue
-        case $f in
-            *.xz) xz -dc "$ROOTFS$f" > "$D/lib/modules/$name" ;;
-            *.zst) zstd -qdc "$ROOTFS$f" > "$D/lib/modules/$name" ;;
-            *) cp "$ROOTFS$f" "$D/lib/modules/$name" ;;
-        esac
-        echo "$name" >> "$D/lib/modules/order"
-    done
-done
+copy_modules "$D" xen-blkfront ext4 xen-netfront xen-tpmfront
 grep -qx xen-blkfront.ko "$D/lib/modules/order" || die "xen-blkfront.ko not found for $KVER"
 # busybox has neither mkfs.ext4 nor fsck nor ethtool: bring the real ones and the libraries they load.
 for b in /sbin/mke2fs /sbin/e2fsck /usr/sbin/ethtool; do

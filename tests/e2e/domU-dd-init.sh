@@ -12,12 +12,8 @@
 # DOMU-PHASE <name>, DOMU-KLOG <step> error|info: <line>, DOMU-DONE.
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmpfs /tmp
-
 . /guest-lib.sh
+guest_mounts
 STEPS=$(arg pvsteps)
 A=/dev/xvda
 MARK_SECT=$((90 * 2048))
@@ -93,12 +89,8 @@ fi
 # ---- a filesystem on the first 32 MiB; the driver domain fsck's the image afterwards ----
 if want fs; then
     t0=$(now)
-    why=""
-    if ! mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $A 32M > /tmp/mkfs.log 2>&1; then
-        why="mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"
-    elif ! mount -t ext4 $A /mnt; then
-        why="mount after mkfs failed"
-    else
+    why=$(new_ext4 $A 32M)
+    if [ -z "$why" ]; then
         mkdir -p /mnt/d
         i=0
         while [ $i -lt 50 ]; do echo "file $i" > /mnt/d/f$i; i=$((i + 1)); done

@@ -34,12 +34,8 @@
 #   DOMU-DONE                                 last line before poweroff
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmpfs /tmp
-
 . /guest-lib.sh
+guest_mounts
 STEPS=$(arg pvsteps)
 A=/dev/xvda
 B=/dev/xvdb
@@ -134,9 +130,7 @@ flushes() { # flush requests completed on disk $1 (field 16 of /sys/block/X/stat
 
 # mkfs.ext4 on the first 96 MiB of xvdc, files, umount, remount, fsck; prints why on failure.
 fs_check() {
-    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $C 96M > /tmp/mkfs.log 2>&1 \
-        || { echo "mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"; return 1; }
-    mount -t ext4 $C /mnt || { echo "mount after mkfs failed"; return 1; }
+    new_ext4 $C 96M || return 1
     mkdir -p /mnt/d
     i=0
     while [ $i -lt 100 ]; do echo "file $i" > /mnt/d/f$i; i=$((i + 1)); done
@@ -554,12 +548,8 @@ fi
 if want fs-replay && lw_ready fs-replay; then
     wrote xvdd
     t0=$(now)
-    why=""
-    if ! mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 $D 16M > /tmp/mkfs.log 2>&1; then
-        why="mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"
-    elif ! mount -t ext4 $D /mnt; then
-        why="mount after mkfs failed"
-    else
+    why=$(new_ext4 $D 16M)
+    if [ -z "$why" ]; then
         # One file after the other, each fsync'ed (a jbd2 commit: flush + FUA, which blkfront sends as flushes)
         # before the next is started; dom0 finds at every flush a clean fs holding a prefix of them.
         i=0

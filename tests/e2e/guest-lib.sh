@@ -3,6 +3,13 @@
 # guest's initramfs (build.sh puts this file at /guest-lib.sh).  busybox sh.
 
 MiB=1048576
+# The kernel filesystems every init needs first (busybox is installed before this file is sourced).
+guest_mounts() {
+    mount -t proc proc /proc
+    mount -t sysfs sys /sys
+    mount -t devtmpfs dev /dev
+    mount -t tmpfs tmpfs /tmp
+}
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
 say() { echo "$*"; }
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -12,6 +19,13 @@ finish() {
     say "DOMU-DONE"
     poweroff -f
     sleep 60
+}
+# new_ext4 DEV SIZE: a fresh ext4 (Debian's mke2fs.conf) on the first SIZE of DEV, mounted at /mnt; prints why
+# and fails if it could not be made or mounted.
+new_ext4() {
+    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 "$1" "$2" > /tmp/mkfs.log 2>&1 \
+        || { echo "mkfs.ext4: $(tail -n 2 /tmp/mkfs.log | tr '\n' ' ')"; return 1; }
+    mount -t ext4 "$1" /mnt || { echo "mount after mkfs failed"; return 1; }
 }
 wait_for() { # wait_for EXPR SECONDS
     i=0
