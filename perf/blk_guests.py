@@ -83,11 +83,21 @@ def make_images(dirpath: Path, n: int, mib: int) -> list[Path]:
     return out
 
 
+def split_cpus() -> tuple[set[int], set[int]]:
+    """Xen's placement on this machine: the daemon (dom0) on the first CPU it may use, every guest on the others,
+    so that, as under Xen, no guest shares a CPU with the backend and every batch crosses CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError("the split placement needs at least 2 CPUs")
+    return {cpus[0]}, set(cpus[1:])
+
+
 def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestSpec], images: Sequence[Path], *,
-               seconds: float, warmup: float, queues: int = 1, timeout_connect: float = 120.0
-               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+               seconds: float, warmup: float, queues: int = 1, timeout_connect: float = 120.0,
+               cpus: set[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Run one guest process per spec (spec i on images[i]), all starting together; returns each guest's
-    result (perf.blkload's LoadResult as a dict) and the daemon's threads, memory and CPU over the window."""
+    result (perf.blkload's LoadResult as a dict) and the daemon's threads, memory and CPU over the window.
+    `cpus`: the CPUs the guest processes may run on (default: any)."""
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     start = work / f"start-{tag}"
     procs: list[tuple[subprocess.Popen[bytes], Path, GuestSpec]] = []
@@ -100,7 +110,7 @@ def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestS
                     "--backend-keys", json.dumps(dict(spec.backend_keys)), "--start-file", str(start),
                     "--out", str(out)] + (["--hostile"] if spec.hostile else []) \
                 + (["--spin-us", "4000000000"] if spec.spin else [])
-            procs.append((spawn(argv, work / f"guest-{spec.name}.log"), out, spec))
+            procs.append((spawn(argv, work / f"guest-{spec.name}.log", cpus=cpus), out, spec))
         deadline = time.monotonic() + timeout_connect
         while not all(Path(f"{start}.ready.{s.name}").exists() for _, _, s in procs):
             for p, _, s in procs:
@@ -191,7 +201,8 @@ class Step:
 
 
 def scaling(counts: Sequence[int], work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int,
-            seconds: float, warmup: float, rounds: int, progress: Progress) -> list[list[Step]]:
+            seconds: float, warmup: float, rounds: int, progress: Progress,
+            guest_cpus: set[int] | None = None) -> list[list[Step]]:
     """`rounds` independent passes over every N, interleaved (1, 2, ... 32, then again), so a slow minute of
     this shared machine hits one sample of every N rather than every sample of one."""
     out = []
@@ -200,7 +211,8 @@ def scaling(counts: Sequence[int], work: Path, sim_dir: Path, serve: Serve, imag
         for n in counts:
             fio = fio_jobs(images[:n], qd=qd, bs=PAGE, seconds=seconds, ramp=warmup)
             specs = [GuestSpec(f"g{i}", qd=qd) for i in range(n)]
-            res, daemon = run_guests(sim_dir, work, serve.pid, specs, images[:n], seconds=seconds, warmup=warmup)
+            res, daemon = run_guests(sim_dir, work, serve.pid, specs, images[:n], seconds=seconds, warmup=warmup,
+                                     cpus=guest_cpus)
             per = [float(r["iops"]) for r in res]
             errors = sum(int(r["errors"]) for r in res)
             if errors:
@@ -252,11 +264,11 @@ def summarize(runs: Sequence[Sequence[Step]]) -> list[dict[str, Any]]:
 
 
 def cap_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, cap_iops: int, qd: int,
-             seconds: float, progress: Progress) -> dict[str, Any]:
+             seconds: float, progress: Progress, guest_cpus: set[int] | None = None) -> dict[str, Any]:
     specs = [GuestSpec("capped", qd=qd, backend_keys={"pvback-iops-limit": str(cap_iops)}),
              GuestSpec("free", qd=qd)]
     # The warm-up spends the burst: the window measures the steady rate.
-    res, _ = run_guests(sim_dir, work, serve.pid, specs, images[:2], seconds=seconds, warmup=1.0)
+    res, _ = run_guests(sim_dir, work, serve.pid, specs, images[:2], seconds=seconds, warmup=1.0, cpus=guest_cpus)
     capped = next(r for r in res if r["guest"] == "capped")
     free = next(r for r in res if r["guest"] == "free")
     out = {"cap_iops": cap_iops, "seconds": seconds, "capped_iops": capped["iops"],
@@ -267,21 +279,21 @@ def cap_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *,
 
 
 def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int, seconds: float,
-                 warmup: float, progress: Progress) -> dict[str, Any]:
+                 warmup: float, progress: Progress, guest_cpus: set[int] | None = None) -> dict[str, Any]:
     alone, _ = run_guests(sim_dir, work, serve.pid, [GuestSpec("healthy", qd=qd)], images[:1], seconds=seconds,
-                          warmup=warmup)
+                          warmup=warmup, cpus=guest_cpus)
     pair, _ = run_guests(sim_dir, work, serve.pid, [GuestSpec("healthy", qd=qd), GuestSpec("peer", qd=qd)],
-                         images[:2], seconds=seconds, warmup=warmup)
+                         images[:2], seconds=seconds, warmup=warmup, cpus=guest_cpus)
     # On the emulated platform a guest that never sleeps takes a host core from everyone (on Xen it spins on
     # its own vCPU): the same healthy guest next to one that spins as hard but plays by the ring's rules is
     # the baseline for what the backend itself gives away to the hostile one.
     poll, _ = run_guests(sim_dir, work, serve.pid,
                          [GuestSpec("healthy", qd=qd), GuestSpec("poller", qd=32, spin=True)], images[:2],
-                         seconds=seconds, warmup=warmup)
+                         seconds=seconds, warmup=warmup, cpus=guest_cpus)
     # The hostile guest keeps its whole ring full (32 slots with one page), never sleeps and notifies in a loop.
     bad, daemon = run_guests(sim_dir, work, serve.pid,
                              [GuestSpec("healthy", qd=qd), GuestSpec("hostile", qd=32, hostile=True)], images[:2],
-                             seconds=seconds, warmup=warmup)
+                             seconds=seconds, warmup=warmup, cpus=guest_cpus)
     h_alone = alone[0]["iops"]
     h_pair = next(r for r in pair if r["guest"] == "healthy")["iops"]
     peer = next(r for r in pair if r["guest"] == "peer")["iops"]
@@ -311,7 +323,9 @@ def markdown(result: dict[str, Any]) -> str:
             if blk.get("pumps") else "one pump thread per queue") if blk else "daemon settings not recorded"
     lines = [f"Load average before/after: {result['load_before'][0]:.1f} / {result['load_after'][0]:.1f}{during} "
              f"({os.cpu_count()} CPUs); {result['seconds']:g} s per step after {result['warmup']:g} s warm-up, "
-             f"4 KiB random reads at QD {result['qd']} per guest, one image per guest in tmpfs; daemon: {mode}.",
+             f"4 KiB random reads at QD {result['qd']} per guest, one image per guest in tmpfs; daemon: {mode}; "
+             + (f"placement split: the daemon on CPU {result['daemon_cpus']}, the guests on {result['guest_cpus']}."
+                if result.get("placement") == "split" else "placement shared: daemon and guests on every CPU."),
              "",
              f"Every figure is the median of {result['rounds']} interleaved rounds, [min-max] beside the ones the "
              "targets use; \"/ best N\" is each round's aggregate over that round's best step.", "",
@@ -383,9 +397,10 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *, seconds: float | None = None,
         warmup: float | None = None, cap_seconds: float | None = None, hostile_reps: int | None = None,
         rounds: int | None = None, image_mib: int | None = None,
-        blk_keys: Mapping[str, int] | None = None) -> dict[str, Any]:
+        blk_keys: Mapping[str, int] | None = None, placement: str = "shared") -> dict[str, Any]:
     """Everything `pvback bench --guests` measures, in one daemon's life per configuration.  blk_keys: more
-    `[blk]` keys for every daemon of the run (an A/B of daemon settings)."""
+    `[blk]` keys for every daemon of the run (an A/B of daemon settings).  placement: "shared" (the daemon and
+    the guests on every CPU) or "split" (`split_cpus`)."""
     from perf.runner import simulator
 
     seconds = seconds if seconds is not None else (2.0 if quick else 5.0)
@@ -397,8 +412,11 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pvback-guests-"))
     img_dir = Path("/dev/shm") / f"pvback-guests-{os.getpid()}"
+    daemon_cpus, guest_cpus = split_cpus() if placement == "split" else (None, None)
     result: dict[str, Any] = {"counts": list(counts), "quick": quick, "seconds": seconds, "warmup": warmup,
-                              "qd": qd, "rounds": rounds, "load_before": os.getloadavg(), "cpus": os.cpu_count()}
+                              "qd": qd, "rounds": rounds, "load_before": os.getloadavg(), "cpus": os.cpu_count(),
+                              "placement": placement, "daemon_cpus": sorted(daemon_cpus or []),
+                              "guest_cpus": sorted(guest_cpus or [])}
     try:
         images = make_images(img_dir, max(max(counts), 2), image_mib or (8 if quick else 16))
         from backends.blk.config import BlkConfig
@@ -406,18 +424,18 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
         defaults = BlkConfig()
         extra = dict(blk_keys or {})
         pumps = extra.get("pumps", defaults.pumps)
-        result["blk"] = {"io_threads": 4, "pumps": pumps if pumps >= 0 else len(os.sched_getaffinity(0)),
+        result["blk"] = {"io_threads": 4, "pumps": pumps if pumps >= 0 else len(daemon_cpus or os.sched_getaffinity(0)),
                          "pump_budget": extra.get("pump_budget", defaults.pump_budget), **extra}
         with simulator(work) as sim_dir:
             blk = {"io_threads": 4, **extra}
-            serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk})
+            serve = Serve(work, sim_dir, "guests", sections={"blk": blk}, settings={"blk": blk}, cpus=daemon_cpus)
             try:
                 runs = scaling(counts, work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
-                               rounds=rounds, progress=progress)
+                               rounds=rounds, progress=progress, guest_cpus=guest_cpus)
                 result["scaling_rounds"] = [[asdict(s) for s in steps] for steps in runs]
                 result["scaling"] = summarize(runs)
                 result["cap"] = cap_case(work, sim_dir, serve, images, cap_iops=1000, qd=qd, seconds=cap_seconds,
-                                         progress=progress)
+                                         progress=progress, guest_cpus=guest_cpus)
             finally:
                 serve.close()
             # The hostile case with the spurious-event pause off and on, interleaved (the machine drifts).
@@ -425,11 +443,12 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
             for rep in range(hostile_reps):
                 for pause in (0, 5000):
                     blk = {"io_threads": 4, **extra, "spurious_pause_max_us": pause}
-                    serve = Serve(work, sim_dir, f"hostile-{pause}", sections={"blk": blk}, settings={"blk": blk})
+                    serve = Serve(work, sim_dir, f"hostile-{pause}", sections={"blk": blk}, settings={"blk": blk},
+                                  cpus=daemon_cpus)
                     try:
                         progress(f"hostile rep {rep}, spurious pause up to {pause} us:")
                         h = hostile_case(work, sim_dir, serve, images, qd=qd, seconds=seconds, warmup=warmup,
-                                         progress=progress)
+                                         progress=progress, guest_cpus=guest_cpus)
                     finally:
                         serve.close()
                     reps.append({"rep": rep, "pause_us": pause, **h})
@@ -460,7 +479,7 @@ def run(counts: Sequence[int], quick: bool, out_dir: Path, progress: Progress, *
     return result
 
 
-def cli_main(counts: Sequence[int], quick: bool, out: str) -> int:
+def cli_main(counts: Sequence[int], quick: bool, out: str, placement: str = "shared") -> int:
     t0 = time.monotonic()
 
     def progress(msg: str) -> None:
@@ -470,7 +489,10 @@ def cli_main(counts: Sequence[int], quick: bool, out: str) -> int:
         if shutil.which(tool) is None:
             print(f"pvback bench: {tool} is not installed (./dev installs it)", file=sys.stderr)
             return 1
-    result = run(sorted(set(counts)), quick, Path(out), progress)
+    if placement == "split" and len(os.sched_getaffinity(0)) < 2:
+        print("pvback bench: --placement split needs at least 2 CPUs", file=sys.stderr)
+        return 2
+    result = run(sorted(set(counts)), quick, Path(out), progress, placement=placement)
     print(markdown(result))
     print(json.dumps(result["targets"]))
     return 0

@@ -28,6 +28,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("pvback bench: --guests is the blk many-guests benchmark: drop the device kind or --guests",
               file=sys.stderr)
         return 2
+    if getattr(args, "placement", "shared") != "shared" and not getattr(args, "guests", None):
+        print("pvback bench: --placement is for the many-guests benchmark (--guests N...)", file=sys.stderr)
+        return 2
     switch = getattr(args, "switch", None)
     if switch is not None and getattr(args, "what", "blk") != "net":
         print("pvback bench: --switch is for `pvback bench net`", file=sys.stderr)
@@ -52,7 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "guests", None):
         from perf import blk_guests
 
-        return blk_guests.cli_main(list(args.guests), bool(args.quick), str(args.out))
+        return blk_guests.cli_main(list(args.guests), bool(args.quick), str(args.out),
+                                   placement=str(getattr(args, "placement", "shared")))
     from perf import matrix
 
     argv = ["pvback", "bench"] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]

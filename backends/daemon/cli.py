@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guests", type=_guest_count, nargs="+", default=None, metavar="N",
                    help="instead of the matrix: N guests (each its own process and disk) on one daemon, for each N "
                         "given (e.g. 1 2 4 8 16 32): scaling vs fio, fairness, a capped and a hostile guest")
+    p.add_argument("--placement", choices=["shared", "split"], default="shared",
+                   help="--guests only: shared (default): the daemon and the guests on every CPU; split: the daemon "
+                        "on the first CPU, the guests on the others (dom0 and guests on vCPUs of their own, as "
+                        "under Xen)")
     p.add_argument("--switch", choices=["ovs", "ovn"], default=None,
                    help="net only: netback's vif on a software switch vs veth ports on it (ovs: a private Open "
                         "vSwitch, netdev datapath, with and without userspace TSO; ovn: TCP between two OVN hosts "

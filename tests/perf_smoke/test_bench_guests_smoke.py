@@ -5,7 +5,9 @@ JSON, targets, plots).  No timing assertions beyond what a cap means (CI machine
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +76,39 @@ def test_bench_guests_tiny(tmp_path: Path) -> None:
     table = (out / "guests.md").read_text()
     assert "| guests | blk IOPS" in table and "Cap: a guest capped" in table
     assert res["plots"] and all(Path(p).exists() for p in res["plots"])
+
+
+def test_split_placement_keeps_the_guests_off_the_daemons_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--placement split`: the daemon on the first CPU, every guest process (healthy, capped, hostile) on the
+    others, as dom0 and guests on vCPUs of their own under Xen."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.fail("this machine kind has 2 vCPUs; the split placement needs 2")
+    daemon, guests = blk_guests.split_cpus()
+    assert daemon == {min(allowed)} and guests == allowed - daemon
+    seen: dict[str, list[Any]] = {"serve": [], "guests": []}
+    from perf.runner import Serve as real_serve
+    from perf.runner import spawn as real_spawn
+
+
+    def serve(*a: Any, **kw: Any) -> Any:
+        seen["serve"].append(kw.get("cpus"))
+        return real_serve(*a, **kw)
+
+    def spawn(argv: list[str], log: Path, **kw: Any) -> Any:
+        seen["guests"].append(kw.get("cpus"))
+        return real_spawn(argv, log, **kw)
+
+    monkeypatch.setattr(blk_guests, "Serve", serve)
+    monkeypatch.setattr(blk_guests, "spawn", spawn)
+    out = tmp_path / "out"
+    blk_guests.run([1, 2], True, out, print, seconds=0.5, warmup=0.2, cap_seconds=1.0, hostile_reps=1, rounds=1,
+                   image_mib=4, placement="split")
+    assert seen["serve"] and all(c == daemon for c in seen["serve"])  # the scaling daemon and the hostile ones
+    # 1 + 2 scaling guests, capped + free, and the hostile case with the pause off and on: alone, pair, poller
+    # pair, hostile pair
+    assert len(seen["guests"]) == 3 + 2 + 2 * 7 and all(c == guests for c in seen["guests"])
+    data = json.loads((out / "guests.json").read_text())
+    assert data["placement"] == "split" and data["blk"]["pumps"] == 1
+    assert all(s["blk_iops"] > 0 for s in data["scaling"])
+    assert f"the daemon on CPU {sorted(daemon)}" in (out / "guests.md").read_text()
