@@ -112,3 +112,16 @@ def test_split_placement_keeps_the_guests_off_the_daemons_cpu(tmp_path: Path, mo
     assert data["placement"] == "split" and data["blk"]["pumps"] == 1
     assert all(s["blk_iops"] > 0 for s in data["scaling"])
     assert f"the daemon on CPU {sorted(daemon)}" in (out / "guests.md").read_text()
+
+
+def test_cli_placement_is_for_the_guests_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    from backends.daemon.bench_cmd import cmd_bench
+    from backends.daemon.cli import UsageError, build_parser
+
+    a = build_parser().parse_args(["bench", "--guests", "1", "2", "--placement", "split"])
+    assert (a.guests, a.placement) == ([1, 2], "split")
+    assert build_parser().parse_args(["bench", "--guests", "1"]).placement == "shared"
+    with pytest.raises(UsageError, match="nope"):
+        build_parser().parse_args(["bench", "--guests", "1", "--placement", "nope"])
+    assert cmd_bench(build_parser().parse_args(["bench", "--placement", "split"])) == 2
+    assert "--placement is for the many-guests benchmark" in capsys.readouterr().err
