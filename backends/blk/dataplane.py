@@ -326,9 +326,7 @@ class BlkDataplane(QueueDataplane):
         self._queue = BlkQueue(ring.address, cfg, gnt, evtchn.c, engine.c)
         super().__init__(name, self._queue, [ring], [evtchn], on_dead=on_dead, errors=(QueueDeadError, OSError))
         self._pool = pool
-        self._on_dead = on_dead
         self._pooled = False
-        self._quiet = False  # stopping or already reported: a death is not news
 
     @property
     def queue(self) -> BlkQueue:
@@ -340,16 +338,9 @@ class BlkDataplane(QueueDataplane):
             return
         if self._stopped or self._pooled:
             return
-        self._pool.add(self._queue.c, self._dead, loop or asyncio.get_running_loop())
+        # The queue's own pump thread is never started; its once-only report serves the shared pump too.
+        self._pool.add(self._queue.c, self._pump.fail, loop or asyncio.get_running_loop())
         self._pooled = True
-
-    def _dead(self, message: str) -> None:
-        if self._quiet or self._stopped:
-            return
-        self._quiet = True
-        log.error("%s: %s", self.name, message)
-        if self._on_dead is not None:
-            self._on_dead(message)
 
     def _unpool(self) -> None:
         if self._pooled and self._pool is not None:
@@ -359,12 +350,12 @@ class BlkDataplane(QueueDataplane):
     async def stop(self, timeout: float = 10.0) -> None:
         if self._pooled:
             # Off the loop: removal waits for the pump's current pass (bounded by its budget).
-            self._quiet = True
+            self._pump.silence()
             await asyncio.to_thread(self._unpool)
         await super().stop(timeout)
 
     def close(self) -> None:
-        self._quiet = True
+        self._pump.silence()
         self._unpool()
         super().close()
 

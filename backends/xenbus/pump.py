@@ -56,11 +56,17 @@ class PumpThread:
         if loop is None or self._stopped:
             return
         try:
-            loop.call_soon_threadsafe(self._fail, message)
+            loop.call_soon_threadsafe(self.fail, message)
         except RuntimeError:
             pass  # the loop is closed: the daemon is going away anyway
 
-    def _fail(self, message: str) -> None:
+    def silence(self) -> None:
+        """From now on a death is not news (the owner is stopping the queue)."""
+        self._failed = True
+
+    def fail(self, message: str) -> None:
+        """On the event loop: report the queue's death once (log, `on_dead`), unless stopping or silenced.  Also
+        what runs a queue elsewhere (blk's shared pumps) reports through."""
         if self._failed or self._stopped:
             return
         self._failed = True
