@@ -11,8 +11,9 @@ import struct
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,6 +125,16 @@ class Front:
         self.drv.close()
 
 
+def run_closing(main: Coroutine[Any, Any, None], *rig: Any) -> None:
+    """Run a test's coroutine, then close its rig whatever happened, in the order given (the fronts, their
+    pool, the guest)."""
+    try:
+        asyncio.run(main)
+    finally:
+        for part in rig:
+            part.close()
+
+
 def wait_responses(f: Front, want: set[int], timeout: float = 5.0) -> None:
     got: set[int] = set()
     deadline = time.monotonic() + timeout
@@ -167,14 +178,8 @@ def test_several_queues_on_shared_pumps_keep_their_data(tmp_path: Path, threads:
             await f.dp.stop()
         assert not [t for t in threading.enumerate() if t.name.startswith("blk pump")]
 
-    try:
-        asyncio.run(main())
-        assert not dead
-    finally:
-        for f in fronts:
-            f.close()
-        pool.close()
-        g.close()
+    run_closing(main(), *fronts, pool, g)
+    assert not dead
 
 
 def test_a_ring_kept_full_gets_its_budget_and_its_neighbour_keeps_being_served(image: Path, tmp_path: Path) -> None:
@@ -225,14 +230,8 @@ def test_a_ring_kept_full_gets_its_budget_and_its_neighbour_keeps_being_served(i
         await flood.dp.stop()
         await healthy.dp.stop()
 
-    try:
-        asyncio.run(main())
-        assert not dead
-    finally:
-        flood.close()
-        healthy.close()
-        pool.close()
-        g.close()
+    run_closing(main(), flood, healthy, pool, g)
+    assert not dead
 
 
 def test_a_broken_ring_fails_only_its_queue(image: Path, tmp_path: Path) -> None:
@@ -262,14 +261,8 @@ def test_a_broken_ring_fails_only_its_queue(image: Path, tmp_path: Path) -> None
         await bad.dp.stop()
         await good.dp.stop()
 
-    try:
-        asyncio.run(main())
-        assert len(dead) == 1
-    finally:
-        bad.close()
-        good.close()
-        pool.close()
-        g.close()
+    run_closing(main(), bad, good, pool, g)
+    assert len(dead) == 1
 
 
 def test_pinned_pump_threads_each_run_on_one_cpu_of_their_own(image: Path) -> None:
@@ -292,13 +285,8 @@ def test_pinned_pump_threads_each_run_on_one_cpu_of_their_own(image: Path) -> No
         assert sorted(allowed) == sorted(str(c) for c in cpus)
         await f.dp.stop()
 
-    try:
-        asyncio.run(main())
-        assert not dead
-    finally:
-        f.close()
-        pool.close()
-        g.close()
+    run_closing(main(), f, pool, g)
+    assert not dead
 
 
 def test_pool_and_pump_bounds() -> None:
