@@ -26,6 +26,7 @@ struct pgnt {
     uint64_t last_use;
     void *addr;
     struct pgnt *hnext; /* hash chain while mapped, free list otherwise */
+    uint8_t fixed;      /* addr is the sink's registered buffer number (this entry's index) */
 };
 
 struct blk_req {
@@ -170,6 +171,29 @@ static void pg_unlink(struct pv_blk_queue *q, struct pgnt *e)
     e->hnext = NULL;
 }
 
+/* O_DIRECT through the queue's io_uring: a persistently mapped page is registered with the ring once, so a
+ * one-segment request on it skips the kernel's per-op page pinning (READ_FIXED/WRITE_FIXED).  Where the
+ * kernel refuses (a foreign mapping it cannot pin, RLIMIT_MEMLOCK) that page simply goes by readv/writev. */
+static void pg_register(struct pv_blk_queue *q, struct pgnt *e)
+{
+    e->fixed = 0;
+    if (!q->sink.nbufs)
+        return;
+    uint32_t slot = (uint32_t)(e - q->pgs);
+    if (pv_io_sink_buffer_set(&q->sink, slot, e->addr, PV_PAGE_SIZE) == 0)
+        e->fixed = 1;
+    else
+        q->st.fixed_buffer_refusals++;
+}
+
+/* Before the unmap: the ring must not keep the page pinned once the grant is given back. */
+static void pg_unregister(struct pv_blk_queue *q, struct pgnt *e)
+{
+    if (e->fixed)
+        (void)pv_io_sink_buffer_set(&q->sink, (uint32_t)(e - q->pgs), NULL, 0);
+    e->fixed = 0;
+}
+
 static struct pgnt *pg_acquire(struct pv_blk_queue *q, uint32_t gref)
 {
     struct pgnt *e = pg_lookup(q, gref);
@@ -194,6 +218,7 @@ static struct pgnt *pg_acquire(struct pv_blk_queue *q, uint32_t gref)
         if (!victim)
             return NULL;
         pg_unlink(q, victim);
+        pg_unregister(q, victim);
         pv_gnt_unmap(q->gnt, victim->addr, 1);
         victim->addr = NULL;
         q->pcount--;
@@ -212,6 +237,7 @@ static struct pgnt *pg_acquire(struct pv_blk_queue *q, uint32_t gref)
     e->gref = gref;
     e->addr = addr;
     e->in_use = 1;
+    pg_register(q, e);
     e->last_use = ++q->ptick;
     uint32_t h = pg_hash(q, gref);
     e->hnext = q->pbuckets[h];
@@ -370,6 +396,10 @@ static void setup_data(struct pv_blk_queue *q, struct blk_req *r, int to_disk)
         if (i == r->nseg) {
             r->mode = MODE_PERSIST;
             r->nres = r->nseg;
+            if (r->nseg == 1 && r->pg[0]->fixed) {
+                r->io.fixed = (uint32_t)(r->pg[0] - q->pgs) + 1;
+                q->st.fixed_buffer_reqs++;
+            }
             for (i = 0; i < r->nseg; i++) {
                 const struct pv_blkif_segment *s = &r->segs[i];
                 r->iov[i].iov_base = (uint8_t *)r->pg[i]->addr + ((size_t)s->first_sect << PV_BLKIF_SECTOR_SHIFT);
@@ -407,6 +437,7 @@ static void setup_io(struct pv_blk_queue *q, struct blk_req *r)
     io->next = NULL;
     io->iov = NULL;
     io->iovcnt = 0;
+    io->fixed = 0;
     io->offset = r->r.sector_number << PV_BLKIF_SECTOR_SHIFT;
     io->length = r->r.nr_sectors << PV_BLKIF_SECTOR_SHIFT;
     switch (r->r.op) {
@@ -995,6 +1026,7 @@ static void queue_free(struct pv_blk_queue *q)
         }
         free(q->reqs);
     }
+    pv_io_sink_buffers_drop(&q->sink); /* before the pages behind it are unmapped */
     if (q->pgs) {
         for (uint32_t i = 0; i < q->cfg.max_persistent_grants; i++)
             if (q->pgs[i].addr)
@@ -1140,6 +1172,9 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
             q->pgs[i].hnext = q->pfree;
             q->pfree = &q->pgs[i];
         }
+        /* One registered-buffer slot per persistent mapping, where the engine gave the queue a ring. */
+        if (q->sink.uring && pv_io_sink_buffers(&q->sink, cfg->max_persistent_grants) != 0)
+            q->st.fixed_buffer_refusals++;
     } else {
         q->cfg.persistent = 0;
         q->cfg.max_persistent_grants = 0;

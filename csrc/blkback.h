@@ -99,6 +99,8 @@ struct pv_blk_stats {
     uint64_t limit_waits;        /* times this queue slept for tokens */
     uint64_t limit_throttled_ns; /* time it slept with requests on the ring */
     uint64_t spurious_pauses;    /* pauses of the event channel after events in a row that found nothing */
+    uint64_t fixed_buffer_reqs;     /* one-segment requests handed to the engine with a registered buffer */
+    uint64_t fixed_buffer_refusals; /* registrations the kernel refused (the table, or one page): readv instead */
 };
 
 struct pv_blk_queue;

@@ -47,11 +47,59 @@ void pv_io_sink_destroy(struct pv_io_sink *s)
         s->uring = NULL;
     }
 #endif
+    s->nbufs = 0;
     if (s->efd >= 0) {
         close(s->efd);
         pthread_mutex_destroy(&s->lock);
     }
     s->efd = -1;
+}
+
+int pv_io_sink_buffers(struct pv_io_sink *s, uint32_t n)
+{
+#ifdef PVBACK_HAVE_URING
+    if (!s->uring)
+        return -EOPNOTSUPP;
+    if (s->nbufs)
+        return -EBUSY;
+    if (n == 0)
+        return -EINVAL;
+    int rc = io_uring_register_buffers_sparse(s->uring, n);
+    if (rc == 0)
+        s->nbufs = n;
+    return rc;
+#else
+    (void)s;
+    (void)n;
+    return -EOPNOTSUPP;
+#endif
+}
+
+int pv_io_sink_buffer_set(struct pv_io_sink *s, uint32_t slot, void *base, size_t len)
+{
+#ifdef PVBACK_HAVE_URING
+    if (slot >= s->nbufs)
+        return -EINVAL;
+    struct iovec iov = {.iov_base = base, .iov_len = base ? len : 0};
+    __u64 tag = 0;
+    int rc = io_uring_register_buffers_update_tag(s->uring, slot, &iov, &tag, 1);
+    return rc == 1 ? 0 : (rc < 0 ? rc : -EIO);
+#else
+    (void)s;
+    (void)slot;
+    (void)base;
+    (void)len;
+    return -EOPNOTSUPP;
+#endif
+}
+
+void pv_io_sink_buffers_drop(struct pv_io_sink *s)
+{
+#ifdef PVBACK_HAVE_URING
+    if (s->nbufs)
+        (void)io_uring_unregister_buffers(s->uring);
+#endif
+    s->nbufs = 0;
 }
 
 void pv_io_sink_ack(struct pv_io_sink *s)
@@ -329,10 +377,18 @@ static uint32_t uring_submit(struct file_engine *f, struct pv_io **ios, uint32_t
                 continue;
             }
         }
-        if (io->op == PV_IO_READ)
+        if (io->fixed && io->iovcnt == 1 && io->fixed <= io->sink->nbufs) {
+            void *base = io->iov[0].iov_base;
+            unsigned len = (unsigned)io->iov[0].iov_len;
+            if (io->op == PV_IO_READ)
+                io_uring_prep_read_fixed(sqe, f->fd, base, len, io->offset, (int)io->fixed - 1);
+            else
+                io_uring_prep_write_fixed(sqe, f->fd, base, len, io->offset, (int)io->fixed - 1);
+        } else if (io->op == PV_IO_READ) {
             io_uring_prep_readv(sqe, f->fd, io->iov, io->iovcnt, io->offset);
-        else
+        } else {
             io_uring_prep_writev(sqe, f->fd, io->iov, io->iovcnt, io->offset);
+        }
         io_uring_sqe_set_data(sqe, io);
         queued++;
     }

@@ -51,6 +51,9 @@ struct pv_io {
     uint32_t iovcnt;
     struct pv_io_sink *sink;
     struct pv_io *next; /* link: engine job queue, then sink FIFO */
+    /* 1 + the index of the sink's registered buffer that holds iov[0] (one-entry iovecs only), 0 = none:
+     * an attached ring then reads or writes it with no per-op page pinning (pv_io_sink_buffers). */
+    uint32_t fixed;
 };
 
 /* Completion FIFO of one submitter (one block queue). */
@@ -65,6 +68,7 @@ struct pv_io_sink {
      * between.  Touched by the submitter's thread only (submit, take), so no lock. */
     void *uring;  /* struct io_uring *, owned by the sink */
     int uring_fd; /* the engine's file, to redo a short transfer synchronously */
+    uint32_t nbufs; /* slots of the ring's registered-buffer table (pv_io_sink_buffers), 0 = none */
 };
 
 int pv_io_sink_init(struct pv_io_sink *s); /* 0 or -errno */
@@ -72,6 +76,15 @@ void pv_io_sink_destroy(struct pv_io_sink *s);
 /* Detach every completed op (the FIFO's oldest first, then the attached ring's).  Reads the eventfd only if
  * a poster or the ring wrote it. */
 struct pv_io *pv_io_sink_take(struct pv_io_sink *s);
+/* Registered buffers of an attached ring (io_uring's fixed buffers): a table of `n` empty slots, then one
+ * buffer per slot set or cleared (base NULL) as the submitter maps and unmaps memory it does I/O on.  The
+ * kernel pins a slot's pages once, at set, instead of at every op.  -EOPNOTSUPP without an attached ring;
+ * any -errno (the kernel's refusal: old kernel, memory it cannot pin, RLIMIT_MEMLOCK) means "do without".
+ * A cleared slot's pages stay pinned until the ops using it completed; clear before unmapping. */
+int pv_io_sink_buffers(struct pv_io_sink *s, uint32_t n);
+int pv_io_sink_buffer_set(struct pv_io_sink *s, uint32_t slot, void *base, size_t len);
+/* Drop the whole table (before the memory behind it is unmapped en masse). */
+void pv_io_sink_buffers_drop(struct pv_io_sink *s);
 /* Consume whatever the eventfd holds (call when the loop saw it readable, so it does not stay readable). */
 void pv_io_sink_ack(struct pv_io_sink *s);
 /* Lock-free "is anything waiting" hint for pollers (the FIFO or the attached ring). */

@@ -69,7 +69,7 @@ _COUNTERS = (
     "bytes_read", "bytes_written", "ring_overflow", "out_of_requests", "kicks", "spurious_kicks", "completes",
     "responses", "notifies", "grant_copy_calls", "grant_copy_segs", "persistent_hits", "persistent_maps",
     "persistent_evictions", "persistent_fallbacks", "fences", "polls_hit", "limit_waits", "limit_throttled_ns",
-    "spurious_pauses",
+    "spurious_pauses", "fixed_buffer_reqs", "fixed_buffer_refusals",
 )  # fmt: skip
 
 

@@ -1,5 +1,7 @@
-"""The one-copy data path: persistent mappings of the guest's pages, and tmpfs images served through a shared
-mapping of the file (a memcpy between the image and the guest's page).  What must hold whatever the path:
+"""The one-copy data path: persistent mappings of the guest's pages, tmpfs images served through a shared
+mapping of the file (a memcpy between the image and the guest's page), and O_DIRECT images read and written
+by io_uring straight into the guest's page (registered with the ring while it is mapped).  What must hold
+whatever the path:
 the bytes (a frontend switching between grant copy and persistent mappings, and a queue mixing both), the
 guest's page never written once its grant has ended, read-only grants refused for reads into them, and an
 image shrunk under its mapping failing requests, not the daemon."""
@@ -10,6 +12,8 @@ import dataclasses
 import errno
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,10 +38,32 @@ def image() -> Iterator[Path]:
         yield p
 
 
+# How the image is served: a shared mapping (tmpfs), preadv/pwritev inline, or O_DIRECT through the queue's
+# io_uring (a copy of the image on the root filesystem: tmpfs refuses O_DIRECT on older kernels).
+STORES = ["mapped", "preadv", "direct"]
+
+
+@pytest.fixture
+def disk_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        yield Path(d)
+
+
 def open_driver(image: Path, mapped: bool) -> FileDriver:
     drv = FileDriver(image, mode="inline", mapped=mapped)
     drv.open()
     return drv
+
+
+def open_store(image: Path, store: str, disk_dir: Path) -> tuple[FileDriver, Path]:
+    """The driver for `store` and the path of the image it serves (a copy for "direct")."""
+    if store != "direct":
+        return open_driver(image, store == "mapped"), image
+    path = disk_dir / image.name
+    shutil.copyfile(image, path)
+    drv = FileDriver(path, mode="threaded", threads=2, direct=True)
+    drv.open()
+    return drv, path
 
 
 def requeue(rig: Rig, *, persistent: bool, persistent_min_bytes: int = 0) -> None:
@@ -55,14 +81,17 @@ def file_bytes(image: Path, off: int, n: int) -> bytes:
         return f.read(n)
 
 
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "preadv"])
-def test_integrity_across_grant_mode_switches(image: Path, mapped: bool) -> None:
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("pool", [256, 16], ids=["pool256", "pool16"])
+def test_integrity_across_grant_mode_switches(image: Path, disk_dir: Path, store: str, pool: int) -> None:
     """Random reads and writes of 0.5-64 KiB over one pool of guest pages, the grant mode switching between
     rounds (persistent, copy, persistent with copy below 8 KiB so both modes touch the same pages in one
-    queue), every read checked against a model of the disk and every write against the file."""
-    drv = open_driver(image, mapped)
+    queue), every read checked against a model of the disk and every write against the file.  With a pool of
+    16 persistent mappings the pages keep being evicted and mapped again (for O_DIRECT: unregistered from
+    the ring and registered again)."""
+    drv, image = open_store(image, store, disk_dir)
     model = bytearray(image.read_bytes())
-    rig = Rig(drv.engine(), abi=Abi.X86_64, sectors=DISK // 512, persistent=True, max_persistent_grants=256)
+    rig = Rig(drv.engine(), abi=Abi.X86_64, sectors=DISK // 512, persistent=True, max_persistent_grants=pool)
     rnd = random.Random(11)
     modes = [(True, 0), (False, 0), (True, 8192), (True, 0), (False, 0)]
     try:
@@ -100,8 +129,14 @@ def test_integrity_across_grant_mode_switches(image: Path, mapped: bool) -> None
                 assert st["persistent_maps"] > 0
                 if min_bytes:
                     assert st["grant_copy_segs"] > 0  # both modes in one queue, on the same pages
+                if pool < 256:
+                    assert st["persistent_evictions"] > 0
             else:
                 assert st["persistent_maps"] == 0 and st["grant_copy_calls"] > 0
+            # Only O_DIRECT has a ring, hence registered buffers, used by one-segment persistent requests (none
+            # when only requests of 8 KiB and more are mapped).
+            assert st["fixed_buffer_refusals"] == 0
+            assert (st["fixed_buffer_reqs"] > 0) == (store == "direct" and persistent and not min_bytes)
         assert image.read_bytes() == bytes(model)
         assert drv.engine().map_faults == 0
     finally:
@@ -109,12 +144,12 @@ def test_integrity_across_grant_mode_switches(image: Path, mapped: bool) -> None
         drv.close()
 
 
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "preadv"])
-def test_page_never_written_after_its_grant_ends(image: Path, mapped: bool) -> None:
+@pytest.mark.parametrize("store", STORES)
+def test_page_never_written_after_its_grant_ends(image: Path, disk_dir: Path, store: str) -> None:
     """A persistently mapped grant cannot end while the backend holds the mapping (the guest's revoke fails
     with EBUSY, as gnttab_end_foreign_access does on Xen); once the mapping is gone (eviction, or the queue
     closed) the guest can end it, and a later READ naming that reference fails without touching the page."""
-    drv = open_driver(image, mapped)
+    drv, image = open_store(image, store, disk_dir)
     rig = Rig(drv.engine(), abi=Abi.X86_64, sectors=DISK // 512, persistent=True, max_persistent_grants=2)
     g = rig.g
     try:
