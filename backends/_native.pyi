@@ -39,6 +39,7 @@ class struct_pv_gnt(CData):
     @ops.setter
     def ops(self, value: CData) -> None: ...
     live_mappings: int
+    mappings_pinnable: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_gnt: ...
 
 class struct_pv_evtchn(CData):

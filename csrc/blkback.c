@@ -1172,8 +1172,10 @@ struct pv_blk_queue *pv_blk_queue_create(void *sring, const struct pv_blk_queue_
             q->pgs[i].hnext = q->pfree;
             q->pfree = &q->pgs[i];
         }
-        /* One registered-buffer slot per persistent mapping, where the engine gave the queue a ring. */
-        if (q->sink.uring && pv_io_sink_buffers(&q->sink, cfg->max_persistent_grants) != 0)
+        /* One registered-buffer slot per persistent mapping, where the engine gave the queue a ring and
+         * the grant layer's mappings may be pinned. */
+        if (q->sink.uring && gnt && gnt->mappings_pinnable &&
+            pv_io_sink_buffers(&q->sink, cfg->max_persistent_grants) != 0)
             q->st.fixed_buffer_refusals++;
     } else {
         q->cfg.persistent = 0;

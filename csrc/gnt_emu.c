@@ -465,6 +465,7 @@ struct pv_gnt *pv_gnt_emu_open(uint16_t self_domid)
     if (!e)
         return NULL;
     e->pub.ops = &emu_ops;
+    e->pub.mappings_pinnable = 1; /* the guest's memfd pages, mapped shared: shmem */
     e->self = self_domid;
     pthread_mutex_init(&e->lock, NULL);
     return &e->pub;

@@ -78,6 +78,10 @@ struct pv_gnt_ops {
 struct pv_gnt {
     const struct pv_gnt_ops *ops;
     int64_t live_mappings; /* pages currently mapped through this handle: leak checks read it */
+    /* 1: a mapping is ordinary memory of this process, which the kernel may pin long-term (io_uring
+     * registered buffers).  0 under Xen: gntdev mappings are foreign pages, and a real-Xen run (dom0 6.1,
+     * perf/RESULTS.md issue #20 section 6) hung a guest's disk while its pages were being registered. */
+    uint32_t mappings_pinnable;
 };
 
 static inline int pv_gnt_copy(struct pv_gnt *g, struct pv_gcopy_seg *s, uint32_t n)

@@ -325,6 +325,22 @@ def keep_logs(*paths: Path) -> None:
             pass
 
 
+def thread_stacks(pid: int) -> list[str]:
+    """Each thread of `pid`: its name, state, wait channel and kernel stack, one line each."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
+        def read(name: str, task: Path = task) -> str:
+            try:
+                return (task / name).read_text(errors="replace").strip()
+            except OSError as exc:
+                return f"({exc.strerror})"
+        state = next((ln.split(":", 1)[1].strip() for ln in read("status").splitlines()
+                      if ln.startswith("State:")), "?")
+        stack = " < ".join(ln.split()[-1] for ln in read("stack").splitlines() if ln.strip())
+        out.append(f"{task.name} {read('comm')} {state} wchan={read('wchan')} stack: {stack or '-'}")
+    return out
+
+
 def tail_lines(path: Path, lines: int) -> list[bytes]:
     """The last `lines` lines of a log too big to read whole (xenstored's request trace); [] if it is not there."""
     try:
@@ -489,6 +505,13 @@ def errors_of(metrics: str, domid: int, devid: int) -> dict[str, float]:
         if labels.get("domid") == str(domid) and labels.get("devid") == str(devid) and v:
             out[labels.get("reason", "?")] = out.get(labels.get("reason", "?"), 0.0) + v
     return out
+
+
+def status_of(metrics: str, domid: int, devid: int, key: str) -> float:
+    """One `pvback status` value of a device, as the metrics endpoint exports it."""
+    return sum(v for labels, v in metric_samples(metrics, "pvback_device_status")
+               if labels.get("domid") == str(domid) and labels.get("devid") == str(devid)
+               and labels.get("key") == key)
 
 
 def shapes_in_metrics(metrics: str) -> set[str]:
@@ -1260,9 +1283,19 @@ class Scenario:
             reqs = rows[XVDA][6]
             if not reqs.isdigit() or int(reqs) == 0:
                 raise TestFailure(f"`pvback status` shows {reqs!r} requests for xvda after the guest's I/O")
-            metered = requests_of(self.daemon.metrics(), domid, XVDA)
+            metrics = self.daemon.metrics()
+            metered = requests_of(metrics, domid, XVDA)
+            # xen-blkfront offers persistent grants and pvback maps every request's pages by default; xvda is
+            # an O_DIRECT file, so each mapping is also offered to its queue's io_uring as a registered buffer.
+            maps = status_of(metrics, domid, XVDA, "persistent_maps")
+            if maps == 0:
+                raise TestFailure("xvda served the guest's I/O without a single persistent mapping")
+            fixed = status_of(metrics, domid, XVDA, "fixed_buffer_reqs")
+            refused = status_of(metrics, domid, XVDA, "fixed_buffer_refusals")
             self.report("pvback-status", True, f"xvda and xvdb Connected, xvda {reqs} requests (metrics endpoint: "
-                                               f"{metered:.0f}) [{time.monotonic() - t0:.1f} s]")
+                                               f"{metered:.0f}), {maps:.0f} persistent mappings, {fixed:.0f} "
+                                               f"requests on registered io_uring buffers, {refused:.0f} "
+                                               f"registrations refused [{time.monotonic() - t0:.1f} s]")
         except (TestFailure, OSError) as exc:
             self.report("pvback-status", False, str(exc))
 
@@ -1373,6 +1406,9 @@ class Scenario:
                     gone_since = None
             if now > deadline:
                 tail = " | ".join(text.strip().splitlines()[-4:])
+                if self.daemon.proc is not None:
+                    for line in thread_stacks(self.daemon.proc.pid):  # where a stuck backend waits
+                        say(f"  pvback-serve thread {line}")
                 raise TestFailure(f"the guest did not finish within {GUEST_TIMEOUT_S} s; console tail: {tail}")
             time.sleep(0.25)
         say("STAGE guest:teardown")
