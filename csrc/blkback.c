@@ -173,7 +173,7 @@ static void pg_unlink(struct pv_blk_queue *q, struct pgnt *e)
 
 /* O_DIRECT through the queue's io_uring: a persistently mapped page is registered with the ring once, so a
  * one-segment request on it skips the kernel's per-op page pinning (READ_FIXED/WRITE_FIXED).  Only where the
- * grant layer's mappings may be pinned (pv_gnt.mappings_pinnable: not Xen's gntdev pages); where the kernel
+ * grant layer's mappings may be pinned (pv_gnt.mappings_pinnable: not yet Xen's gntdev pages); where the kernel
  * refuses one (RLIMIT_MEMLOCK) that page simply goes by readv/writev. */
 static void pg_register(struct pv_blk_queue *q, struct pgnt *e)
 {

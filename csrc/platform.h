@@ -79,8 +79,8 @@ struct pv_gnt {
     const struct pv_gnt_ops *ops;
     int64_t live_mappings; /* pages currently mapped through this handle: leak checks read it */
     /* 1: a mapping is ordinary memory of this process, which the kernel may pin long-term (io_uring
-     * registered buffers).  0 under Xen: gntdev mappings are foreign pages, and a real-Xen run (dom0 6.1,
-     * perf/RESULTS.md issue #20 section 6) hung a guest's disk while its pages were being registered. */
+     * registered buffers).  0 under Xen: gntdev mappings are foreign pages, and registering them has never
+     * run under real Xen (the real-Xen test's dom0 build has no io_uring). */
     uint32_t mappings_pinnable;
 };
 

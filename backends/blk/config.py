@@ -19,11 +19,10 @@ class BlkConfig:
     # Persistent grants mapped per queue (LRU).  Linux's 1056 bounds dom0 maptrack use per device.
     max_persistent_grants: int = 1056
     # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.  0 (every
-    # request, as Linux blkback does): a mapped page costs once, then each request is one copy straight into
-    # the guest's page, or (emulated platform) an O_DIRECT op on a buffer registered with the queue's io_uring.
-    # Measured against 16 KiB (perf/RESULTS.md, issue #20 section 6): 4 KiB QD32 backend CPU per request
-    # 1.52 -> 1.29 us on tmpfs and 7.15 -> 6.19 us on disk, IOPS the same or better.
-    persistent_threshold_bytes: int = 0
+    # request, as Linux blkback does) measured cheaper on the emulated platform (perf/RESULTS.md, issue #20
+    # section 6: 4 KiB QD32 backend CPU per request 1.52 -> 1.29 us on tmpfs, 7.15 -> 6.19 us on disk), but
+    # with it two of four real-Xen runs lost a Linux guest's request in its 64 MiB phase: 16 KiB until found.
+    persistent_threshold_bytes: int = 16384
     # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
     poll_us: int = 0
     # Pump threads shared by all queues (N:M): a queue with work gets a turn from whichever is free, at most

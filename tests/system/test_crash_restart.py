@@ -391,7 +391,7 @@ async def test_sigkill_leaves_no_grant_pinned(bed: Bed, tmp_path: Path) -> None:
     f = d.front
     pages = await f.take_pages(8)  # held out of the pool: the next daemon never sees these refs
     segs = [(r, 0, 7) for _p, r in pages]
-    # Persistent grants: the daemon keeps these pages mapped.
+    # 32 KiB: over the persistent threshold, so the daemon keeps these pages mapped.
     assert await f.submit_raw_op(lambda rid: f.abi.pack_rw(1, 8, 0, rid, 0, segs)) == 0
     assert {r for _p, r in pages} <= set(stuck_grants(d)), "the daemon did not map the pages persistently"
     bed.serve.kill(signal.SIGKILL)
