@@ -489,9 +489,12 @@ def cli_main(counts: Sequence[int], quick: bool, out: str, placement: str = "sha
         if shutil.which(tool) is None:
             print(f"pvback bench: {tool} is not installed (./dev installs it)", file=sys.stderr)
             return 1
-    if placement == "split" and len(os.sched_getaffinity(0)) < 2:
-        print("pvback bench: --placement split needs at least 2 CPUs", file=sys.stderr)
-        return 2
+    if placement == "split":
+        try:
+            split_cpus()
+        except ValueError as exc:
+            print(f"pvback bench: {exc}", file=sys.stderr)
+            return 2
     result = run(sorted(set(counts)), quick, Path(out), progress, placement=placement)
     print(markdown(result))
     print(json.dumps(result["targets"]))

@@ -102,19 +102,18 @@ class BlkDisk:
 
     def stats(self) -> dict[str, Any]:
         out = []
-        for dp in self.queues:
-            s = dp.stats()
+        raw = [(dp, dp.stats()) for dp in self.queues]
+        for dp, s in raw:
             if s:
                 view = _metrics_view(s, dp.queue.latency_histogram())
                 view["shapes"] = dp.queue.shapes()
                 out.append(view)
-        raw = [dp.stats() for dp in self.queues]
         lim = self.limit.stats()
         status = {"iops_limit": lim["iops"], "bps_limit": lim["bps"], "limit_burst_ms": lim["burst_ms"],
                   "limit_waits": lim["waits"], "limit_throttled_ms": lim["throttled_ns"] // 1_000_000,
                   # What the data path uses: mappings made persistently, and O_DIRECT requests served on a
                   # buffer registered with io_uring (or refused by the kernel, which then pins per op).
-                  **{k: sum(q.get(k, 0) for q in raw) for k in ("spurious_pauses", "persistent_maps",
+                  **{k: sum(s.get(k, 0) for _, s in raw) for k in ("spurious_pauses", "persistent_maps",
                                                                 "fixed_buffer_reqs", "fixed_buffer_refusals")}}
         return {"queues": out, "limit": lim, "status": status}
 

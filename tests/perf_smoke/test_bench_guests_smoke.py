@@ -90,7 +90,6 @@ def test_split_placement_keeps_the_guests_off_the_daemons_cpu(tmp_path: Path, mo
     from perf.runner import Serve as real_serve
     from perf.runner import spawn as real_spawn
 
-
     def serve(*a: Any, **kw: Any) -> Any:
         seen["serve"].append(kw.get("cpus"))
         return real_serve(*a, **kw)
