@@ -132,6 +132,23 @@ class struct_pv_blk_stats(CData):
     fixed_buffer_refusals: int
     def __getitem__(self, index: SupportsIndex) -> struct_pv_blk_stats: ...
 
+class struct_pv_blk_ring_state(CData):
+    """`struct pv_blk_ring_state`; a pointer to it indexes to it."""
+
+    req_prod: int
+    req_event: int
+    rsp_prod: int
+    rsp_event: int
+    req_cons: int
+    rsp_next: int
+    held: int
+    inflight: int
+    free_reqs: int
+    fence: int
+    parked: int
+    listening: int
+    def __getitem__(self, index: SupportsIndex) -> struct_pv_blk_ring_state: ...
+
 class struct_pv_blkif_segment(CData):
     """`struct pv_blkif_segment`; a pointer to it indexes to it."""
 
@@ -646,6 +663,14 @@ class _FFI(FFIBase):
     @overload
     def new(self, cdecl: Literal["struct pv_blk_stats[]"], init: object = ...) -> StructArray[struct_pv_blk_stats]: ...
     @overload
+    def new(self, cdecl: Literal["struct pv_blk_ring_state *"], init: object = ...) -> struct_pv_blk_ring_state: ...
+    @overload
+    def new(
+        self,
+        cdecl: Literal["struct pv_blk_ring_state[]"],
+        init: object = ...,
+    ) -> StructArray[struct_pv_blk_ring_state]: ...
+    @overload
     def new(self, cdecl: Literal["struct pv_blkif_segment *"], init: object = ...) -> struct_pv_blkif_segment: ...
     @overload
     def new(
@@ -1090,6 +1115,8 @@ class _FFI(FFIBase):
     @overload
     def cast(self, cdecl: Literal["struct pv_blk_stats *"], value: CData | int) -> struct_pv_blk_stats: ...
     @overload
+    def cast(self, cdecl: Literal["struct pv_blk_ring_state *"], value: CData | int) -> struct_pv_blk_ring_state: ...
+    @overload
     def cast(self, cdecl: Literal["struct pv_blkif_segment *"], value: CData | int) -> struct_pv_blkif_segment: ...
     @overload
     def cast(
@@ -1514,6 +1541,7 @@ class _Lib:
     def pv_blk_queue_persistent_count(self, q: CData, /) -> int: ...
     def pv_blk_queue_set_poll_us(self, q: CData, us: int, /) -> None: ...
     def pv_blk_queue_get_stats(self, q: CData, out: CData, /) -> None: ...
+    def pv_blk_queue_ring_state(self, q: CData, out: CData, /) -> None: ...
     def pv_blk_queue_limit_kick(self, q: CData, /) -> None: ...
     def pv_blk_queue_set_sectors(self, q: CData, sectors: int, /) -> None: ...
     def pv_blkif_slot_size(self, abi: int, /) -> int: ...

@@ -109,6 +109,7 @@ struct pv_blk_queue {
      * that resumes listening to the event channel after a pause.  pump_src is the pump's source array. */
     uint32_t spurious_run;
     int evt_timer;
+    int evt_off; /* the pause is on: the event channel is not listened to */
     struct pv_pump_source *pump_src;
 
     /* Shared pumps (blkpump.h): requests this pass may still consume (UINT32_MAX: no bound), whether it left
@@ -882,6 +883,7 @@ void pv_blk_queue_limit_kick(struct pv_blk_queue *q)
  * fd) or through the shared pump's hook. */
 static void evt_listen(struct pv_blk_queue *q, int on)
 {
+    __atomic_store_n(&q->evt_off, !on, __ATOMIC_RELAXED);
     if (q->pump_src)
         q->pump_src[1].fd = on ? q->evtchn->fd : -1;
     else if (q->listen)
@@ -1204,6 +1206,27 @@ void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us)
     __atomic_store_n(&q->cfg.poll_us, us, __ATOMIC_RELAXED);
 }
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out) { *out = q->st; }
+
+#define PEEK(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+void pv_blk_queue_ring_state(const struct pv_blk_queue *q, struct pv_blk_ring_state *out)
+{
+    const struct pv_sring *s = q->ring.sring;
+    out->req_prod = PEEK(s->req_prod);
+    out->req_event = PEEK(s->req_event);
+    out->rsp_prod = PEEK(s->rsp_prod);
+    out->rsp_event = PEEK(s->rsp_event);
+    out->req_cons = PEEK(q->ring.req_cons);
+    out->rsp_next = PEEK(q->next_rsp);
+    out->held = 0;
+    for (uint32_t i = 0; i < q->size; i++)
+        out->held += PEEK(q->held_ok[i]) != 0;
+    out->inflight = PEEK(q->inflight);
+    out->free_reqs = PEEK(q->nfree);
+    out->fence = PEEK(q->fence) ? 1u + (uint32_t)(PEEK(q->fence_started) != 0) : 0u;
+    out->parked = PEEK(q->parked_head) != NULL;
+    out->listening = !PEEK(q->evt_off);
+}
+#undef PEEK
 
 void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors)
 {

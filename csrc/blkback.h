@@ -151,6 +151,22 @@ uint32_t pv_blk_queue_ring_size(const struct pv_blk_queue *q);
 uint32_t pv_blk_queue_persistent_count(const struct pv_blk_queue *q);
 void pv_blk_queue_set_poll_us(struct pv_blk_queue *q, uint32_t us);
 void pv_blk_queue_get_stats(const struct pv_blk_queue *q, struct pv_blk_stats *out);
+/* Where a queue stands with its frontend: the shared ring's four indices as the guest last wrote them and the
+ * queue's own positions.  Read from any thread while the pump runs, each word once, so the set is only
+ * roughly simultaneous: enough to tell a stuck guest's "nothing outstanding" from "requests not consumed"
+ * (req_prod ahead of req_cons), "in flight" or "answered but unpublished". */
+struct pv_blk_ring_state {
+    uint32_t req_prod, req_event, rsp_prod, rsp_event; /* shared, the frontend's to change */
+    uint32_t req_cons;    /* requests taken off the ring */
+    uint32_t rsp_next;    /* ring index of the next response to publish (responses go out in ring order) */
+    uint32_t held;        /* responses ready but waiting behind an earlier request's */
+    uint32_t inflight;    /* requests with the I/O engine */
+    uint32_t free_reqs;   /* request slots of the queue not in use */
+    uint32_t fence;       /* 0: none, 1: a flush/barrier waits for earlier requests, 2: it is with the engine */
+    uint32_t parked;      /* 1: requests wait behind that fence */
+    uint32_t listening;   /* 0 while the spurious-event pause ignores the event channel */
+};
+void pv_blk_queue_ring_state(const struct pv_blk_queue *q, struct pv_blk_ring_state *out);
 /* Make a queue look at the limits again now (after pv_blk_limit_set): safe from any thread. */
 void pv_blk_queue_limit_kick(struct pv_blk_queue *q);
 /* Online resize: later requests are checked against the new size (512-byte units). */

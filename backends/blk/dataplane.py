@@ -109,6 +109,9 @@ def _shape_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+RING_STATE_KEYS = ("req_prod", "req_event", "rsp_prod", "rsp_event", "req_cons", "rsp_next", "held", "inflight",
+                   "free_reqs", "fence", "parked", "listening")
+
 # "op/segs/sector/fill" for every index of pv_blk_stats.shapes (csrc/blkif.h says what the classes are).
 SHAPE_NAMES = _shape_names()
 
@@ -199,6 +202,7 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
         super().__init__(q)
         self.cfg = cfg
         self._stats = ffi.new("struct pv_blk_stats *")
+        self._ring_state = ffi.new("struct pv_blk_ring_state *")
 
     def _closed_message(self) -> str:
         return "blk queue closed"
@@ -268,6 +272,13 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
         s = self._stats
         lib.pv_blk_queue_get_stats(self.c, s)
         return {SHAPE_NAMES[i]: int(n) for i, n in enumerate(s.shapes) if n}
+
+    def ring_state(self) -> dict[str, int]:
+        """Where the queue stands with its frontend (csrc/blkback.h, pv_blk_ring_state): the shared ring's
+        indices and the queue's own, for telling a stuck guest's disk from a guest stuck elsewhere."""
+        st = self._ring_state
+        lib.pv_blk_queue_ring_state(self.c, st)
+        return {name: int(getattr(st, name)) for name in RING_STATE_KEYS}
 
     def last_error(self) -> RejectedRequest | None:
         s = self._stats

@@ -107,6 +107,7 @@ class BlkDisk:
             if s:
                 view = _metrics_view(s, dp.queue.latency_histogram())
                 view["shapes"] = dp.queue.shapes()
+                view["ring"] = dp.queue.ring_state()
                 out.append(view)
         lim = self.limit.stats()
         status = {"iops_limit": lim["iops"], "bps_limit": lim["bps"], "limit_burst_ms": lim["burst_ms"],

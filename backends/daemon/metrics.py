@@ -3,7 +3,8 @@
 Each device's class data reports a plain dict (`BackendDevice.data.stats()`):
     {"queues": [{"requests": {op: n}, "bytes": {"read": n, "write": n},
                                "errors": {reason: n}, "shapes": {shape: n}, "ring_full": n,
-                               "latency_us_log2": [n0, n1, ...], "drops": {direction: n}}],
+                               "latency_us_log2": [n0, n1, ...], "drops": {direction: n},
+                               "ring": {key: n}}],   (optional: the queue's ring indices and request state)
      "status": {key: number}}      (optional: pvback_device_status{key=...}, for the type's `pvback status` columns)
 where latency bucket 0 counts requests that took < 1 µs and bucket i those in [2**(i-1), 2**i) µs, so the
 cumulative count through bucket i is the Prometheus bucket le=2**i µs.  The C path keeps no latency sum;
@@ -69,6 +70,9 @@ class BusCollector(Collector):
         connects = CounterMetricFamily("pvback_device_connects", "Times the device connected", labels=labels)
         failures = CounterMetricFamily("pvback_device_failures", "Lifecycle steps that failed the device",
                                        labels=labels)
+        ring = GaugeMetricFamily("pvback_queue_ring", "Shared ring indices and the queue's request state (a stuck "
+                                 "guest's first look: requests produced, consumed, in flight, answered)",
+                                 labels=[*qlabels, "key"])
         status = GaugeMetricFamily("pvback_device_status", "Device-specific values its type shows in `pvback status`",
                                    labels=[*labels, "key"])
         for dev in _devices(self.get_bus()):
@@ -99,6 +103,8 @@ class BusCollector(Collector):
                 for d, n in q.get("drops", {}).items():
                     drops.add_metric([*ql, str(d)], float(n))
                 full.add_metric(ql, float(q.get("ring_full", 0)))
+                for key, n in q.get("ring", {}).items():
+                    ring.add_metric([*ql, str(key)], float(n))
                 hist = list(q.get("latency_us_log2", []))
                 if hist:
                     buckets: list[tuple[str, float]] = []
@@ -111,7 +117,7 @@ class BusCollector(Collector):
                     if total_us is None:
                         total_us = sum(n * (0.5 if i == 0 else 1.5 * 2 ** (i - 1)) for i, n in enumerate(hist))
                     lat.add_metric(ql, buckets, sum_value=float(total_us) / 1e6)
-        yield from (state, connects, failures, status, reqs, nbytes, errs, shapes, drops, full, lat)
+        yield from (state, connects, failures, status, reqs, nbytes, errs, shapes, drops, full, ring, lat)
 
 
 def render(get_bus: Callable[[], Any]) -> bytes:

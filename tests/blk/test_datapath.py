@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,5 +314,31 @@ def test_multi_page_ring_full_batches(image: Path, abi: Abi) -> None:
             assert len(res) == 128 and all(st == OKAY for _, st in res.values())
             for i, (_, p) in enumerate(reqs):
                 assert rig.gather(p) == file_bytes(image, 8 * i * 512, 4096)
+    finally:
+        close(rig, drv)
+
+
+def test_ring_state_tells_unconsumed_from_answered(image: Path) -> None:
+    """`ring_state` (the operator's look at a stuck disk): requests the frontend produced but nobody kicked
+    for show as req_prod ahead of req_cons; once served, every index meets and the queue holds nothing."""
+    rig, drv = make_rig(image, Abi.X86_64, mode="threaded")
+    try:
+        st = rig.q.ring_state()
+        assert (st["req_prod"], st["req_cons"], st["rsp_prod"], st["inflight"]) == (0, 0, 0, 0)
+        assert st["free_reqs"] == rig.front.size and st["listening"] == 1
+        reqs = [rig.request(0, 8 * i, 4096) for i in range(3)]
+        rig.submit([s for s, _ in reqs])
+        st = rig.q.ring_state()
+        assert (st["req_prod"], st["req_cons"], st["rsp_prod"], st["rsp_next"]) == (3, 0, 0, 0)
+        rig.q.kick()
+        deadline = time.monotonic() + 5
+        while rig.q.ring_state()["rsp_prod"] != 3:
+            assert time.monotonic() < deadline, rig.q.ring_state()
+            select.select([rig.q.completion_fd], [], [], 0.2)
+            rig.q.complete()
+        st = rig.q.ring_state()
+        assert (st["req_prod"], st["req_cons"], st["rsp_prod"], st["rsp_next"]) == (3, 3, 3, 3)
+        assert (st["held"], st["inflight"], st["fence"], st["parked"]) == (0, 0, 0, 0)
+        assert st["free_reqs"] == rig.front.size and st["req_event"] == 4  # the final check asked for the next
     finally:
         close(rig, drv)

@@ -31,6 +31,7 @@
 #   DOMU-KLOG <step> error|info: <line>       the guest kernel's block/fs/net lines (`quiet` keeps them off hvc0)
 #   DOMU-TPMLOG <step> error|info: <line>    the guest kernel's tpm lines (probe of xen-tpmfront and after)
 #   DOMU-PHASE <name>                         where dom0 has to act (attach, detach...) or synchronises
+#   DOMU-HB <uptime> ...                      heartbeat every 30 s (guest-lib.sh hb_start), for dom0's stall report
 #   DOMU-DONE                                 last line before poweroff
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
@@ -310,6 +311,7 @@ fi
 # Linux reads a block device through the page cache in read_ahead_kb pieces (128 KiB): one request in flight
 # at a time, and under TCG each round trip costs tens of ms.  Ask for up to 4 MiB, as a real workload would.
 for q in /sys/block/xvd*/queue/read_ahead_kb; do echo 4096 > "$q"; done
+hb_start
 klog_scan connect || true # blkfront's connect lines: what each disk negotiated (flush, persistent, indirect)
 say "DOMU-KV sectors-a $(cat /sys/block/xvda/size)"
 say "DOMU-KV ro-b $(cat /sys/block/xvdb/ro)"
@@ -668,6 +670,7 @@ if want reboot || want net-reboot; then
     w=$(region_sha $A 2 1)
     printf 'BOOT1 %s %s' "$w" "$NV" | dd of=$A bs=512 seek=$((200 * 2048)) conv=sync,fsync 2>/dev/null \
         || { result reboot FAIL "cannot write the boot marker"; finish; }
+    hb_stop
     say "DOMU-PHASE rebooting"
     sync
     reboot -f

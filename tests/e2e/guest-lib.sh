@@ -14,7 +14,17 @@ arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n 1; }
 say() { echo "$*"; }
 now() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+# A heartbeat line every 30 s while the steps run, so that dom0 can tell a guest stuck in one step (its
+# stall report) from one that no longer runs at all: uptime, what xvda has in flight (reads writes), free memory.
+hb_start() {
+    ( while sleep 30; do
+        say "DOMU-HB $(cut -d' ' -f1 /proc/uptime) xvda-inflight $(tr -s ' ' < /sys/block/xvda/inflight) memfree-kb $(awk '/^MemFree/ {print $2}' /proc/meminfo)"
+    done ) &
+    HB_PID=$!
+}
+hb_stop() { [ -z "$HB_PID" ] || kill "$HB_PID" 2>/dev/null; HB_PID=""; }
 finish() {
+    hb_stop
     sync
     say "DOMU-DONE"
     poweroff -f

@@ -363,6 +363,9 @@ XENSTORED_LOG = Path("/var/log/xen/xenstored.log")
 XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")  # dom0-init.sh: only when driver-domain checks run
 
 
+# The guest writes a heartbeat every 30 s (domU-init.sh): this long without a console line means stuck.
+STALL_REPORT_S = 150
+HEARTBEAT = re.compile(r"^DOMU-HB [^\n]*\n?", re.M)
 FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
 
 
@@ -1325,6 +1328,46 @@ class Scenario:
 
     # -- the loop --
 
+    def stall_report(self, quiet_s: float) -> None:
+        """The guest's console has not moved for `quiet_s`: where each side stands.  Its vCPU time (still
+        running, or blocked waiting), each disk queue's ring (requests the guest produced, pvback consumed and
+        answered, and what it holds), Xen's view of the guest's event channels (pending, masked), and every
+        daemon thread's kernel stack."""
+        say(f"  stall: the guest's console has been quiet for {quiet_s:.0f} s")
+        domid = self.domids[-1] if self.domids else None
+        for cmd in (["xl", "vcpu-list", GUEST], ["xl", "list", "-v", GUEST]):
+            for ln in run(cmd, timeout=30, check=False).stdout.strip().splitlines():
+                say(f"  stall: {' '.join(cmd[:2])}: {ln}")
+        try:
+            metrics = self.daemon.metrics()
+        except OSError as exc:
+            say(f"  stall: no metrics: {exc}")
+            metrics = ""
+        rings: dict[tuple[str, str], list[str]] = {}
+        for labels, v in metric_samples(metrics, "pvback_queue_ring"):
+            if domid is None or labels.get("domid") == str(domid):
+                rings.setdefault((labels.get("devid", "?"), labels.get("queue", "?")), []).append(
+                    f"{labels.get('key')}={v:.0f}")
+        for (devid, queue), vals in sorted(rings.items()):
+            say(f"  stall: qdisk {domid}/{devid} queue {queue}: {' '.join(vals)}; "
+                f"requests {requests_of(metrics, domid or 0, int(devid)):.0f}")
+        if domid is not None:
+            run(["xl", "debug-keys", "e"], timeout=30, check=False)
+            dump = run(["xl", "dmesg"], timeout=30, check=False).stdout.splitlines()
+            start = max((i for i, ln in enumerate(dump) if "dumping event-channel info" in ln), default=len(dump))
+            section = ""
+            for ln in dump[start:]:
+                m = re.search(r"Event channel information for domain (\d+)", ln)
+                if m:
+                    section = m.group(1)
+                    continue
+                # The guest's own ports, and dom0's ports bound to the guest (d=<guest>).
+                if section == str(domid) or (section == "0" and re.search(rf"\bd={domid}\b", ln)):
+                    say(f"  stall: evtchn dom{section}: {ln.split(')', 1)[-1].strip()}")
+        if self.daemon.proc is not None:
+            for line in thread_stacks(self.daemon.proc.pid):  # where a stuck backend waits
+                say(f"  pvback-serve thread {line}")
+
     def run(self) -> None:
         self.daemon.check()
         say("STAGE guest:create")
@@ -1350,6 +1393,7 @@ class Scenario:
         gone_since: float | None = None
         next_poll_dom = next_poll_gone = 0.0
         final_look = False
+        last_text, last_change, stall_reported = "", time.monotonic(), False
         while True:
             text = console_text(GUEST)
             for k, v in re.findall(r"DOMU-KV (\S+) (\S+)", text):
@@ -1404,11 +1448,15 @@ class Scenario:
                         continue
                 else:
                     gone_since = None
+            progress = HEARTBEAT.sub("", text)  # the heartbeat says the guest lives, not that it moves on
+            if progress != last_text:
+                last_text, last_change = progress, now
+            elif now - last_change > STALL_REPORT_S and not stall_reported:
+                stall_reported = True  # once while waiting, once more at the deadline: did anything move?
+                self.stall_report(now - last_change)
             if now > deadline:
-                tail = " | ".join(text.strip().splitlines()[-4:])
-                if self.daemon.proc is not None:
-                    for line in thread_stacks(self.daemon.proc.pid):  # where a stuck backend waits
-                        say(f"  pvback-serve thread {line}")
+                tail = " | ".join(last_text.strip().splitlines()[-4:])
+                self.stall_report(now - last_change)
                 raise TestFailure(f"the guest did not finish within {GUEST_TIMEOUT_S} s; console tail: {tail}")
             time.sleep(0.25)
         say("STAGE guest:teardown")
