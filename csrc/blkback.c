@@ -1225,8 +1225,18 @@ void pv_blk_queue_ring_state(const struct pv_blk_queue *q, struct pv_blk_ring_st
     out->fence = PEEK(q->fence) ? 1u + (uint32_t)(PEEK(q->fence_started) != 0) : 0u;
     out->parked = PEEK(q->parked_head) != NULL;
     out->listening = !PEEK(q->evt_off);
+    out->throttled = PEEK(q->throttled) != 0;
 }
 #undef PEEK
+
+void pv_blk_queue_nudge(struct pv_blk_queue *q)
+{
+    uint64_t one = 1;
+    while (write(q->sink.efd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+}
+
+int pv_blk_queue_notify(struct pv_blk_queue *q) { return q->evtchn ? pv_evtchn_notify(q->evtchn) : 0; }
 
 void pv_blk_queue_set_sectors(struct pv_blk_queue *q, uint64_t sectors)
 {

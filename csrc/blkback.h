@@ -165,8 +165,14 @@ struct pv_blk_ring_state {
     uint32_t fence;       /* 0: none, 1: a flush/barrier waits for earlier requests, 2: it is with the engine */
     uint32_t parked;      /* 1: requests wait behind that fence */
     uint32_t listening;   /* 0 while the spurious-event pause ignores the event channel */
+    uint32_t throttled;   /* 1: the disk's I/O limit holds the ring until its timer */
 };
 void pv_blk_queue_ring_state(const struct pv_blk_queue *q, struct pv_blk_ring_state *out);
+/* From any thread: make the queue's pump look at its ring and completions now, as if an I/O had completed
+ * (what a lost event channel notification would have done). */
+void pv_blk_queue_nudge(struct pv_blk_queue *q);
+/* From any thread: notify the frontend (responses it was not told about, when a notification went missing). */
+int pv_blk_queue_notify(struct pv_blk_queue *q);
 /* Make a queue look at the limits again now (after pv_blk_limit_set): safe from any thread. */
 void pv_blk_queue_limit_kick(struct pv_blk_queue *q);
 /* Online resize: later requests are checked against the new size (512-byte units). */

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def _shape_names() -> tuple[str, ...]:
 
 
 RING_STATE_KEYS = ("req_prod", "req_event", "rsp_prod", "rsp_event", "req_cons", "rsp_next", "held", "inflight",
-                   "free_reqs", "fence", "parked", "listening")
+                   "free_reqs", "fence", "parked", "listening", "throttled")
 
 # "op/segs/sector/fill" for every index of pv_blk_stats.shapes (csrc/blkif.h says what the classes are).
 SHAPE_NAMES = _shape_names()
@@ -279,6 +280,16 @@ class BlkQueue(CHandle[struct_pv_blk_queue]):
         st = self._ring_state
         lib.pv_blk_queue_ring_state(self.c, st)
         return {name: int(getattr(st, name)) for name in RING_STATE_KEYS}
+
+    def nudge(self) -> None:
+        """From any thread: the pump looks at the ring and the completions now (a lost notification's work)."""
+        lib.pv_blk_queue_nudge(self.c)
+
+    def notify(self) -> None:
+        """From any thread: send the frontend an event (one it may have missed; a spurious one costs it nothing)."""
+        rc = int(lib.pv_blk_queue_notify(self.c))
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
 
     def last_error(self) -> RejectedRequest | None:
         s = self._stats

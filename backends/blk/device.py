@@ -34,6 +34,7 @@ from backends.blk.proto import (
     probe_keys,
 )
 from backends.blk.pumps import PumpPool
+from backends.blk.stallwatch import StallWatch
 from backends.drivers.storage.base import StorageCaps, StorageDriver, StorageError
 from backends.xenbus.device import DeviceError
 from backends.xenbus.state import XenbusState
@@ -97,6 +98,8 @@ class BlkDisk:
     limit: DiskLimit = field(default_factory=DiskLimit)
     frontend: FrontendConfig | None = None
     failing: set[asyncio.Task[None]] = field(default_factory=set)
+    # Lost-notification recovery (backends/blk/stallwatch.py), checked by the monitor.
+    stalls: StallWatch = field(default_factory=lambda: StallWatch(BlkDeviceClass.REJECT_WARN_INTERVAL_S))
 
     monitor_task: asyncio.Task[None] | None = None
 
@@ -115,7 +118,8 @@ class BlkDisk:
                   # What the data path uses: mappings made persistently, and O_DIRECT requests served on a
                   # buffer registered with io_uring (or refused by the kernel, which then pins per op).
                   **{k: sum(s.get(k, 0) for _, s in raw) for k in ("spurious_pauses", "persistent_maps",
-                                                                "fixed_buffer_reqs", "fixed_buffer_refusals")}}
+                                                                "fixed_buffer_reqs", "fixed_buffer_refusals")},
+                  "stall_kicks": self.stalls.kicks, "stall_notifies": self.stalls.notifies}
         return {"queues": out, "limit": lim, "status": status}
 
     def apply_limits(self, limits: IoLimits) -> None:
@@ -401,6 +405,7 @@ class BlkDeviceClass:
             await asyncio.sleep(self.MONITOR_S)
             await self._check_size(dev, disk)
             warned.check(dev, disk)
+            disk.stalls.check(dev, disk.queues)
 
     async def _check_size(self, dev: BackendDevice, disk: BlkDisk) -> None:
         """Online resize: when the image or device changes size, check later requests against the new size,

@@ -207,13 +207,13 @@ class _Queue:
             self.free_ids.append(rid)
             self.id_free.notify()
 
-    def submit(self, slot_bytes: bytes, rid: int) -> asyncio.Future[tuple[int, int]]:
+    def submit(self, slot_bytes: bytes, rid: int, *, notify: bool = True) -> asyncio.Future[tuple[int, int]]:
         fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self.waiting[rid] = (fut, slot_bytes[1] if slot_bytes[0] == OP_INDIRECT else slot_bytes[0])
         if self.ring.put([slot_bytes], self.ring.slot_size) != 1:
             del self.waiting[rid]
             raise RuntimeError("ring full although an id was free")
-        if self.ring.push():
+        if self.ring.push() and notify:
             self.port.notify()
         return fut
 
@@ -440,13 +440,14 @@ class BlkFront:
         await self.submit_raw_op(
             lambda rid: self.abi.pack_discard(1 if secure else 0, self.handle, rid, sector, nr_sectors))
 
-    async def submit_raw_op(self, build: Callable[[int], bytes], *, check: bool = True) -> int:
-        """Send a slot built by `build(id)` (hostile-frontend tests build malformed ones); returns the status."""
+    async def submit_raw_op(self, build: Callable[[int], bytes], *, check: bool = True, notify: bool = True) -> int:
+        """Send a slot built by `build(id)` (hostile-frontend tests build malformed ones); returns the status.
+        notify=False publishes it without the event the backend asked for (a notification lost on the way)."""
         q = self._queue()
         rid = await q.acquire_id()
         try:
             raw = build(rid)
-            _op, status = await q.submit(raw, rid)
+            _op, status = await q.submit(raw, rid, notify=notify)
             if check and status != RSP_OKAY:
                 raise BlkIOError(raw[0], status)
             return status
