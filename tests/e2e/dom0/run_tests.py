@@ -363,6 +363,7 @@ XENSTORED_LOG = Path("/var/log/xen/xenstored.log")
 XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")  # dom0-init.sh: only when driver-domain checks run
 
 
+XENCTX = "/usr/lib/xen-4.17/bin/xenctx"  # xen-utils: a guest vCPU's registers and stack
 # The guest writes a heartbeat every 30 s (domU-init.sh): this long without a console line means stuck.
 STALL_REPORT_S = 150
 HEARTBEAT = re.compile(r"^DOMU-HB [^\n]*\n?", re.M)
@@ -1370,6 +1371,19 @@ class Scenario:
                 # The guest's own ports, and dom0's ports bound to the guest (d=<guest>).
                 if section == str(domid) or (section == "0" and re.search(rf"\bd={domid}\b", ln)):
                     say(f"  stall: evtchn dom{section}: {ln.split(')', 1)[-1].strip()}")
+            # Xen's view of the guest's vCPU (upcall pending/masked: spinning with events masked, e.g. in its
+            # console's write loop, looks unlike blocked waiting for an event), then where its kernel is: the
+            # guest boots dom0's kernel, so dom0's System.map names the functions on its stack.
+            run(["xl", "debug-keys", "q"], timeout=30, check=False)
+            dump = run(["xl", "dmesg"], timeout=30, check=False).stdout.splitlines()
+            head = max((i for i, ln in enumerate(dump) if f"VCPU information and callbacks for d{domid}" in ln),
+                       default=len(dump))
+            for ln in dump[head:head + 8]:
+                say(f"  stall: xen: {ln.split(')', 1)[-1].strip()}")
+            symbols = f"/boot/System.map-{os.uname().release}"
+            ctx = run([XENCTX, "-s", symbols, "-S", str(domid), "0"], timeout=30, check=False)
+            for ln in (ctx.stdout + ctx.stderr).strip().splitlines()[:60]:
+                say(f"  stall: xenctx: {ln}")
         if self.daemon.proc is not None:
             for line in thread_stacks(self.daemon.proc.pid):  # where a stuck backend waits
                 say(f"  pvback-serve thread {line}")
