@@ -21,8 +21,8 @@ class BlkConfig:
     # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.  0 (every
     # request, as Linux blkback does) measured cheaper on the emulated platform (perf/RESULTS.md, issue #20
     # section 6: 4 KiB QD32 backend CPU per request 1.52 -> 1.29 us on tmpfs, 7.15 -> 6.19 us on disk).  Not
-    # the default yet: real-Xen runs are losing a Linux guest's request in its 64 MiB phase (with 0 and with
-    # 16384 alike, cause not found), and a default change waits until that is understood.
+    # the default yet: real-Xen runs once stopped a Linux guest in its 64 MiB write (with 0 and with 16384
+    # alike, cause not found, not seen since), and a default change waits until that is understood.
     persistent_threshold_bytes: int = 16384
     # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
     poll_us: int = 0

@@ -1373,15 +1373,15 @@ class Scenario:
                     say(f"  stall: evtchn dom{section}: {ln.split(')', 1)[-1].strip()}")
             # Xen's view of the guest's vCPU (upcall pending/masked: spinning with events masked, e.g. in its
             # console's write loop, looks unlike blocked waiting for an event), then where its kernel is: the
-            # guest boots dom0's kernel, so dom0's System.map names the functions on its stack.
+            # guest boots dom0's kernel and a PV kernel is not relocated, so dom0's /proc/kallsyms names the
+            # functions on its stack (Debian's /boot/System.map is a stub).
             run(["xl", "debug-keys", "q"], timeout=30, check=False)
             dump = run(["xl", "dmesg"], timeout=30, check=False).stdout.splitlines()
-            head = max((i for i, ln in enumerate(dump) if f"VCPU information and callbacks for d{domid}" in ln),
+            head = max((i for i, ln in enumerate(dump) if f"VCPU information and callbacks for domain {domid}:" in ln),
                        default=len(dump))
             for ln in dump[head:head + 8]:
                 say(f"  stall: xen: {ln.split(')', 1)[-1].strip()}")
-            symbols = f"/boot/System.map-{os.uname().release}"
-            ctx = run([XENCTX, "-s", symbols, "-S", str(domid), "0"], timeout=30, check=False)
+            ctx = run([XENCTX, "-s", "/proc/kallsyms", "-S", str(domid), "0"], timeout=30, check=False)
             for ln in (ctx.stdout + ctx.stderr).strip().splitlines()[:60]:
                 say(f"  stall: xenctx: {ln}")
         if self.daemon.proc is not None:
