@@ -122,6 +122,9 @@ class BackendMachine:
         self.backend = S.UNKNOWN  # last backend state written or observed
         self.connected = False  # DeviceClass.connect completed and disconnect not yet run
         self.failed = False  # an error was reported; do not connect until the frontend restarts
+        # The toolstack wrote Closing over our Connected while the frontend stayed connected (libxl removing the
+        # device of a guest that did not close it): until the frontend closes, keep serving, never reconnect.
+        self.toolstack_closing = False
 
     @property
     def finished(self) -> bool:
@@ -130,6 +133,7 @@ class BackendMachine:
     # -- helpers that keep the bookkeeping next to the action they stand for
 
     def _set(self, out: list[Action], state: XenbusState) -> None:
+        self.toolstack_closing = False
         if self.backend != state:
             out.append(SetState(state))
             self.backend = state
@@ -151,6 +155,8 @@ class BackendMachine:
         out: list[Action] = []
         if self.finished:
             return out
+        if self.connected and self.backend in (S.CONNECTED, S.RECONFIGURED) and ob.backend is S.CLOSING:
+            self.toolstack_closing = True
         self.backend = ob.backend
         fe = ob.frontend
         if self.phase is Phase.NEW:
@@ -199,6 +205,12 @@ class BackendMachine:
                 if self.backend is S.CONNECTED:
                     out.append(Reconfigure())
                     self._set(out, S.RECONFIGURED)
+        elif fe in self.connect_states and self.toolstack_closing:
+            # libxl asks the frontend to close by writing our state (for a dying guest's qdisk it writes no
+            # online=0): a frontend that cannot answer (a hung guest being destroyed) stays Connected.  Its
+            # rings stay served until it closes or its domain is gone; a reconnect would read the keys the
+            # toolstack is deleting and fail the device.
+            pass
         elif fe in self.connect_states and self.backend is S.RECONFIGURED and self.connected and not self.failed:
             # The frontend took our Reconfigured and is Connected again: so are we, without a reconnect.  (Linux
             # netback leaves its state at Reconfigured; Connected is what every frontend expects to see of a

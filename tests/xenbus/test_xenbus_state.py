@@ -128,6 +128,23 @@ def test_unplug_libxl_style_state_written_by_toolstack() -> None:
     assert h.see(S.CLOSED) == [Disconnect(), Unrealize(), SetState(S.CLOSED)]
 
 
+def test_toolstack_closing_over_a_connected_frontend_is_no_reconnect() -> None:
+    """libxl destroying a hung guest: it writes state=5 over our Connected, online stays 1 (its QEMU path for
+    a dying guest's qdisk), and the frontend cannot answer.  No reconnect (its keys are being deleted); the
+    rings stay served until the frontend closes or its domain goes."""
+    h = Harness()
+    h.see(S.INITIALISING)
+    h.see(S.CONNECTED)
+    h.backend = S.CLOSING
+    assert h.see(S.CONNECTED) == []
+    assert h.see(S.CONNECTED) == []
+    assert h.m.connected
+    assert h.see(S.CLOSING) == []
+    assert h.see(S.CLOSED) == [Disconnect(), SetState(S.CLOSED)]
+    assert h.see(S.INITIALISING) == [SetState(S.INIT_WAIT)]  # a later reconnect is the usual one
+    assert h.see(S.INITIALISED) == [Connect(), SetState(S.CONNECTED)]
+
+
 def test_unplug_idle_frontend_closes_at_once() -> None:
     h = Harness()
     h.see(S.INITIALISING)
