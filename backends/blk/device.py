@@ -377,6 +377,7 @@ class BlkDeviceClass:
             await self.disconnect(dev)
             raise DeviceError(str(exc)) from exc
         await dev.write_backend(values)
+        disk.stalls.forget()
         disk.monitor_task = loop.create_task(self._monitor(dev, disk), name=f"monitor {dev.backend_path}")
         dev.log.info("connected", extra={"queues": len(fe.queues), "ring_pages": fe.nr_ring_pages,
                                          "protocol": fe.abi.name, "persistent": fe.persistent})

@@ -48,6 +48,12 @@ class StallWatch:
     _acted: dict[int, dict[str, int]] = field(default_factory=dict)  # the state each queue was last helped in
     _last_warning: float = -float("inf")
 
+    def forget(self) -> None:
+        """A new connection: its rings start afresh (the counts are the device's and stay)."""
+        self._last.clear()
+        self._still.clear()
+        self._acted.clear()
+
     def check(self, dev: BackendDevice, queues: list[BlkDataplane]) -> None:
         for qi, dp in enumerate(queues):
             if dp.queue.closed:
