@@ -364,7 +364,7 @@ XENSTORED_TRACE = Path("/var/log/xen/xenstored-trace.log")  # dom0-init.sh: only
 
 
 XENCTX = "/usr/lib/xen-4.17/bin/xenctx"  # xen-utils: a guest vCPU's registers and stack
-# The guest writes a heartbeat every 30 s (domU-init.sh): this long without a console line means stuck.
+# This long without a console line other than the guest's heartbeat (every 30 s, guest-lib.sh hb_start): stuck.
 STALL_REPORT_S = 150
 HEARTBEAT = re.compile(r"^DOMU-HB [^\n]*\n?", re.M)
 FATAL_GUEST = re.compile(r"[^\n]*(disabled for further use|Kernel panic|BUG: |Oops: )[^\n]*")
