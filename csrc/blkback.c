@@ -944,6 +944,7 @@ int32_t pv_blk_queue_run(struct pv_blk_queue *q, int stop_fd)
         {.fd = q->limit_timer, .ready = on_limit_timer, .ctx = q},
     };
     q->pump_src = src;
+    __atomic_store_n(&q->evt_off, 0, __ATOMIC_RELAXED);
     q->spurious_run = 0;
     rc = pv_pump_run(src, q->limit_timer >= 0 ? 4 : 3, stop_fd);
     q->pump_src = NULL;
@@ -969,6 +970,7 @@ void pv_blk_queue_attach(struct pv_blk_queue *q, void (*listen)(void *ctx, int o
     q->listen = listen;
     q->listen_ctx = ctx;
     q->spurious_run = 0;
+    __atomic_store_n(&q->evt_off, 0, __ATOMIC_RELAXED); /* a new pump listens from the start */
     if (!listen && q->evt_timer >= 0) {
         struct itimerspec off = {0};
         (void)timerfd_settime(q->evt_timer, 0, &off, NULL);
