@@ -1231,12 +1231,7 @@ void pv_blk_queue_ring_state(const struct pv_blk_queue *q, struct pv_blk_ring_st
 }
 #undef PEEK
 
-void pv_blk_queue_nudge(struct pv_blk_queue *q)
-{
-    uint64_t one = 1;
-    while (write(q->sink.efd, &one, sizeof(one)) < 0 && errno == EINTR)
-        ;
-}
+void pv_blk_queue_nudge(struct pv_blk_queue *q) { pv_io_sink_wake(&q->sink); }
 
 int pv_blk_queue_notify(struct pv_blk_queue *q) { return q->evtchn ? pv_evtchn_notify(q->evtchn) : 0; }
 

@@ -109,6 +109,13 @@ void pv_io_sink_ack(struct pv_io_sink *s)
         ;
 }
 
+void pv_io_sink_wake(struct pv_io_sink *s)
+{
+    uint64_t one = 1;
+    while (write(s->efd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+}
+
 static int uring_ready(struct pv_io_sink *s)
 {
 #ifdef PVBACK_HAVE_URING
@@ -193,11 +200,8 @@ void pv_io_complete(struct pv_io *io, int32_t result, int signal)
         wake = 1;
     }
     pthread_mutex_unlock(&s->lock);
-    if (wake) {
-        uint64_t one = 1;
-        while (write(s->efd, &one, sizeof(one)) < 0 && errno == EINTR)
-            ;
-    }
+    if (wake)
+        pv_io_sink_wake(s);
 }
 
 /* ---- synchronous execution ---------------------------------------------------------------------------- */

@@ -87,6 +87,8 @@ int pv_io_sink_buffer_set(struct pv_io_sink *s, uint32_t slot, void *base, size_
 void pv_io_sink_buffers_drop(struct pv_io_sink *s);
 /* Consume whatever the eventfd holds (call when the loop saw it readable, so it does not stay readable). */
 void pv_io_sink_ack(struct pv_io_sink *s);
+/* Make the eventfd readable, from any thread: the submitter's loop wakes and looks (a completion's wakeup). */
+void pv_io_sink_wake(struct pv_io_sink *s);
 /* Lock-free "is anything waiting" hint for pollers (the FIFO or the attached ring). */
 int pv_io_sink_nonempty(struct pv_io_sink *s);
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import select
 import time
 from collections.abc import Iterator
@@ -20,10 +18,10 @@ import pytest
 from backends.blk import proto
 from backends.blk.proto import Abi
 from backends.blk.stallwatch import StallWatch
-from backends.drivers.storage import FileDriver
 
 from . import wire
-from .harness import Rig
+from .harness import memory_image
+from .test_datapath import close, file_bytes, make_rig
 
 LOG = logging.getLogger("test.stallwatch")
 
@@ -71,17 +69,13 @@ def looks(watch: StallWatch, dps: list[Any], n: int) -> None:
 
 @pytest.fixture
 def image() -> Iterator[Path]:
-    p = Path("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp") / f"pvback-stall-{os.getpid()}.img"
-    p.write_bytes(random.Random(2).randbytes(1 << 20))
-    yield p
-    p.unlink(missing_ok=True)
+    with memory_image("stall", 1 << 20) as p:
+        yield p
 
 
 def test_requests_left_without_an_event_are_served(image: Path) -> None:
     """The real C queue: requests published with no kick are taken once the watch sees them sit still."""
-    drv = FileDriver(image, mode="threaded", readonly=False)
-    drv.open()
-    rig = Rig(drv.engine(), abi=Abi.X86_64, sectors=drv.capabilities().sectors)
+    rig, drv = make_rig(image, Abi.X86_64, mode="threaded")
     try:
         reqs = [rig.request(0, 8 * i, 4096) for i in range(3)]
         rig.submit([s for s, _ in reqs])  # published, never notified
@@ -102,10 +96,9 @@ def test_requests_left_without_an_event_are_served(image: Path) -> None:
                 got[rid] = status
         assert set(got.values()) == {proto.RSP_OKAY}
         for i, (_, p) in enumerate(reqs):
-            assert rig.gather(p) == image.read_bytes()[8 * i * 512 : 8 * i * 512 + 4096]
+            assert rig.gather(p) == file_bytes(image, 8 * i * 512, 4096)
     finally:
-        rig.close()
-        drv.close()
+        close(rig, drv)
 
 
 @pytest.mark.parametrize("why", ["fence", "free_reqs", "throttled"])
