@@ -83,6 +83,12 @@ def make_images(dirpath: Path, n: int, mib: int) -> list[Path]:
     return out
 
 
+def disk_params(disk: Path | str) -> str:
+    """A guest's disk: an image file (served as `aio:`), or a params string as it is (`null:SIZE`: no data, so
+    that a step measures the backend without the memory traffic of the data it serves)."""
+    return disk if isinstance(disk, str) else f"aio:{disk}"
+
+
 def split_cpus() -> tuple[set[int], set[int]]:
     """Xen's placement on this machine: the daemon (dom0) on the first CPU it may use, every guest on the others,
     so that, as under Xen, no guest shares a CPU with the backend and every batch crosses CPUs."""
@@ -92,9 +98,10 @@ def split_cpus() -> tuple[set[int], set[int]]:
     return {cpus[0]}, set(cpus[1:])
 
 
-def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestSpec], images: Sequence[Path], *,
-               seconds: float, warmup: float, queues: int = 1, timeout_connect: float = 120.0,
-               cpus: set[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestSpec],
+               images: Sequence[Path | str], *, seconds: float, warmup: float, queues: int = 1,
+               timeout_connect: float = 120.0, cpus: set[int] | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Run one guest process per spec (spec i on images[i]), all starting together; returns each guest's
     result (perf.blkload's LoadResult as a dict) and the daemon's threads, memory and CPU over the window.
     `cpus`: the CPUs the guest processes may run on (default: any)."""
@@ -104,7 +111,7 @@ def run_guests(sim_dir: Path, work: Path, serve_pid: int, specs: Sequence[GuestS
     try:
         for spec, image in zip(specs, images, strict=False):
             out = work / f"guest-{tag}-{spec.name}.json"
-            argv = [PY, "-m", "perf.blkload", "--sim-dir", str(sim_dir), "--params", f"aio:{image}",
+            argv = [PY, "-m", "perf.blkload", "--sim-dir", str(sim_dir), "--params", disk_params(image),
                     "--queues", str(queues), "--persistent", "0", "--workloads", json.dumps([spec.workload()]),
                     "--seconds", f"{seconds:g}", "--warmup", f"{warmup:g}", "--name", spec.name,
                     "--backend-keys", json.dumps(dict(spec.backend_keys)), "--start-file", str(start),
@@ -278,7 +285,7 @@ def cap_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *,
     return out
 
 
-def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path], *, qd: int, seconds: float,
+def hostile_case(work: Path, sim_dir: Path, serve: Serve, images: Sequence[Path | str], *, qd: int, seconds: float,
                  warmup: float, progress: Progress, guest_cpus: set[int] | None = None) -> dict[str, Any]:
     alone, _ = run_guests(sim_dir, work, serve.pid, [GuestSpec("healthy", qd=qd)], images[:1], seconds=seconds,
                           warmup=warmup, cpus=guest_cpus)

@@ -5,6 +5,12 @@ next to a healthy peer, a spinning poller and a hostile guest).
 
     python -m perf.guests_ab --n 1 2 8 16 32 --reps 3 --variant 'tpq:pumps=0' --variant 'sh2:pumps=2' \
         --out /tmp/ab.json
+    python -m perf.guests_ab --n 4 32 --placement split --no-hostile --variant data: --variant nodata:store=null \
+        --out /tmp/ab.json
+
+A variant's `store=null` serves every guest from the null driver (no data: the backend's own cost without
+the memory traffic of the data it serves); otherwise each guest has its own 16 MiB image in tmpfs.
+`--placement split` puts the daemon on one CPU and the guests on the others (Xen's placement).
 
 Per repetition and variant: each step's aggregate IOPS, its ratio to that repetition-and-variant's best
 step, Jain's index and the worst share, the daemon's CPU; the hostile case's share of the fair share and of
@@ -23,13 +29,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf.blk_guests import GuestSpec, fio_jobs, hostile_case, jain, make_images, run_guests, worst_share
+from perf.blk_guests import GuestSpec, fio_jobs, hostile_case, jain, make_images, run_guests, split_cpus, worst_share
 from perf.runner import Serve, simulator
 
+IMAGE_MIB = 16
 
-def parse_variant(text: str) -> tuple[str, dict[str, int]]:
+
+def parse_variant(text: str) -> tuple[str, dict[str, int], str]:
+    """'name:key=value,...': `[blk]` keys (integers), and `store` (tmpfs or null), which is not one."""
     name, _, kvs = text.partition(":")
-    return name, {k: int(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+    pairs = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+    store = pairs.pop("store", "tmpfs")
+    if store not in ("tmpfs", "null"):
+        raise ValueError(f"variant {name}: store {store!r} is not tmpfs or null")
+    return name, {k: int(v) for k, v in pairs.items()}, store
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,8 +51,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for variant, what, n in keys:
         rs = [r for r in rows if r["variant"] == variant and r["what"] == what and r.get("n", 0) == n]
         row: dict[str, Any] = {"variant": variant, "what": what, "n": n, "reps": len(rs)}
-        for key in ("iops", "over_best", "jain", "worst", "daemon_cpu", "share_of_fair", "share_vs_poller",
-                    "healthy", "hostile"):
+        for key in ("iops", "over_best", "jain", "worst", "daemon_cpu", "daemon_us_per_io", "share_of_fair",
+                    "share_vs_poller", "healthy", "hostile"):
             xs = [float(r[key]) for r in rs if key in r]
             if xs:
                 row[key] = [statistics.median(xs), min(xs), max(xs)]
@@ -56,21 +69,27 @@ def main() -> int:
     ap.add_argument("--variant", action="append", required=True)
     ap.add_argument("--no-hostile", action="store_true")
     ap.add_argument("--fio", action="store_true", help="run the benchmark's fio reference before each step")
+    ap.add_argument("--placement", choices=("shared", "split"), default="shared")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     work = Path(tempfile.mkdtemp(prefix="pvback-gab-"))
     img_dir = Path("/dev/shm") / f"pvback-gab-{os.getpid()}"
     rows: list[dict[str, Any]] = []
-    meta = {"load_before": os.getloadavg(), "start": time.time(), "variants": dict(variants)}
+    daemon_cpus, guest_cpus = split_cpus() if args.placement == "split" else (None, None)
+    meta = {"load_before": os.getloadavg(), "start": time.time(), "placement": args.placement,
+            "variants": {name: {**keys, "store": store} for name, keys, store in variants}}
     try:
-        images = make_images(img_dir, max(max(args.n), 2), 16)
+        images = make_images(img_dir, max(max(args.n), 2), IMAGE_MIB)
         with simulator(work) as sim:
             for rep in range(args.reps):
                 order = variants if rep % 2 == 0 else list(reversed(variants))
-                for name, keys in order:
+                for name, keys, store in order:
+                    disks: list[Path | str] = list(images) if store == "tmpfs" else \
+                        [f"null:{IMAGE_MIB << 20}"] * len(images)
                     blk = {"io_threads": 4, **keys}
-                    serve = Serve(work, sim, f"ab-{name}-{rep}", sections={"blk": blk}, settings={"blk": blk})
+                    serve = Serve(work, sim, f"ab-{name}-{rep}", sections={"blk": blk}, settings={"blk": blk},
+                                  cpus=daemon_cpus)
                     try:
                         steps = []
                         for n in args.n:
@@ -79,13 +98,17 @@ def main() -> int:
                                 # leaves behind on the machine.
                                 fio_jobs(images[:n], qd=8, bs=4096, seconds=args.seconds, ramp=args.warmup)
                             res, daemon = run_guests(sim, work, serve.pid, [GuestSpec(f"g{i}") for i in range(n)],
-                                                     images[:n], seconds=args.seconds, warmup=args.warmup)
+                                                     disks[:n], seconds=args.seconds, warmup=args.warmup,
+                                                     cpus=guest_cpus)
                             per = [float(r["iops"]) for r in res]
                             steps.append({"variant": name, "rep": rep, "what": "scaling", "n": n, "iops": sum(per),
                                           "jain": jain(per), "worst": worst_share(per), "per": per,
-                                          "daemon_cpu": daemon["cpu_cores"], "load1": os.getloadavg()[0]})
+                                          "daemon_cpu": daemon["cpu_cores"],
+                                          "daemon_us_per_io": daemon["cpu_cores"] / sum(per) * 1e6 if sum(per) else 0.0,
+                                          "load1": os.getloadavg()[0]})
                             print(f"rep {rep} {name} n={n}: {sum(per):.0f} IOPS jain {jain(per):.3f} worst "
-                                  f"{worst_share(per):.2f} daemon {daemon['cpu_cores']:.2f} cores load "
+                                  f"{worst_share(per):.2f} daemon {daemon['cpu_cores']:.2f} cores "
+                                  f"{steps[-1]['daemon_us_per_io']:.2f} us/IO load "
                                   f"{os.getloadavg()[0]:.1f}", flush=True)
                         best = max(s["iops"] for s in steps)
                         for s in steps:
@@ -95,8 +118,8 @@ def main() -> int:
                             def progress(msg: str, nm: str = name) -> None:
                                 print(nm, msg, flush=True)
 
-                            h = hostile_case(work, sim, serve, images, qd=8, seconds=args.seconds,
-                                             warmup=args.warmup, progress=progress)
+                            h = hostile_case(work, sim, serve, disks, qd=8, seconds=args.seconds,
+                                             warmup=args.warmup, progress=progress, guest_cpus=guest_cpus)
                             rows.append({"variant": name, "rep": rep, "what": "hostile", "n": 2,
                                          "share_of_fair": h["share_of_fair"], "share_vs_poller": h["share_vs_poller"],
                                          "healthy": h["healthy_with_hostile_iops"], "hostile": h["hostile_iops"],
