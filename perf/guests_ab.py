@@ -51,8 +51,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for variant, what, n in keys:
         rs = [r for r in rows if r["variant"] == variant and r["what"] == what and r.get("n", 0) == n]
         row: dict[str, Any] = {"variant": variant, "what": what, "n": n, "reps": len(rs)}
-        for key in ("iops", "over_best", "jain", "worst", "daemon_cpu", "daemon_us_per_io", "share_of_fair",
-                    "share_vs_poller", "healthy", "hostile"):
+        for key in ("iops", "over_best", "jain", "worst", "daemon_cpu", "daemon_us_per_io", "guest_cpu",
+                    "guest_us_per_io", "sleeps_per_io", "share_of_fair", "share_vs_poller", "healthy", "hostile"):
             xs = [float(r[key]) for r in rs if key in r]
             if xs:
                 row[key] = [statistics.median(xs), min(xs), max(xs)]
@@ -101,15 +101,23 @@ def main() -> int:
                                                      disks[:n], seconds=args.seconds, warmup=args.warmup,
                                                      cpus=guest_cpus)
                             per = [float(r["iops"]) for r in res]
+                            ops = sum(int(r["ops"]) for r in res) or 1
+                            window = max(float(r["elapsed_s"]) for r in res) or 1.0
+                            guest_cpu = sum(float(r["cpu_frontend_s"]) for r in res)
+                            # Both sides of the ring: the daemon's CPU and the guests' own (their wake-ups,
+                            # rings and notifies), per I/O, and how often a guest slept.
                             steps.append({"variant": name, "rep": rep, "what": "scaling", "n": n, "iops": sum(per),
                                           "jain": jain(per), "worst": worst_share(per), "per": per,
                                           "daemon_cpu": daemon["cpu_cores"],
                                           "daemon_us_per_io": daemon["cpu_cores"] / sum(per) * 1e6 if sum(per) else 0.0,
+                                          "guest_cpu": guest_cpu / window, "guest_us_per_io": guest_cpu / ops * 1e6,
+                                          "sleeps_per_io": sum(int(r["sleeps"]) for r in res) / ops,
                                           "load1": os.getloadavg()[0]})
+                            st = steps[-1]
                             print(f"rep {rep} {name} n={n}: {sum(per):.0f} IOPS jain {jain(per):.3f} worst "
                                   f"{worst_share(per):.2f} daemon {daemon['cpu_cores']:.2f} cores "
-                                  f"{steps[-1]['daemon_us_per_io']:.2f} us/IO load "
-                                  f"{os.getloadavg()[0]:.1f}", flush=True)
+                                  f"{st['daemon_us_per_io']:.2f} us/IO, guests {st['guest_cpu']:.2f} cores "
+                                  f"{st['guest_us_per_io']:.2f} us/IO, load {os.getloadavg()[0]:.1f}", flush=True)
                         best = max(s["iops"] for s in steps)
                         for s in steps:
                             s["over_best"] = s["iops"] / best if best else 0.0

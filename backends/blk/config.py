@@ -18,12 +18,12 @@ class BlkConfig:
     max_indirect_segments: int = 256
     # Persistent grants mapped per queue (LRU).  Linux's 1056 bounds dom0 maptrack use per device.
     max_persistent_grants: int = 1056
-    # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.  0 (every
-    # request, as Linux blkback does) measured cheaper on the emulated platform (perf/RESULTS.md, issue #20
-    # section 6: 4 KiB QD32 backend CPU per request 1.52 -> 1.29 us on tmpfs, 7.15 -> 6.19 us on disk).  Not
-    # the default yet: real-Xen runs once stopped a Linux guest in its 64 MiB write (with 0 and with 16384
-    # alike, cause not found, not seen since), and a default change waits until that is understood.
-    persistent_threshold_bytes: int = 16384
+    # Requests of at least this many bytes use persistent mappings instead of grant copy when offered.  0 maps
+    # every request, as Linux blkback does: measured cheaper on the emulated platform (perf/RESULTS.md, issue #20
+    # section 6: 4 KiB QD32 backend CPU per request 1.52 -> 1.29 us on tmpfs, 7.15 -> 6.19 us on disk) and run
+    # under real Xen with a Linux guest (section 6 (h)).  A bigger value keeps small requests on grant copy,
+    # which needs no mapping slot in dom0.
+    persistent_threshold_bytes: int = 0
     # Spin this long for new requests before re-arming the event channel: trades CPU for QD1 latency.
     poll_us: int = 0
     # Pump threads shared by all queues (N:M): a queue with work gets a turn from whichever is free, at most
