@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from perf import blk_guests
+from perf import blk_guests, guests_ab
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,6 +20,16 @@ def test_jain_and_worst_share() -> None:
     assert blk_guests.jain([5, 5, 5, 5]) == pytest.approx(1.0)
     assert blk_guests.jain([1, 0, 0, 0]) == pytest.approx(0.25)
     assert blk_guests.worst_share([2, 4, 6]) == pytest.approx(0.5)
+
+
+def test_guests_ab_variants_and_disks() -> None:
+    """An A/B variant's `store` picks the disks (null: no data), every other key is an integer [blk] key."""
+    assert guests_ab.parse_variant("nodata:store=null,pumps=2") == ("nodata", {"pumps": 2}, "null")
+    assert guests_ab.parse_variant("data:") == ("data", {}, "tmpfs")
+    with pytest.raises(ValueError, match="store 'nvme' is not tmpfs or null"):
+        guests_ab.parse_variant("x:store=nvme")
+    assert blk_guests.disk_params(Path("/dev/shm/g0.img")) == "aio:/dev/shm/g0.img"
+    assert blk_guests.disk_params("null:16777216") == "null:16777216"
 
 
 def step(n: int, per: list[float]) -> blk_guests.Step:
