@@ -15,7 +15,6 @@ from tests.system.test_linux_shapes import log_lines
 IMAGE_SIZE = 8 << 20
 
 
-
 async def test_a_request_whose_event_went_missing_is_served(bed: Bed, tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.img", IMAGE_SIZE)
     d = await bed.disk(image)
